@@ -1,0 +1,133 @@
+"""The `clearml-sglang` command line (also `python -m app`): DESIGN section 3.
+
+Exit codes: 0 success; 2 invalid configuration or usage (one message on stderr listing every problem as
+`field: problem (fix)`; nothing launched); 3 engine failed to start; 130/143 on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from app import __version__, constants
+from app.config import load_config, to_json
+from app.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_USAGE, EXIT_ENGINE = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clearml-sglang",
+        description="Deploy LLMs with SGLang behind an authenticated, observable ClearML endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"clearml-sglang {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="deployment config, YAML or JSON")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one setting, e.g. general.max-running-requests=64 or models.0.gpus=2; "
+                            "repeatable")
+
+    run = sub.add_parser("run", help="deploy the configured models and serve them until idle")
+    config_options(run)
+    run.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
+    run.add_argument("--offline", action="store_true", help="ClearML offline mode")
+
+    args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
+    config_options(args)
+    args.add_argument("--gpu-count", type=int, metavar="N",
+                      help="GPUs on the target machine (default for each model's `gpus`; unknown: 1)")
+    args.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                      help="memory of one target GPU, to turn max_cuda_memory_gib into --cpu-offload-gb")
+    args.add_argument("--engine-port", type=int, default=constants.ENGINE_BASE_PORT, metavar="PORT",
+                      help="port of the first engine; the next models take the following ports")
+
+    export = sub.add_parser("export", help="write a config as JSON, secrets removed")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="deployment config, YAML or JSON")
+    source.add_argument("--task", metavar="ID", help="a deployment task's ID")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        options = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own usage message
+        return int(exc.code or 0)
+    _configure_logging(err)
+    try:
+        return COMMANDS[options.command](options, out)
+    except ConfigError as exc:
+        err.write(str(exc) + "\n")
+        return EXIT_USAGE
+
+
+def _configure_logging(stream: TextIO) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(stream=stream, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
+    from app.models import describe
+    from app.sglang_command import Machine, build_engine_commands
+
+    _require_source(options)
+    config = load_config(options.config, options.overrides)
+    resolved = describe(config)
+    machine = Machine(gpu_count=options.gpu_count, gpu_memory_gib=options.gpu_memory_gib)
+    ports = [options.engine_port + i for i in range(len(resolved))]
+    # "python": the interpreter of the machine that runs the deployment, not of the one asking
+    for command in build_engine_commands(config, resolved, ports, machine=machine, python="python"):
+        out.write(json.dumps(command.describe(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _cmd_export(options: argparse.Namespace, out: TextIO) -> int:
+    if options.task:
+        raise ConfigError(_not_yet("export --task", "reading a task's configuration arrives with the ClearML "
+                                                    "integration; export from the config file with --config"))
+    config = load_config(options.config, options.overrides)
+    text = to_json(config)
+    if options.output:
+        Path(options.output).write_text(text, encoding="utf-8")
+        logger.info("Wrote %s", options.output)
+    else:
+        out.write(text)
+    return EXIT_OK
+
+
+def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
+    raise ConfigError(_not_yet("run", "serving is not built yet in this version; `clearml-sglang args` shows "
+                                      "the SGLang command lines it will launch"))
+
+
+def _not_yet(command: str, fix: str):
+    from app.errors import Problem
+
+    return Problem(command, "is not available in this version", fix)
+
+
+def _require_source(options: argparse.Namespace) -> None:
+    if options.config is None and not options.overrides:
+        from app.errors import Problem
+
+        raise ConfigError(Problem("--config", "no configuration given",
+                                  "pass --config FILE, or --set models.0.model=<HF name or ClearML Model ID>"))
+
+
+COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run}

@@ -1,0 +1,20 @@
+"""The deployment configuration: schema, loading and validation, export."""
+
+from app.config.export import Hyperparameter, to_hyperparameters, to_json, to_mapping
+from app.config.load import load_config, parse_config, raw_from_hyperparameters, read_config_file
+from app.config.types import DeploymentConfig, LoraConfig, LoraModule, ModelConfig
+
+__all__ = [
+    "DeploymentConfig",
+    "Hyperparameter",
+    "LoraConfig",
+    "LoraModule",
+    "ModelConfig",
+    "load_config",
+    "parse_config",
+    "raw_from_hyperparameters",
+    "read_config_file",
+    "to_hyperparameters",
+    "to_json",
+    "to_mapping",
+]

@@ -1,0 +1,258 @@
+"""The configuration schema: every field of the deployment form, in the form's order.
+
+This is the single source of truth. Loading (YAML/JSON files, ClearML hyperparameters, `--set`), validation,
+export, the SGLang command line, the README's configuration table and (later) the wizard form and the task
+template all read these definitions; none of them lists fields of its own.
+
+Sections, as in the config file (DESIGN section 2):
+    instance  where the app instance lives (name, project, queue, AI Gateway Route)
+    models    a list; each item: model, endpoint name, GPUs, CLI, LoRA (`lora` sub-section), any SGLang flag
+    general   debug, device, memory options, HF token, the form's SGLang options, any SGLang flag
+    env       environment variables for the engines (free-form names)
+    idle      idle shutdown
+    auth      access tokens for the endpoint
+
+A key written in kebab-case in `general` or in a model is an SGLang flag by its CLI name; the named SGLang fields
+below are the ones the form shows, every other flag of SGLang's parser is accepted too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Types a field may have: how it is parsed from a string and shown in the form.
+STR, INT, FLOAT, BOOL, LIST, CHOICE = "str", "int", "float", "bool", "list", "choice"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One configuration knob and everything the app derives from it."""
+
+    section: str  # instance | model | lora | general | idle | auth
+    key: str  # the config-file key: snake_case, or an SGLang flag's CLI name (kebab-case)
+    title: str  # the form's label
+    help: str
+    type: str
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    sglang_flag: str | None = None  # the SGLang argument it becomes, when it maps to exactly one
+    secret: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    required: bool = False
+    # Said as the fix when a value falls outside [minimum, maximum] (for fields whose range is a rule, not taste).
+    bound_fix: str = ""
+
+    @property
+    def is_flag(self) -> bool:
+        """A named SGLang flag (a kebab-case key): stored with the other SGLang flags of its section."""
+        return "-" in self.key
+
+    @property
+    def path(self) -> str:
+        """Where the field sits in the config file, for messages and docs."""
+        prefix = {"model": "models[].", "lora": "models[].lora."}.get(self.section, self.section + ".")
+        return prefix + self.key
+
+
+# Hours of idling before shutdown; 0 means never (the dashboard then shows "stopped after ∞ hours").
+DEFAULT_IDLE_HOURS = 24.0
+DEFAULT_REPORT_INTERVAL_SECONDS = 60
+# SGLang takes any string for its log levels and hands it to Python logging and uvicorn; these are the ones both know.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+INSTANCE_FIELDS = (
+    Field("instance", "name", "Instance name", "Name of the app instance; it appears in the instance list.",
+          STR, "SGLang Model Deployment"),
+    Field("instance", "project", "Service Project - Access Control",
+          "ClearML project where the instance is created; users with read access to it can use the app.",
+          STR, "LLM Deployments"),
+    Field("instance", "queue", "Queue",
+          "ClearML queue the instance is enqueued to (make sure an agent on a GPU machine serves it).", STR, ""),
+    Field("instance", "gateway_route", "AI Gateway Route",
+          "An admin-preconfigured AI Application Gateway route to use as the endpoint; empty creates an "
+          "ephemeral endpoint.", STR, ""),
+)
+
+MODEL_FIELDS = (
+    Field("model", "cli", "CLI",
+          "SGLang command-line arguments. When set they are passed to SGLang as they are, and every other field "
+          "of this model is ignored except Model (and the endpoint name, which routes to it).", STR, ""),
+    Field("model", "model", "Model",
+          "A ClearML Model ID (32 hex characters), a HuggingFace model name (e.g. openai-community/gpt2) or a "
+          "local path.", STR, None, sglang_flag="--model-path", required=True),
+    Field("model", "endpoint_name", "Model Endpoint Name",
+          "Name the model is served under: the path prefix /<name>/v1 and the OpenAI `model` field. Lowercase "
+          "letters, digits, '.', '_' and '-'. Default: derived from the model.", STR, None,
+          sglang_flag="--served-model-name"),
+    Field("model", "gpus", "GPUs (Tensor Parallel Size)",
+          "Number of GPUs one copy of the model is split over. Default: every GPU detected.", INT, None,
+          sglang_flag="--tp-size", minimum=1, maximum=1024),
+    Field("model", "replicas", "Replicas (Data Parallel Size)",
+          "Copies of the model on this machine, each on its own GPUs, balanced by the Load Balance Method.",
+          INT, 1, sglang_flag="--dp-size", minimum=1, maximum=64),
+    Field("model", "nodes", "Nodes",
+          "Machines one copy of the model spans (multi-node tensor parallelism).", INT, 1, minimum=1, maximum=1,
+          bound_fix="multi-node deployment is not in this version yet: set nodes to 1"),
+)
+
+LORA_FIELDS = (
+    Field("lora", "enable", "Enable LoRA", "Serve LoRA adapters on top of the model.", BOOL, False,
+          sglang_flag="--enable-lora"),
+    Field("lora", "modules", "LoRA Modules",
+          "Adapters as name=path, where path is a ClearML Model ID, a HuggingFace name or a local path. "
+          "Request one with model \"<endpoint>:<name>\".", LIST, (), sglang_flag="--lora-paths"),
+    Field("lora", "max_loras", "Max LoRAs", "Maximum number of adapters in one batch (SGLang default: 8).",
+          INT, None, sglang_flag="--max-loras-per-batch", minimum=1, maximum=1024),
+    Field("lora", "max_lora_rank", "Max LoRA Rank",
+          "Largest adapter rank to reserve memory for (default: inferred from the adapters).", INT, None,
+          sglang_flag="--max-lora-rank", minimum=1, maximum=4096),
+    Field("lora", "extra_vocab_size", "LoRA Extra Vocabulary Size",
+          "Extra vocabulary an adapter may add. SGLang has no such option: only 0 is accepted.", INT, 0,
+          minimum=0, maximum=0,
+          bound_fix="SGLang 0.5.23 has no extra LoRA vocabulary option; leave it at 0 (adapters with added "
+                    "tokens need them merged into the base model's tokenizer)"),
+    Field("lora", "dtype", "LoRA Dtype",
+          "Data type of the adapters. SGLang loads adapters in the model's dtype (set --dtype for the model): "
+          "only auto is accepted.", CHOICE, "auto", choices=("auto", "float16", "bfloat16", "float32")),
+    Field("lora", "max_cpu_loras", "Max CPU LoRAs",
+          "Maximum number of adapters held in CPU memory; at least Max LoRAs and the number of modules.",
+          INT, None, sglang_flag="--max-loaded-loras", minimum=1, maximum=65536),
+)
+
+GENERAL_FIELDS = (
+    Field("general", "debug", "Enable Debug Mode", "Debug logging for the app and for SGLang.", BOOL, False),
+    Field("general", "device", "Device",
+          "cuda on a GPU machine; cpu runs SGLang's CPU engine with small models (development mode).",
+          CHOICE, "cuda", choices=("cuda", "cpu"), sglang_flag="--device"),
+    Field("general", "auto_cpu_offload", "Enable Automatic CPU Offloading",
+          "Let several models share GPUs by moving unused ones to CPU memory. With Max CUDA Memory above the "
+          "GPU's capacity the surplus is offloaded to CPU RAM.", BOOL, False),
+    Field("general", "disk_swap", "Enable Disk Swapping",
+          "Let several models share GPUs by swapping inactive ones out to disk (needs Automatic CPU Offloading "
+          "off).", BOOL, False),
+    Field("general", "hf_token", "HuggingFace Token",
+          "Token for HuggingFace models that need authentication. Passed to SGLang in its environment only.",
+          STR, "", secret=True),
+    Field("general", "max_cuda_memory_gib", "Max CUDA Memory (GiB)",
+          "CUDA memory each GPU may appear to have; above the card's capacity the surplus is offloaded to CPU "
+          "RAM (SGLang --cpu-offload-gb). 0: the GPU's own capacity.", FLOAT, 0.0, minimum=0, maximum=100000),
+    Field("general", "cuda_memory_threshold_kb", "CUDA Memory Manager Minimum Threshold",
+          "SGLang 0.5.23 has no CUDA memory manager threshold; only the default, -1, is accepted.", INT, -1,
+          minimum=-1, maximum=-1,
+          bound_fix="SGLang 0.5.23 has no knob for it; leave it at -1 and use Max CUDA Memory to offload"),
+    # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
+    Field("general", "trust-remote-code", "Trust Remote Code",
+          "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),
+    Field("general", "log-requests", "Log Requests", "Log the metadata of every request.", BOOL, None,
+          sglang_flag="--log-requests"),
+    Field("general", "log-requests-level", "Log Requests Level",
+          "0: metadata, 1: and sampling parameters, 2: and partial input/output, 3: everything.", CHOICE, None,
+          sglang_flag="--log-requests-level"),
+    Field("general", "enable-request-time-stats-logging", "Enable Request Time Stats Logging",
+          "Log the time each request spends in each stage.", BOOL, None,
+          sglang_flag="--enable-request-time-stats-logging"),
+    Field("general", "enable-cache-report", "Enable Cache Report",
+          "Report cached prompt tokens in each response's usage.", BOOL, None,
+          sglang_flag="--enable-cache-report"),
+    Field("general", "disable-chunked-prefix-cache", "Disable Chunked Prefix Cache",
+          "Turn off the chunked prefix cache.", BOOL, None, sglang_flag="--disable-chunked-prefix-cache"),
+    Field("general", "disable-fast-image-processor", "Disable Fast Image Processor",
+          "Use the slow image processor of multimodal models.", BOOL, None,
+          sglang_flag="--disable-fast-image-processor"),
+    Field("general", "enable-p2p-check", "Enable P2P Check",
+          "Check GPU peer-to-peer access instead of assuming it.", BOOL, None, sglang_flag="--enable-p2p-check"),
+    Field("general", "schedule-policy", "Schedule Policy", "Order in which waiting requests are scheduled.",
+          CHOICE, None, sglang_flag="--schedule-policy"),
+    Field("general", "max-running-requests", "Max Running Requests",
+          "Most requests running at once (default: decided by SGLang from memory).", INT, None,
+          sglang_flag="--max-running-requests", minimum=1, maximum=1_000_000),
+    Field("general", "watchdog-timeout", "Watchdog Timeout",
+          "Seconds one forward batch may take before SGLang declares itself hung and stops (default 300).",
+          FLOAT, None, sglang_flag="--watchdog-timeout", minimum=1, maximum=86400),
+    Field("general", "load-balance-method", "Load Balance Method",
+          "How requests are spread over data-parallel replicas.", CHOICE, None, sglang_flag="--load-balance-method"),
+    Field("general", "log-level", "Log Level", "SGLang's log level (Enable Debug Mode sets debug).", CHOICE,
+          None, choices=LOG_LEVELS, sglang_flag="--log-level"),
+    Field("general", "log-level-http", "Log Level HTTP", "Log level of SGLang's HTTP server.", CHOICE, None,
+          choices=LOG_LEVELS, sglang_flag="--log-level-http"),
+)
+
+IDLE_FIELDS = (
+    Field("idle", "time_limit_hours", "Idle Time Limit (Hours)",
+          "Idle time after which the instance shuts down; 0 never shuts it down.", FLOAT, DEFAULT_IDLE_HOURS,
+          minimum=0, maximum=100000),
+    Field("idle", "report_interval_seconds", "Last Action Report Interval (Seconds)",
+          "How often the last activity is reported; prevents idle shutdown while still active.", INT,
+          DEFAULT_REPORT_INTERVAL_SECONDS, minimum=1, maximum=86400),
+)
+
+AUTH_FIELDS = (
+    Field("auth", "tokens", "Access Tokens",
+          "Bearer tokens accepted by the endpoint (also from CLEARML_SGLANG_API_TOKENS, comma-separated). "
+          "With none, the app generates one.", LIST, (), secret=True),
+)
+
+SECTION_FIELDS: dict[str, tuple[Field, ...]] = {
+    "instance": INSTANCE_FIELDS,
+    "model": MODEL_FIELDS,
+    "lora": LORA_FIELDS,
+    "general": GENERAL_FIELDS,
+    "idle": IDLE_FIELDS,
+    "auth": AUTH_FIELDS,
+}
+
+ALL_FIELDS: tuple[Field, ...] = tuple(f for fields in SECTION_FIELDS.values() for f in fields)
+
+# Top-level keys of a config file, in order.
+TOP_LEVEL_KEYS = ("instance", "models", "general", "env", "idle", "auth")
+
+# SGLang flags (by dest) that the app sets itself: where they would come from instead, for the error message.
+OWNED_FLAGS: dict[str, str] = {
+    "model_path": "set the model's `model` field",
+    "host": "the app binds engines to loopback behind its gateway",
+    "port": "the app picks each engine's port; use `run --port` for the gateway",
+    "served_model_name": "set the model's `endpoint_name`",
+    "tp_size": "set the model's `gpus`",
+    "dp_size": "set the model's `replicas`",
+    "nnodes": "set the model's `nodes`",
+    "node_rank": "the app gives each node its rank",
+    "dist_init_addr": "the app gives every node the master's address",
+    "enable_lora": "set `lora.enable`",
+    "lora_paths": "set `lora.modules`",
+    "max_loras_per_batch": "set `lora.max_loras`",
+    "max_lora_rank": "set `lora.max_lora_rank`",
+    "max_loaded_loras": "set `lora.max_cpu_loras`",
+    "cpu_offload_gb": "set `general.max_cuda_memory_gib`",
+    "enable_memory_saver": "set `general.auto_cpu_offload` or `general.disk_swap`",
+    "enable_weights_cpu_backup": "set `general.auto_cpu_offload`",
+    "device": "set `general.device`",
+    "enable_metrics": "the app always turns SGLang's metrics on: the dashboard reads them",
+    "api_key": "the gateway holds the access tokens: set `auth.tokens`",
+    "admin_api_key": "the gateway holds the access tokens: set `auth.tokens`",
+    "config": "write the flags in the config itself",
+}
+
+# In a model's raw `cli` the user owns everything except how the app reaches and addresses the engine.
+OWNED_FLAGS_IN_CLI = ("model_path", "host", "port", "api_key", "admin_api_key", "nnodes", "node_rank",
+                      "dist_init_addr")
+
+# Environment variables the app sets itself, and which field sets them.
+OWNED_ENV: dict[str, str] = {
+    "CUDA_VISIBLE_DEVICES": "the app places each model on its GPUs: set the model's `gpus`",
+    "HF_TOKEN": "set `general.hf_token` (a secret: it is masked and never exported)",
+    "HUGGING_FACE_HUB_TOKEN": "set `general.hf_token` (a secret: it is masked and never exported)",
+    "CLEARML_SGLANG_API_TOKENS": "set it in the app's own environment or use `auth.tokens`",
+    "SGLANG_USE_CPU_ENGINE": "set `general.device: cpu`",
+}
+
+# Paths the gateway answers itself, so no endpoint may be named after them.
+RESERVED_ENDPOINT_NAMES = frozenset({"v1", "healthz", "readyz", "metrics", "health", "docs", "openapi.json"})
+
+
+def field(section: str, key: str) -> Field:
+    for f in SECTION_FIELDS[section]:
+        if f.key == key:
+            return f
+    raise KeyError(f"{section}.{key}")

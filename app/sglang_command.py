@@ -1,0 +1,249 @@
+"""Building each model's SGLang server command line: a pure function of the config and the resolved model.
+
+`build_engine_command(config, index, resolved, port=..., machine=...)` returns the argv and the environment
+additions for one engine. It reads nothing and starts nothing; the result is checked against SGLang's argument
+table (and SGLang's own parser where sglang is installed) before it is returned, so a bad command line is a
+`ConfigError` here rather than a crashed engine later.
+
+How the form becomes flags (the README's "Form fields and SGLang flags" section says the same to users):
+    model -> --model-path, endpoint name -> --served-model-name, gpus -> --tp-size, replicas -> --dp-size,
+    lora.* -> --enable-lora --lora-paths --max-loras-per-batch --max-lora-rank --max-loaded-loras,
+    auto_cpu_offload -> --enable-memory-saver --enable-weights-cpu-backup, disk_swap -> --enable-memory-saver,
+    max_cuda_memory_gib above the GPU's memory -> --cpu-offload-gb, debug -> --log-level debug,
+    device cpu -> --device cpu + SGLANG_USE_CPU_ENGINE=1 (+ --lora-backend torch_native),
+    every other flag by its CLI name, general first and the model's own on top; --enable-metrics always.
+With `cli` set, its arguments are used as they are, with only the model, address, name and metrics added.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import constants
+from app.config import schema
+from app.config.types import DeploymentConfig, ModelConfig
+from app.errors import ConfigError, Problem
+from app.models import ResolvedModel
+from app.sglang_flags import FlagTable, check_with_real_parser
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the builder needs to know of the machine the engines run on (None: unknown)."""
+
+    gpu_count: int | None = None
+    gpu_memory_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    """One engine's launch: `argv` as a list (never through a shell) and the variables added to its env."""
+
+    endpoint: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    gpus: int  # devices one engine uses: tensor parallel x data parallel
+    secret_env: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()
+    port: int = 0
+
+    def masked_env(self) -> dict[str, str]:
+        return {k: (constants.SECRET_MASK if k in self.secret_env else v) for k, v in self.env.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """What `clearml-sglang args` prints for this engine (secrets masked)."""
+        out: dict[str, Any] = {"endpoint": self.endpoint, "argv": list(self.argv), "env": self.masked_env()}
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+    def shell_line(self) -> str:
+        """The command for a log line (the env's secrets are not part of it)."""
+        return shlex.join(self.argv)
+
+
+@dataclass
+class _Argv:
+    table: FlagTable
+    tokens: list[str] = field(default_factory=list)
+    dests: set[str] = field(default_factory=set)
+
+    def add(self, name: str, value: Any) -> None:
+        spec = self.table.lookup_key(name)
+        if spec is None:  # pragma: no cover - the builder only adds flags the table knows
+            raise AssertionError(name)
+        rendered = spec.render(value)
+        if rendered:
+            self.tokens += rendered
+            self.dests.add(spec.dest)
+
+
+def build_engine_command(
+    config: DeploymentConfig,
+    index: int,
+    resolved: ResolvedModel,
+    *,
+    port: int,
+    machine: Machine = Machine(),
+    host: str = constants.ENGINE_HOST,
+    python: str = sys.executable,
+    flag_table: FlagTable | None = None,
+) -> EngineCommand:
+    """The command line and environment of the engine serving `config.models[index]`."""
+    table = flag_table or FlagTable.load()
+    model = config.models[index]
+    where = f"models[{index}]"
+    argv = _Argv(table)
+    argv.add("model-path", resolved.model_path)
+    argv.add("host", host)
+    argv.add("port", port)
+    notes: list[str] = []
+    if model.cli:
+        _add_cli(argv, model, config, notes)
+    else:
+        _add_form(argv, model, config, resolved, machine, where, notes)
+    argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
+
+    env = dict(config.env)
+    secret_env: set[str] = {name for name in env if _looks_secret(name)}
+    if config.general.hf_token:
+        env[constants.HF_TOKEN_ENV] = config.general.hf_token
+        secret_env.add(constants.HF_TOKEN_ENV)
+    if config.general.device == "cpu":
+        env[constants.SGLANG_CPU_ENGINE_ENV] = "1"
+
+    problems = table.check_argv(argv.tokens)
+    if not problems:
+        refusal = check_with_real_parser(argv.tokens)
+        problems = [f"SGLang's parser refuses it: {refusal}"] if refusal else []
+    if problems:
+        raise ConfigError([Problem(where, p, "fix the flag in the config") for p in problems])
+    return EngineCommand(
+        endpoint=model.endpoint,
+        argv=(python, "-m", constants.SGLANG_LAUNCH_MODULE, *argv.tokens),
+        env=env,
+        gpus=_gpus_used(argv, table) if config.general.device != "cpu" else 0,
+        secret_env=frozenset(secret_env),
+        notes=tuple(notes),
+        port=port,
+    )
+
+
+def build_engine_commands(
+    config: DeploymentConfig,
+    resolved: list[ResolvedModel],
+    ports: list[int],
+    *,
+    machine: Machine = Machine(),
+    python: str = sys.executable,
+    flag_table: FlagTable | None = None,
+) -> list[EngineCommand]:
+    """Every engine's command; every problem of every model in one ConfigError."""
+    commands, problems = [], []
+    for i, (item, port) in enumerate(zip(resolved, ports, strict=True)):
+        try:
+            commands.append(build_engine_command(config, i, item, port=port, machine=machine, python=python,
+                                                 flag_table=flag_table))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return commands
+
+
+def _add_cli(argv: _Argv, model: ModelConfig, config: DeploymentConfig, notes: list[str]) -> None:
+    tokens = shlex.split(model.cli)
+    parsed, _ = argv.table.parse_argv(tokens)
+    dests = {spec.dest for spec, _, _ in parsed}
+    argv.tokens += tokens
+    argv.dests |= dests
+    if "served_model_name" not in dests:
+        argv.add("served-model-name", model.endpoint)
+    if config.general.device == "cpu" and "device" not in dests:
+        argv.add("device", "cpu")
+    ignored = _non_default_model_fields(model)
+    if ignored:
+        notes.append("cli is set, so these model settings are ignored: " + ", ".join(ignored))
+
+
+def _non_default_model_fields(model: ModelConfig) -> list[str]:
+    ignored = [f.key for f in schema.MODEL_FIELDS
+               if f.key not in ("cli", "model", "endpoint_name") and getattr(model, f.key) != f.default]
+    ignored += [key for key, _ in model.flags]
+    if model.lora.enable:
+        ignored.append("lora")
+    return ignored
+
+
+def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolved: ResolvedModel,
+              machine: Machine, where: str, notes: list[str]) -> None:
+    general = config.general
+    argv.add("served-model-name", model.endpoint)
+    if general.device == "cpu":
+        argv.add("device", "cpu")
+    else:
+        argv.add("tp-size", model.gpus or machine.gpu_count or 1)
+    if model.replicas > 1:
+        argv.add("dp-size", model.replicas)
+
+    lora = model.lora
+    if lora.enable:
+        argv.add("enable-lora", True)
+        argv.add("lora-paths", [str(m) for m in resolved.lora_modules] or None)
+        argv.add("max-loras-per-batch", lora.max_loras)
+        argv.add("max-lora-rank", lora.max_lora_rank)
+        argv.add("max-loaded-loras", lora.max_cpu_loras)
+    elif lora.modules:
+        notes.append(f"lora.enable is false, so its {len(lora.modules)} module(s) are not loaded")
+
+    if general.auto_cpu_offload:
+        argv.add("enable-memory-saver", True)
+        argv.add("enable-weights-cpu-backup", True)
+    elif general.disk_swap:
+        argv.add("enable-memory-saver", True)
+    if general.max_cuda_memory_gib > 0:
+        _add_cpu_offload(argv, general.max_cuda_memory_gib, machine, where, notes)
+
+    flags: dict[str, Any] = dict(general.flags)
+    flags.update(model.flags)
+    if general.debug:
+        flags.setdefault("log-level", "debug")
+    if general.device == "cpu" and lora.enable:
+        flags.setdefault("lora-backend", "torch_native")  # the only LoRA backend without CUDA kernels
+    for name in sorted(flags):
+        argv.add(name, flags[name])
+
+
+def _add_cpu_offload(argv: _Argv, max_cuda_memory_gib: float, machine: Machine, where: str,
+                     notes: list[str]) -> None:
+    if machine.gpu_memory_gib is None:
+        raise ConfigError(Problem("general.max_cuda_memory_gib",
+                                  "needs the GPU's memory to turn the surplus into --cpu-offload-gb",
+                                  "tell `args` the target GPU with --gpu-memory-gib (`run` reads it from the GPU)"))
+    surplus = max_cuda_memory_gib - machine.gpu_memory_gib
+    if surplus > 0:
+        argv.add("cpu-offload-gb", math.ceil(surplus))
+    else:
+        notes.append(f"max_cuda_memory_gib ({max_cuda_memory_gib:g}) fits in the GPU's "
+                     f"{machine.gpu_memory_gib:g} GiB: nothing is offloaded")
+
+
+def _gpus_used(argv: _Argv, table: FlagTable) -> int:
+    """Devices one engine occupies: tp x dp x pp, read back from the final command line."""
+    parsed, _ = table.parse_argv(argv.tokens)
+    sizes = {spec.dest: values for spec, _, values in parsed}
+    total = 1
+    for dest in ("tp_size", "dp_size", "pp_size"):
+        if sizes.get(dest):
+            total *= int(sizes[dest][0])
+    return total
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "CREDENTIAL"))

@@ -1,0 +1,30 @@
+"""Packaging: `pip install .` for the control plane, `pip install .[engine]` adds SGLang itself."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _requirements() -> list[str]:
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="clearml-sglang",
+    version="0.1.0",
+    description="Deploy LLMs with SGLang behind an authenticated, observable ClearML endpoint",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["app", "app.*"]),
+    package_data={"app.data": ["*.json"]},
+    install_requires=_requirements(),
+    extras_require={
+        # The engine: pinned to the release the argument table and reference notes describe.
+        "engine": ["sglang==0.5.23"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["clearml-sglang=app.cli:main"]},
+)

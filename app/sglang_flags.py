@@ -131,8 +131,7 @@ class FlagSpec:
             if not result.strip() and self.kind != "optional":
                 raise FlagValueError("must not be empty")
         if self.choices is not None and result not in self.choices:
-            shown = ", ".join(str(c) for c in self.choices)
-            raise FlagValueError(f"must be one of: {shown}")
+            raise FlagValueError("is not one of the choices")
         return result
 
     def _describe(self) -> str:
@@ -316,6 +315,9 @@ class FlagTable:
         candidate = option if option.startswith("--") else "--" + option.lstrip("-").replace("_", "-")
         if candidate != option and candidate in self._by_option:
             return candidate
+        longer = sorted(o for o in self._by_option if o.startswith(candidate + "-"))
+        if longer:  # an abbreviation: argparse would guess, we ask for the whole name
+            return longer[0]
         matches = difflib.get_close_matches(candidate, self.options, n=1, cutoff=0.75)
         return matches[0] if matches else None
 
@@ -337,7 +339,13 @@ class FlagTable:
             token = tokens[i]
             i += 1
             if not token.startswith("--") or token == "--":
-                problems.append(f"unexpected argument {preview(token)} (every value follows its --flag)")
+                stray = [token]
+                while i < len(tokens) and not tokens[i].startswith("--"):
+                    stray.append(tokens[i])
+                    i += 1
+                problems.append(f"unexpected {'argument' if len(stray) == 1 else 'arguments'} "
+                                f"{preview(' '.join(stray))}: every value follows its --flag, and no shell runs "
+                                "the command")
                 continue
             option, has_inline, inline = token.partition("=")
             spec = self.lookup(option)

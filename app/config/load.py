@@ -337,14 +337,14 @@ def _coerce_field(f: Field, value: Any, where: str, problems: _Problems) -> Any:
         elif f.type == CHOICE:
             result = value.strip() if isinstance(value, str) else value
             if result not in (f.choices or ()):
-                raise FlagValueError("must be one of: " + ", ".join(str(c) for c in f.choices or ()))
+                raise FlagValueError("is not one of the choices")
         else:  # pragma: no cover - a schema typo, caught by the schema tests
             raise AssertionError(f.type)
     except FlagValueError as exc:
         problems.add(where, str(exc) if f.secret else f"{preview(value)} {exc}", _field_fix(f))
         return _default(f)
     if not _within_bounds(f, result):
-        problems.add(where, f"{preview(result)} is out of range" if not f.secret else "is out of range",
+        problems.add(where, f"{_num(result)} is not supported" if f.bound_fix else f"{_num(result)} is out of range",
                      f.bound_fix or _bounds_text(f))
         return _default(f)
     return result
@@ -381,7 +381,7 @@ def _field_fix(f: Field) -> str:
         return "choose one of: " + ", ".join(str(c) for c in f.choices or ())
     if f.type == LIST:
         return "write a list, or items separated by commas"
-    return f"see `{f.path}` in the README's configuration table"
+    return "write plain UTF-8 text on one line"
 
 
 def _check_text(text: str, *, allow_newlines: bool) -> None:
@@ -451,27 +451,27 @@ def _parse_flag(
         problems.add(where, "is neither a setting of this section nor an SGLang flag",
                      fix or "see the README's configuration table, or `python -m sglang.launch_server --help`")
         return
-    if spec.flag != "--" + key:  # an alias such as `tp`: the canonical name keeps exports stable
-        problems.add(where, f"is an alias of {spec.name}", f"write {spec.name}")
-        return
     if spec.dest in schema.OWNED_FLAGS:
         if spec.dest == "enable_metrics" and value is not None and _is_true(value):
             return  # asking for what the app does anyway
         problems.add(where, "is set by the app", schema.OWNED_FLAGS[spec.dest])
+        return
+    if spec.flag != "--" + key:  # an alias: the canonical name keeps exports stable
+        problems.add(where, f"is an alias of {spec.name}", f"write {spec.name}")
         return
     if value is None or (isinstance(value, str) and not value.strip() and not spec.is_bool):
         return  # unset: SGLang's default
     try:
         coerced = spec.coerce(value)
         if named is not None and named.choices and not spec.choices and coerced not in named.choices:
-            raise FlagValueError("must be one of: " + ", ".join(str(c) for c in named.choices))
+            raise FlagValueError("is not one of the choices")
         for item in coerced if isinstance(coerced, list) else [coerced]:
             if isinstance(item, str):
                 _check_text(item, allow_newlines=False)
             if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**63:
                 raise FlagValueError("is far too large")
     except FlagValueError as exc:
-        problems.add(where, f"{preview(value)} {exc}", _flag_fix(spec))
+        problems.add(where, f"{preview(value)} {exc}", _flag_fix(spec, named))
         return
     if named is not None and not _within_bounds(named, coerced):
         problems.add(where, f"{preview(coerced)} is out of range", named.bound_fix or _bounds_text(named))
@@ -488,11 +488,12 @@ def _is_true(value: Any) -> bool:
         return False
 
 
-def _flag_fix(spec: FlagSpec) -> str:
+def _flag_fix(spec: FlagSpec, named: Field | None = None) -> str:
     if spec.is_bool:
         return "write true or false"
-    if spec.choices:
-        return "choose one of: " + ", ".join(str(c) for c in spec.choices)
+    choices = spec.choices or (named.choices if named is not None else None)
+    if choices:
+        return "choose one of: " + ", ".join(str(c) for c in choices)
     return f"{spec.flag} takes {spec._describe()}; see `python -m sglang.launch_server --help`"
 
 
@@ -542,7 +543,7 @@ def _parse_model(item: Any, where: str, general: GeneralConfig, table: FlagTable
                     app_keys=[f.key for f in schema.MODEL_FIELDS] + ["lora"])
 
     values = _parse_fields(body, where, schema.MODEL_FIELDS, problems, extra=extra)
-    lora = _parse_lora(item.get("lora"), f"{where}.lora", problems)
+    lora, modules_valid = _parse_lora(item.get("lora"), f"{where}.lora", problems)
     model = values["model"]
     if not model:
         problems.add(f"{where}.model", "is empty" if "model" in item else "is missing",
@@ -561,7 +562,7 @@ def _parse_model(item: Any, where: str, general: GeneralConfig, table: FlagTable
     config = ModelConfig(**values)
     if config.cli:
         _check_cli(config, f"{where}.cli", table, problems)
-    if lora.enable and not config.cli:
+    if lora.enable and not config.cli and modules_valid:
         _check_lora_limits(lora, config, f"{where}.lora", problems)
     return config
 
@@ -588,7 +589,7 @@ def _check_cli(model: ModelConfig, where: str, table: FlagTable, problems: _Prob
         return
     parsed, _ = table.parse_argv(tokens)
     for message in table.check_argv(tokens):
-        problems.add(where, message, "see `python -m sglang.launch_server --help`")
+        problems.add(where, message)
     for spec, option, values in parsed:
         if spec.dest in schema.OWNED_FLAGS_IN_CLI:
             problems.add(where, f"sets {option}", schema.OWNED_FLAGS[spec.dest])
@@ -599,7 +600,8 @@ def _check_cli(model: ModelConfig, where: str, table: FlagTable, problems: _Prob
             _check_endpoint_name(values[0], where + " --served-model-name", problems)
 
 
-def _parse_lora(section: Any, where: str, problems: _Problems) -> LoraConfig:
+def _parse_lora(section: Any, where: str, problems: _Problems) -> tuple[LoraConfig, bool]:
+    """The LoRA sub-section, and whether every module parsed (limits are only checked then)."""
     values = _parse_fields(section, where, schema.LORA_FIELDS, problems)
     modules: list[LoraModule] = []
     names: set[str] = set()
@@ -619,11 +621,12 @@ def _parse_lora(section: Any, where: str, problems: _Problems) -> LoraConfig:
         else:
             names.add(name)
             modules.append(LoraModule(name, path))
+    modules_valid = len(modules) == len(values["modules"])
     values["modules"] = tuple(modules)
     if values["dtype"] != "auto":
         problems.add(f"{where}.dtype", f"{values['dtype']!r} cannot be honoured: SGLang has no LoRA dtype option",
-                     "leave it at auto (adapters take the model's dtype; set the model's `dtype` to change it)")
-    return LoraConfig(**values)
+                     "leave it at auto: adapters take the model's dtype, which the model's `dtype` flag sets")
+    return LoraConfig(**values), modules_valid
 
 
 def _check_lora_limits(lora: LoraConfig, model: ModelConfig, where: str, problems: _Problems) -> None:

@@ -111,8 +111,8 @@ LORA_FIELDS = (
     Field("lora", "extra_vocab_size", "LoRA Extra Vocabulary Size",
           "Extra vocabulary an adapter may add. SGLang has no such option: only 0 is accepted.", INT, 0,
           minimum=0, maximum=0,
-          bound_fix="SGLang 0.5.23 has no extra LoRA vocabulary option; leave it at 0 (adapters with added "
-                    "tokens need them merged into the base model's tokenizer)"),
+          bound_fix="SGLang 0.5.23 has no extra LoRA vocabulary option: leave it at 0, and merge an adapter's "
+                    "added tokens into the base model's tokenizer instead"),
     Field("lora", "dtype", "LoRA Dtype",
           "Data type of the adapters. SGLang loads adapters in the model's dtype (set --dtype for the model): "
           "only auto is accepted.", CHOICE, "auto", choices=("auto", "float16", "bfloat16", "float32")),

@@ -1,0 +1,168 @@
+"""Golden command lines: what `clearml-sglang args` prints for representative configs, pinned flag by flag.
+
+Each case is what a user runs and the SGLang command they should get; if one changes, the README's mapping of
+form fields to flags has changed too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import EXAMPLES, run_cli
+
+PREFIX = ["python", "-m", "sglang.launch_server"]
+TOKEN = "hf_" + "Ab1" * 12  # shaped like a HuggingFace token
+
+
+def base(model: str, port: int, name: str) -> list[str]:
+    return [*PREFIX, "--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", name]
+
+
+CASES = {
+    "single model on every GPU": (
+        ["--config", str(EXAMPLES / "single.yaml"), "--gpu-count", "4"],
+        [{"endpoint": "qwen2.5-0.5b-instruct",
+          "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen2.5-0.5b-instruct")
+          + ["--tp-size", "4", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "two models, one GPU each, consecutive ports": (
+        ["--config", str(EXAMPLES / "two-models.yaml"), "--engine-port", "31000"],
+        [{"endpoint": "qwen", "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 31000, "qwen")
+          + ["--tp-size", "1", "--enable-metrics"], "env": {}},
+         {"endpoint": "gpt2", "argv": base("openai-community/gpt2", 31001, "gpt2")
+          + ["--tp-size", "1", "--enable-metrics"], "env": {}}],
+    ),
+    "LoRA with modules and limits": (
+        ["--config", str(EXAMPLES / "lora.yaml")],
+        [{"endpoint": "llama",
+          "argv": base("meta-llama/Llama-3.2-1B-Instruct", 30000, "llama")
+          + ["--tp-size", "1", "--enable-lora", "--lora-paths", "sql=org/sql-lora",
+             "chat=0123456789abcdef0123456789abcdef", "--max-loras-per-batch", "4", "--max-lora-rank", "16",
+             "--max-loaded-loras", "8", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "CLI override keeps only the model and the name": (
+        ["--config", str(EXAMPLES / "cli-override.yaml"), "--set", "general.schedule-policy=lpm"],
+        [{"endpoint": "qwen7b",
+          "argv": [*PREFIX, "--model-path", "Qwen/Qwen2.5-7B-Instruct", "--host", "127.0.0.1", "--port", "30000",
+                   "--tp-size", "2", "--context-length", "16384", "--chunked-prefill-size", "4096",
+                   "--reasoning-parser", "qwen3", "--served-model-name", "qwen7b", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "CPU offload from Max CUDA Memory above the card": (
+        ["--config", str(EXAMPLES / "cpu-offload.yaml"), "--gpu-memory-gib", "141"],
+        [{"endpoint": "qwen2.5-32b-instruct",
+          "argv": base("Qwen/Qwen2.5-32B-Instruct", 30000, "qwen2.5-32b-instruct")
+          + ["--tp-size", "1", "--cpu-offload-gb", "19", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "Max CUDA Memory within the card offloads nothing": (
+        ["--config", str(EXAMPLES / "cpu-offload.yaml"), "--gpu-memory-gib", "192"],
+        [{"endpoint": "qwen2.5-32b-instruct",
+          "argv": base("Qwen/Qwen2.5-32B-Instruct", 30000, "qwen2.5-32b-instruct")
+          + ["--tp-size", "1", "--enable-metrics"],
+          "env": {},
+          "notes": ["max_cuda_memory_gib (160) fits in the GPU's 192 GiB: nothing is offloaded"]}],
+    ),
+    "tensor parallel with data-parallel replicas": (
+        ["--config", str(EXAMPLES / "tensor-parallel.yaml")],
+        [{"endpoint": "llama70b",
+          "argv": base("meta-llama/Llama-3.1-70B-Instruct", 30000, "llama70b")
+          + ["--tp-size", "4", "--dp-size", "2", "--load-balance-method", "round_robin", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "environment variables, secret-looking ones masked": (
+        ["--config", str(EXAMPLES / "env-vars.yaml")],
+        [{"endpoint": "qwen2.5-0.5b-instruct",
+          "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen2.5-0.5b-instruct")
+          + ["--tp-size", "1", "--enable-metrics"],
+          "env": {"NCCL_DEBUG": "WARN", "SGLANG_ENABLE_TORCH_COMPILE": "0", "WANDB_API_KEY": "***"}}],
+    ),
+    "General options, the model's own flags on top": (
+        ["--config", str(EXAMPLES / "general-options.yaml")],
+        [{"endpoint": "qwen2.5-0.5b-instruct",
+          "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen2.5-0.5b-instruct")
+          + ["--tp-size", "1", "--context-length", "8192", "--enable-cache-report", "--log-level", "debug",
+             "--log-requests", "--log-requests-level", "1", "--max-running-requests", "32",
+             "--mem-fraction-static", "0.85", "--schedule-policy", "lpm", "--trust-remote-code",
+             "--watchdog-timeout", "600.0", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "HF token goes to the environment, masked": (
+        ["--config", str(EXAMPLES / "gated-model.yaml"), "--set", f"general.hf_token={TOKEN}"],
+        [{"endpoint": "llama3b",
+          "argv": base("meta-llama/Llama-3.2-3B-Instruct", 30000, "llama3b") + ["--tp-size", "1", "--enable-metrics"],
+          "env": {"HF_TOKEN": "***"}}],
+    ),
+    "ClearML Model ID printed as given": (
+        ["--config", str(EXAMPLES / "clearml-model.yaml")],
+        [{"endpoint": "finetuned",
+          "argv": base("0123456789abcdef0123456789abcdef", 30000, "finetuned")
+          + ["--tp-size", "2", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "CPU device: CPU engine switch and the torch-native LoRA backend": (
+        ["--set", "models.0.model=org/tiny", "--set", "models.0.endpoint_name=tiny",
+         "--set", "models.0.lora.enable=true", "--set", "models.0.lora.modules=a=org/a",
+         "--set", "general.device=cpu"],
+        [{"endpoint": "tiny",
+          "argv": base("org/tiny", 30000, "tiny")
+          + ["--device", "cpu", "--enable-lora", "--lora-paths", "a=org/a", "--lora-backend", "torch_native",
+             "--enable-metrics"],
+          "env": {"SGLANG_USE_CPU_ENGINE": "1"}}],
+    ),
+    "automatic CPU offloading prepares the engine to sleep": (
+        ["--set", "models.0.model=org/m", "--set", "general.auto_cpu_offload=true"],
+        [{"endpoint": "m",
+          "argv": base("org/m", 30000, "m")
+          + ["--tp-size", "1", "--enable-memory-saver", "--enable-weights-cpu-backup", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "disk swapping releases weights": (
+        ["--set", "models.0.model=org/m", "--set", "general.disk_swap=True"],
+        [{"endpoint": "m",
+          "argv": base("org/m", 30000, "m") + ["--tp-size", "1", "--enable-memory-saver", "--enable-metrics"],
+          "env": {}}],
+    ),
+    "negatable flags and lists by their CLI names": (
+        ["--set", "models.0.model=org/m", "--set", "models.0.lora-strict-loading=false",
+         "--set", "models.0.cuda-graph-bs-decode=[1, 2, 4]", "--set", "general.context-length=32k"],
+        [{"endpoint": "m",
+          "argv": base("org/m", 30000, "m")
+          + ["--tp-size", "1", "--context-length", "32000", "--cuda-graph-bs-decode", "1", "2", "4",
+             "--no-lora-strict-loading", "--enable-metrics"],
+          "env": {}}],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_args_prints_pinned_command_line(case):
+    argv, expected = CASES[case]
+    result = run_cli("args", *argv)
+    assert result.code == 0, result.err
+    assert result.lines() == expected
+
+
+def test_cli_override_says_which_settings_it_ignores():
+    result = run_cli("args", "--config", str(EXAMPLES / "cli-override.yaml"),
+                     "--set", "models.0.gpus=4", "--set", "models.0.context-length=1024")
+    assert result.code == 0, result.err
+    (line,) = result.lines()
+    assert line["notes"] == ["cli is set, so these model settings are ignored: gpus, context-length"]
+    assert "--context-length" in line["argv"] and "1024" not in line["argv"]
+
+
+def test_disabled_lora_modules_are_reported_not_loaded():
+    result = run_cli("args", "--config", str(EXAMPLES / "lora.yaml"), "--set", "models.0.lora.enable=false")
+    (line,) = result.lines()
+    assert "--enable-lora" not in line["argv"] and "--lora-paths" not in line["argv"]
+    assert line["notes"] == ["lora.enable is false, so its 2 module(s) are not loaded"]
+
+
+def test_every_example_config_is_valid():
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        result = run_cli("args", "--config", str(path), "--gpu-memory-gib", "80")
+        assert result.code == 0, f"{path.name}: {result.err}"
+        assert result.lines(), path.name

@@ -641,7 +641,7 @@ def _check_lora_limits(lora: LoraConfig, model: ModelConfig, where: str, problem
     if not lora.modules and (lora.max_lora_rank is None or model.flag("lora-target-modules") is None):
         problems.add(f"{where}.modules", "LoRA is enabled without modules, so SGLang cannot infer the rank and "
                      "the target modules", "add modules, or set lora.max_lora_rank and the model's "
-                     "lora-target-modules (e.g. [all]) for adapters loaded later")
+                     "lora-target-modules, e.g. [all], for adapters loaded later")
 
 
 # ----- env and auth -----

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -120,8 +121,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def parse_config_text(text: str, where: str = "config") -> dict[str, Any]:
     try:
-        # JSON is YAML, so one parser reads both; SafeLoader builds no objects from tags.
-        data = yaml.safe_load(text)
+        # Exported files are JSON: read them with JSON's own rules (YAML 1.1 would take 1e-05 for text).
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        data = _parse_yaml(text, where)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(where, f"holds a {type(data).__name__}, not a mapping",
+                                  "start the file with keys such as `models:`"))
+    return data
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        # SafeLoader builds no objects from tags.
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -129,12 +144,6 @@ def parse_config_text(text: str, where: str = "config") -> dict[str, Any]:
         raise ConfigError(Problem(where, f"{problem}{at}", "fix the syntax")) from None
     except RecursionError:
         raise ConfigError(Problem(where, "is nested too deeply", "a config is a few levels deep")) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(Problem(where, f"holds a {type(data).__name__}, not a mapping",
-                                  "start the file with keys such as `models:`"))
-    return data
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule, ModelConfig
+from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule
 from app.errors import ModelResolutionError, Problem
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ Example::
 
     table = FlagTable.load()
     table.lookup("--max-running-requests").coerce("64")     # -> 64
-    table.check_argv(["--max-runing-requests", "8"])         # -> ["unknown flag --max-runing-requests (did you mean --max-running-requests?)"]
+    table.check_argv(["--max-runing-requests", "8"])
+    # -> ["unknown SGLang flag '--max-runing-requests' (did you mean --max-running-requests?)"]
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ text = (
 )
 nonempty_text = text.filter(bool)
 slug = st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True)
-hf_name = st.builds(lambda org, name: f"{org}/{name}", slug, st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True))
+repo = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True)
+hf_name = st.builds(lambda org, name: f"{org}/{name}", slug, repo)
 clearml_id = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
 
 # SGLang flags by CLI name, each with values of its own type (switches only true: false is SGLang's default).

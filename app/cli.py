@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
     config_options(args)
     args.add_argument("--gpu-count", type=int, metavar="N",
-                      help="GPUs on the target machine (default for each model's `gpus`; unknown: 1)")
+                      help="GPUs on the target machine: the default of each model's `gpus`, and where each model "
+                           "goes (CUDA_VISIBLE_DEVICES); unknown: 1 per model, no placement shown")
     args.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
                       help="memory of one target GPU, to turn max_cuda_memory_gib into --cpu-offload-gb")
     args.add_argument("--engine-port", type=int, default=constants.ENGINE_BASE_PORT, metavar="PORT",
@@ -83,16 +84,23 @@ def _configure_logging(stream: TextIO) -> None:
 
 
 def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
+    from app.gpus import Gpu, place
     from app.models import describe
-    from app.sglang_command import Machine, build_engine_commands
+    from app.sglang_command import Machine, build_engine_commands, demands
 
     _require_source(options)
     config = load_config(options.config, options.overrides)
     resolved = describe(config)
     machine = Machine(gpu_count=options.gpu_count, gpu_memory_gib=options.gpu_memory_gib)
+    placements = None
+    if options.gpu_count and config.general.device != "cpu":  # a described machine: show where each model goes
+        gpus = [Gpu(i, "described", options.gpu_memory_gib or 0.0) for i in range(options.gpu_count)]
+        placements = place(demands(config, machine), gpus)
     ports = [options.engine_port + i for i in range(len(resolved))]
-    # "python": the interpreter of the machine that runs the deployment, not of the one asking
-    for command in build_engine_commands(config, resolved, ports, machine=machine, python="python"):
+    # "python": the interpreter of the machine that runs the deployment, not of the one asking; the engine key
+    # is made anew by every launch, so it shows as masked.
+    for command in build_engine_commands(config, resolved, ports, machine=machine, placements=placements,
+                                         engine_api_key=constants.SECRET_MASK, python="python"):
         out.write(json.dumps(command.describe(), ensure_ascii=False) + "\n")
     return EXIT_OK
 

@@ -28,6 +28,7 @@ from app import constants
 from app.config import schema
 from app.config.types import DeploymentConfig, ModelConfig
 from app.errors import ConfigError, Problem
+from app.gpus import Demand, Placement
 from app.models import ResolvedModel
 from app.sglang_flags import FlagTable, check_with_real_parser
 
@@ -47,24 +48,31 @@ class EngineCommand:
     endpoint: str
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    gpus: int  # devices one engine uses: tensor parallel x data parallel
     secret_env: frozenset[str] = frozenset()
     notes: tuple[str, ...] = ()
     port: int = 0
+    api_key: str | None = field(default=None, repr=False)
 
     def masked_env(self) -> dict[str, str]:
         return {k: (constants.SECRET_MASK if k in self.secret_env else v) for k, v in self.env.items()}
 
+    def masked_argv(self) -> list[str]:
+        argv = list(self.argv)
+        for i, token in enumerate(argv[:-1]):
+            if token == "--api-key":
+                argv[i + 1] = constants.SECRET_MASK
+        return argv
+
     def describe(self) -> dict[str, Any]:
         """What `clearml-sglang args` prints for this engine (secrets masked)."""
-        out: dict[str, Any] = {"endpoint": self.endpoint, "argv": list(self.argv), "env": self.masked_env()}
+        out: dict[str, Any] = {"endpoint": self.endpoint, "argv": self.masked_argv(), "env": self.masked_env()}
         if self.notes:
             out["notes"] = list(self.notes)
         return out
 
     def shell_line(self) -> str:
-        """The command for a log line (the env's secrets are not part of it)."""
-        return shlex.join(self.argv)
+        """The command for a log line, its secrets masked."""
+        return shlex.join(self.masked_argv())
 
 
 @dataclass
@@ -90,11 +98,17 @@ def build_engine_command(
     *,
     port: int,
     machine: Machine = Machine(),
+    placement: Placement | None = None,
+    engine_api_key: str | None = None,
     host: str = constants.ENGINE_HOST,
     python: str = sys.executable,
     flag_table: FlagTable | None = None,
 ) -> EngineCommand:
-    """The command line and environment of the engine serving `config.models[index]`."""
+    """The command line and environment of the engine serving `config.models[index]`.
+
+    `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `engine_api_key` is the
+    key only the gateway knows, so nothing on this machine reaches the engine around the gateway.
+    """
     table = flag_table or FlagTable.load()
     model = config.models[index]
     where = f"models[{index}]"
@@ -102,14 +116,20 @@ def build_engine_command(
     argv.add("model-path", resolved.model_path)
     argv.add("host", host)
     argv.add("port", port)
+    if engine_api_key:
+        argv.add("api-key", engine_api_key)
     notes: list[str] = []
     if model.cli:
         _add_cli(argv, model, config, notes)
     else:
         _add_form(argv, model, config, resolved, machine, where, notes)
+    if placement is not None and placement.memory_fraction is not None and "mem_fraction_static" not in argv.dests:
+        argv.add("mem-fraction-static", placement.memory_fraction)
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
 
     env = dict(config.env)
+    if placement is not None and config.general.device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
     secret_env: set[str] = {name for name in env if _looks_secret(name)}
     if config.general.hf_token:
         env[constants.HF_TOKEN_ENV] = config.general.hf_token
@@ -126,8 +146,8 @@ def build_engine_command(
     return EngineCommand(
         endpoint=model.endpoint,
         argv=(python, "-m", constants.SGLANG_LAUNCH_MODULE, *argv.tokens),
+        api_key=engine_api_key,
         env=env,
-        gpus=_gpus_used(argv, table) if config.general.device != "cpu" else 0,
         secret_env=frozenset(secret_env),
         notes=tuple(notes),
         port=port,
@@ -140,6 +160,8 @@ def build_engine_commands(
     ports: list[int],
     *,
     machine: Machine = Machine(),
+    placements: list[Placement] | None = None,
+    engine_api_key: str | None = None,
     python: str = sys.executable,
     flag_table: FlagTable | None = None,
 ) -> list[EngineCommand]:
@@ -147,8 +169,9 @@ def build_engine_commands(
     commands, problems = [], []
     for i, (item, port) in enumerate(zip(resolved, ports, strict=True)):
         try:
-            commands.append(build_engine_command(config, i, item, port=port, machine=machine, python=python,
-                                                 flag_table=flag_table))
+            commands.append(build_engine_command(
+                config, i, item, port=port, machine=machine, placement=placements[i] if placements else None,
+                engine_api_key=engine_api_key, python=python, flag_table=flag_table))
         except ConfigError as exc:
             problems += exc.problems
     if problems:
@@ -233,15 +256,23 @@ def _add_cpu_offload(argv: _Argv, max_cuda_memory_gib: float, machine: Machine, 
                      f"{machine.gpu_memory_gib:g} GiB: nothing is offloaded")
 
 
-def _gpus_used(argv: _Argv, table: FlagTable) -> int:
-    """Devices one engine occupies: tp x dp x pp, read back from the final command line."""
-    parsed, _ = table.parse_argv(argv.tokens)
-    sizes = {spec.dest: values for spec, _, values in parsed}
-    total = 1
-    for dest in ("tp_size", "dp_size", "pp_size"):
-        if sizes.get(dest):
-            total *= int(sizes[dest][0])
-    return total
+def demands(config: DeploymentConfig, machine: Machine, table: FlagTable | None = None) -> list[Demand]:
+    """What each model asks of the GPUs: devices (tp x dp x pp) and its own memory fraction, if set."""
+    table = table or FlagTable.load()
+    out = []
+    for i, model in enumerate(config.models):
+        if model.cli:
+            parsed, _ = table.parse_argv(shlex.split(model.cli))
+            values = {spec.dest: v for spec, _, v in parsed}
+            devices = 1
+            for dest in ("tp_size", "dp_size", "pp_size"):
+                devices *= int(values[dest][0]) if values.get(dest) else 1
+            fraction = float(values["mem_fraction_static"][0]) if values.get("mem_fraction_static") else None
+        else:
+            devices = (model.gpus or machine.gpu_count or 1) * model.replicas
+            fraction = model.flag("mem-fraction-static", config.general.flag("mem-fraction-static"))
+        out.append(Demand(model.endpoint, devices, fraction, f"models[{i}].gpus"))
+    return out
 
 
 def _looks_secret(name: str) -> bool:

@@ -15,7 +15,8 @@ TOKEN = "hf_" + "Ab1" * 12  # shaped like a HuggingFace token
 
 
 def base(model: str, port: int, name: str) -> list[str]:
-    return [*PREFIX, "--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", name]
+    return [*PREFIX, "--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--api-key", "***",
+            "--served-model-name", name]
 
 
 CASES = {
@@ -24,7 +25,16 @@ CASES = {
         [{"endpoint": "qwen2.5-0.5b-instruct",
           "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen2.5-0.5b-instruct")
           + ["--tp-size", "4", "--enable-metrics"],
-          "env": {}}],
+          "env": {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}}],
+    ),
+    "two models sharing one GPU split its memory": (
+        ["--config", str(EXAMPLES / "two-models.yaml"), "--gpu-count", "1"],
+        [{"endpoint": "qwen", "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen")
+          + ["--tp-size", "1", "--mem-fraction-static", "0.44", "--enable-metrics"],
+          "env": {"CUDA_VISIBLE_DEVICES": "0"}},
+         {"endpoint": "gpt2", "argv": base("openai-community/gpt2", 30001, "gpt2")
+          + ["--tp-size", "1", "--mem-fraction-static", "0.44", "--enable-metrics"],
+          "env": {"CUDA_VISIBLE_DEVICES": "0"}}],
     ),
     "two models, one GPU each, consecutive ports": (
         ["--config", str(EXAMPLES / "two-models.yaml"), "--engine-port", "31000"],
@@ -46,7 +56,7 @@ CASES = {
         ["--config", str(EXAMPLES / "cli-override.yaml"), "--set", "general.schedule-policy=lpm"],
         [{"endpoint": "qwen7b",
           "argv": [*PREFIX, "--model-path", "Qwen/Qwen2.5-7B-Instruct", "--host", "127.0.0.1", "--port", "30000",
-                   "--tp-size", "2", "--context-length", "16384", "--chunked-prefill-size", "4096",
+                   "--api-key", "***", "--tp-size", "2", "--context-length", "16384", "--chunked-prefill-size", "4096",
                    "--reasoning-parser", "qwen3", "--served-model-name", "qwen7b", "--enable-metrics"],
           "env": {}}],
     ),

@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting, e.g. general.max-running-requests=64 or models.0.gpus=2; "
                             "repeatable")
 
-    run = sub.add_parser("run", help="deploy the configured models and serve them until idle")
+    run = sub.add_parser("run", help="deploy the configured models and serve them until idle",
+                         description="Deploy the configured models and serve them through one authenticated "
+                                     "endpoint until idle shutdown, SIGTERM/SIGINT or abort. Without --config or "
+                                     "--set: the embedded default, a tiny model on the CPU (development mode).")
     config_options(run)
     run.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
+    run.add_argument("--host", default="0.0.0.0", help="address the gateway listens on (default: all)")
     run.add_argument("--offline", action="store_true", help="ClearML offline mode")
 
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
@@ -120,8 +124,29 @@ def _cmd_export(options: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
-    raise ConfigError(_not_yet("run", "serving is not built yet in this version; `clearml-sglang args` shows "
-                                      "the SGLang command lines it will launch"))
+    import asyncio
+    import signal
+
+    from app.clearml_task import ClearMLModelRegistry
+    from app.deployment import Deployment, RunOptions
+
+    if options.config is None and not options.overrides:
+        from app.demo import demo_config
+
+        config = demo_config()
+    else:
+        config = load_config(options.config, options.overrides)
+    if config.general.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    deployment = Deployment(config, ClearMLModelRegistry(), options=RunOptions(host=options.host, port=options.port))
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, deployment.request_stop, signum)
+        return await deployment.run()
+
+    return asyncio.run(serve())
 
 
 def _not_yet(command: str, fix: str):

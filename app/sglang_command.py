@@ -27,6 +27,7 @@ from typing import Any
 from app import constants
 from app.config import schema
 from app.config.types import DeploymentConfig, ModelConfig
+from app.cpu_engine import cpu_engine_env
 from app.errors import ConfigError, Problem
 from app.gpus import Demand, Placement
 from app.models import ResolvedModel
@@ -102,12 +103,14 @@ def build_engine_command(
     engine_api_key: str | None = None,
     host: str = constants.ENGINE_HOST,
     python: str = sys.executable,
+    launcher: tuple[str, ...] | None = None,
     flag_table: FlagTable | None = None,
 ) -> EngineCommand:
     """The command line and environment of the engine serving `config.models[index]`.
 
     `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `engine_api_key` is the
-    key only the gateway knows, so nothing on this machine reaches the engine around the gateway.
+    key only the gateway knows, so nothing on this machine reaches the engine around the gateway. `launcher`
+    replaces `python -m sglang.launch_server` (the tests' stand-in server takes the same arguments).
     """
     table = flag_table or FlagTable.load()
     model = config.models[index]
@@ -135,7 +138,7 @@ def build_engine_command(
         env[constants.HF_TOKEN_ENV] = config.general.hf_token
         secret_env.add(constants.HF_TOKEN_ENV)
     if config.general.device == "cpu":
-        env[constants.SGLANG_CPU_ENGINE_ENV] = "1"
+        env.update(cpu_engine_env())
 
     problems = table.check_argv(argv.tokens)
     if not problems:
@@ -145,7 +148,7 @@ def build_engine_command(
         raise ConfigError([Problem(where, p, "fix the flag in the config") for p in problems])
     return EngineCommand(
         endpoint=model.endpoint,
-        argv=(python, "-m", constants.SGLANG_LAUNCH_MODULE, *argv.tokens),
+        argv=(*(launcher or (python, "-m", constants.SGLANG_LAUNCH_MODULE)), *argv.tokens),
         api_key=engine_api_key,
         env=env,
         secret_env=frozenset(secret_env),
@@ -163,6 +166,7 @@ def build_engine_commands(
     placements: list[Placement] | None = None,
     engine_api_key: str | None = None,
     python: str = sys.executable,
+    launcher: tuple[str, ...] | None = None,
     flag_table: FlagTable | None = None,
 ) -> list[EngineCommand]:
     """Every engine's command; every problem of every model in one ConfigError."""
@@ -171,7 +175,7 @@ def build_engine_commands(
         try:
             commands.append(build_engine_command(
                 config, i, item, port=port, machine=machine, placement=placements[i] if placements else None,
-                engine_api_key=engine_api_key, python=python, flag_table=flag_table))
+                engine_api_key=engine_api_key, python=python, launcher=launcher, flag_table=flag_table))
         except ConfigError as exc:
             problems += exc.problems
     if problems:

@@ -121,7 +121,10 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.T
 
 
 def model_weights(vocab: int) -> dict[str, torch.Tensor]:
-    """Random weights with HF Llama names; scaled so that logits are well separated (no bfloat16 ties)."""
+    """Random weights with HF Llama names, scaled so that logits are well separated.
+
+    The special tokens' lm_head rows are zero, so greedy decoding never picks them and runs to max_tokens.
+    """
     gen = torch.Generator().manual_seed(MODEL_SEED)
     proj = HIDDEN**-0.5
     shapes = {
@@ -142,6 +145,7 @@ def model_weights(vocab: int) -> dict[str, torch.Tensor]:
         weights[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(HIDDEN)
     weights["model.norm.weight"] = torch.ones(HIDDEN)
     weights["lm_head.weight"] = _normal(gen, (vocab, HIDDEN), 4 * proj)
+    weights["lm_head.weight"][: len(SPECIAL_TOKENS)] = 0.0  # the trainer gives special tokens the first ids
     return {name: tensor.to(DTYPE).contiguous() for name, tensor in weights.items()}
 
 
@@ -180,6 +184,11 @@ def lora_config() -> dict[str, object]:
     }
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors creates files 0600
+
+
 def write_base(path: Path) -> None:
     tokenizer = train_tokenizer()
     config = model_config(tokenizer)
@@ -188,13 +197,13 @@ def write_base(path: Path) -> None:
     config.save_pretrained(path)
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(model_weights(config.vocab_size), path / "model.safetensors", metadata={"format": "pt"})
+    _save(model_weights(config.vocab_size), path / "model.safetensors")
 
 
 def write_lora(path: Path, seed: int) -> None:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps(lora_config(), indent=2) + "\n")
-    save_file(lora_weights(seed), path / "adapter_model.safetensors", metadata={"format": "pt"})
+    _save(lora_weights(seed), path / "adapter_model.safetensors")
 
 
 def is_complete(out_dir: Path) -> bool:

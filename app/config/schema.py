@@ -245,6 +245,8 @@ OWNED_ENV: dict[str, str] = {
     "HUGGING_FACE_HUB_TOKEN": "set `general.hf_token` (a secret: it is masked and never exported)",
     "CLEARML_SGLANG_API_TOKENS": "set it in the app's own environment or use `auth.tokens`",
     "SGLANG_USE_CPU_ENGINE": "set `general.device: cpu`",
+    "SGLANG_CPU_SHIM_UNPIN": "set `general.device: cpu`",
+    "PYTHONPATH": "the app sets it for the CPU development mode; install packages into the environment instead",
 }
 
 # Paths the gateway answers itself, so no endpoint may be named after them.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.cpu_engine import SHIM_DIR
 from tests.conftest import EXAMPLES, run_cli
 
 PREFIX = ["python", "-m", "sglang.launch_server"]
@@ -120,7 +121,7 @@ CASES = {
           "argv": base("org/tiny", 30000, "tiny")
           + ["--device", "cpu", "--enable-lora", "--lora-paths", "a=org/a", "--lora-backend", "torch_native",
              "--enable-metrics"],
-          "env": {"SGLANG_USE_CPU_ENGINE": "1"}}],
+          "env": {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_SHIM_UNPIN": "1", "PYTHONPATH": str(SHIM_DIR)}}],
     ),
     "automatic CPU offloading prepares the engine to sleep": (
         ["--set", "models.0.model=org/m", "--set", "general.auto_cpu_offload=true"],

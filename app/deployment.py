@@ -1,0 +1,302 @@
+"""Serving a deployment: resolve → place → build → start engines behind the gateway → watch → drain → stop.
+
+`Deployment.run()` is what `clearml-sglang run` does once the config is loaded. Its collaborators (model
+registry, GPU detection, reporter, clock) are passed in; signals only set `stop_signal`, which the loop observes.
+Teardown runs in reverse order of startup, in `finally`, with every wait bounded.
+
+Exit codes (DESIGN section 3): 0 after an idle shutdown, 3 when an engine failed to start or crashed beyond its
+restart budget, 128 + signal number after SIGINT/SIGTERM and a clean drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from app import constants
+from app.config.types import DeploymentConfig
+from app.engine import RESIDENT, Engine, EngineStartupError, EngineSupervisor
+from app.errors import ConfigError, Problem
+from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+from app.gateway.auth import generate_token
+from app.gateway.stats import WindowSummary
+from app.gpus import Gpu, detect_gpus, place
+from app.idle import IdleDecision, IdleTracker
+from app.models import ModelRegistry, ResolvedModel, resolve
+from app.sglang_command import EngineCommand, Machine, build_engine_commands, demands
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ENGINE = 0, 3
+# Longest wait for requests in flight to finish once shutdown begins; a stream longer than this is cut.
+DRAIN_DEADLINE_SECONDS = 300.0
+# Grace for each engine between SIGTERM and SIGKILL.
+ENGINE_STOP_GRACE_SECONDS = 20.0
+# How often the loop looks at the idle policy and the engines; reports go out every report interval.
+TICK_SECONDS = 1.0
+
+LOADING, ACTIVE, IDLE, STOPPED, FAILED = "loading", "active", "idle", "stopped", "failed"
+
+
+class Reporter(Protocol):
+    """Where the deployment says what it does: the ClearML task (issue 4), or the console."""
+
+    def status(self, state: str, reason: str = "") -> None: ...
+
+    def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
+
+    def access_token(self, token: str) -> None: ...
+
+    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
+               states: dict[str, str]) -> None: ...
+
+
+class ConsoleReporter:
+    """Reports to the log only (and never a token)."""
+
+    def status(self, state: str, reason: str = "") -> None:
+        logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
+
+    def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None:
+        logger.info("Endpoint: %s", base_url)
+        for name, url in models.items():
+            logger.info("  model %s: %s", name, url)
+        logger.info("Try it:\n%s", curl)
+
+    def access_token(self, token: str) -> None:
+        logger.info("No access token was configured: one was generated for this run. Set %s (comma-separated) "
+                    "to choose your own.", constants.API_TOKENS_ENV)
+
+    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
+               states: dict[str, str]) -> None:
+        logger.info("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests, decision.in_flight,
+                    decision.idle_for_s)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    host: str = "0.0.0.0"
+    port: int = constants.GATEWAY_DEFAULT_PORT
+    public_host: str | None = None  # the address printed in URLs; default: this machine's
+    startup_deadline_s: float = 1800.0
+    drain_deadline_s: float = DRAIN_DEADLINE_SECONDS
+    engine_stop_grace_s: float = ENGINE_STOP_GRACE_SECONDS
+    upstream_read_timeout_s: float | None = None
+    launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
+
+
+def access_tokens(config: DeploymentConfig, environ: dict[str, str]) -> tuple[list[str], bool]:
+    """The gateway's tokens: the config's and CLEARML_SGLANG_API_TOKENS'; one generated when there are none."""
+    tokens = list(config.auth.tokens)
+    tokens += [t.strip() for t in environ.get(constants.API_TOKENS_ENV, "").split(",") if t.strip()]
+    if tokens:
+        return tokens, False
+    return [generate_token()], True
+
+
+def free_ports(count: int, host: str = constants.ENGINE_HOST) -> list[int]:
+    """Ports free right now on loopback (the OS picks them), one per engine."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def public_address(environ: dict[str, str]) -> str:
+    """How other machines reach this one: the agent's host IP when it set one, else this host's address."""
+    if environ.get("CLEARML_AGENT_HOST_IP"):
+        return environ["CLEARML_AGENT_HOST_IP"]
+    with contextlib.suppress(OSError):
+        return socket.gethostbyname(socket.gethostname())
+    return "127.0.0.1"
+
+
+def curl_command(base_url: str, endpoint: str, token_placeholder: str = "YOUR_GENERATED_TOKEN") -> str:
+    """A command that works as printed (once the placeholder is replaced by a token)."""
+    return (f"curl {base_url}/{endpoint}/v1/chat/completions \\\n"
+            f"  -H 'Authorization: Bearer {token_placeholder}' -H 'Content-Type: application/json' \\\n"
+            f"  -d '{{\"model\": \"{endpoint}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+            f"\"max_tokens\": 64}}'")
+
+
+class Deployment:
+    """Everything `run` serves. Constructing it starts nothing; `run()` does, and returns the exit code."""
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        registry: ModelRegistry,
+        *,
+        options: RunOptions = RunOptions(),
+        reporter: Reporter | None = None,
+        detect: Callable[[], list[Gpu]] = detect_gpus,
+        clock: Callable[[], float] = time.monotonic,
+        environ: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.registry = registry
+        self.options = options
+        self.reporter = reporter or ConsoleReporter()
+        self.detect = detect
+        self.clock = clock
+        self.environ = dict(os.environ if environ is None else environ)
+        self.stop_signal: int | None = None
+        self._stop = asyncio.Event()
+        self.gateway: Gateway | None = None
+        self.supervisor: EngineSupervisor | None = None
+        self.stats = RequestStats()
+
+    def request_stop(self, signum: int) -> None:
+        """Called from the signal handler: drain and stop (exit 128 + signum)."""
+        self.stop_signal = signum
+        self._stop.set()
+
+    async def run(self) -> int:
+        started = self.clock()
+        self.reporter.status(LOADING, "resolving models")
+        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
+        commands = self._commands(resolved)
+        tokens, generated = access_tokens(self.config, self.environ)
+        if generated:
+            self.reporter.access_token(tokens[0])
+        secrets_to_mask = [*tokens, *self.config.secrets]
+        engines = [Engine(c, secrets=secrets_to_mask) for c in commands]
+        tracker = IdleTracker(self.config.idle.time_limit_hours * 3600 if self.config.idle.shuts_down else None,
+                              self.config.idle.report_interval_seconds, self.clock())
+        adapters = {m.endpoint: tuple(a.name for a in m.lora_modules) for m in resolved}
+        routes = [ModelRoute(e.endpoint, e, api_key=e.command.api_key, adapters=adapters[e.endpoint])
+                  for e in engines]
+        gateway_kwargs = {}
+        if self.options.upstream_read_timeout_s is not None:
+            gateway_kwargs["upstream_read_timeout_s"] = self.options.upstream_read_timeout_s
+        self.gateway = Gateway(routes, TokenChecker(tokens), self.stats, activity=tracker, clock=self.clock,
+                               **gateway_kwargs)
+        self.supervisor = EngineSupervisor(engines, startup_deadline_s=self.options.startup_deadline_s,
+                                           clock=self.clock)
+        try:
+            await self.gateway.start(self.options.host, self.options.port)
+            self.reporter.status(LOADING, "starting engines")
+            try:
+                await self._until_started()
+            except EngineStartupError as exc:
+                logger.error("%s", exc.render())
+                self.reporter.status(FAILED, str(exc))
+                return EXIT_ENGINE
+            if self._stop.is_set():
+                return self._signal_exit()
+            self._announce()
+            tracker.reset(self.clock())
+            return await self._serve(tracker, started)
+        finally:
+            await self._shutdown()
+
+    def _commands(self, resolved: list[ResolvedModel]) -> list[EngineCommand]:
+        config = self.config
+        placements, machine = None, Machine()
+        if config.general.device == "cuda":
+            gpus = self.detect()
+            if not gpus:
+                raise ConfigError(Problem("general.device", "is cuda, but this machine has no NVIDIA GPU",
+                                          "run on a GPU machine, or set general.device: cpu for the CPU "
+                                          "development mode"))
+            machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min(g.memory_gib for g in gpus))
+            placements = place(demands(config, machine), gpus)
+            for m, p in zip(config.models, placements, strict=True):
+                logger.info("Model %s on GPU %s%s", m.endpoint, p.cuda_visible_devices,
+                            f" (shared; memory fraction {p.memory_fraction:g})" if p.shared else "")
+        return build_engine_commands(config, resolved, free_ports(len(resolved)), machine=machine,
+                                     placements=placements, engine_api_key=secrets.token_urlsafe(24),
+                                     launcher=self.options.launcher)
+
+    async def _until_started(self) -> None:
+        assert self.supervisor is not None
+        start = asyncio.create_task(self.supervisor.start_all())
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            stop.cancel()
+            start.result()
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
+                await start
+
+    def _announce(self) -> None:
+        assert self.gateway is not None
+        host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
+                                            else self.options.host)
+        base = f"http://{host}:{self.gateway.port}"
+        models = {name: f"{base}/{name}/v1" for name in self.gateway.routes}
+        self.reporter.endpoints(base, models, curl_command(base, next(iter(models))))
+
+    async def _serve(self, tracker: IdleTracker, started: float) -> int:
+        assert self.gateway is not None and self.supervisor is not None
+        interval = self.config.idle.report_interval_seconds
+        next_report = self.clock()
+        state = None
+        while True:
+            now = self.clock()
+            decision = tracker.decide(now)
+            if decision.state != state:
+                state = decision.state
+                self.reporter.status(ACTIVE if state == "active" else IDLE)
+            if now >= next_report:
+                self.reporter.report(now - started, decision, self.stats.take_window(), self.stats,
+                                     self.gateway.states())
+                next_report = now + interval
+            if decision.stop:
+                logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
+                            tracker.limit_seconds or 0)
+                self.reporter.status(STOPPED, "idle time limit reached")
+                return EXIT_OK
+            if self.supervisor.failed.is_set():
+                failure = self.supervisor.failure
+                if failure is not None:
+                    logger.error("%s", failure.render())
+                self.reporter.status(FAILED, str(failure))
+                return EXIT_ENGINE
+            if self._stop.is_set():
+                return self._signal_exit()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
+
+    def _signal_exit(self) -> int:
+        signum = self.stop_signal or 15
+        self.reporter.status(STOPPED, f"stopped by signal {signum}")
+        return 128 + signum
+
+    async def _shutdown(self) -> None:
+        if self.gateway is not None:
+            self.gateway.begin_drain()
+            if self.gateway.in_flight:
+                logger.info("Draining %d request(s) in flight (at most %.0f s)", self.gateway.in_flight,
+                            self.options.drain_deadline_s)
+            if not await self.gateway.wait_drained(self.options.drain_deadline_s):
+                logger.warning("%d request(s) still in flight after the drain deadline", self.gateway.in_flight)
+        if self.supervisor is not None:
+            await self.supervisor.stop_all(self.options.engine_stop_grace_s)
+        if self.gateway is not None:
+            await self.gateway.close()
+        logger.info("Deployment stopped")
+
+    def model_states(self) -> dict[str, str]:
+        return self.gateway.states() if self.gateway else {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.gateway) and all(s == RESIDENT for s in self.model_states().values())

@@ -1,0 +1,345 @@
+"""Engine supervision: one SGLang server process group per model, watched from start to stop.
+
+`Engine` owns one server: it spawns it in a new session (its own process group), pumps its output line by line to
+our log (prefixed by the endpoint name, secrets masked) and into a bounded tail, waits for readiness by probing
+SGLang's `/health` under one deadline while watching for the process dying, and stops it with SIGTERM to the
+launcher, a grace period, then SIGKILL to the whole group. (SGLang's launcher drains and stops its own children on
+SIGTERM; signalling the whole group makes it treat its scheduler as crashed: reference/sglang.md B7.)
+
+`EngineSupervisor` starts every engine, and restarts one that dies after it was ready, with backoff, up to a
+budget; past the budget the deployment fails with the classified cause.
+
+Example::
+
+    supervisor = EngineSupervisor([Engine(command) for command in commands])
+    await supervisor.start_all(deadline_s=600)          # EngineStartupError names the likely cause
+    ...
+    await supervisor.stop_all(grace_s=15)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from app.sglang_command import EngineCommand
+
+logger = logging.getLogger(__name__)
+
+LOADING, RESIDENT, RESTARTING, FAILED, STOPPED = "loading", "resident", "restarting", "failed", "stopped"
+
+# How often readiness is probed; SGLang answers 503 quickly while it loads.
+READINESS_PROBE_INTERVAL_SECONDS = 0.5
+# One probe may take this long: SGLang's /health runs a one-token generation (its own limit is 20 s).
+READINESS_PROBE_TIMEOUT_SECONDS = 25.0
+# Lines of engine output kept for error messages.
+LOG_TAIL_LINES = 200
+# Longest line read from an engine (SGLang prints its whole ServerArgs on one line).
+MAX_LOG_LINE_BYTES = 1 << 20
+# Restarts after a crash: waits between attempts, and how many attempts in all before the deployment fails.
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+RESTART_BUDGET = 5
+
+Probe = Callable[[str], Awaitable[bool]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# failure causes (pure)
+
+
+@dataclass(frozen=True)
+class FailureCause:
+    kind: str  # out_of_memory | port_in_use | bad_argument | missing_model | other
+    hint: str
+
+
+_CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("out_of_memory", re.compile(r"Not enough memory|increase --mem-fraction-static", re.I),
+     "the KV cache does not fit next to the weights: raise mem-fraction-static, or lower context-length or "
+     "max-running-requests"),
+    ("out_of_memory", re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|Cannot allocate memory",
+                                 re.I),
+     "the model does not fit on its GPUs: give it more GPUs (gpus), use a quantized model, or set Max CUDA Memory "
+     "above the GPU's memory to offload to CPU RAM"),
+    ("port_in_use", re.compile(r"Address already in use|Errno 98", re.I),
+     "another process holds the engine's port; stop it, or let the app pick another port by restarting"),
+    ("missing_model", re.compile(
+        r"Repository Not Found|RepositoryNotFoundError|GatedRepoError|is not a local folder and is not a valid model "
+        r"identifier|does not appear to have a file named|HFValidationError|LocalEntryNotFoundError|"
+        r"401 Client Error|Cannot access gated repo|Can't load (?:the )?(?:config|tokenizer)|"
+        r"No such file or directory:.*(?:config\.json|tokenizer)", re.I),
+     "the model could not be found or read: check the model name or path, and general.hf_token for a gated model"),
+    ("bad_argument", re.compile(r"error: argument|unrecognized arguments|error: the following arguments|"
+                                r"AssertionError|ValueError: .*(?:arg|flag|must|should)", re.I),
+     "SGLang refused its arguments: check the model's flags (the log tail shows SGLang's own words)"),
+)
+
+
+def classify_failure(exit_code: int | None, tail: Iterable[str]) -> FailureCause:
+    """The likely cause of an engine's failure, from its exit code and last log lines."""
+    lines = list(tail)
+    for line in reversed(lines):
+        for kind, pattern, hint in _CAUSES:
+            if pattern.search(line):
+                return FailureCause(kind, hint)
+    if exit_code == 2:
+        return FailureCause("bad_argument", "SGLang refused its arguments (exit code 2)")
+    if exit_code is not None and exit_code < 0:
+        return FailureCause("other", f"the engine was killed by signal {-exit_code} (out of host memory?)")
+    return FailureCause("other", "see the engine's log lines above")
+
+
+class EngineStartupError(Exception):
+    """An engine that could not start (or crashed beyond its restart budget): cause, exit code, log tail."""
+
+    def __init__(self, endpoint: str, reason: str, cause: FailureCause, exit_code: int | None, tail: list[str]):
+        self.endpoint = endpoint
+        self.reason = reason
+        self.cause = cause
+        self.exit_code = exit_code
+        self.tail = tail
+        super().__init__(f"engine {endpoint!r} {reason} ({cause.kind}): {cause.hint}")
+
+    def render(self, tail_lines: int = 20) -> str:
+        shown = "\n".join(f"    {line}" for line in self.tail[-tail_lines:])
+        code = f", exit code {self.exit_code}" if self.exit_code is not None else ""
+        return f"{self}{code}\n  last log lines:\n{shown}" if shown else f"{self}{code}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one engine
+
+
+async def http_health_probe(url: str) -> bool:
+    """True when SGLang's /health answers 200; 503 and connection errors mean "not yet"."""
+    timeout = aiohttp.ClientTimeout(total=READINESS_PROBE_TIMEOUT_SECONDS)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url + "/health") as response:
+            return response.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
+
+
+class Engine:
+    """One SGLang server: `start`, `wait_ready`, `wait_exit`, `stop`. Constructing it starts nothing."""
+
+    def __init__(
+        self,
+        command: EngineCommand,
+        *,
+        probe: Probe = http_health_probe,
+        secrets: Iterable[str] = (),
+        base_env: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.command = command
+        self.endpoint = command.endpoint
+        self.url = f"http://127.0.0.1:{command.port}"
+        self.state = STOPPED
+        self.exit_code: int | None = None
+        self.ready_at: float | None = None
+        self.restarts = 0
+        self._probe = probe
+        self._secrets = [s for s in (*secrets, command.api_key or "") if s]
+        self._base_env = base_env
+        self._clock = clock
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def tail(self) -> list[str]:
+        return list(self._tail)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self._exited.is_set()
+
+    async def start(self) -> None:
+        env = dict(self._base_env if self._base_env is not None else os.environ)
+        env.update(self.command.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.exit_code = None
+        self.ready_at = None
+        self._exited.clear()
+        self.state = LOADING
+        logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
+        self._process = await asyncio.create_subprocess_exec(
+            *self.command.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
+        self._pump = asyncio.create_task(self._pump_output(self._process), name=f"pump-{self.endpoint}")
+
+    async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        engine_log = logging.getLogger("app.engine." + self.endpoint)
+        while True:
+            try:
+                raw = await process.stdout.readline()
+            except ValueError:  # a line longer than the limit: keep going with what follows
+                continue
+            if not raw:
+                break
+            line = self._mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            self._tail.append(line)
+            engine_log.info("[%s] %s", self.endpoint, line)
+        self.exit_code = await process.wait()
+        self._exited.set()
+
+    def _mask(self, line: str) -> str:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
+
+    async def wait_ready(self, deadline: float) -> None:
+        """Probe until ready, the process dies (EngineStartupError) or the deadline passes (the same)."""
+        while True:
+            if self._exited.is_set():
+                raise self._failure("exited before it was ready")
+            if await self._probe(self.url):
+                self.state = RESIDENT
+                self.ready_at = self._clock()
+                logger.info("Engine %s is ready at %s", self.endpoint, self.url)
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise self._failure("was not ready before the startup deadline")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), min(READINESS_PROBE_INTERVAL_SECONDS, remaining))
+
+    def _failure(self, reason: str) -> EngineStartupError:
+        self.state = FAILED
+        return EngineStartupError(self.endpoint, reason, classify_failure(self.exit_code, self._tail),
+                                  self.exit_code, self.tail)
+
+    async def wait_exit(self) -> int | None:
+        await self._exited.wait()
+        if self._pump is not None:
+            await self._pump
+        return self.exit_code
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to the launcher, then SIGKILL to the whole group after `grace_s`; reaps everything."""
+        process = self._process
+        if process is None:
+            return
+        if not self._exited.is_set():
+            logger.info("Stopping engine %s (pid %s)", self.endpoint, process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._exited.wait(), grace_s)
+            except asyncio.TimeoutError:
+                logger.warning("Engine %s did not stop within %.0f s: killing its process group", self.endpoint,
+                               grace_s)
+        # children that outlived the launcher (or a launcher that ignored SIGTERM) go with the group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await self.wait_exit()
+        self.state = STOPPED
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every engine
+
+
+class EngineSupervisor:
+    """Starts every engine, restarts the ones that crash, stops them all.
+
+    `failed` is set (with `failure`) when an engine crashed and could not be brought back within the budget.
+    """
+
+    def __init__(
+        self,
+        engines: list[Engine],
+        *,
+        startup_deadline_s: float = 1800.0,
+        backoff_s: tuple[float, ...] = RESTART_BACKOFF_SECONDS,
+        restart_budget: int = RESTART_BUDGET,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[Engine], None] | None = None,
+    ):
+        self.engines = engines
+        self.startup_deadline_s = startup_deadline_s
+        self.backoff_s = backoff_s
+        self.restart_budget = restart_budget
+        self.failed = asyncio.Event()
+        self.failure: EngineStartupError | None = None
+        self._clock = clock
+        self._on_change = on_change or (lambda engine: None)
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def by_endpoint(self, endpoint: str) -> Engine:
+        return next(e for e in self.engines if e.endpoint == endpoint)
+
+    async def start_all(self) -> None:
+        """Start every engine at once and wait until all are ready; on a failure stop the others and raise."""
+        deadline = self._clock() + self.startup_deadline_s
+        for engine in self.engines:
+            await engine.start()
+            self._on_change(engine)
+        results = await asyncio.gather(*(e.wait_ready(deadline) for e in self.engines), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for engine in self.engines:
+            self._on_change(engine)
+        if errors:
+            await self.stop_all(grace_s=5.0)
+            raise errors[0]
+        self._watchers = [asyncio.create_task(self._watch(e), name=f"watch-{e.endpoint}") for e in self.engines]
+
+    async def _watch(self, engine: Engine) -> None:
+        while True:
+            code = await engine.wait_exit()
+            if self._stopping:
+                return
+            cause = classify_failure(code, engine.tail)
+            logger.error("Engine %s crashed (exit code %s, %s): %s", engine.endpoint, code, cause.kind, cause.hint)
+            if engine.restarts >= self.restart_budget:
+                engine.state = FAILED
+                self._on_change(engine)
+                self.failure = EngineStartupError(engine.endpoint, f"crashed {engine.restarts + 1} times", cause,
+                                                  code, engine.tail)
+                self.failed.set()
+                return
+            delay = self.backoff_s[min(engine.restarts, len(self.backoff_s) - 1)]
+            engine.restarts += 1
+            engine.state = RESTARTING
+            self._on_change(engine)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await engine.stop(grace_s=0)  # reap what the crash left of its process group
+            try:
+                await engine.start()
+                self._on_change(engine)
+                await engine.wait_ready(self._clock() + self.startup_deadline_s)
+                logger.info("Engine %s is back (restart %d of %d)", engine.endpoint, engine.restarts,
+                            self.restart_budget)
+            except EngineStartupError as exc:
+                logger.error("Engine %s did not come back: %s", engine.endpoint, exc)
+                await engine.stop(grace_s=5.0)  # so the next round counts it as another crash
+            self._on_change(engine)
+
+    async def stop_all(self, grace_s: float) -> None:
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*(e.stop(grace_s) for e in self.engines), return_exceptions=True)
+        for engine in self.engines:
+            self._on_change(engine)

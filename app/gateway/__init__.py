@@ -1,0 +1,7 @@
+"""The endpoint: one authenticated port in front of every engine (DESIGN section 4)."""
+
+from app.gateway.auth import TokenChecker
+from app.gateway.proxy import Gateway, ModelRoute
+from app.gateway.stats import RequestStats
+
+__all__ = ["Gateway", "ModelRoute", "RequestStats", "TokenChecker"]

@@ -1,0 +1,119 @@
+"""Per-request statistics of the gateway: cumulative counts, and windows of latencies for the dashboard.
+
+`record` is called once per proxied request, when it ends (for a stream: after its last chunk). `take_window`
+returns what happened since the previous call and starts a new window: the reporter calls it every report
+interval. Pure bookkeeping: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+from dataclasses import dataclass
+
+# Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
+MAX_WINDOW_SAMPLES = 100_000
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    endpoint: str
+    status: int
+    latency_s: float  # from the request's arrival to the end of its response
+    ttft_s: float | None = None  # streams: arrival to the first chunk
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    requests: int
+    errors: int
+    latency_mean_ms: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    ttft_p50_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class RequestStats:
+    def __init__(self) -> None:
+        self.requests = collections.Counter[str]()
+        self.responses = collections.Counter[tuple[str, int]]()
+        self.prompt_tokens = collections.Counter[str]()
+        self.completion_tokens = collections.Counter[str]()
+        self.latency_sum_s = collections.Counter[str]()
+        self._window: list[RequestRecord] = []
+        self._window_count = 0
+        self._sampler = random.Random(0)
+
+    def record(self, record: RequestRecord) -> None:
+        self.requests[record.endpoint] += 1
+        self.responses[(record.endpoint, record.status)] += 1
+        self.latency_sum_s[record.endpoint] += record.latency_s
+        if record.prompt_tokens:
+            self.prompt_tokens[record.endpoint] += record.prompt_tokens
+        if record.completion_tokens:
+            self.completion_tokens[record.endpoint] += record.completion_tokens
+        self._window_count += 1
+        if len(self._window) < MAX_WINDOW_SAMPLES:
+            self._window.append(record)
+        else:  # keep a uniform sample of the window (reservoir sampling)
+            slot = self._sampler.randrange(self._window_count)
+            if slot < MAX_WINDOW_SAMPLES:
+                self._window[slot] = record
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    def take_window(self) -> WindowSummary:
+        window, count = self._window, self._window_count
+        self._window, self._window_count = [], 0
+        latencies = [r.latency_s * 1000 for r in window]
+        ttfts = [r.ttft_s * 1000 for r in window if r.ttft_s is not None]
+        return WindowSummary(
+            requests=count,
+            errors=sum(1 for r in window if r.status >= 500),
+            latency_mean_ms=sum(latencies) / len(latencies) if latencies else None,
+            latency_p50_ms=percentile(latencies, 50),
+            latency_p95_ms=percentile(latencies, 95),
+            ttft_p50_ms=percentile(ttfts, 50),
+            prompt_tokens=sum(r.prompt_tokens or 0 for r in window),
+            completion_tokens=sum(r.completion_tokens or 0 for r in window),
+        )
+
+    def prometheus(self, in_flight: int, states: dict[str, str]) -> str:
+        """The gateway's own metrics in Prometheus text format."""
+        lines = [
+            "# HELP clearml_sglang_requests_total Requests proxied to an engine, by endpoint and status.",
+            "# TYPE clearml_sglang_requests_total counter",
+        ]
+        lines += [f'clearml_sglang_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                  for (e, s), n in sorted(self.responses.items())]
+        lines += ["# HELP clearml_sglang_request_duration_seconds_sum Time spent serving requests, by endpoint.",
+                  "# TYPE clearml_sglang_request_duration_seconds_sum counter"]
+        lines += [f'clearml_sglang_request_duration_seconds_sum{{endpoint="{e}"}} {v:.6f}'
+                  for e, v in sorted(self.latency_sum_s.items())]
+        for name, counter in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
+            lines += [f"# HELP clearml_sglang_{name}_tokens_total {name.title()} tokens reported in usage.",
+                      f"# TYPE clearml_sglang_{name}_tokens_total counter"]
+            lines += [f'clearml_sglang_{name}_tokens_total{{endpoint="{e}"}} {n}' for e, n in sorted(counter.items())]
+        lines += ["# HELP clearml_sglang_requests_in_flight Requests being served now.",
+                  "# TYPE clearml_sglang_requests_in_flight gauge", f"clearml_sglang_requests_in_flight {in_flight}",
+                  "# HELP clearml_sglang_model_state 1 for each model's current state.",
+                  "# TYPE clearml_sglang_model_state gauge"]
+        lines += [f'clearml_sglang_model_state{{endpoint="{e}",state="{s}"}} 1' for e, s in sorted(states.items())]
+        return "\n".join(lines) + "\n"

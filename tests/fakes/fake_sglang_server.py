@@ -1,0 +1,890 @@
+"""A stand-in for the SGLang 0.5.23 HTTP server, for integration tests that need faults on demand.
+
+The real engine cannot be told to crash after three tokens, hang mid-stream or start slowly; this fake can, and it
+is started exactly like the real one, so a test can run it through the project's own supervisor:
+
+    python tests/fakes/fake_sglang_server.py --model-path tiny --port 30001 --enable-metrics
+    python -m tests.fakes.fake_sglang_server --model-path tiny --served-model-name chat \\
+        --lora-paths lora_a=/adapters/a --api-key sk-test            # (from the repository root)
+
+The command line is checked against SGLang's real argument table (`app.sglang_flags.FlagTable`): any SGLang flag is
+accepted (most are ignored), an unknown flag or a bad value prints an argparse-style error to stderr and exits 2, and
+`--model-path` is required, as in SGLang. Used: `--model-path`/`--model`, `--served-model-name` (default: the model
+path), `--host` (127.0.0.1), `--port` (30000), `--api-key`, `--admin-api-key`, `--lora-paths` (`NAME=PATH`, `PATH`
+or SGLang's JSON form), `--context-length` (2048) and `--enable-metrics` (without it `/metrics` is 404, as in SGLang;
+the project's command builder always adds it).
+
+What it serves (reference/sglang.md A2, A3, A5):
+    GET  /health, /health_generate, /ready   503 until ready, then 200. Always open (no key needed), like /metrics.
+    GET  /v1/models                          the served model plus one card per LoRA adapter.
+    POST /v1/chat/completions, /v1/completions
+         OpenAI-shaped; `model` may be the served name, `<served>:<adapter>` (or any `x:<adapter>`; the body field
+         `lora_path` works too); an unknown adapter is a 400 with SGLang's message; an unknown plain model name is
+         served by the base model, as SGLang does. `max_tokens` (or `max_completion_tokens`) tokens, default 16.
+         Streaming: one SSE chunk per token (the first also carries the role), a finish chunk
+         (`finish_reason: "length"`), a usage chunk when `stream_options.include_usage`, then `data: [DONE]`.
+    POST /generate                           native: `text`, `sampling_params.max_new_tokens` (default 128, SGLang's),
+         `lora_path`, `stream`; streamed chunks carry the cumulative text, as SGLang's do.
+    GET  /metrics                            Prometheus text: sglang:prompt_tokens_total, generation_tokens_total,
+         num_requests_total (labels engine_type, is_streaming, model_name), num_running_reqs,
+         time_to_first_token_seconds and e2e_request_latency_seconds histograms.
+    GET  /model_info, /server_info (and the deprecated /get_* aliases), GET|POST /flush_cache, GET /ping.
+Output is deterministic: token i is the word WORDS[(offset + i) % len(WORDS)] (with a leading space after the first),
+where offset is 0 for the base model and crc32(adapter name) % len(WORDS) for an adapter, so adapter output differs.
+Prompt tokens are counted as whitespace-separated words (token ids count one each). Auth mirrors SGLang: with
+`--api-key` every other route needs `Authorization: Bearer <key>`, else 401 `{"error":"Unauthorized"}`.
+
+Faults and pacing, read from the environment at startup:
+    FAKE_SGLANG_STARTUP_SECONDS=0.2   seconds from start to ready (then it logs the readiness line
+                                      `The server is fired up and ready to roll!`).
+    FAKE_SGLANG_TOKEN_DELAY_SECONDS=0 seconds between tokens (streamed or not).
+    FAKE_SGLANG_CRASH_AT_STARTUP=msg  after the startup delay, log `msg` as the last line and exit 1, never ready.
+    FAKE_SGLANG_CRASH_AFTER_TOKENS=N  once a response has produced N tokens, the process dies at once
+                                      (`os._exit(1)`), cutting the stream (no finish chunk, no [DONE]). Applies to
+                                      non-streamed requests that ask for at least N tokens too.
+    FAKE_SGLANG_HANG_AFTER_TOKENS=N   once a response has produced N tokens it produces nothing more, forever;
+                                      the server stays up and /health keeps answering 200.
+    FAKE_SGLANG_STATUS=CODE           every inference route answers CODE with an OpenAI-style error body
+                                      `{"object":"error","message":...,"type":...,"param":null,"code":CODE}`.
+    FAKE_SGLANG_REQUEST_LOG=path      append one JSON line per inference request received (before the auth check):
+                                      `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`,
+                                      and `{"event":"disconnect","path":...,"model":...,"stream":...,"tokens_sent":N}`
+                                      when a client goes away before its response is complete.
+A bad value in one of these is reported on stderr, exit 2.
+
+Logs go to stdout, one flushed line each. SIGTERM (or SIGINT) logs a line and exits 0 within about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable for `app`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from aiohttp import web  # noqa: E402
+
+from app.sglang_flags import FlagTable, FlagValueError  # noqa: E402
+
+logger = logging.getLogger("fake_sglang")
+
+SGLANG_VERSION = "0.5.23"
+READY_LINE = "The server is fired up and ready to roll!"
+PROG = "sglang serve"
+USAGE = f"usage: {PROG} [-h] --model-path MODEL_PATH [--host HOST] [--port PORT] [...]"
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "away")
+DEFAULT_MAX_TOKENS = 16  # OpenAI routes
+DEFAULT_MAX_NEW_TOKENS = 128  # native /generate: SGLang's SamplingParams default
+DEFAULT_CONTEXT_LENGTH = 2048
+ENGINE_TYPE = "unified"
+TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0)
+E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0,
+               600.0, 1200.0, 1800.0, 2400.0)
+OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+ADMIN_PATHS = frozenset({"/flush_cache"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+
+class UsageError(Exception):
+    """A command line or environment SGLang (or this fake) would refuse; exit 2."""
+
+
+class ApiError(Exception):
+    """An error answered as SGLang's OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----- configuration: the command line and the fault environment -----
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The SGLang arguments the fake acts on."""
+
+    model_path: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    adapters: Mapping[str, str] = field(default_factory=dict)  # name -> path, in command-line order
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    enable_metrics: bool = False
+    argv: tuple[str, ...] = ()
+
+
+def parse_lora_item(item: str) -> tuple[str, str]:
+    """One `--lora-paths` item as SGLang's LoRAPathAction reads it: `PATH`, `NAME=PATH` or a JSON object."""
+    text = item.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"argument --lora-paths: invalid JSON {item!r} ({exc.msg})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("lora_name"), str) or not isinstance(
+            data.get("lora_path"), str
+        ):
+            raise UsageError(f"argument --lora-paths: {item!r} needs string fields lora_name and lora_path")
+        return data["lora_name"], data["lora_path"]
+    if "=" in text:
+        name, _, path = text.partition("=")
+        return name, path
+    return text, text
+
+
+def parse_cli(argv: Sequence[str]) -> ServerConfig:
+    """Parse SGLang's command line with the project's argument table; raise UsageError like argparse would."""
+    parsed, problems = FlagTable.load().parse_argv(list(argv))
+    values: dict[str, Any] = {}
+    for spec, option, raw in parsed:
+        try:
+            if spec.kind == "switch":
+                value: Any = True
+            elif spec.kind == "negatable":
+                value = not option.startswith("--no-")
+            elif spec.kind == "list":
+                value = spec.coerce(raw)
+            elif spec.kind == "optional" and not raw:
+                value = spec.default
+            else:
+                value = spec.coerce(raw[0])
+        except FlagValueError as exc:
+            problems.append(f"argument {option}: invalid value {' '.join(raw)!r}: {exc}")
+            continue
+        values[spec.dest] = value
+    if problems:
+        raise UsageError("; ".join(problems))
+    if not values.get("model_path"):
+        raise UsageError("the following arguments are required: --model-path/--model")
+    adapters: dict[str, str] = {}
+    for item in values.get("lora_paths") or []:
+        name, path = parse_lora_item(str(item))
+        adapters[name] = path
+    model_path = values["model_path"]
+    return ServerConfig(
+        model_path=model_path,
+        served_model_name=values.get("served_model_name") or model_path,
+        host=values.get("host") or "127.0.0.1",
+        port=values.get("port") if values.get("port") is not None else 30000,
+        api_key=values.get("api_key"),
+        admin_api_key=values.get("admin_api_key"),
+        adapters=adapters,
+        context_length=values.get("context_length") or DEFAULT_CONTEXT_LENGTH,
+        enable_metrics=bool(values.get("enable_metrics")),
+        argv=tuple(argv),
+    )
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Pacing and fault injection, from FAKE_SGLANG_* environment variables."""
+
+    startup_seconds: float = 0.2
+    token_delay_seconds: float = 0.0
+    crash_at_startup: str | None = None
+    crash_after_tokens: int | None = None
+    hang_after_tokens: int | None = None
+    status: int | None = None
+    request_log: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Faults:
+        def number(name: str, default: float) -> float:
+            text = env.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                result = float(text)
+            except ValueError:
+                raise UsageError(f"{name}={text!r}: not a number") from None
+            if not result >= 0 or result == float("inf"):
+                raise UsageError(f"{name}={text!r}: must be a finite number >= 0")
+            return result
+
+        def count(name: str) -> int | None:
+            text = env.get(name, "").strip()
+            if not text:
+                return None
+            if not text.isdigit():
+                raise UsageError(f"{name}={text!r}: must be a whole number >= 0")
+            return int(text)
+
+        status = count("FAKE_SGLANG_STATUS")
+        if status is not None and not 100 <= status <= 599:
+            raise UsageError(f"FAKE_SGLANG_STATUS={status}: not an HTTP status")
+        log_path = env.get("FAKE_SGLANG_REQUEST_LOG", "").strip()
+        return cls(
+            startup_seconds=number("FAKE_SGLANG_STARTUP_SECONDS", 0.2),
+            token_delay_seconds=number("FAKE_SGLANG_TOKEN_DELAY_SECONDS", 0.0),
+            crash_at_startup=env.get("FAKE_SGLANG_CRASH_AT_STARTUP") or None,
+            crash_after_tokens=count("FAKE_SGLANG_CRASH_AFTER_TOKENS"),
+            hang_after_tokens=count("FAKE_SGLANG_HANG_AFTER_TOKENS"),
+            status=status,
+            request_log=Path(log_path) if log_path else None,
+        )
+
+    def describe(self) -> str:
+        active = {k: v for k, v in vars(self).items() if v not in (None, 0.0) or k == "startup_seconds"}
+        if "crash_at_startup" in active:  # the message itself is kept for the last line, where it belongs
+            active["crash_at_startup"] = "set"
+        return ", ".join(f"{k}={v}" for k, v in active.items())
+
+
+# ----- Prometheus metrics, written by hand in the text exposition format -----
+
+
+def _format_value(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in pairs) + "}"
+
+
+class Histogram:
+    """One Prometheus histogram family, keyed by label values."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = tuple(buckets) + (float("inf"),)
+        self.series: dict[tuple[tuple[str, str], ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: tuple[tuple[str, str], ...], value: float) -> None:
+        counts, total = self.series.setdefault(labels, ([0] * len(self.buckets), [0.0]))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+                break
+        total[0] += value
+
+    def render(self, name: str) -> list[str]:
+        lines: list[str] = []
+        for labels, (counts, total) in self.series.items():
+            cumulative = 0
+            for bound, n in zip(self.buckets, counts, strict=True):
+                cumulative += n
+                lines.append(f"{name}_bucket{_labels((*labels, ('le', _format_value(bound))))} {float(cumulative)}")
+            lines.append(f"{name}_sum{_labels(labels)} {_format_value(total[0])}")
+            lines.append(f"{name}_count{_labels(labels)} {float(cumulative)}")
+        return lines
+
+
+class Metrics:
+    """The few SGLang metric families the project reads, with SGLang's names, labels and help text."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.prompt_tokens: dict[bool, float] = {False: 0.0, True: 0.0}
+        self.generation_tokens: dict[bool, float] = {False: 0.0, True: 0.0}
+        self.requests: dict[bool, float] = {False: 0.0, True: 0.0}
+        self.running = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+
+    def request_labels(self, streaming: bool) -> tuple[tuple[str, str], ...]:
+        return (
+            ("engine_type", ENGINE_TYPE),
+            ("is_streaming", "true" if streaming else "false"),
+            ("model_name", self.model_name),
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def counter(name: str, help_text: str, values: dict[bool, float]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
+            for streaming in (False, True):
+                lines.append(f"{name}{_labels(self.request_labels(streaming))} {_format_value(values[streaming])}")
+
+        counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens)
+        counter("sglang:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens)
+        counter("sglang:num_requests_total", "Number of requests processed.", self.requests)
+        name = "sglang:num_running_reqs"
+        scheduler_labels = (("engine_type", ENGINE_TYPE), ("model_name", self.model_name), ("moe_ep_rank", "0"),
+                            ("pp_rank", "0"), ("tp_rank", "0"))
+        lines.extend([f"# HELP {name} The number of running requests.", f"# TYPE {name} gauge",
+                      f"{name}{_labels(scheduler_labels)} {_format_value(self.running)}"])
+        for family, help_text, histogram in (
+            ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft),
+            ("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", self.e2e),
+        ):
+            lines.extend([f"# HELP {family} {help_text}", f"# TYPE {family} histogram", *histogram.render(family)])
+        return "\n".join(lines) + "\n"
+
+
+# ----- requests -----
+
+
+@dataclass
+class Job:
+    """One inference request, validated."""
+
+    path: str
+    model: str
+    adapter: str | None
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def offset(self) -> int:
+        return zlib.crc32(self.adapter.encode()) % len(WORDS) if self.adapter else 0
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+
+def token_text(offset: int, index: int) -> str:
+    word = WORDS[(offset + index) % len(WORDS)]
+    return word if index == 0 else " " + word
+
+
+def count_words(value: Any) -> int:
+    """Prompt tokens: words of text, one per token id, summed over lists and message parts."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(count_words(item) for item in value)
+    if isinstance(value, dict):  # a content part {"type": "text", "text": ...}
+        return count_words(value.get("text"))
+    return 0
+
+
+def _error_type(status: int) -> str:
+    try:
+        phrase = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+    return phrase if phrase.endswith("Error") else phrase + "Error"
+
+
+def error_response(status: int, message: str) -> web.Response:
+    body = {"object": "error", "message": message, "type": _error_type(status), "param": None, "code": status}
+    return web.json_response(body, status=status)
+
+
+def _sse(payload: Mapping[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+class Format:
+    """How one route shapes its responses; subclasses per route."""
+
+    def full(self, job: Job, text: str, n: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk(self, job: Job, token: str, index: int, text_so_far: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tail(self, job: Job, n: int, text: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ChatFormat(Format):
+    def full(self, job: Job, text: str, n: int) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
+            "model": job.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": "length"}],
+            "usage": job.usage(n),
+        }
+
+    def _chunk(self, job: Job, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{job.request_id}", "object": "chat.completion.chunk", "created": job.created,
+            "model": job.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    def chunk(self, job: Job, token: str, index: int, text_so_far: str) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
+        return self._chunk(job, delta, None)
+
+    def tail(self, job: Job, n: int, text: str) -> list[dict[str, Any]]:
+        events = [self._chunk(job, {"role": "assistant", "content": ""} if n == 0 else {}, "length")]
+        if job.include_usage:
+            events.append({"id": f"chatcmpl-{job.request_id}", "object": "chat.completion.chunk",
+                           "created": job.created, "model": job.model, "choices": [], "usage": job.usage(n)})
+        return events
+
+
+class CompletionFormat(Format):
+    def _base(self, job: Job, text: str, finish: str | None) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
+
+    def full(self, job: Job, text: str, n: int) -> dict[str, Any]:
+        return {**self._base(job, text, "length"), "usage": job.usage(n)}
+
+    def chunk(self, job: Job, token: str, index: int, text_so_far: str) -> dict[str, Any]:
+        return self._base(job, token, None)
+
+    def tail(self, job: Job, n: int, text: str) -> list[dict[str, Any]]:
+        events = [self._base(job, "", "length")]
+        if job.include_usage:
+            events.append({"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created,
+                           "model": job.model, "choices": [], "usage": job.usage(n)})
+        return events
+
+
+class GenerateFormat(Format):
+    def _meta(self, job: Job, n: int, finished: bool) -> dict[str, Any]:
+        return {
+            "id": job.request_id,
+            "finish_reason": {"type": "length", "length": n} if finished else None,
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": n,
+            "cached_tokens": 0,
+        }
+
+    def full(self, job: Job, text: str, n: int) -> dict[str, Any]:
+        return {"text": text, "meta_info": self._meta(job, n, True)}
+
+    def chunk(self, job: Job, token: str, index: int, text_so_far: str) -> dict[str, Any]:
+        return {"text": text_so_far, "meta_info": self._meta(job, index + 1, False)}
+
+    def tail(self, job: Job, n: int, text: str) -> list[dict[str, Any]]:
+        return [{"text": text, "meta_info": self._meta(job, n, True)}]
+
+
+# ----- the server -----
+
+
+class FakeSGLangServer:
+    """The routes and state of one fake server."""
+
+    def __init__(self, config: ServerConfig, faults: Faults):
+        self.config = config
+        self.faults = faults
+        self.ready = False
+        self.shutting_down = False
+        self.started_at = time.time()
+        self.metrics = Metrics(config.served_model_name)
+
+    # --- app and middleware ---
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/health_generate", self.health)
+        app.router.add_get("/ready", self.health)
+        app.router.add_get("/ping", self.health)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/model_info", self.model_info)
+        app.router.add_get("/get_model_info", self.model_info)
+        app.router.add_get("/server_info", self.server_info)
+        app.router.add_get("/get_server_info", self.server_info)
+        app.router.add_route("GET", "/flush_cache", self.flush_cache)
+        app.router.add_route("POST", "/flush_cache", self.flush_cache)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/generate", self.generate)
+        app.router.add_put("/generate", self.generate)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        authorized = self._authorized(request)
+        if request.path in INFERENCE_PATHS and request.method in ("POST", "PUT"):
+            await self._log_request(request, authorized)
+        if not authorized:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        except web.HTTPMethodNotAllowed:
+            return web.json_response({"detail": "Method Not Allowed"}, status=405)
+
+    def _authorized(self, request: web.Request) -> bool:
+        if request.method == "OPTIONS" or request.path.startswith(OPEN_PREFIXES):
+            return True
+        key = self.config.api_key
+        if request.path in ADMIN_PATHS and self.config.admin_api_key:
+            key = self.config.admin_api_key
+        if not key:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+    def _append_log(self, record: Mapping[str, Any]) -> None:
+        if self.faults.request_log is None:
+            return
+        with self.faults.request_log.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    async def _log_request(self, request: web.Request, authorized: bool) -> None:
+        body = await _json_body(request)
+        model = body.get("model") if isinstance(body, dict) else None
+        stream = bool(body.get("stream")) if isinstance(body, dict) else False
+        self._append_log({"event": "request", "path": request.path, "model": model, "stream": stream,
+                          "authorized": authorized})
+
+    def _client_gone(self, job: Job, tokens_sent: int) -> None:
+        if self.shutting_down:
+            return
+        logger.info("Client disconnected from %s after %d tokens (rid=%s); aborting the request",
+                    job.path, tokens_sent, job.request_id)
+        self._append_log({"event": "disconnect", "path": job.path, "model": job.model, "stream": job.stream,
+                          "tokens_sent": tokens_sent})
+
+    # --- open routes ---
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.ready or self.shutting_down:
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        if not self.config.enable_metrics:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    # --- info routes ---
+
+    async def models(self, request: web.Request) -> web.Response:
+        served = self.config.served_model_name
+        data: list[dict[str, Any]] = [{
+            "id": served, "object": "model", "created": int(self.started_at), "owned_by": "sglang",
+            "root": self.config.model_path, "parent": None, "max_model_len": self.config.context_length,
+        }]
+        for name, path in self.config.adapters.items():
+            data.append({"id": name, "object": "model", "created": int(self.started_at), "owned_by": "sglang",
+                         "root": path, "parent": served, "max_model_len": None})
+        return web.json_response({"object": "list", "data": data})
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "model_path": self.config.model_path, "tokenizer_path": self.config.model_path,
+            "served_model_name": self.config.served_model_name, "is_generation": True,
+            "preferred_sampling_params": None, "weight_version": "default", "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+        })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        config = self.config
+        return web.json_response({
+            "model_path": config.model_path, "tokenizer_path": config.model_path,
+            "served_model_name": config.served_model_name, "host": config.host, "port": config.port,
+            "api_key": config.api_key,  # SGLang returns it in plain text to an authorised caller (A2)
+            "enable_lora": bool(config.adapters) or None,
+            "lora_paths": [{"lora_name": n, "lora_path": p, "pinned": False} for n, p in config.adapters.items()],
+            "context_length": config.context_length, "enable_metrics": config.enable_metrics,
+            "version": SGLANG_VERSION, "internal_states": [{}], "startup_time": self.started_at,
+            "launch_command": " ".join(["sglang", "serve", *config.argv]),
+        })
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        return web.Response(text="Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                 "running or waiting requests, the operation will not be performed.)\n")
+
+    # --- inference routes ---
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, self._chat_job, ChatFormat())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, self._completion_job, CompletionFormat())
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, self._generate_job, GenerateFormat())
+
+    async def _inference(
+        self, request: web.Request, make_job: Callable[[str, dict[str, Any]], Job], fmt: Format
+    ) -> web.StreamResponse:
+        if self.faults.status is not None:
+            return error_response(self.faults.status, f"Fault injected by FAKE_SGLANG_STATUS={self.faults.status}")
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return error_response(400, "The request body must be a JSON object.")
+        try:
+            job = make_job(request.path, body)
+        except ApiError as exc:
+            return error_response(exc.status, exc.message)
+        return await self._respond(request, job, fmt)
+
+    def _resolve_adapter(self, model: Any, lora_path: Any) -> str | None:
+        """SGLang's rule: an exact served name is the base; otherwise `base:adapter`; else the `lora_path` field."""
+        adapter: str | None = None
+        if isinstance(model, str) and model != self.config.served_model_name and ":" in model:
+            adapter = model.split(":", 1)[1]
+        elif isinstance(lora_path, list) and lora_path:
+            adapter = lora_path[0] if isinstance(lora_path[0], str) else None
+        elif isinstance(lora_path, str) and lora_path:
+            adapter = lora_path
+        if adapter is not None and adapter not in self.config.adapters:
+            raise ApiError(400, f"Got LoRA adapter that has never been loaded: {adapter}\n"
+                                f"All loaded adapters: dict_keys({list(self.config.adapters)!r}).")
+        return adapter
+
+    def _limit(self, value: Any, name: str, default: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ApiError(400, f"{name} must be a non-negative integer, got {value!r}")
+        return value
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        limit = self.config.context_length
+        if prompt_tokens + max_tokens > limit:
+            raise ApiError(400, f"Requested token count exceeds the model's maximum context length of {limit} "
+                                f"tokens. You requested a total of {prompt_tokens + max_tokens} tokens: "
+                                f"{prompt_tokens} tokens from the input messages and {max_tokens} tokens for the "
+                                "completion. Please reduce the number of tokens in the input messages or the "
+                                "completion to fit within the limit.")
+
+    def _openai_job(self, path: str, body: dict[str, Any], prompt_tokens: int) -> Job:
+        model = body.get("model")
+        adapter = self._resolve_adapter(model, body.get("lora_path"))
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = self._limit(limit, "max_tokens", DEFAULT_MAX_TOKENS)
+        self._check_context(prompt_tokens, max_tokens)
+        options = body.get("stream_options")
+        return Job(
+            path=path, model=model if isinstance(model, str) else self.config.served_model_name, adapter=adapter,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=bool(body.get("stream")),
+            include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+        )
+
+    def _chat_job(self, path: str, body: dict[str, Any]) -> Job:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list")
+        prompt = sum(count_words(m.get("content")) for m in messages if isinstance(m, dict))
+        return self._openai_job(path, body, prompt)
+
+    def _completion_job(self, path: str, body: dict[str, Any]) -> Job:
+        if "prompt" not in body:
+            raise ApiError(400, "prompt is required")
+        return self._openai_job(path, body, count_words(body["prompt"]))
+
+    def _generate_job(self, path: str, body: dict[str, Any]) -> Job:
+        if body.get("text") is None and body.get("input_ids") is None:
+            raise ApiError(400, "Either text or input_ids should be provided.")
+        prompt = count_words(body.get("text") if body.get("text") is not None else body.get("input_ids"))
+        params = body.get("sampling_params") or {}
+        if not isinstance(params, dict):
+            raise ApiError(400, "sampling_params must be an object")
+        max_tokens = self._limit(params.get("max_new_tokens"), "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        self._check_context(prompt, max_tokens)
+        adapter = self._resolve_adapter(None, body.get("lora_path"))
+        return Job(path=path, model=self.config.served_model_name, adapter=adapter, prompt_tokens=prompt,
+                   max_tokens=max_tokens, stream=bool(body.get("stream")))
+
+    async def _tokens(self, job: Job) -> AsyncIterator[str]:
+        """Produce the job's tokens, with pacing and faults; counts only tokens the consumer took."""
+        start = time.monotonic()
+        labels = self.metrics.request_labels(job.stream)
+        self.metrics.requests[job.stream] += 1
+        self.metrics.prompt_tokens[job.stream] += job.prompt_tokens
+        self.metrics.running += 1
+        try:
+            for index in range(job.max_tokens + 1):
+                self._fault_point(index)
+                if index == self.faults.hang_after_tokens:
+                    logger.warning("Fault injection: hanging after %d tokens (FAKE_SGLANG_HANG_AFTER_TOKENS)", index)
+                    await asyncio.Event().wait()  # forever, until the client goes away
+                if index == job.max_tokens:
+                    break
+                if index and self.faults.token_delay_seconds:
+                    await asyncio.sleep(self.faults.token_delay_seconds)
+                if index == 0:
+                    self.metrics.ttft.observe(labels, time.monotonic() - start)
+                yield token_text(job.offset, index)
+                self.metrics.generation_tokens[job.stream] += 1
+            self.metrics.e2e.observe(labels, time.monotonic() - start)
+        finally:
+            self.metrics.running -= 1
+
+    def _fault_point(self, tokens_done: int) -> None:
+        if tokens_done == self.faults.crash_after_tokens:
+            logger.error("Fault injection: engine crashed after %d tokens (FAKE_SGLANG_CRASH_AFTER_TOKENS)",
+                         tokens_done)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(1)
+
+    async def _respond(self, request: web.Request, job: Job, fmt: Format) -> web.StreamResponse:
+        parts: list[str] = []
+        if not job.stream:
+            try:
+                async with contextlib.aclosing(self._tokens(job)) as tokens:
+                    async for token in tokens:
+                        parts.append(token)
+            except asyncio.CancelledError:
+                self._client_gone(job, 0)
+                raise
+            return web.json_response(fmt.full(job, "".join(parts), len(parts)))
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response.enable_chunked_encoding()
+        sent = 0  # token events written to the client
+        try:
+            await response.prepare(request)
+            async with contextlib.aclosing(self._tokens(job)) as tokens:
+                async for token in tokens:
+                    parts.append(token)
+                    await response.write(_sse(fmt.chunk(job, token, sent, "".join(parts))))
+                    sent += 1
+            for event in fmt.tail(job, sent, "".join(parts)):
+                await response.write(_sse(event))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the write failed: the client is gone
+            self._client_gone(job, sent)
+        except asyncio.CancelledError:  # the client went away while we waited (token delay, hang)
+            self._client_gone(job, sent)
+            raise
+        return response
+
+    # --- lifecycle ---
+
+    async def start_up(self, stop: asyncio.Event) -> int | None:
+        """Wait the startup delay, then become ready, or crash (return 1) when told to."""
+        logger.info("Load weight begin. (fake server: no weights, startup delay %.3fs)", self.faults.startup_seconds)
+        await asyncio.sleep(self.faults.startup_seconds)
+        if self.faults.crash_at_startup is not None:
+            logger.error("%s", self.faults.crash_at_startup)
+            stop.set()
+            return 1
+        self.ready = True
+        logger.info("%s", READY_LINE)
+        return None
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The body as JSON, or None when it is not JSON (aiohttp caches the bytes, so handlers can read it again)."""
+    try:
+        raw = await request.read()
+        return json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+async def serve(config: ServerConfig, faults: Faults) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a startup crash (exit 1)."""
+    server = FakeSGLangServer(config, faults)
+    runner = web.AppRunner(
+        server.build_app(),
+        handler_cancellation=True,  # a client that goes away cancels its handler (how disconnects are seen)
+        access_log=logging.getLogger("fake_sglang.access"),
+        access_log_format='%a - "%r" %s',
+        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        logger.error("ERROR: [Errno %s] error while attempting to bind on address (%r, %d): %s",
+                     exc.errno, config.host, config.port, exc.strerror)
+        await runner.cleanup()
+        return 1
+
+    stop = asyncio.Event()
+    exit_code = 0
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            logger.info("%s received. signum=%d. Draining requests and shutting down...",
+                        signal.Signals(signum).name, signum)
+            server.shutting_down = True
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", config.host, config.port)
+    startup = asyncio.create_task(server.start_up(stop))
+    await stop.wait()
+    if startup.done():
+        exit_code = startup.result() or 0
+    else:
+        startup.cancel()
+    server.shutting_down = True
+    try:
+        await asyncio.wait_for(runner.cleanup(), timeout=SHUTDOWN_GRACE_SECONDS * 3)
+    except asyncio.TimeoutError:
+        logger.warning("Shutdown took too long; exiting anyway")
+    return exit_code
+
+
+def _configure_logging() -> None:
+    with contextlib.suppress(AttributeError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    handler = logging.StreamHandler(sys.stdout)  # flushes after every record
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("fake_sglang.access").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse SGLang's command line and the FAKE_SGLANG_* environment, then serve."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        sys.stdout.write(USAGE + "\n\nA fake SGLang server for tests; see tests/fakes/fake_sglang_server.py.\n")
+        return 0
+    try:
+        config = parse_cli(args)
+        faults = Faults.from_env(os.environ)
+    except UsageError as exc:
+        sys.stderr.write(f"{USAGE}\n{PROG}: error: {exc}\n")
+        return 2
+    _configure_logging()
+    adapters = ", ".join(f"{n}={p}" for n, p in config.adapters.items()) or "none"
+    logger.info("Fake SGLang %s server: model_path=%r served_model_name=%r host=%s port=%d lora adapters: %s; "
+                "api key: %s; metrics: %s", SGLANG_VERSION, config.model_path, config.served_model_name,
+                config.host, config.port, adapters, "set" if config.api_key else "none",
+                "on" if config.enable_metrics else "off")
+    logger.info("Fake SGLang faults: %s", faults.describe())
+    return asyncio.run(serve(config, faults))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The gateway's pure parts: token checks, request statistics, usage found in streams."""
+
+from __future__ import annotations
+
+from app.gateway.auth import TokenChecker, generate_token
+from app.gateway.proxy import _UsageScanner
+from app.gateway.stats import RequestRecord, RequestStats, percentile
+
+
+def test_token_checker():
+    checker = TokenChecker(["a" * 20, "b" * 20])
+    assert checker.check("Bearer " + "a" * 20) and checker.check("Bearer " + "b" * 20)
+    for bad in (None, "", "Bearer", "Bearer " + "c" * 20, "Basic " + "a" * 20, "a" * 20, "Bearer " + "a" * 19):
+        assert not checker.check(bad)
+
+
+def test_generated_tokens_are_long_and_distinct():
+    tokens = {generate_token() for _ in range(100)}
+    assert len(tokens) == 100 and min(map(len, tokens)) >= 40
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([5.0, 1.0, 3.0], 50) == 3.0
+    assert percentile(list(range(1, 101)), 95) == 95
+
+
+def test_stats_windows_and_totals():
+    stats = RequestStats()
+    for i in range(10):
+        stats.record(RequestRecord("a", 200, latency_s=(i + 1) / 100, ttft_s=0.01 if i % 2 else None,
+                                   prompt_tokens=3, completion_tokens=5, stream=bool(i % 2)))
+    stats.record(RequestRecord("b", 502, latency_s=0.5))
+    window = stats.take_window()
+    assert (window.requests, window.errors, window.prompt_tokens, window.completion_tokens) == (11, 1, 30, 50)
+    assert window.latency_p50_ms == 60.0 and window.ttft_p50_ms == 10.0
+    assert stats.take_window().requests == 0
+    assert stats.total_requests == 11 and stats.requests["a"] == 10
+    text = stats.prometheus(in_flight=2, states={"a": "resident"})
+    assert 'clearml_sglang_requests_total{endpoint="b",status="502"} 1' in text
+    assert "clearml_sglang_requests_in_flight 2" in text
+
+
+def test_usage_is_found_in_a_stream_however_it_is_chunked():
+    events = [b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+              b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n',
+              b"data: [DONE]\n\n"]
+    whole = b"".join(events)
+    for cut in (len(events[0]) + 40, len(events[0]) + 5, len(whole) - 3):
+        scanner = _UsageScanner()
+        scanner.feed(whole[:cut])
+        scanner.feed(whole[cut:])
+        assert scanner.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, cut

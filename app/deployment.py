@@ -72,8 +72,17 @@ class ConsoleReporter:
         logger.info("Try it:\n%s", curl)
 
     def access_token(self, token: str) -> None:
-        logger.info("No access token was configured: one was generated for this run. Set %s (comma-separated) "
-                    "to choose your own.", constants.API_TOKENS_ENV)
+        """Never printed: written to a file only this user can read, whose path is printed."""
+        from app.demo import cache_dir
+
+        path = cache_dir() / "access-token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(token + "\n")
+        os.chmod(path, 0o600)
+        logger.info("No access token was configured: one was generated and saved to %s (readable by you only). "
+                    "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str]) -> None:

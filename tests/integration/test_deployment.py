@@ -242,9 +242,11 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event_then_restarts():
             assert time.monotonic() - started < 1.0
             events = [line for line in text.splitlines() if line.startswith("data: ")]
             assert json.loads(events[-1][6:])["error"]["code"] == 502
-            await _until(lambda: _ready(run), "the engine to be restarted")
             engine = run.deployment.supervisor.engines[0]
-            assert engine.restarts == 1
+
+            async def restarted_and_ready() -> bool:
+                return engine.restarts == 1 and await _ready(run)
+            await _until(restarted_and_ready, "the engine to be restarted")
             response = await run.chat(max_tokens=2)  # fewer tokens than the crash point
             assert response.status == 200
     run_async(scenario())

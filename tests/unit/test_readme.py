@@ -17,11 +17,12 @@ def test_configuration_reference_is_generated_from_the_schema():
 
 
 def test_ci_runs_the_readme_commands():
-    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
-    assert len(first_block) == 2
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    for command in first_block:
-        assert command in ci
+    setup_and_main_job, tests = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text()
+    *setup, main_job = setup_and_main_job.split(" && ")
+    assert " && ".join(setup) + "\n" in ci
+    assert main_job + " &\n" in ci  # in the background: it serves until stopped
+    assert tests + "\n" in ci
 
 
 def test_readme_example_error_is_what_the_cli_prints():

@@ -1,0 +1,172 @@
+"""The real SGLang server on this CPU (development mode), behind the real gateway: what a user of `run` gets.
+
+One deployment for the module: the tiny Llama model with two LoRA adapters, made offline by `app.tiny_model`.
+Skipped where sglang is not installed; CI runs it on the engine install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang")
+
+import psutil  # noqa: E402
+import requests  # noqa: E402
+
+from app.config import load_config  # noqa: E402
+from app.deployment import Deployment, RunOptions  # noqa: E402
+from app.models import ModelNotFound  # noqa: E402
+from app.tiny_model import make_tiny_models  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+TOKEN = "engine-tier-token-" + "z" * 16
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STARTUP_DEADLINE_S = 300
+
+
+class NoRegistry:
+    def get_local_copy(self, model_id: str) -> str:
+        raise ModelNotFound("not used")
+
+
+class Served:
+    """A deployment running on its own event loop in a thread, for synchronous HTTP clients."""
+
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self.loop = asyncio.new_event_loop()
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.readyz_codes: list[int] = []
+
+    def _run(self) -> None:
+        self.exit_code = self.loop.run_until_complete(self.deployment.run())
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.deployment.gateway.port}"
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while time.monotonic() < deadline and self.thread.is_alive():
+            gateway = self.deployment.gateway
+            if gateway is not None and gateway.port:
+                code = requests.get(self.base + "/readyz", timeout=5).status_code
+                if not self.readyz_codes or self.readyz_codes[-1] != code:
+                    self.readyz_codes.append(code)
+                if code == 200:
+                    return
+            time.sleep(0.25)
+        raise AssertionError(f"not ready in {STARTUP_DEADLINE_S} s (exit code {self.exit_code})")
+
+    def stop(self, signum: int = 15) -> int | None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.deployment.request_stop, signum)
+            self.thread.join(120)
+        return self.exit_code
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    models = make_tiny_models(Path(tmp_path_factory.mktemp("tiny")))
+    config = load_config(overrides=[
+        f"models.0.model={models.base}", "models.0.endpoint_name=tiny", "models.0.max-total-tokens=65536",
+        "models.0.lora.enable=true", f"models.0.lora.modules=a={models.adapters[0]},b={models.adapters[1]}",
+        "models.0.lora.max_loras=2", "models.0.lora.max_lora_rank=8",
+        "general.device=cpu", f"auth.tokens={TOKEN}", "idle.report_interval_seconds=2",
+    ])
+    options = RunOptions(host="127.0.0.1", port=0, public_host="127.0.0.1", startup_deadline_s=STARTUP_DEADLINE_S,
+                         drain_deadline_s=120)
+    server = Served(Deployment(config, NoRegistry(), options=options))
+    server.start()
+    yield server
+    server.stop()
+    assert not psutil.Process().children(recursive=True)
+
+
+def chat(served: Served, model: str, stream: bool = False, max_tokens: int = 12, **extra) -> requests.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream, **extra}
+    return requests.post(served.base + "/v1/chat/completions", json=body, headers=AUTH, timeout=120, stream=stream)
+
+
+def test_readiness_goes_from_503_to_200(served):
+    assert served.readyz_codes[-1] == 200
+    assert 503 in served.readyz_codes[:-1] or served.readyz_codes == [200]  # the gateway listens while loading
+    assert requests.get(served.base + "/readyz", timeout=5).json()["models"] == {"tiny": "resident"}
+
+
+def test_models_lists_the_model_and_its_adapters(served):
+    ids = [m["id"] for m in requests.get(served.base + "/v1/models", headers=AUTH, timeout=10).json()["data"]]
+    assert ids == ["tiny", "tiny:a", "tiny:b"]
+
+
+def test_chat_base_and_adapters_give_their_own_greedy_answers(served):
+    answers = {}
+    for model in ("tiny", "tiny:a", "tiny:b"):
+        response = chat(served, model)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["usage"]["completion_tokens"] > 0
+        answers[model] = body["choices"][0]["message"]["content"]
+    assert len(set(answers.values())) == 3, answers
+    assert chat(served, "tiny:a").json()["choices"][0]["message"]["content"] == answers["tiny:a"]  # deterministic
+
+
+def test_completion_by_path_prefix_and_native_generate(served):
+    response = requests.post(served.base + "/tiny/v1/completions", headers=AUTH, timeout=60,
+                             json={"model": "tiny", "prompt": "import os", "max_tokens": 8, "temperature": 0})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8
+    response = requests.post(served.base + "/tiny/generate", headers=AUTH, timeout=60,
+                             json={"text": "import os", "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+                                   "lora_path": "b"})
+    assert response.status_code == 200 and response.json()["meta_info"]["completion_tokens"] == 4
+
+
+def test_streams_pass_chunk_by_chunk_and_their_tokens_are_counted(served):
+    before = served.deployment.stats.completion_tokens["tiny"]
+    response = chat(served, "tiny:b", stream=True, max_tokens=10, stream_options={"include_usage": True})
+    assert response.status_code == 200
+    events = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    usage = json.loads(events[-2][6:])["usage"]
+    assert usage["completion_tokens"] == 10
+    assert len(events) > 5  # token by token, not one buffered blob
+    deadline = time.monotonic() + 10
+    while served.deployment.gateway.in_flight and time.monotonic() < deadline:  # the gateway records at the end
+        time.sleep(0.02)
+    assert served.deployment.stats.completion_tokens["tiny"] - before == 10
+
+
+def test_wrong_token_is_refused_before_the_engine(served):
+    response = requests.post(served.base + "/v1/chat/completions", timeout=10,
+                             headers={"Authorization": "Bearer not-the-token-at-all"}, json={"model": "tiny"})
+    assert response.status_code == 401
+
+
+def test_sigterm_during_20_open_streams_lets_all_finish(served):
+    def one_stream(i: int) -> tuple[int, bytes]:
+        response = chat(served, "tiny" if i % 2 else "tiny:a", stream=True, max_tokens=200, ignore_eos=True)
+        body = b"".join(response.iter_content(None))
+        return response.status_code, body
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(one_stream, i) for i in range(20)]
+        deadline = time.monotonic() + 60
+        while served.deployment.gateway.in_flight < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.deployment.gateway.in_flight == 20
+        exit_code = served.stop(15)
+        results = [f.result(timeout=120) for f in futures]
+    assert exit_code == 128 + 15
+    assert all(status == 200 for status, _ in results)
+    assert all(body.rstrip().endswith(b"data: [DONE]") for _, body in results)

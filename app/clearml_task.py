@@ -1,18 +1,196 @@
 """The ClearML adapter: the only module of the app that imports `clearml`.
 
-Nothing here runs at import time; the app's other modules receive these objects as collaborators, and tests hand
-them fakes with the same methods instead.
+`DeploymentTask` is the deployment's ClearML task: where its configuration lives (hyperparameters, a readable form
+in the UI) and where the dashboard reads everything from (properties, scalars, the Deployed Models table, the
+console, ClearML's own machine monitor). It wraps an SDK `Task`; tests hand it a recording object with the same
+methods instead (`tests/unit/test_clearml_task.py` checks every call against the real SDK's signatures).
+
+Nothing here runs at import time. Under an agent (`CLEARML_TASK_ID`) `start` attaches to the agent's task;
+locally it creates one, in offline mode when no server is configured or `offline=True`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from clearml import Model, Task
+from clearml.backend_api.session import Session
 
+from app.config.export import Hyperparameter
 from app.models import ModelNotFound
 
 logger = logging.getLogger(__name__)
+
+# The Model Endpoints API ("serving.*") came with this server API version; open-source servers have it.
+SERVING_API_VERSION = "2.31"
+# How long waiting for the App Gateway to assign an endpoint may take.
+EXTERNAL_ENDPOINT_TIMEOUT_SECONDS = 90.0
+# task.close() flushes reports; it must not hold the process past this (reference/clearml.md section 10).
+CLOSE_TIMEOUT_SECONDS = 30.0
+# The abort callback gets this long to drain requests and stop engines before the SDK ends the process.
+ABORT_CALLBACK_TIMEOUT_SECONDS = 330.0
+
+
+def server_configured(environ: dict[str, str] | None = None) -> bool:
+    """Whether a ClearML server is configured here (env, or a clearml.conf) - if not, the app runs offline."""
+    environ = dict(os.environ) if environ is None else environ
+    if environ.get("CLEARML_API_HOST") or environ.get("CLEARML_TASK_ID"):
+        return True
+    config = environ.get("CLEARML_CONFIG_FILE")
+    candidates = [Path(config)] if config else [Path.home() / "clearml.conf", Path.home() / ".clearml.conf"]
+    return any(path.is_file() for path in candidates)
+
+
+class EndpointStats:
+    """Feeds the SDK's `EndpointTelemetry` (the UI's Model Endpoints table) from the gateway's own counts.
+
+    The telemetry's daemon reports every 30 s from its public counters; the gateway, not the telemetry's per-request
+    hooks, measures requests (those hooks keep one "last request" time, wrong for concurrent requests).
+    """
+
+    def __init__(self, telemetry: Any):
+        self.telemetry = telemetry
+
+    def feed(self, requests: int, latency_sum_ms: float) -> None:
+        self.telemetry.requests_num += requests
+        self.telemetry.requests_num_window += requests
+        self.telemetry.latency_sum_window += latency_sum_ms
+
+    def stop(self) -> None:
+        self.telemetry.stop()
+
+
+class DeploymentTask:
+    """The deployment's ClearML task. Construct with `start()`; tests construct it around a fake task."""
+
+    def __init__(self, task: Any, *, remote: bool, offline: bool, session: Any = Session,
+                 telemetry_factory: Callable[..., Any] | None = None):
+        self.task = task
+        self.remote = remote
+        self.offline = offline
+        self._session = session
+        self._telemetry_factory = telemetry_factory
+
+    @classmethod
+    def start(cls, *, project: str, name: str, offline: bool = False, monitor_interval_s: float = 30.0,
+              environ: dict[str, str] | None = None) -> DeploymentTask:
+        environ = dict(os.environ) if environ is None else environ
+        remote = bool(environ.get("CLEARML_TASK_ID"))
+        offline = offline or environ.get("CLEARML_OFFLINE_MODE", "") not in ("", "0") or not server_configured(
+            environ)
+        if offline:
+            Task.set_offline(True)
+        task = Task.init(
+            project_name=project,
+            task_name=name,
+            task_type=Task.TaskTypes.application,
+            reuse_last_task_id=False,
+            auto_connect_arg_parser=False,
+            # no framework patching, and no repository detection racing the app's threads (clearml.md section 10)
+            auto_connect_frameworks={"detect_repository": False, "pytorch": False, "tensorflow": False,
+                                     "matplotlib": False, "joblib": False},
+            # a long-running service: report machine and GPU metrics from the start, at the report interval
+            auto_resource_monitoring={"first_report_sec": monitor_interval_s,
+                                      "report_frequency_sec": monitor_interval_s,
+                                      "wait_for_first_iteration_to_start_sec": monitor_interval_s,
+                                      "max_wait_for_first_iteration_to_start_sec": monitor_interval_s},
+        )
+        logger.info("ClearML task %s (%s%s)", task.id, "agent" if remote else "local",
+                    ", offline" if offline else "")
+        return cls(task, remote=remote, offline=offline)
+
+    @property
+    def id(self) -> str:
+        return str(self.task.id)
+
+    # ----- configuration -----
+
+    def read_hyperparameters(self) -> dict[str, str]:
+        """The task's hyperparameters as the UI holds them: "Section/key" -> string."""
+        return {k: "" if v is None else str(v) for k, v in (self.task.get_parameters(cast=False) or {}).items()}
+
+    def write_hyperparameters(self, params: Iterable[Hyperparameter]) -> None:
+        """Write the config into the task's form, with types and descriptions; other sections stay as they are."""
+        params = list(params)
+        # keyword names with two leading underscores: passed through a dict so no class mangles them
+        self.task.update_parameters({p.name: p.value for p in params},
+                                    **{"__parameters_descriptions": {p.name: p.description for p in params},
+                                       "__parameters_types": {p.name: p.type for p in params}})
+
+    # ----- what the dashboard reads -----
+
+    def set_properties(self, **values: str) -> None:
+        self.task.set_user_properties(**values)
+
+    def report_scalar(self, title: str, series: str, value: float, iteration: int) -> None:
+        self.task.get_logger().report_scalar(title=title, series=series, value=value, iteration=iteration)
+
+    def report_table(self, title: str, series: str, rows: list[list[str]], iteration: int = 0) -> None:
+        self.task.get_logger().report_table(title=title, series=series, iteration=iteration, table_plot=rows)
+
+    # ----- endpoint publication -----
+
+    def can_request_external_endpoint(self) -> bool:
+        """The App Gateway needs an Enterprise server (feature set "advanced"); never offline."""
+        return not self.offline and getattr(self._session, "feature_set", "basic") == "advanced"
+
+    def request_external_endpoint(self, port: int, static_route: str | None) -> str | None:
+        """Register the gateway's port with the App Gateway and wait for the URL it assigns."""
+        result = self.task.request_external_endpoint(port=port, protocol="http", wait=True,
+                                                     wait_timeout_seconds=EXTERNAL_ENDPOINT_TIMEOUT_SECONDS,
+                                                     static_route=static_route or None)
+        return (result or {}).get("endpoint")
+
+    def has_serving_api(self) -> bool:
+        """The Model Endpoints API (open-source servers have it too); never offline."""
+        return not self.offline and bool(self._session.check_min_api_version(SERVING_API_VERSION))
+
+    def start_endpoint_stats(self, endpoint: str, model: str, url: str) -> EndpointStats:
+        factory = self._telemetry_factory
+        if factory is None:
+            from clearml.router.endpoint_telemetry import EndpointTelemetry as factory  # noqa: N813
+        telemetry = factory(endpoint_name=endpoint, model_name=model, endpoint_url=url, input_type="json",
+                            app_instance=self.id)
+        return EndpointStats(telemetry)
+
+    # ----- lifecycle -----
+
+    def on_abort(self, callback: Callable[[], None], timeout_s: float = ABORT_CALLBACK_TIMEOUT_SECONDS) -> None:
+        """Run `callback` (drain and stop) when the task is stopped from the UI, before the SDK ends the process."""
+        self.task.register_abort_callback(callback, callback_execution_timeout=timeout_s)
+
+    def finish(self, outcome: str, reason: str = "") -> None:
+        """Set the final status: completed, stopped or failed (with its reason). Offline, the SDK keeps none."""
+        if self.offline:
+            return
+        if outcome == "failed":
+            self.task.mark_failed(status_reason=reason, status_message=reason)
+        elif self.remote:
+            return  # under an agent the agent sets completed / stopped from the exit code
+        elif outcome == "stopped":
+            self.task.mark_stopped(status_message=reason)
+        else:
+            self.task.mark_completed(status_message=reason)
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_SECONDS) -> bool:
+        """Flush and close, but never wait longer than `timeout_s`: True when it closed in time."""
+        closer = threading.Thread(target=self.task.close, name="clearml-close", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
+        if closer.is_alive():
+            logger.warning("ClearML did not close within %.0f s; exiting anyway", timeout_s)
+            return False
+        return True
+
+    @property
+    def offline_folder(self) -> Path | None:
+        folder = self.task.get_offline_mode_folder() if self.offline else None
+        return Path(folder) if folder else None
 
 
 class ClearMLModelRegistry:

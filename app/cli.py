@@ -82,9 +82,23 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
 
 
 def _configure_logging(stream: TextIO) -> None:
+    """Log lines are written by a thread of their own: whatever the console costs (ClearML's capture of it can
+    block while it flushes), the event loop that serves requests never waits for it."""
+    import atexit
+    import queue
+    from logging.handlers import QueueHandler, QueueListener
+
     root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(stream=stream, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lines: queue.Queue[logging.LogRecord] = queue.Queue()
+    listener = QueueListener(lines, handler)
+    listener.start()
+    atexit.register(listener.stop)
+    root.addHandler(QueueHandler(lines))
+    root.setLevel(logging.INFO)
 
 
 def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
@@ -124,29 +138,77 @@ def _cmd_export(options: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
+    return run_service(config_path=options.config, overrides=options.overrides, host=options.host,
+                       port=options.port, offline=options.offline)
+
+
+def run_service(*, config_path: str | None, overrides: list[str], host: str, port: int, offline: bool,
+                launcher: tuple[str, ...] | None = None, environ: dict[str, str] | None = None) -> int:
+    """`run`: the composition root. The config comes from the file, `--set` or the embedded default locally,
+    and from the task's hyperparameters (the UI's form) under an agent; everything goes to the ClearML task."""
     import asyncio
+    import os
     import signal
+    import threading
 
-    from app.clearml_task import ClearMLModelRegistry
+    from app.clearml_task import ClearMLModelRegistry, DeploymentTask
+    from app.config import to_hyperparameters
     from app.deployment import Deployment, RunOptions
+    from app.reporting import TaskReporter
 
-    if options.config is None and not options.overrides:
-        from app.demo import demo_config
+    environ = dict(os.environ) if environ is None else environ
+    remote = bool(environ.get("CLEARML_TASK_ID"))
+    config = None
+    if not remote:  # validate before anything is created: a bad config launches nothing
+        if config_path is None and not overrides:
+            from app.demo import demo_config
 
-        config = demo_config()
-    else:
-        config = load_config(options.config, options.overrides)
-    if config.general.debug:
-        logging.getLogger().setLevel(logging.DEBUG)
-    deployment = Deployment(config, ClearMLModelRegistry(), options=RunOptions(host=options.host, port=options.port))
+            config = demo_config()
+        else:
+            config = load_config(config_path, overrides)
+    monitor_s = float(config.idle.report_interval_seconds) if config else 30.0
+    task = DeploymentTask.start(project=config.instance.project if config else "", offline=offline,
+                                name=config.instance.name if config else "", monitor_interval_s=monitor_s,
+                                environ=environ)
+    try:
+        if config is None:
+            config = load_config(hyperparameters=task.read_hyperparameters(), overrides=overrides)
+            logger.info("Configuration read from task %s", task.id)
+        else:
+            task.write_hyperparameters(to_hyperparameters(config.without_secrets()))
+        if config.general.debug:
+            logging.getLogger().setLevel(logging.DEBUG)
+        reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
+                                gateway_route=config.instance.gateway_route)
+        deployment = Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ,
+                                options=RunOptions(host=host, port=port, launcher=launcher))
 
-    async def serve() -> int:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, deployment.request_stop, signum)
-        return await deployment.run()
+        async def serve() -> int:
+            loop = asyncio.get_running_loop()
+            finished = threading.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, deployment.request_stop, signum)
 
-    return asyncio.run(serve())
+            def on_abort() -> None:  # the SDK's thread: drain on the loop, return once the deployment is down
+                loop.call_soon_threadsafe(deployment.request_stop, signal.SIGTERM, "stopped from the ClearML UI")
+                finished.wait()
+
+            if not task.offline:
+                task.on_abort(on_abort)
+            try:
+                return await deployment.run()
+            finally:
+                finished.set()
+
+        code = asyncio.run(serve())
+    except ConfigError as exc:
+        task.finish("failed", str(exc))
+        task.close()
+        raise
+    outcome = "completed" if code == EXIT_OK else "failed" if code == EXIT_ENGINE else "stopped"
+    task.finish(outcome, deployment.failure_reason or deployment.stop_reason)
+    task.close()
+    return code
 
 
 def _not_yet(command: str, fix: str):

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
+
 from app import constants
 from app.config.types import DeploymentConfig
 from app.engine import RESIDENT, Engine, EngineStartupError, EngineSupervisor
@@ -30,6 +32,7 @@ from app.gateway.auth import generate_token
 from app.gateway.stats import WindowSummary
 from app.gpus import Gpu, detect_gpus, place
 from app.idle import IdleDecision, IdleTracker
+from app.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.models import ModelRegistry, ResolvedModel, resolve
 from app.sglang_command import EngineCommand, Machine, build_engine_commands, demands
 
@@ -47,16 +50,25 @@ LOADING, ACTIVE, IDLE, STOPPED, FAILED = "loading", "active", "idle", "stopped",
 
 
 class Reporter(Protocol):
-    """Where the deployment says what it does: the ClearML task (issue 4), or the console."""
+    """Where the deployment says what it does: its ClearML task (`app.reporting.TaskReporter`), or the console.
+
+    The deployment calls it from a worker thread (a report may wait on the network), one call at a time.
+    """
 
     def status(self, state: str, reason: str = "") -> None: ...
 
-    def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
-
     def access_token(self, token: str) -> None: ...
 
+    def base_url(self, port: int, local_url: str) -> str: ...
+
+    def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
+
+    def states(self, states: dict[str, str]) -> None: ...
+
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str]) -> None: ...
+               states: dict[str, str], tokens: TokenTotals | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ConsoleReporter:
@@ -65,11 +77,20 @@ class ConsoleReporter:
     def status(self, state: str, reason: str = "") -> None:
         logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
 
+    def base_url(self, port: int, local_url: str) -> str:
+        return local_url
+
     def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None:
         logger.info("Endpoint: %s", base_url)
         for name, url in models.items():
             logger.info("  model %s: %s", name, url)
         logger.info("Try it:\n%s", curl)
+
+    def states(self, states: dict[str, str]) -> None:
+        logger.debug("Models: %s", states)
+
+    def close(self) -> None:
+        pass
 
     def access_token(self, token: str) -> None:
         """Never printed: written to a file only this user can read, whose path is printed."""
@@ -85,7 +106,7 @@ class ConsoleReporter:
                     "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str]) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None) -> None:
         logger.info("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests, decision.in_flight,
                     decision.idle_for_s)
 
@@ -102,6 +123,16 @@ class RunOptions:
     launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
 
 
+async def scrape_metrics(url: str) -> str:
+    """An engine's /metrics text (open without a key, as in SGLang); empty when it does not answer."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.get(url + "/metrics") as response:
+            return await response.text() if response.status == 200 else ""
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return ""
+
+
 def access_tokens(config: DeploymentConfig, environ: dict[str, str]) -> tuple[list[str], bool]:
     """The gateway's tokens: the config's and CLEARML_SGLANG_API_TOKENS'; one generated when there are none."""
     tokens = list(config.auth.tokens)
@@ -111,15 +142,16 @@ def access_tokens(config: DeploymentConfig, environ: dict[str, str]) -> tuple[li
     return [generate_token()], True
 
 
-def free_ports(count: int, host: str = constants.ENGINE_HOST) -> list[int]:
-    """Ports free right now on loopback (the OS picks them), one per engine."""
+def free_ports(count: int, host: str = constants.ENGINE_HOST, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """Ports free right now on loopback (the OS picks them), one per engine, none of `exclude` (the gateway's)."""
     sockets, ports = [], []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             s = socket.socket()
             s.bind((host, 0))
             sockets.append(s)
-            ports.append(s.getsockname()[1])
+            if s.getsockname()[1] not in exclude:
+                ports.append(s.getsockname()[1])
     finally:
         for s in sockets:
             s.close()
@@ -165,24 +197,40 @@ class Deployment:
         self.clock = clock
         self.environ = dict(os.environ if environ is None else environ)
         self.stop_signal: int | None = None
+        self.stop_reason = ""
+        self.failure_reason = ""
         self._stop = asyncio.Event()
         self.gateway: Gateway | None = None
         self.supervisor: EngineSupervisor | None = None
         self.stats = RequestStats()
 
-    def request_stop(self, signum: int) -> None:
-        """Called from the signal handler: drain and stop (exit 128 + signum)."""
+    def request_stop(self, signum: int, reason: str = "") -> None:
+        """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum."""
         self.stop_signal = signum
+        self.stop_reason = reason
         self._stop.set()
+
+    async def _tell(self, method: Callable[..., object], *args: object) -> None:
+        """A reporter call, off the event loop (it may wait on the network); a failing report never stops serving."""
+        try:
+            await asyncio.to_thread(method, *args)
+        except Exception:
+            logger.exception("Reporting failed")
 
     async def run(self) -> int:
         started = self.clock()
-        self.reporter.status(LOADING, "resolving models")
+        try:
+            return await self._run(started)
+        finally:
+            await self._tell(self.reporter.close)
+
+    async def _run(self, started: float) -> int:
+        await self._tell(self.reporter.status, LOADING, "resolving models")
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
         commands = self._commands(resolved)
         tokens, generated = access_tokens(self.config, self.environ)
         if generated:
-            self.reporter.access_token(tokens[0])
+            await self._tell(self.reporter.access_token, tokens[0])
         secrets_to_mask = [*tokens, *self.config.secrets]
         engines = [Engine(c, secrets=secrets_to_mask) for c in commands]
         tracker = IdleTracker(self.config.idle.time_limit_hours * 3600 if self.config.idle.shuts_down else None,
@@ -199,20 +247,24 @@ class Deployment:
                                            clock=self.clock)
         try:
             await self.gateway.start(self.options.host, self.options.port)
-            self.reporter.status(LOADING, "starting engines")
+            await self._tell(self.reporter.status, LOADING, "starting engines")
+            await self._tell(self.reporter.states, self.gateway.states())
             try:
                 await self._until_started()
             except EngineStartupError as exc:
                 logger.error("%s", exc.render())
-                self.reporter.status(FAILED, str(exc))
+                self.failure_reason = str(exc)
+                await self._tell(self.reporter.status, FAILED, str(exc))
                 return EXIT_ENGINE
             if self._stop.is_set():
-                return self._signal_exit()
-            self._announce()
+                return await self._signal_exit()
+            await self._announce()
             tracker.reset(self.clock())
             return await self._serve(tracker, started)
         finally:
             await self._shutdown()
+            if self.gateway is not None:
+                await self._tell(self.reporter.states, self.gateway.states())
 
     def _commands(self, resolved: list[ResolvedModel]) -> list[EngineCommand]:
         config = self.config
@@ -228,7 +280,8 @@ class Deployment:
             for m, p in zip(config.models, placements, strict=True):
                 logger.info("Model %s on GPU %s%s", m.endpoint, p.cuda_visible_devices,
                             f" (shared; memory fraction {p.memory_fraction:g})" if p.shared else "")
-        return build_engine_commands(config, resolved, free_ports(len(resolved)), machine=machine,
+        ports = free_ports(len(resolved), exclude=frozenset({self.options.port}))
+        return build_engine_commands(config, resolved, ports, machine=machine,
                                      placements=placements, engine_api_key=secrets.token_urlsafe(24),
                                      launcher=self.options.launcher)
 
@@ -245,48 +298,67 @@ class Deployment:
             with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
                 await start
 
-    def _announce(self) -> None:
-        assert self.gateway is not None
+    async def _announce(self) -> None:
+        assert self.gateway is not None and self.gateway.port is not None
         host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
                                             else self.options.host)
-        base = f"http://{host}:{self.gateway.port}"
+        base = await asyncio.to_thread(self.reporter.base_url, self.gateway.port, f"http://{host}:{self.gateway.port}")
         models = {name: f"{base}/{name}/v1" for name in self.gateway.routes}
-        self.reporter.endpoints(base, models, curl_command(base, next(iter(models))))
+        await self._tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
+        await self._tell(self.reporter.states, self.gateway.states())
 
     async def _serve(self, tracker: IdleTracker, started: float) -> int:
         assert self.gateway is not None and self.supervisor is not None
         interval = self.config.idle.report_interval_seconds
         next_report = self.clock()
         state = None
+        rate = TokenRate()
+        states = self.gateway.states()
         while True:
             now = self.clock()
             decision = tracker.decide(now)
             if decision.state != state:
                 state = decision.state
-                self.reporter.status(ACTIVE if state == "active" else IDLE)
+                await self._tell(self.reporter.status, ACTIVE if state == "active" else IDLE)
+            if self.gateway.states() != states:
+                states = self.gateway.states()
+                await self._tell(self.reporter.states, states)
             if now >= next_report:
-                self.reporter.report(now - started, decision, self.stats.take_window(), self.stats,
-                                     self.gateway.states())
+                tokens = rate.update(now, await self._scrape_tokens())
+                await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(),
+                                 self.stats, states, tokens)
                 next_report = now + interval
             if decision.stop:
                 logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
                             tracker.limit_seconds or 0)
-                self.reporter.status(STOPPED, "idle time limit reached")
+                await self._tell(self.reporter.status, STOPPED, "idle time limit reached")
                 return EXIT_OK
             if self.supervisor.failed.is_set():
                 failure = self.supervisor.failure
                 if failure is not None:
                     logger.error("%s", failure.render())
-                self.reporter.status(FAILED, str(failure))
+                self.failure_reason = str(failure)
+                await self._tell(self.reporter.status, FAILED, str(failure))
                 return EXIT_ENGINE
             if self._stop.is_set():
-                return self._signal_exit()
+                return await self._signal_exit()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
 
-    def _signal_exit(self) -> int:
+    async def _scrape_tokens(self) -> TokenTotals:
+        """SGLang's own token counters, summed over every serving engine."""
+        assert self.supervisor is not None
+        resident = [e for e in self.supervisor.engines if e.state == RESIDENT]
+        texts = await asyncio.gather(*(scrape_metrics(e.url) for e in resident))
+        total = ZERO
+        for text in texts:
+            total = total + TokenTotals.from_metrics(parse_prometheus(text))
+        return total
+
+    async def _signal_exit(self) -> int:
         signum = self.stop_signal or 15
-        self.reporter.status(STOPPED, f"stopped by signal {signum}")
+        reason = self.stop_reason or f"stopped by signal {signum}"
+        await self._tell(self.reporter.status, STOPPED, reason)
         return 128 + signum
 
     async def _shutdown(self) -> None:

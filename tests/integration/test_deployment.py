@@ -41,6 +41,8 @@ class RecordingReporter:
     announced: dict = field(default_factory=dict)
     reports: list = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
+    model_states: list[dict] = field(default_factory=list)
+    closed: bool = False
 
     def status(self, state: str, reason: str = "") -> None:
         self.statuses.append((state, reason))
@@ -51,8 +53,17 @@ class RecordingReporter:
     def access_token(self, token: str) -> None:
         self.tokens.append(token)
 
-    def report(self, elapsed_s, decision, window, stats, states) -> None:
-        self.reports.append((elapsed_s, decision, window, states))
+    def report(self, elapsed_s, decision, window, stats, states, tokens=None) -> None:
+        self.reports.append((elapsed_s, decision, window, states, tokens))
+
+    def base_url(self, port, local_url) -> str:
+        return local_url
+
+    def states(self, states) -> None:
+        self.model_states.append(dict(states))
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass

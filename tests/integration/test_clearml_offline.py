@@ -1,0 +1,263 @@
+"""What the task records, read back from ClearML's offline session: the dashboard's data, with the real SDK.
+
+Each test runs `clearml-sglang run` (app.cli.run_service) in a process of its own, with stand-in engines and
+ClearML in offline mode, sends it real traffic, lets it shut down, and reads the session's `metrics.jsonl`,
+`log.jsonl` and `task.json` as the dashboard would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+TOKEN = "offline-test-token-" + "k" * 16
+HF_TOKEN = "hf_" + "W" * 34
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cache: Path, *overrides: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.integration.clearml_run", "--port", str(port)]
+    for override in overrides:
+        argv += ["--set", override]
+    environment = {**os.environ, "CLEARML_CACHE_DIR": str(cache), "CLEARML_OFFLINE_MODE": "1",
+                   "HOME": str(cache / "home"), **(env or {})}
+    environment.pop("CLEARML_TASK_ID", None) if not env or "CLEARML_TASK_ID" not in env else None
+    process = subprocess.Popen(argv, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, base: str, deadline_s: float = 60) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if requests.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("not ready in time")
+
+
+def traffic(base: str) -> None:
+    for i in range(3):
+        r = requests.post(base + "/v1/chat/completions", headers=AUTH, timeout=10,
+                          json={"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}],
+                                "max_tokens": 8})
+        assert r.status_code == 200
+    for _ in range(2):
+        r = requests.post(base + "/m/v1/chat/completions", headers=AUTH, timeout=10, stream=True,
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                                "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and b"[DONE]" in r.content
+
+
+def session(cache: Path, task_id: str | None = None) -> Path:
+    folders = [p for p in (cache / "offline").iterdir() if p.is_dir() and (task_id is None or p.name == task_id)]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def events(folder: Path, name: str) -> list[dict]:
+    path = folder / name
+    return [e for line in path.read_text().splitlines() for e in json.loads(line)] if path.exists() else []
+
+
+def scalars(folder: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for e in events(folder, "metrics.jsonl"):
+        if e["type"] == "training_stats_scalar":
+            out.setdefault((e["metric"], e["variant"]), []).append((e["iter"], e["value"]))
+    return out
+
+
+def console(folder: Path) -> str:
+    return "\n".join(e["msg"] for e in events(folder, "log.jsonl"))
+
+
+def properties(folder: Path) -> dict[str, str]:
+    task = json.loads((folder / "task.json").read_text())
+    return {k: v["value"] for k, v in task["hyperparams"].get("properties", {}).items()}
+
+
+def no_process_left() -> None:
+    deadline = time.monotonic() + 10
+    while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.Process().children(recursive=True)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """One local run, offline: traffic, then an idle shutdown (5 s limit, 1 s reports)."""
+    cache = tmp_path_factory.mktemp("clearml")
+    process, base = start(cache, "models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu", f"auth.tokens={TOKEN}",
+                          f"general.hf_token={HF_TOKEN}", "idle.time_limit_hours=0.0014",
+                          "idle.report_interval_seconds=1", "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
+    try:
+        wait_ready(process, base)
+        time.sleep(1.5)  # one report while idle, before any request
+        traffic(base)
+        code = process.wait(timeout=60)
+        output = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    no_process_left()
+    return code, output, session(cache)
+
+
+def test_idle_shutdown_exits_0(local_run):
+    code, output, _ = local_run
+    assert code == 0, output
+
+
+def test_every_dashboard_series_is_recorded_with_plausible_values(local_run):
+    _, _, folder = local_run
+    series = scalars(folder)
+    for key in [("Total Number of Requests", "m"), ("Total Number of Requests", "total"),
+                ("Tokens per Second", "generation"), ("Tokens per Second", "prompt"),
+                ("Latency (ms)", "mean"), ("Latency (ms)", "p50"), ("Latency (ms)", "p95"),
+                ("Latency (ms)", "time to first token p50"), ("Requests in Flight", "total"),
+                ("Idle Time (hours)", "idle")]:
+        assert key in series, key
+    assert series[("Total Number of Requests", "total")][-1][1] == 5
+    assert max(v for _, v in series[("Tokens per Second", "generation")]) > 0
+    assert all(0 < v < 10_000 for _, v in series[("Latency (ms)", "p50")])
+    assert all(v >= 0 for _, v in series[("Requests in Flight", "total")])
+    iterations = [i for i, _ in series[("Idle Time (hours)", "idle")]]
+    assert iterations == sorted(iterations) and iterations[-1] >= 3  # seconds since start, growing
+    assert max(v for _, v in series[("Idle Time (hours)", "idle")]) > 0
+
+
+def test_machine_metrics_come_from_clearmls_monitor(local_run):
+    _, _, folder = local_run
+    machine = {variant for (metric, variant) in scalars(folder) if metric == ":monitor:machine"}
+    assert {"cpu_usage", "memory_used_gb", "network_rx_mbs", "io_read_mbs"} <= machine
+
+
+def test_status_sequence_and_properties(local_run):
+    _, _, folder = local_run
+    statuses = [line.split("Status: ", 1)[1].split(" ")[0] for line in console(folder).splitlines()
+                if "app.reporting: Status: " in line]
+    assert statuses[0] == "loading" and statuses[-1] == "stopped"
+    compressed = [s for i, s in enumerate(statuses) if i == 0 or statuses[i - 1] != s]
+    assert compressed == ["loading", "idle", "active", "idle", "stopped"]
+    props = properties(folder)
+    assert props["status"] == "stopped" and props["status_reason"] == "idle time limit reached"
+    assert props["endpoint"].startswith("http://127.0.0.1:")
+    assert json.loads(props["models"]) == {"m": props["endpoint"] + "/m/v1"}
+    assert "YOUR_GENERATED_TOKEN" in props["curl"] and "/m/v1/chat/completions" in props["curl"]
+    assert props["idle_since"]  # it ended idle
+
+
+def test_deployed_models_table(local_run):
+    _, _, folder = local_run
+    tables = [json.loads(e["plot_str"]) for e in events(folder, "metrics.jsonl")
+              if e["type"] == "plot" and e.get("metric") == "Deployed Models"]
+    cells = tables[-1]["data"][0]["cells"]["values"]
+    assert cells[0] == ["org/m"] and cells[1] == ["m"] and cells[3] == ["stopped"]
+    assert any(t["data"][0]["cells"]["values"][3] == ["resident"] for t in tables)
+
+
+def test_console_has_setup_status_and_engine_lines(local_run):
+    _, _, folder = local_run
+    text = console(folder)
+    assert "Starting engine m:" in text
+    assert any(line.startswith("[m] ") and "The server is fired up and ready to roll!" in line
+               for line in (entry.split(": ", 1)[-1] for entry in text.splitlines()))
+    assert "Status: active" in text and "Endpoint: http://127.0.0.1:" in text
+
+
+def test_configuration_is_a_readable_form_without_secrets(local_run):
+    _, _, folder = local_run
+    hyperparams = json.loads((folder / "task.json").read_text())["hyperparams"]
+    model = hyperparams["Models"]["0/model"]
+    assert model["value"] == "org/m" and model["type"] == "str" and model["description"].startswith("Model:")
+    assert hyperparams["Idle"]["report_interval_seconds"]["type"] == "int"
+    assert hyperparams["General"]["hf_token"]["value"] == ""
+    assert hyperparams["Auth"]["tokens"]["value"] == "[]"
+
+
+def test_tokens_appear_in_no_session_file_and_not_on_the_console(local_run):
+    _, output, folder = local_run
+    for path in folder.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            assert TOKEN.encode() not in text and HF_TOKEN.encode() not in text, path
+    assert TOKEN not in output and HF_TOKEN not in output
+
+
+def test_a_generated_token_is_shown_only_in_the_task_properties(tmp_path):
+    cache = tmp_path
+    process, base = start(cache, "models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu", "idle.time_limit_hours=0.0003",
+                          "idle.report_interval_seconds=1")
+    try:
+        wait_ready(process, base)
+        code = process.wait(timeout=60)
+        output = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0
+    folder = session(cache)
+    token = properties(folder)["access_token"]
+    assert len(token) >= 40
+    assert token not in output and token not in console(folder)
+    assert token not in (folder / "metrics.jsonl").read_text()
+    no_process_left()
+
+
+def test_simulated_agent_run_deploys_the_values_edited_in_the_ui(local_run, tmp_path):
+    _, _, source = local_run
+    task = json.loads((source / "task.json").read_text())
+    task_id = "offline-" + uuid.uuid4().hex
+    task["id"] = task_id
+    params = task["hyperparams"]
+    params["Models"]["0/endpoint_name"]["value"] = "edited"          # what a user changes in the UI's form
+    params["General"]["max-running-requests"] = {"section": "General", "name": "max-running-requests",
+                                                 "value": "7", "type": "int", "description": ""}
+    params["Idle"]["time_limit_hours"]["value"] = "0.0006"
+    params["Auth"]["tokens"]["value"] = f'["{TOKEN}"]'
+    params.pop("properties", None)
+    seeded = tmp_path / "offline" / task_id
+    seeded.mkdir(parents=True)
+    (seeded / "task.json").write_text(json.dumps(task))
+
+    process, base = start(tmp_path, env={"CLEARML_TASK_ID": task_id})
+    try:
+        wait_ready(process, base)
+        r = requests.post(base + "/edited/v1/chat/completions", headers=AUTH, timeout=10,
+                          json={"model": "edited", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        code = process.wait(timeout=60)
+        output = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+    assert code == 0, output
+    assert f"Configuration read from task {task_id}" in output
+    assert "--served-model-name edited" in output and "--max-running-requests 7" in output
+    no_process_left()

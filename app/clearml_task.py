@@ -42,7 +42,8 @@ def server_configured(environ: dict[str, str] | None = None) -> bool:
     if environ.get("CLEARML_API_HOST") or environ.get("CLEARML_TASK_ID"):
         return True
     config = environ.get("CLEARML_CONFIG_FILE")
-    candidates = [Path(config)] if config else [Path.home() / "clearml.conf", Path.home() / ".clearml.conf"]
+    home = Path(environ.get("HOME") or Path.home())
+    candidates = [Path(config)] if config else [home / "clearml.conf", home / ".clearml.conf"]
     return any(path.is_file() for path in candidates)
 
 

@@ -207,7 +207,10 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
         raise
     outcome = "completed" if code == EXIT_OK else "failed" if code == EXIT_ENGINE else "stopped"
     task.finish(outcome, deployment.failure_reason or deployment.stop_reason)
-    task.close()
+    if not task.close():
+        # ClearML is stuck (reference/clearml.md section 10): its threads must not keep the process alive
+        logging.shutdown()
+        os._exit(code)
     return code
 
 

@@ -11,11 +11,14 @@ restart budget, 128 + signal number after SIGINT/SIGTERM and a clean drain.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ DRAIN_DEADLINE_SECONDS = 300.0
 ENGINE_STOP_GRACE_SECONDS = 20.0
 # How often the loop looks at the idle policy and the engines; reports go out every report interval.
 TICK_SECONDS = 1.0
+# Longest wait for one report (a call to ClearML, which may retry on the network): past it, serving goes on.
+REPORT_TIMEOUT_SECONDS = 30.0
 
 LOADING, ACTIVE, IDLE, STOPPED, FAILED = "loading", "active", "idle", "stopped", "failed"
 
@@ -69,6 +74,33 @@ class Reporter(Protocol):
                states: dict[str, str], tokens: TokenTotals | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+
+class ReportWorker:
+    """Runs reporter calls one at a time, in order, on a daemon thread: a call that hangs holds up nothing else,
+    not even the interpreter's exit (the default executor's threads are joined when the loop closes)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[object], Callable[..., object], tuple]] = \
+            queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, method: Callable[..., object], *args: object) -> concurrent.futures.Future[object]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="reporter", daemon=True)
+            self._thread.start()
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self._calls.put((future, method, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, method, args = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(method(*args))
+                except BaseException as exc:  # handed to the awaiting side
+                    future.set_exception(exc)
 
 
 class ConsoleReporter:
@@ -203,6 +235,7 @@ class Deployment:
         self.gateway: Gateway | None = None
         self.supervisor: EngineSupervisor | None = None
         self.stats = RequestStats()
+        self._reports = ReportWorker()
 
     def request_stop(self, signum: int, reason: str = "") -> None:
         """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum."""
@@ -210,12 +243,18 @@ class Deployment:
         self.stop_reason = reason
         self._stop.set()
 
-    async def _tell(self, method: Callable[..., object], *args: object) -> None:
-        """A reporter call, off the event loop (it may wait on the network); a failing report never stops serving."""
+    async def _tell(self, method: Callable[..., object], *args: object) -> object:
+        """A reporter call, off the event loop (it may wait on the network), bounded in time; a failing or hanging
+        report never stops serving, and never holds up the exit."""
         try:
-            await asyncio.to_thread(method, *args)
+            return await asyncio.wait_for(asyncio.wrap_future(self._reports.submit(method, *args)),
+                                          REPORT_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            logger.warning("Reporting (%s) took longer than %.0f s; going on without it",
+                           getattr(method, "__name__", method), REPORT_TIMEOUT_SECONDS)
         except Exception:
             logger.exception("Reporting failed")
+        return None
 
     async def run(self) -> int:
         started = self.clock()
@@ -302,7 +341,8 @@ class Deployment:
         assert self.gateway is not None and self.gateway.port is not None
         host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
                                             else self.options.host)
-        base = await asyncio.to_thread(self.reporter.base_url, self.gateway.port, f"http://{host}:{self.gateway.port}")
+        local = f"http://{host}:{self.gateway.port}"
+        base = await self._tell(self.reporter.base_url, self.gateway.port, local) or local
         models = {name: f"{base}/{name}/v1" for name in self.gateway.routes}
         await self._tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
         await self._tell(self.reporter.states, self.gateway.states())

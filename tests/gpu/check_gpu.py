@@ -15,6 +15,8 @@ What it checks:
    the card at once, and NVML sees every share resident together, under the card's capacity; an over-subscribed
    split is refused before anything starts.
 4. The command builder turns a placement into CUDA_VISIBLE_DEVICES and --mem-fraction-static.
+5. The app's ClearML task, offline, with ClearML's resource monitor set as the app sets it, records the
+   `:monitor:gpu` series (utilisation, memory, temperature) for a minute while a GPU is busy; they are printed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ from app.gpus import MAX_MEMORY_FRACTION_PER_DEVICE, Demand, detect_gpus, place 
 from app.models import describe  # noqa: E402
 from app.sglang_command import Machine, build_engine_commands, demands  # noqa: E402
 
+MONITOR = """
+import json, sys, time, torch
+from app.clearml_task import DeploymentTask
+task = DeploymentTask.start(project="gpu-check", name="monitor", offline=True, monitor_interval_s=5)
+a = torch.randn(4096, 4096, device="cuda")
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:  # keep the GPU busy, so utilisation is not 0
+    a = (a @ a).tanh()
+    torch.cuda.synchronize()
+print(task.offline_folder, flush=True)
+task.close()
+"""
+
 CHILD = """
 import json, sys, time, torch
 fraction = float(sys.argv[1])
@@ -50,6 +65,28 @@ def check(name: str, ok: bool, detail: str = "") -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
     if not ok:
         failures.append(name)
+
+
+def check_monitor(seconds: float = 60.0) -> None:
+    import tempfile
+
+    root = str(Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryDirectory() as cache:
+        run = subprocess.run([sys.executable, "-c", MONITOR, str(seconds)], capture_output=True, text=True,
+                             timeout=seconds + 60, env={**os.environ, "CLEARML_CACHE_DIR": cache, "PYTHONPATH": root,
+                                                        "CLEARML_OFFLINE_MODE": "1"})
+        folder = Path(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else None
+        series: dict[str, list[float]] = {}
+        if folder is not None and (folder / "metrics.jsonl").exists():
+            for line in (folder / "metrics.jsonl").read_text().splitlines():
+                for event in json.loads(line):
+                    if event.get("metric") == ":monitor:gpu":
+                        series.setdefault(event["variant"], []).append(event["value"])
+        for variant, values in sorted(series.items()):
+            print(f"     :monitor:gpu {variant}: {len(values)} points, last {values[-1]:.1f}, max {max(values):.1f}")
+        wanted = {"gpu_0_utilization", "gpu_0_mem_usage", "gpu_0_temperature"}
+        check("ClearML's monitor records :monitor:gpu for a service", wanted <= set(series),
+              f"series: {sorted(series)}; {run.stderr[-300:] if run.returncode else ''}")
 
 
 def main() -> int:
@@ -114,6 +151,7 @@ def main() -> int:
           " | ".join(f"{c.env['CUDA_VISIBLE_DEVICES']} {c.argv[c.argv.index('--mem-fraction-static') + 1]}"
                      for c in commands))
 
+    check_monitor()
     print(f"{'all checks hold' if not failures else f'{len(failures)} failed'} in {time.monotonic() - started:.0f} s")
     return 1 if failures else 0
 

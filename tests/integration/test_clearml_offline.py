@@ -26,6 +26,8 @@ from tests.conftest import ROOT
 TOKEN = "offline-test-token-" + "k" * 16
 HF_TOKEN = "hf_" + "W" * 34
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# the stand-in engines run anywhere: "cpu" keeps the app from asking for an NVIDIA GPU
+MODEL = ("models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu")
 
 
 def free_port() -> int:
@@ -113,8 +115,7 @@ def no_process_left() -> None:
 def local_run(tmp_path_factory):
     """One local run, offline: traffic, then an idle shutdown (5 s limit, 1 s reports)."""
     cache = tmp_path_factory.mktemp("clearml")
-    process, base = start(cache, "models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu", f"auth.tokens={TOKEN}",
-                          f"general.hf_token={HF_TOKEN}", "idle.time_limit_hours=0.0014",
+    process, base = start(cache, *MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}", "idle.time_limit_hours=0.0014",
                           "idle.report_interval_seconds=1", "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
     try:
         wait_ready(process, base)
@@ -212,7 +213,7 @@ def test_tokens_appear_in_no_session_file_and_not_on_the_console(local_run):
 
 def test_a_generated_token_is_shown_only_in_the_task_properties(tmp_path):
     cache = tmp_path
-    process, base = start(cache, "models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu", "idle.time_limit_hours=0.0003",
+    process, base = start(cache, *MODEL, "idle.time_limit_hours=0.0003",
                           "idle.report_interval_seconds=1")
     try:
         wait_ready(process, base)

@@ -116,7 +116,8 @@ def local_run(tmp_path_factory):
     """One local run, offline: traffic, then an idle shutdown (5 s limit, 1 s reports)."""
     cache = tmp_path_factory.mktemp("clearml")
     process, base = start(cache, *MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}",
-                          "idle.time_limit_hours=0.0014", "idle.report_interval_seconds=1", "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
+                          "idle.time_limit_hours=0.0014", "idle.report_interval_seconds=1",
+                          "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
     try:
         wait_ready(process, base)
         time.sleep(1.5)  # one report while idle, before any request

@@ -104,6 +104,18 @@ def properties(folder: Path) -> dict[str, str]:
     return {k: v["value"] for k, v in task["hyperparams"].get("properties", {}).items()}
 
 
+def wait_status(cache: Path, status: str, deadline_s: float = 30) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            if properties(session(cache)).get("status") == status:
+                return
+        except (AssertionError, OSError, ValueError, KeyError):
+            pass  # the session or its task.json is not there yet, or half written
+        time.sleep(0.05)
+    raise AssertionError(f"status never became {status!r}")
+
+
 def no_process_left() -> None:
     deadline = time.monotonic() + 10
     while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
@@ -120,7 +132,7 @@ def local_run(tmp_path_factory):
                           "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
     try:
         wait_ready(process, base)
-        time.sleep(1.5)  # one report while idle, before any request
+        wait_status(cache, "idle")  # the dashboard saw it idle before any request
         traffic(base)
         code = process.wait(timeout=60)
         output = process.stdout.read()

@@ -236,6 +236,7 @@ class Deployment:
         self.supervisor: EngineSupervisor | None = None
         self.stats = RequestStats()
         self._reports = ReportWorker()
+        self._serving: tuple[IdleTracker, float, TokenRate] | None = None
 
     def request_stop(self, signum: int, reason: str = "") -> None:
         """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum."""
@@ -352,7 +353,7 @@ class Deployment:
         interval = self.config.idle.report_interval_seconds
         next_report = self.clock()
         state = None
-        rate = TokenRate()
+        self._serving = (tracker, started, TokenRate())
         states = self.gateway.states()
         while True:
             now = self.clock()
@@ -364,9 +365,7 @@ class Deployment:
                 states = self.gateway.states()
                 await self._tell(self.reporter.states, states)
             if now >= next_report:
-                tokens = rate.update(now, await self._scrape_tokens())
-                await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(),
-                                 self.stats, states, tokens)
+                await self._report(decision)
                 next_report = now + interval
             if decision.stop:
                 logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
@@ -384,6 +383,14 @@ class Deployment:
                 return await self._signal_exit()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
+
+    async def _report(self, decision: IdleDecision) -> None:
+        assert self.gateway is not None and self._serving is not None
+        _, started, rate = self._serving
+        now = self.clock()
+        tokens = rate.update(now, await self._scrape_tokens())
+        await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(), self.stats,
+                         self.gateway.states(), tokens)
 
     async def _scrape_tokens(self) -> TokenTotals:
         """SGLang's own token counters, summed over every serving engine."""
@@ -409,6 +416,8 @@ class Deployment:
                             self.options.drain_deadline_s)
             if not await self.gateway.wait_drained(self.options.drain_deadline_s):
                 logger.warning("%d request(s) still in flight after the drain deadline", self.gateway.in_flight)
+            if self._serving is not None:  # the last word: what happened since the last report, drain included
+                await self._report(self._serving[0].decide(self.clock()))
         if self.supervisor is not None:
             await self.supervisor.stop_all(self.options.engine_stop_grace_s)
         if self.gateway is not None:

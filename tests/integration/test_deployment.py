@@ -176,8 +176,9 @@ def test_serves_chat_streams_and_models_through_the_gateway():
             async with run.session.get(run.url("/v1/models"), headers=AUTH) as r:
                 ids = [m["id"] for m in (await r.json())["data"]]
             assert ids == ["m", "m:sql"]
-            window = run.deployment.stats.take_window()
-            assert window.requests == 3 and window.completion_tokens == 4 + 3 + 4
+            await _until(lambda: _gateway_idle(run), "the last request to be recorded", 5)
+            stats = run.deployment.stats  # cumulative: the reporter takes the windows
+            assert stats.requests["m"] == 3 and stats.completion_tokens["m"] == 4 + 3 + 4
             assert run.reporter.announced["models"] == {"m": f"{run.base}/m/v1"}
             assert "/m/v1/chat/completions" in run.reporter.announced["curl"]
     run_async(scenario())

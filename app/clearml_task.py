@@ -147,6 +147,13 @@ class DeploymentTask:
                                                      static_route=static_route or None)
         return (result or {}).get("endpoint")
 
+    def host_port(self, port: int) -> int:
+        """The port other machines reach the gateway on: the agent's docker mapping of it, when there is one."""
+        if self.offline:
+            return port
+        runtime = self.task._get_runtime_properties() or {}  # noqa: SLF001 - the SDK's own way to read it
+        return map_host_port(runtime.get("_external_host_tcp_port_mapping"), port)
+
     def has_serving_api(self) -> bool:
         """The Model Endpoints API (open-source servers have it too); never offline."""
         return not self.offline and bool(self._session.check_min_api_version(SERVING_API_VERSION))
@@ -192,6 +199,66 @@ class DeploymentTask:
     def offline_folder(self) -> Path | None:
         folder = self.task.get_offline_mode_folder() if self.offline else None
         return Path(folder) if folder else None
+
+
+class TaskService:
+    """Creating, cloning, reading and enqueueing deployment tasks on a ClearML server (`template`, `launch`,
+    `clone`, `export --task`). `task_class` is the SDK's `Task`; tests pass a recording stand-in."""
+
+    def __init__(self, task_class: Any = Task):
+        self.Task = task_class
+
+    def create(self, definition: Any, *, project: str, name: str, repo: str | None, branch: str | None) -> Any:
+        """A draft task that runs the deployment script in SGLang's image (clearml-task's way of creating one)."""
+        if getattr(self.Task, "is_offline", lambda: False)():
+            raise RuntimeError("creating a task needs a ClearML server: run `clearml-init`, or set CLEARML_API_HOST")
+        return self.Task.create(
+            project_name=project, task_name=name, task_type=definition.task_type, repo=repo, branch=branch,
+            script=definition.script, working_directory=definition.working_dir,
+            packages=list(definition.requirements), docker=definition.docker_image,
+            docker_args=definition.docker_args, add_task_init_call=False)
+
+    def get(self, task_id: str) -> Any:
+        return self.Task.get_task(task_id=task_id)
+
+    def clone(self, task_id: str, name: str | None = None) -> Any:
+        return self.Task.clone(source_task=task_id, name=name)
+
+    def parameters(self, task: Any) -> dict[str, str]:
+        return {k: "" if v is None else str(v) for k, v in (task.get_parameters(cast=False) or {}).items()}
+
+    def write(self, task: Any, params: Iterable[Hyperparameter], *, replace: bool = False) -> None:
+        """The config into the task's form. `replace` clears the app's sections first (a clone's old models)."""
+        params = list(params)
+        values = {p.name: p.value for p in params}
+        extras = {"__parameters_descriptions": {p.name: p.description for p in params},
+                  "__parameters_types": {p.name: p.type for p in params}}
+        if replace:
+            sections = {p.name.split("/", 1)[0] for p in params}
+            kept = {k: v for k, v in self.parameters(task).items() if k.split("/", 1)[0] not in sections}
+            task.set_parameters({**kept, **values}, **extras)
+        else:
+            task.update_parameters(values, **extras)
+
+    def enqueue(self, task: Any, queue: str) -> None:
+        self.Task.enqueue(task=task, queue_name=queue)
+
+    def web_url(self, task: Any) -> str:
+        return str(task.get_output_log_web_page())
+
+
+def map_host_port(mapping: str | None, port: int) -> int:
+    """The host port an agent mapped to the container's `port` ("host-range:container-range,..."), else `port`."""
+    for item in (mapping or "").split(","):
+        host, sep, container = item.partition(":")
+        try:
+            host_start = int(host.split("-")[0])
+            low, high = (int(x) for x in (container.split("-")[0], container.split("-")[-1]))
+        except ValueError:
+            continue
+        if sep and low <= port <= high:
+            return host_start + (port - low)
+    return port
 
 
 class ClearMLModelRegistry:

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clearml-sglang {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def repo_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repo", help="git repository the agent checks the app out from (default: this "
+                                      "checkout's origin)")
+        p.add_argument("--branch", help="branch of --repo (default: this checkout's branch, or main)")
+
     def config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE", help="deployment config, YAML or JSON")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -55,6 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory of one target GPU, to turn max_cuda_memory_gib into --cpu-offload-gb")
     args.add_argument("--engine-port", type=int, default=constants.ENGINE_BASE_PORT, metavar="PORT",
                       help="port of the first engine; the next models take the following ports")
+
+    launch = sub.add_parser("launch", help="create a deployment task from a config and enqueue it")
+    launch.add_argument("--config", metavar="FILE", required=True, help="deployment config (YAML or JSON, e.g. an "
+                        "exported one)")
+    launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    launch.add_argument("--queue", help="queue to enqueue to (default: the config's instance.queue)")
+    launch.add_argument("--project", help="project (default: the config's instance.project)")
+    launch.add_argument("--name", help="task name (default: the config's instance.name)")
+    repo_options(launch)
+
+    clone = sub.add_parser("clone", help="clone a deployment task with changes, and enqueue the clone")
+    clone.add_argument("--task", required=True, metavar="ID", help="the task to clone")
+    clone.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    clone.add_argument("--queue", help="queue to enqueue the clone to (default: leave it as a draft)")
+    clone.add_argument("--name", help="the clone's name")
+
+    template = sub.add_parser("template", help="create the draft template task that the UI clones")
+    template.add_argument("--project", help="project (default: LLM Deployments)")
+    template.add_argument("--name", help="task name (default: SGLang Model Deployment)")
+    template.add_argument("--print", dest="print_only", action="store_true",
+                          help="print the template definition instead of creating the task")
+    repo_options(template)
+
+    wizard = sub.add_parser("wizard", help="write the ClearML app definition (form + dashboard)")
+    wizard.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    repo_options(wizard)
 
     export = sub.add_parser("export", help="write a config as JSON, secrets removed")
     source = export.add_mutually_exclusive_group(required=True)
@@ -123,11 +154,13 @@ def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_export(options: argparse.Namespace, out: TextIO) -> int:
+def _cmd_export(options: argparse.Namespace, out: TextIO, service=None) -> int:
     if options.task:
-        raise ConfigError(_not_yet("export --task", "reading a task's configuration arrives with the ClearML "
-                                                    "integration; export from the config file with --config"))
-    config = load_config(options.config, options.overrides)
+        service = service or _task_service()
+        config = load_config(hyperparameters=service.parameters(service.get(options.task)),
+                             overrides=options.overrides)
+    else:
+        config = load_config(options.config, options.overrides)
     text = to_json(config)
     if options.output:
         Path(options.output).write_text(text, encoding="utf-8")
@@ -172,7 +205,10 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                                 environ=environ)
     try:
         if config is None:
-            config = load_config(hyperparameters=task.read_hyperparameters(), overrides=overrides)
+            params = task.read_hyperparameters()
+            # `clearml-task --args section.key=value` writes Args/section.key: the same as --set
+            from_args = [f"{k[len('Args/'):]}={v}" for k, v in params.items() if k.startswith("Args/")]
+            config = load_config(hyperparameters=params, overrides=[*from_args, *overrides])
             logger.info("Configuration read from task %s", task.id)
         else:
             task.write_hyperparameters(to_hyperparameters(config.without_secrets()))
@@ -214,10 +250,92 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
     return code
 
 
-def _not_yet(command: str, fix: str):
+def _cmd_launch(options: argparse.Namespace, out: TextIO, service=None) -> int:
+    from app.config import to_hyperparameters
     from app.errors import Problem
+    from app.templates import TaskDefinition
 
-    return Problem(command, "is not available in this version", fix)
+    config = load_config(options.config, options.overrides)  # a bad file creates no task
+    queue = options.queue or config.instance.queue
+    if not queue:
+        raise ConfigError(Problem("instance.queue", "no queue to enqueue to",
+                                  "pass --queue, or set instance.queue in the config"))
+    service = service or _task_service()
+    repo, branch = _repository(options)
+    task = service.create(TaskDefinition(), project=options.project or config.instance.project,
+                          name=options.name or config.instance.name, repo=repo, branch=branch)
+    service.write(task, to_hyperparameters(config))  # secrets included: the instance needs them to run
+    service.enqueue(task, queue)
+    out.write(json.dumps({"task": task.id, "queue": queue, "url": service.web_url(task)}) + "\n")
+    return EXIT_OK
+
+
+def _cmd_clone(options: argparse.Namespace, out: TextIO, service=None) -> int:
+    from app.config import to_hyperparameters
+
+    service = service or _task_service()
+    source = service.get(options.task)
+    config = load_config(hyperparameters=service.parameters(source), overrides=options.overrides)
+    task = service.clone(options.task, name=options.name)
+    service.write(task, to_hyperparameters(config), replace=True)
+    if options.queue:
+        service.enqueue(task, options.queue)
+    out.write(json.dumps({"task": task.id, "queue": options.queue, "url": service.web_url(task)}) + "\n")
+    return EXIT_OK
+
+
+def _cmd_template(options: argparse.Namespace, out: TextIO, service=None) -> int:
+    from app.templates import TaskDefinition
+
+    definition = TaskDefinition()
+    if options.print_only:
+        out.write(definition.to_yaml())
+        return EXIT_OK
+    service = service or _task_service()
+    repo, branch = _repository(options)
+    task = service.create(definition, project=options.project or definition.project,
+                          name=options.name or definition.name, repo=repo, branch=branch)
+    service.write(task, definition.hyperparameters)
+    out.write(json.dumps({"task": task.id, "url": service.web_url(task)}) + "\n")
+    return EXIT_OK
+
+
+def _cmd_wizard(options: argparse.Namespace, out: TextIO) -> int:
+    from app.wizard import DEFAULT_REPOSITORY, render
+
+    repo, branch = _repository(options, detect=False)
+    text = render(repo or DEFAULT_REPOSITORY, branch or "main")
+    if options.output:
+        Path(options.output).write_text(text, encoding="utf-8")
+        logger.info("Wrote %s", options.output)
+    else:
+        out.write(text)
+    return EXIT_OK
+
+
+def _task_service():
+    from app.clearml_task import TaskService
+
+    return TaskService()
+
+
+def _repository(options: argparse.Namespace, detect: bool = True) -> tuple[str | None, str | None]:
+    """--repo/--branch, else this checkout's origin and branch (None: let the SDK detect what it can)."""
+    import subprocess
+
+    repo, branch = options.repo, options.branch
+    if detect and repo is None:
+        def git(*args: str) -> str | None:
+            try:
+                result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                        cwd=Path(__file__).resolve().parent.parent)
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            return result.stdout.strip() or None if result.returncode == 0 else None
+
+        repo = git("remote", "get-url", "origin")
+        branch = branch or git("rev-parse", "--abbrev-ref", "HEAD")
+    return repo, branch
 
 
 def _require_source(options: argparse.Namespace) -> None:
@@ -228,4 +346,5 @@ def _require_source(options: argparse.Namespace) -> None:
                                   "pass --config FILE, or --set models.0.model=<HF name or ClearML Model ID>"))
 
 
-COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run}
+COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run, "launch": _cmd_launch,
+            "clone": _cmd_clone, "template": _cmd_template, "wizard": _cmd_wizard}

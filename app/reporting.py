@@ -64,6 +64,9 @@ class TaskReporter:
                 return url.rstrip("/")
             logger.warning("The App Gateway assigned no endpoint in time; publishing this machine's address")
         else:
+            host_port = self.task.host_port(port)
+            if host_port != port:  # the agent published the container's port on another host port
+                local_url = local_url.rsplit(":", 1)[0] + f":{host_port}"
             logger.info("No AI Application Gateway here (it needs a ClearML Enterprise server): the endpoint is "
                         "this machine's address, %s", local_url)
         return local_url

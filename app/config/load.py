@@ -74,6 +74,10 @@ HYPERPARAMETER_SECTIONS = {
     "auth": "Auth",
 }
 _SECTION_BY_HYPERPARAMETER = {v.lower(): k for k, v in HYPERPARAMETER_SECTIONS.items()}
+# The app form's lists (wizard `list` entries) are one JSON hyperparameter each: Models/models, a list of models
+# keyed like the config file ("lora.enable"), and Environment/variables, a list of {"name", "value"}.
+WIZARD_MODELS_KEY = "models"
+WIZARD_ENV_KEY = "variables"
 
 GENERATE_TOKEN_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
@@ -215,6 +219,12 @@ def raw_from_hyperparameters(params: Mapping[str, Any]) -> dict[str, Any]:
         section = _SECTION_BY_HYPERPARAMETER.get(section_name.lower())
         if section is None or not sep or not rest:
             continue
+        if section == "models" and rest == WIZARD_MODELS_KEY:
+            raw["models"] = _wizard_models(value, problems)
+            continue
+        if section == "env" and rest == WIZARD_ENV_KEY:
+            raw.setdefault("env", {}).update(_wizard_env(value, problems))
+            continue
         if section == "models":
             index, sep2, key = rest.partition("/")
             if not index.isdigit() or not sep2 or not key:
@@ -228,13 +238,56 @@ def raw_from_hyperparameters(params: Mapping[str, Any]) -> dict[str, Any]:
             target[leaf] = value
         else:
             raw.setdefault(section, {})[rest] = value
-    if models:
+    if models and "models" in raw:
+        problems.add(f"hyperparameter Models/{WIZARD_MODELS_KEY}", "is set together with numbered Models/<n>/... keys",
+                     "keep one of them: the app form writes Models/models, a cloned task Models/<n>/...")
+    elif models:
         if sorted(models) != list(range(len(models))):
             problems.add("hyperparameters Models/<number>/...", "model numbers must run 0, 1, 2, … without gaps",
                          "renumber the Models keys")
         raw["models"] = [models[i] for i in sorted(models)]
     problems.raise_if_any()
     return raw
+
+
+def _wizard_models(value: Any, problems: _Problems) -> Any:
+    """The app form's models list: one JSON hyperparameter, items keyed like the config file (`lora.enable`)."""
+    where = f"hyperparameter Models/{WIZARD_MODELS_KEY}"
+    try:
+        items = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as exc:
+        problems.add(where, f"is not JSON ({exc.msg})", "the form writes a JSON list of models")
+        return []
+    if not isinstance(items, list):
+        problems.add(where, "is not a list", "the form writes a JSON list of models")
+        return []
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            out.append(item)  # parse_config says what is wrong with it
+            continue
+        model: dict[str, Any] = {}
+        for key, val in item.items():
+            head, dot, tail = str(key).partition(".")
+            if dot:
+                model.setdefault(head, {})[tail] = val
+            else:
+                model[key] = val
+        out.append(model)
+    return out
+
+
+def _wizard_env(value: Any, problems: _Problems) -> dict[str, Any]:
+    where = f"hyperparameter Environment/{WIZARD_ENV_KEY}"
+    try:
+        items = json.loads(value) if isinstance(value, str) and value.strip() else value or []
+    except json.JSONDecodeError as exc:
+        problems.add(where, f"is not JSON ({exc.msg})", 'the form writes [{"name": ..., "value": ...}]')
+        return {}
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
+        problems.add(where, "is not a list of {name, value}", 'the form writes [{"name": ..., "value": ...}]')
+        return {}
+    return {str(i["name"]): i.get("value", "") for i in items}
 
 
 def load_config(

@@ -275,3 +275,26 @@ def test_simulated_agent_run_deploys_the_values_edited_in_the_ui(local_run, tmp_
     assert f"Configuration read from task {task_id}" in output
     assert "--served-model-name edited" in output and "--max-running-requests 7" in output
     no_process_left()
+
+
+def test_the_app_dashboard_plots_series_this_run_recorded(local_run):
+    """Every dashboard element of the app definition names something this offline session really holds (GPU
+    monitors aside: this machine has no GPU; their names are checked against ClearML's monitor in the unit tests)."""
+    from pyhocon import ConfigFactory
+
+    from app.wizard import render
+
+    _, _, folder = local_run
+    recorded = set(scalars(folder))
+    plots = {(e.get("metric"), e.get("variant")) for e in events(folder, "metrics.jsonl") if e["type"] == "plot"}
+    props = properties(folder)
+    for line in ConfigFactory.parse_string(render())["dashboard"]["lines"]:
+        for element in line["contents"]:
+            if element["type"] == "scalar" and element["metric"] != ":monitor:gpu":
+                for variant in element["variant"]:
+                    assert (element["metric"], variant) in recorded, (element["metric"], variant)
+            elif element["type"] == "plot":
+                assert (element["metric"], element["variant"]) in plots
+            elif element["type"] == "html":
+                for name in [p.split(".")[0] for p in element["text"].split("${hyperparams.properties.")[1:]]:
+                    assert name in props, name

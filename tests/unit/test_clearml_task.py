@@ -31,8 +31,11 @@ class Recorder:
     def __getattr__(self, name: str):
         target = getattr(self._real, name)
 
+        bound = inspect.ismethod(target)  # a classmethod: no `self` to stand in for
+
         def call(*args, **kwargs):
-            inspect.signature(target).bind(None, *args, **kwargs)  # raises TypeError on a wrong call
+            signature = inspect.signature(target)
+            signature.bind(*args, **kwargs) if bound else signature.bind(None, *args, **kwargs)  # TypeError if wrong
             self.calls.append((name, args, kwargs))
             value = self._returns.get(name)
             return value(*args, **kwargs) if callable(value) else value

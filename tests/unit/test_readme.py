@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def test_configuration_reference_is_generated_from_the_schema():
     start = README.index("<!-- config-table:start")
     end = README.index("<!-- config-table:end -->") + len("<!-- config-table:end -->")
-    assert README[start:end] == render_config_table(), "run scripts/update_readme.py"
+    assert README[start:end] == render_config_table(), "run scripts/update_generated.py"
 
 
 def test_ci_runs_the_readme_commands():

@@ -28,6 +28,8 @@ HF_TOKEN = "hf_" + "W" * 34
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # the stand-in engines run anywhere: "cpu" keeps the app from asking for an NVIDIA GPU
 MODEL = ("models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu")
+LOCAL_RUN_SETTINGS = ("idle.time_limit_hours=0.0014", "idle.report_interval_seconds=1",
+                      "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
 
 
 def free_port() -> int:
@@ -128,8 +130,7 @@ def local_run(tmp_path_factory):
     """One local run, offline: traffic, then an idle shutdown (5 s limit, 1 s reports)."""
     cache = tmp_path_factory.mktemp("clearml")
     process, base = start(cache, *MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}",
-                          "idle.time_limit_hours=0.0014", "idle.report_interval_seconds=1",
-                          "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.01")
+                          *LOCAL_RUN_SETTINGS)
     try:
         wait_ready(process, base)
         wait_status(cache, "idle")  # the dashboard saw it idle before any request
@@ -213,6 +214,18 @@ def test_configuration_is_a_readable_form_without_secrets(local_run):
     assert hyperparams["Idle"]["report_interval_seconds"]["type"] == "int"
     assert hyperparams["General"]["hf_token"]["value"] == ""
     assert hyperparams["Auth"]["tokens"]["value"] == "[]"
+
+
+def test_the_form_written_by_the_real_sdk_reads_back_as_the_config(local_run):
+    from app.config import load_config
+
+    _, _, folder = local_run
+    hyperparams = json.loads((folder / "task.json").read_text())["hyperparams"]
+    params = {f"{section}/{name}": item["value"] for section, items in hyperparams.items()
+              for name, item in items.items()}
+    expected = load_config(overrides=[*MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}",
+                                      *LOCAL_RUN_SETTINGS])
+    assert load_config(hyperparameters=params) == expected.without_secrets()
 
 
 def test_tokens_appear_in_no_session_file_and_not_on_the_console(local_run):

@@ -19,6 +19,7 @@ from app.cli import _cmd_clone, _cmd_export, _cmd_launch, _cmd_template, build_p
 from app.config import load_config, parse_config, schema, to_hyperparameters, to_mapping
 from app.config.docs import render_clearml_task_block
 from app.config.load import parse_config_text
+from app.errors import ConfigError
 from app.templates import REQUIREMENTS, TEMPLATE_FILE, TaskDefinition, clearml_task_argv
 from app.wizard import APP_FILE, render, wizard_entries
 from tests.conftest import EXAMPLES, ROOT, run_cli
@@ -261,6 +262,10 @@ def test_launch_refuses_a_bad_file_and_creates_no_task(tmp_path, content, field)
     path.write_text(content)
     result = run_cli("launch", "--config", str(path), "--queue", "gpu", "--repo", "r")
     assert result.code == 2 and field in result.err and "Traceback" not in result.err
+    service, task_class, created, _ = recording_service()
+    with pytest.raises(ConfigError):
+        _cmd_launch(options("launch", "--config", str(path), "--queue", "gpu"), io.StringIO(), service=service)
+    assert task_class.calls == [] and created == []
 
 
 def test_agent_port_mapping():

@@ -161,13 +161,7 @@ def _cmd_export(options: argparse.Namespace, out: TextIO, service=None) -> int:
                              overrides=options.overrides)
     else:
         config = load_config(options.config, options.overrides)
-    text = to_json(config)
-    if options.output:
-        Path(options.output).write_text(text, encoding="utf-8")
-        logger.info("Wrote %s", options.output)
-    else:
-        out.write(text)
-    return EXIT_OK
+    return _write(to_json(config), options.output, out)
 
 
 def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
@@ -304,10 +298,14 @@ def _cmd_wizard(options: argparse.Namespace, out: TextIO) -> int:
     from app.wizard import DEFAULT_REPOSITORY, render
 
     repo, branch = _repository(options, detect=False)
-    text = render(repo or DEFAULT_REPOSITORY, branch or "main")
-    if options.output:
-        Path(options.output).write_text(text, encoding="utf-8")
-        logger.info("Wrote %s", options.output)
+    return _write(render(repo or DEFAULT_REPOSITORY, branch or "main"), options.output, out)
+
+
+def _write(text: str, output: str | None, out: TextIO) -> int:
+    """A command's document: into `output` when given, else standard output."""
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        logger.info("Wrote %s", output)
     else:
         out.write(text)
     return EXIT_OK

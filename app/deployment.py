@@ -292,10 +292,7 @@ class Deployment:
             try:
                 await self._until_started()
             except EngineStartupError as exc:
-                logger.error("%s", exc.render())
-                self.failure_reason = str(exc)
-                await self._tell(self.reporter.status, FAILED, str(exc))
-                return EXIT_ENGINE
+                return await self._fail(exc)
             if self._stop.is_set():
                 return await self._signal_exit()
             await self._announce()
@@ -372,13 +369,8 @@ class Deployment:
                             tracker.limit_seconds or 0)
                 await self._tell(self.reporter.status, STOPPED, "idle time limit reached")
                 return EXIT_OK
-            if self.supervisor.failed.is_set():
-                failure = self.supervisor.failure
-                if failure is not None:
-                    logger.error("%s", failure.render())
-                self.failure_reason = str(failure)
-                await self._tell(self.reporter.status, FAILED, str(failure))
-                return EXIT_ENGINE
+            if self.supervisor.failed.is_set() and self.supervisor.failure is not None:
+                return await self._fail(self.supervisor.failure)
             if self._stop.is_set():
                 return await self._signal_exit()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -401,6 +393,12 @@ class Deployment:
         for text in texts:
             total = total + TokenTotals.from_metrics(parse_prometheus(text))
         return total
+
+    async def _fail(self, failure: EngineStartupError) -> int:
+        logger.error("%s", failure.render())
+        self.failure_reason = str(failure)
+        await self._tell(self.reporter.status, FAILED, self.failure_reason)
+        return EXIT_ENGINE
 
     async def _signal_exit(self) -> int:
         signum = self.stop_signal or 15

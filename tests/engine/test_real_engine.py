@@ -22,8 +22,8 @@ import requests  # noqa: E402
 
 from app.config import load_config  # noqa: E402
 from app.deployment import Deployment, RunOptions  # noqa: E402
-from app.models import ModelNotFound  # noqa: E402
 from app.tiny_model import make_tiny_models  # noqa: E402
+from tests.fakes.registry import NoRegistry  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -31,10 +31,6 @@ TOKEN = "engine-tier-token-" + "z" * 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STARTUP_DEADLINE_S = 300
 
-
-class NoRegistry:
-    def get_local_copy(self, model_id: str) -> str:
-        raise ModelNotFound("not used")
 
 
 class Served:

@@ -22,17 +22,13 @@ import psutil
 from app.config import load_config
 from app.deployment import Deployment, RunOptions
 from app.gpus import Gpu
-from app.models import ModelNotFound
+from tests.fakes.registry import NoRegistry
 
 FAKE = Path(__file__).resolve().parent.parent / "fakes" / "fake_sglang_server.py"
 TOKEN = "test-token-" + "x" * 20
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DEADLINE_S = 20.0
 
-
-class NoRegistry:
-    def get_local_copy(self, model_id: str) -> str:
-        raise ModelNotFound("no registry in this test")
 
 
 @dataclass

@@ -10,8 +10,10 @@ Routes (DESIGN section 4):
 
 Every route but /healthz and /readyz needs `Authorization: Bearer <token>`; a request without a valid token is
 answered 401 here and never reaches an engine. The client's token is replaced by the engine's own key upstream.
-Streams are forwarded chunk by chunk as they arrive; a client that disconnects cancels its handler, which closes
-the upstream connection, which makes SGLang abort the request. One long-lived client session per engine.
+Responses are relayed as they arrive (`app.gateway.http11`): a stream's chunks reach the client as the engine
+produces them, and a client that disconnects closes its upstream connection, which makes SGLang abort the
+request. Errors: 404 unknown model or route, 413 body too large, 502 engine unreachable or failed (an SSE error
+event when a stream was already under way), 503 loading or draining (`Retry-After`), 504 engine silent too long.
 
 Example::
 
@@ -30,18 +32,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import aiohttp
-from aiohttp import web
+from urllib.parse import urlsplit
 
 from app.gateway.auth import TokenChecker
+from app.gateway.http11 import (
+    Exchange,
+    PoolExhausted,
+    Request,
+    ResponseHead,
+    ServerConnection,
+    Upstream,
+    UpstreamError,
+    request_bytes,
+    response_head,
+)
 from app.gateway.stats import RequestRecord, RequestStats
 
 logger = logging.getLogger(__name__)
 
 # Largest request body accepted (base64 images make multimodal requests large; text requests are tiny).
 MAX_BODY_BYTES = 32 * 1024 * 1024
-# Largest non-streamed response read whole to count its tokens; larger ones pass through uncounted.
+# Largest non-streamed response kept in memory to count its tokens; larger ones pass through uncounted.
 MAX_COUNTED_RESPONSE_BYTES = 4 * 1024 * 1024
 # Waiting this long for the engine's next byte means it hangs: 504 before headers, an SSE error event after.
 UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
@@ -49,12 +60,8 @@ UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 # What a 503 tells clients to wait before retrying (loading, restarting, draining).
 RETRY_AFTER_SECONDS = 5
 
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "authorization",
-})
-_RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_JSON = [(b"content-type", b"application/json")]
 
 
 class EngineHandle(Protocol):
@@ -70,7 +77,9 @@ class ModelRoute:
     engine: EngineHandle
     api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
     adapters: tuple[str, ...] = ()
-    session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    upstream: Upstream | None = field(default=None, repr=False)
+    _host: bytes = field(default=b"", repr=False)
+    _authorization: bytes | None = field(default=None, repr=False)
 
 
 class Activity(Protocol):
@@ -81,9 +90,19 @@ class Activity(Protocol):
     def request_finished(self, now: float) -> None: ...
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None = None, **headers: str) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "code": code or str(status)}}
-    return web.json_response(body, status=status, headers=headers or None)
+@dataclass(frozen=True)
+class Answer:
+    """A response the gateway makes itself."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type: bytes = b"application/json"
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None = None, **headers: str) -> Answer:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": code or str(status)}}).encode()
+    return Answer(status, body, tuple((k.lower().encode(), v.encode()) for k, v in headers.items()))
 
 
 def _sse_error(message: str, code: int) -> bytes:
@@ -116,32 +135,26 @@ class Gateway:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[ServerConnection] = set()
         self.port: int | None = None
 
     # ----- lifecycle -----
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_route("*", "/{path:.*}", self.handle)
-        return app
-
     async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
         for route in self.routes.values():
-            route.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=None, connect=UPSTREAM_CONNECT_TIMEOUT_SECONDS,
-                                              sock_read=self.upstream_read_timeout_s),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
-        # handler_cancellation: a client that goes away cancels its handler at once, even mid-wait
-        self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+            parts = urlsplit(route.engine.url)
+            route.upstream = Upstream(parts.hostname or "127.0.0.1", parts.port or 80,
+                                      connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_SECONDS, loop=loop)
+            route._host = parts.netloc.encode()
+            route._authorization = f"Bearer {route.api_key}".encode() if route.api_key else None
+
+        def connection() -> ServerConnection:
+            return _TrackedConnection(self._handle, lambda: self.max_body_bytes, loop, self._connections)
+
+        self._server = await loop.create_server(connection, host, port, reuse_address=True, backlog=2048)
+        self.port = self._server.sockets[0].getsockname()[1]
         logger.info("Gateway listening on %s:%s", host, self.port)
 
     def begin_drain(self) -> None:
@@ -157,143 +170,163 @@ class Gateway:
             return False
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self._connections):
+                conn.abort()
+            await self._server.wait_closed()
         for route in self.routes.values():
-            if route.session is not None:
-                await route.session.close()
+            if route.upstream is not None:
+                route.upstream.close()
 
     # ----- requests -----
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: Request, conn: ServerConnection) -> None:
+        answer = self._answer(request)
+        if answer is not None:
+            self._send(conn, answer)
+            return
+        route, upstream_path = self._route(request)
+        if isinstance(route, Answer):
+            self._send(conn, route)
+            return
+        if route.engine.state != "resident":
+            self._send(conn, openai_error(503, f"Model {route.endpoint!r} is {route.engine.state}; retry shortly",
+                                          "service_unavailable", route.engine.state,
+                                          **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
+            return
+        await self._proxy(request, conn, route, upstream_path)
+
+    def _answer(self, request: Request) -> Answer | None:
+        """What the gateway answers itself, before any routing; None to proxy the request."""
         path = request.path
         if path in _OPEN_PATHS:
             return self._healthz() if path == "/healthz" else self._readyz()
-        if not self.auth.check(request.headers.get("Authorization")):
+        authorization = request.header(b"authorization")
+        if not self.auth.check(authorization.decode("latin-1") if authorization is not None else None):
             return openai_error(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
                                 "authentication_error", "invalid_api_key", **{"WWW-Authenticate": "Bearer"})
         if path == "/metrics":
-            return web.Response(text=self.stats.prometheus(self.in_flight, self.states()),
-                                content_type="text/plain", charset="utf-8")
+            return Answer(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
+                          content_type=b"text/plain; version=0.0.4; charset=utf-8")
         if path == "/v1/models" and request.method == "GET":
-            return web.json_response(self._models())
+            return Answer(200, json.dumps(self._models()).encode())
+        if request.method == "HEAD":  # no SGLang route answers HEAD
+            return openai_error(405, "HEAD is not supported", "invalid_request_error", "method_not_allowed")
+        if request.too_large:
+            return openai_error(413, f"Request body is larger than {self.max_body_bytes} bytes",
+                                "invalid_request_error", "request_too_large")
         if self.draining:
             return openai_error(503, "The deployment is shutting down", "service_unavailable", "draining",
                                 **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-        if (request.content_length or 0) > self.max_body_bytes:
-            return self._too_large()
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large()
-        if len(body) > self.max_body_bytes:
-            return self._too_large()
-        route, upstream_path = self._route(path, body)
-        if isinstance(route, web.Response):
-            return route
-        if route.engine.state != "resident":
-            return openai_error(503, f"Model {route.endpoint!r} is {route.engine.state}; retry shortly",
-                                "service_unavailable", route.engine.state,
-                                **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-        return await self._proxy(request, route, upstream_path, body)
+        return None
 
-    def _route(self, path: str, body: bytes) -> tuple[ModelRoute | web.Response, str]:
+    def _route(self, request: Request) -> tuple[ModelRoute | Answer, bytes]:
+        path = request.path
+        target = request.path.encode("utf-8") + (b"?" + request.query if request.query else b"")
         if path.startswith("/v1/"):
-            model = _model_field(body)
+            model = _model_field(request.body)
             if model is None:
                 if len(self.routes) == 1:
-                    return next(iter(self.routes.values())), path
+                    return next(iter(self.routes.values())), target
                 return openai_error(400, "The request names no model: set \"model\" to one of "
-                                    + ", ".join(sorted(self.routes)), "invalid_request_error", "model_required"), ""
+                                    + ", ".join(sorted(self.routes)), "invalid_request_error", "model_required"), b""
             endpoint = model if model in self.routes else model.split(":", 1)[0]
             route = self.routes.get(endpoint)
             if route is None:
-                return self._unknown_model(model), ""
-            return route, path
+                return openai_error(404, f"The model {model[:200]!r} does not exist; available: "
+                                    + ", ".join(sorted(self.routes)), "invalid_request_error", "model_not_found"), b""
+            return route, target
         endpoint, _, rest = path[1:].partition("/")
         route = self.routes.get(endpoint)
-        if route is None:
-            return openai_error(404, f"No route {path!r}: use /v1/... or /<endpoint>/...; endpoints: "
-                                + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), ""
-        return route, "/" + rest
+        if route is None or ".." in rest.split("/"):
+            return openai_error(404, f"No route {path[:200]!r}: use /v1/... or /<endpoint>/...; endpoints: "
+                                + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), b""
+        return route, target[len(endpoint) + 1:]
 
-    def _too_large(self) -> web.Response:
-        return openai_error(413, f"Request body is larger than {self.max_body_bytes} bytes", "invalid_request_error",
-                            "request_too_large")
-
-    def _unknown_model(self, model: str) -> web.Response:
-        return openai_error(404, f"The model {model[:200]!r} does not exist; available: "
-                            + ", ".join(sorted(self.routes)), "invalid_request_error", "model_not_found")
-
-    async def _proxy(self, request: web.Request, route: ModelRoute, upstream_path: str,
-                     body: bytes) -> web.StreamResponse:
+    async def _proxy(self, request: Request, conn: ServerConnection, route: ModelRoute, target: bytes) -> None:
         started = self.clock()
         self._enter(started)
-        status, ttft, usage, streamed = 502, None, None, False
+        usage = _UsageScanner()
+        loop = asyncio.get_running_loop()
+        exchange = Exchange(conn, loop, self.upstream_read_timeout_s, on_chunk=usage.feed)
+        status, streamed = 502, False
         try:
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-            if route.api_key:
-                headers["Authorization"] = f"Bearer {route.api_key}"
-            url = route.engine.url + upstream_path + (f"?{request.query_string}" if request.query_string else "")
-            assert route.session is not None
-            try:
-                upstream = await route.session.request(request.method, url, data=body or None, headers=headers,
-                                                       allow_redirects=False)
-            except asyncio.TimeoutError:
-                status = 504
-                return openai_error(504, f"Model {route.endpoint!r} did not answer in time", "engine_timeout")
-            except aiohttp.ClientError as exc:
-                status = 502
-                return openai_error(502, f"Model {route.endpoint!r} is unreachable ({type(exc).__name__})",
-                                    "engine_unreachable")
-            async with upstream:
-                status = upstream.status
-                out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP}
-                is_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream") or (
-                    upstream.content_length is None and request.method != "HEAD")
-                if not is_stream:
-                    try:
-                        data = await upstream.read()
-                    except asyncio.TimeoutError:
-                        status = 504
-                        return openai_error(504, f"Model {route.endpoint!r} did not answer in time",
-                                            "engine_timeout")
-                    except aiohttp.ClientError:
-                        status = 502
-                        return openai_error(502, f"Model {route.endpoint!r} failed while answering",
-                                            "engine_unreachable")
-                    usage = _usage_from_json(data) if len(data) <= MAX_COUNTED_RESPONSE_BYTES else None
-                    return web.Response(body=data, status=upstream.status, headers=out_headers)
-                streamed = True
-                response = web.StreamResponse(status=upstream.status, headers=out_headers)
-                await response.prepare(request)
-                tracker = _UsageScanner()
+            assert route.upstream is not None
+
+            def on_headers(head: ResponseHead) -> None:
+                nonlocal status, streamed
+                status = head.status
+                streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
+                    b"text/event-stream")
+                usage.whole = not streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
+                conn.start(response_head(head), head.content_length)
+
+            data = request_bytes(request.method, target, route._host, request.headers, request.body,
+                                 route._authorization)
+            for attempt in (1, 2):
                 try:
-                    async for chunk in upstream.content.iter_any():
-                        if ttft is None:
-                            ttft = self.clock() - started
-                        await response.write(chunk)
-                        tracker.feed(chunk)
-                except asyncio.TimeoutError:
-                    status = 504
-                    await response.write(_sse_error(f"Model {route.endpoint!r} stopped answering", 504))
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    status = 502
-                    logger.warning("Stream from %s was cut: the engine failed mid-response", route.endpoint)
-                    await response.write(_sse_error(f"Model {route.endpoint!r} failed mid-response", 502))
-                usage = tracker.usage
-                await response.write_eof()
-                return response
-        except (ConnectionResetError, asyncio.CancelledError):
-            status = 499  # the client went away; leaving this block closes the upstream request
+                    upstream = await route.upstream.acquire()
+                except PoolExhausted:
+                    status = 503
+                    self._send(conn, openai_error(503, f"Model {route.endpoint!r} has too many requests open",
+                                                  "service_unavailable", "overloaded",
+                                                  **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
+                    return
+                except UpstreamError as exc:
+                    self._send(conn, openai_error(502, f"Model {route.endpoint!r} is unreachable ({exc})",
+                                                  "engine_unreachable"))
+                    return
+                reused = upstream.used
+                exchange.send(upstream, data, on_headers)
+                await exchange.done
+                if exchange.error is None or exchange.head.done() and not exchange.head.exception() \
+                        or not reused or attempt == 2 or exchange.timed_out:
+                    break
+                # a kept-alive connection the engine had closed: once more, on a fresh one
+                exchange = Exchange(conn, loop, self.upstream_read_timeout_s, on_chunk=usage.feed)
+            if exchange.error is not None:
+                status = self._failed(conn, exchange, route, status)
+            else:
+                conn.end()
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            exchange.abandon()
             raise
         finally:
             ended = self.clock()
             self._leave(ended)
+            ttft = (exchange.first_byte_at - started) if streamed and exchange.first_byte_at is not None else None
+            found = usage.result()
             self.stats.record(RequestRecord(
                 endpoint=route.endpoint, status=status, latency_s=ended - started, ttft_s=ttft,
-                prompt_tokens=(usage or {}).get("prompt_tokens"),
-                completion_tokens=(usage or {}).get("completion_tokens"), stream=streamed))
+                prompt_tokens=(found or {}).get("prompt_tokens"),
+                completion_tokens=(found or {}).get("completion_tokens"), stream=streamed))
+
+    def _failed(self, conn: ServerConnection, exchange: Exchange, route: ModelRoute, status: int) -> int:
+        """The engine failed or went silent: say so in the way the client can still hear."""
+        timed_out = exchange.timed_out
+        code = 504 if timed_out else 502
+        what = "stopped answering" if timed_out else "failed mid-response"
+        if not exchange.head.done() or exchange.head.cancelled() or exchange.head.exception() is not None:
+            if timed_out:
+                self._send(conn, openai_error(504, f"Model {route.endpoint!r} did not answer in time",
+                                              "engine_timeout"))
+            else:
+                self._send(conn, openai_error(502, f"Model {route.endpoint!r} failed before answering",
+                                              "engine_unreachable"))
+            return code
+        logger.warning("Response from %s was cut: the engine %s", route.endpoint, what)
+        head = exchange.head.result()
+        if (head.header(b"content-type") or b"").startswith(b"text/event-stream"):
+            conn.write(_sse_error(f"Model {route.endpoint!r} {what}", code))
+            conn.end()
+        else:
+            conn.abort()  # a body cut short: the client must not take it for a whole one
+        return code
+
+    def _send(self, conn: ServerConnection, answer: Answer) -> None:
+        conn.respond(answer.status, [(b"content-type", answer.content_type), *answer.headers], answer.body)
 
     def _enter(self, now: float) -> None:
         self.in_flight += 1
@@ -313,14 +346,14 @@ class Gateway:
     def states(self) -> dict[str, str]:
         return {name: route.engine.state for name, route in self.routes.items()}
 
-    def _healthz(self) -> web.Response:
-        return web.json_response({"status": "ok"})
+    def _healthz(self) -> Answer:
+        return Answer(200, b'{"status": "ok"}')
 
-    def _readyz(self) -> web.Response:
+    def _readyz(self) -> Answer:
         states = self.states()
         ready = all(s == "resident" for s in states.values()) and not self.draining
         body = {"ready": ready, "draining": self.draining, "models": states}
-        return web.json_response(body, status=200 if ready else 503)
+        return Answer(200 if ready else 503, json.dumps(body).encode())
 
     def _models(self) -> dict[str, Any]:
         created = int(time.time())
@@ -331,6 +364,22 @@ class Gateway:
             data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
                       "parent": name, "state": route.engine.state} for adapter in route.adapters]
         return {"object": "list", "data": data}
+
+
+class _TrackedConnection(ServerConnection):
+    """A server connection the gateway can find again (to close them all when it stops)."""
+
+    def __init__(self, handler, max_body_bytes, loop, registry: set[ServerConnection]):
+        super().__init__(handler, max_body_bytes, loop)
+        self._registry = registry
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._registry.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        super().connection_lost(exc)
 
 
 def _model_field(body: bytes) -> str | None:
@@ -354,13 +403,18 @@ def _usage_from_json(data: bytes) -> dict[str, int] | None:
 
 
 class _UsageScanner:
-    """Finds the usage block in a stream's SSE events, where it is (usually the last event)."""
+    """Finds a response's token usage: in a whole JSON body, or in a stream's SSE events (usually the last one)."""
 
     def __init__(self) -> None:
         self.usage: dict[str, int] | None = None
+        self.whole = False  # the response is one JSON document: keep it to read its usage at the end
+        self._body: list[bytes] = []
         self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
+        if self.whole:
+            self._body.append(chunk)
+            return
         if b'"usage"' not in chunk and not self._partial:
             return
         text = self._partial + chunk
@@ -376,3 +430,8 @@ class _UsageScanner:
                     usage = _usage_from_json(line[5:].strip())
                     if usage:
                         self.usage = usage
+
+    def result(self) -> dict[str, int] | None:
+        if self.whole and self._body:
+            return _usage_from_json(b"".join(self._body))
+        return self.usage

@@ -17,6 +17,7 @@ one transport to the other in the event loop's callbacks, and only the request's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,12 +45,12 @@ _HOP_BY_HOP = frozenset({
 _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
 
 
-def status_line(status: int, reason: bytes | None = None) -> bytes:
-    if reason is None:
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b"Unknown"
+@functools.lru_cache(maxsize=128)
+def status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b"Unknown"
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
@@ -100,6 +101,7 @@ class ServerConnection(asyncio.Protocol):
         self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
         self.closed = False
         self._chunked = False
+        self._pending_head: bytes | None = None
         self.keep_alive = True
 
     # ----- asyncio.Protocol -----
@@ -230,20 +232,33 @@ class ServerConnection(asyncio.Protocol):
 
     def start(self, head: bytes, content_length: int | None) -> None:
         """Send a response head built by the caller (status line and headers, without the blank line); the body
-        follows with `write`, chunked unless its length is known."""
+        follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
+        they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
         if not self.keep_alive:
             extra += b"connection: close\r\n"
-        self._write(head + extra + b"\r\n")
+        self._pending_head = head + extra + b"\r\n"
+        self._loop.call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        if self._pending_head is not None:
+            head, self._pending_head = self._pending_head, None
+            self._write(head)
 
     def write(self, data: bytes) -> None:
         if data:
-            self._write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+            framed = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
+            if self._pending_head is not None:
+                framed, self._pending_head = self._pending_head + framed, None
+            self._write(framed)
 
     def end(self) -> None:
-        if self._chunked:
-            self._write(b"0\r\n\r\n")
+        tail = b"0\r\n\r\n" if self._chunked else b""
+        if self._pending_head is not None:
+            tail, self._pending_head = self._pending_head + tail, None
+        if tail:
+            self._write(tail)
 
     def abort(self) -> None:
         """Cut the connection (a response that cannot be finished properly)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -382,9 +383,16 @@ class _TrackedConnection(ServerConnection):
         super().connection_lost(exc)
 
 
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_USAGE_RE = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+
+
 def _model_field(body: bytes) -> str | None:
     if not body or b'"model"' not in body:
         return None
+    match = _MODEL_RE.search(body)
+    if match is not None and body.count(b'"model"') == 1:  # the common case, without parsing the whole body
+        return match.group(1).decode("utf-8", "replace")
     try:
         value = json.loads(body).get("model")
     except (ValueError, AttributeError):
@@ -393,13 +401,12 @@ def _model_field(body: bytes) -> str | None:
 
 
 def _usage_from_json(data: bytes) -> dict[str, int] | None:
-    if b'"usage"' not in data:
+    """The token counts of a usage block (found by pattern: parsing whole responses costs more than proxying)."""
+    at = data.find(b'"usage"')
+    if at < 0 or data.startswith(b"null", at + 8) or data.startswith(b" null", at + 8):
         return None
-    try:
-        usage = json.loads(data).get("usage")
-    except (ValueError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
+    found = {k.decode(): int(v) for k, v in _USAGE_RE.findall(data, at)}
+    return found or None
 
 
 class _UsageScanner:

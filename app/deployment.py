@@ -153,6 +153,7 @@ class RunOptions:
     engine_stop_grace_s: float = ENGINE_STOP_GRACE_SECONDS
     upstream_read_timeout_s: float | None = None
     launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
+    request_receive_timeout_s: float | None = None  # a client has this long to send a whole request
 
 
 async def scrape_metrics(url: str) -> str:
@@ -281,6 +282,8 @@ class Deployment:
         gateway_kwargs = {}
         if self.options.upstream_read_timeout_s is not None:
             gateway_kwargs["upstream_read_timeout_s"] = self.options.upstream_read_timeout_s
+        if self.options.request_receive_timeout_s is not None:
+            gateway_kwargs["request_receive_timeout_s"] = self.options.request_receive_timeout_s
         self.gateway = Gateway(routes, TokenChecker(tokens), self.stats, activity=tracker, clock=self.clock,
                                **gateway_kwargs)
         self.supervisor = EngineSupervisor(engines, startup_deadline_s=self.options.startup_deadline_s,

@@ -220,8 +220,9 @@ def serve_clearml(port: int, upstream: str) -> None:
 
 def wrk(url: str, connections: int, seconds: float, workdir: Path) -> dict:
     script = workdir / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.body = \'%s\'\nwrk.headers["Content-Type"] = "application/json"\n'
-                      'wrk.headers["Authorization"] = "Bearer %s"\n' % (json.dumps(CHAT), TOKEN))
+    script.write_text(f'wrk.method = "POST"\nwrk.body = \'{json.dumps(CHAT)}\'\n'
+                      f'wrk.headers["Content-Type"] = "application/json"\n'
+                      f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n')
     threads = 1 if connections == 1 else 2
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
                           str(script), url + "/v1/chat/completions"], capture_output=True, text=True).stdout

@@ -81,9 +81,11 @@ Handler = Callable[[Request, "ServerConnection"], Awaitable[None]]
 class ServerConnection(asyncio.Protocol):
     """One client connection. The handler answers with `respond` (whole) or `start`/`write`/`end` (streamed)."""
 
-    def __init__(self, handler: Handler, max_body_bytes: Callable[[], int], loop: asyncio.AbstractEventLoop):
+    def __init__(self, handler: Handler, max_body_bytes: Callable[[], int], loop: asyncio.AbstractEventLoop,
+                 receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS):
         self._handler = handler
         self._max_body = max_body_bytes
+        self._receive_timeout_s = receive_timeout_s
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -101,6 +103,7 @@ class ServerConnection(asyncio.Protocol):
         self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
         self.closed = False
         self._chunked = False
+        self._receiving = False  # a request has begun and is not complete yet
         self._pending_head: bytes | None = None
         self.keep_alive = True
 
@@ -111,12 +114,15 @@ class ServerConnection(asyncio.Protocol):
         self._arm(KEEPALIVE_TIMEOUT_SECONDS)
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None or self._head_bytes == 0 and not self._url:
-            self._arm(REQUEST_RECEIVE_TIMEOUT_SECONDS)
+        if not self._receiving and self._task is None:  # a new request starts: it must arrive in time
+            self._arm(self._receive_timeout_s)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, b"Upgrades are not supported")
+            # no protocol switch here: the request is answered as plain HTTP, then the connection closes
+            self.keep_alive = False
+            if self._task is None and not self._pending:
+                self._fail(400, b"Upgrades are not supported")
         except httptools.HttpParserError:
             self._fail(431 if self._head_bytes > MAX_HEAD_BYTES else 400, b"Malformed HTTP request")
 
@@ -140,6 +146,7 @@ class ServerConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._body_size, self._too_large = b"", [], [], 0, False
         self._head_bytes = 0
+        self._receiving = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -170,6 +177,7 @@ class ServerConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._receiving = False
         parsed = httptools.parse_url(self._url)
         request = Request(
             method=self._parser.get_method().decode("ascii", "replace"),
@@ -285,7 +293,7 @@ class ServerConnection(asyncio.Protocol):
         self._timer = None
         if self._task is not None:  # a request is being answered: no receive deadline for it
             return
-        if self._url or self._head_bytes:
+        if self._receiving:
             self._fail(408, b"Request not received in time")
         elif self.transport is not None:
             self.transport.close()  # an idle keep-alive connection

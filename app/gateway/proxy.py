@@ -33,10 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from app.gateway.auth import TokenChecker
 from app.gateway.http11 import (
+    REQUEST_RECEIVE_TIMEOUT_SECONDS,
     Exchange,
     PoolExhausted,
     Request,
@@ -124,6 +125,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         max_body_bytes: int = MAX_BODY_BYTES,
         upstream_read_timeout_s: float = UPSTREAM_READ_TIMEOUT_SECONDS,
+        request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
     ):
         self.routes = {r.endpoint: r for r in routes}
         self.auth = auth
@@ -132,6 +134,7 @@ class Gateway:
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.upstream_read_timeout_s = upstream_read_timeout_s
+        self.request_receive_timeout_s = request_receive_timeout_s
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -152,7 +155,8 @@ class Gateway:
             route._authorization = f"Bearer {route.api_key}".encode() if route.api_key else None
 
         def connection() -> ServerConnection:
-            return _TrackedConnection(self._handle, lambda: self.max_body_bytes, loop, self._connections)
+            return _TrackedConnection(self._handle, lambda: self.max_body_bytes, loop, self._connections,
+                                      self.request_receive_timeout_s)
 
         self._server = await loop.create_server(connection, host, port, reuse_address=True, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -240,7 +244,7 @@ class Gateway:
             return route, target
         endpoint, _, rest = path[1:].partition("/")
         route = self.routes.get(endpoint)
-        if route is None or ".." in rest.split("/"):
+        if route is None or ".." in unquote(rest).split("/"):  # no way out of the engine's routes
             return openai_error(404, f"No route {path[:200]!r}: use /v1/... or /<endpoint>/...; endpoints: "
                                 + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), b""
         return route, target[len(endpoint) + 1:]
@@ -370,8 +374,8 @@ class Gateway:
 class _TrackedConnection(ServerConnection):
     """A server connection the gateway can find again (to close them all when it stops)."""
 
-    def __init__(self, handler, max_body_bytes, loop, registry: set[ServerConnection]):
-        super().__init__(handler, max_body_bytes, loop)
+    def __init__(self, handler, max_body_bytes, loop, registry: set[ServerConnection], receive_timeout_s: float):
+        super().__init__(handler, max_body_bytes, loop, receive_timeout_s)
         self._registry = registry
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

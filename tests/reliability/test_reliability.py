@@ -174,8 +174,8 @@ def hostile_requests(port: int) -> list[tuple[str, bytes, int]]:
         ("bad method line", b"GET\r\n\r\n", 400),
         ("body too large", post(b"/v1/chat/completions", b"x" * 64, auth).replace(
             b"Content-Length: 64", b"Content-Length: 999999999"), 413),
-        ("upgrade ignored", b"GET /v1/models HTTP/1.1\r\n" + host + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-         401),
+        ("upgrade ignored", b"GET /v1/models HTTP/1.1\r\n" + host
+         + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 401),
     ]
     return cases
 

@@ -20,7 +20,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
@@ -75,7 +75,10 @@ class Request:
 # the client side
 
 
-Handler = Callable[[Request, "ServerConnection"], Awaitable[None]]
+# A handler answers at once (returns None), relays on callbacks and calls `request_done` later (returns PENDING),
+# or needs to wait for something first (returns an awaitable, which then returns None or PENDING).
+PENDING = object()
+Handler = Callable[[Request, "ServerConnection"], object]
 
 
 class ServerConnection(asyncio.Protocol):
@@ -96,7 +99,9 @@ class ServerConnection(asyncio.Protocol):
         self._body_size = 0
         self._too_large = False
         self._pending: list[Request] = []
+        self._busy = False  # a request is being answered
         self._task: asyncio.Task[None] | None = None
+        self.on_lost: Callable[[], None] | None = None  # the relay of the request being answered
         self._timer: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -114,14 +119,14 @@ class ServerConnection(asyncio.Protocol):
         self._arm(KEEPALIVE_TIMEOUT_SECONDS)
 
     def data_received(self, data: bytes) -> None:
-        if not self._receiving and self._task is None:  # a new request starts: it must arrive in time
+        if not self._receiving and not self._busy:  # a new request starts: it must arrive in time
             self._arm(self._receive_timeout_s)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # no protocol switch here: the request is answered as plain HTTP, then the connection closes
             self.keep_alive = False
-            if self._task is None and not self._pending:
+            if not self._busy and not self._pending:
                 self._fail(400, b"Upgrades are not supported")
         except httptools.HttpParserError:
             self._fail(431 if self._head_bytes > MAX_HEAD_BYTES else 400, b"Malformed HTTP request")
@@ -132,6 +137,9 @@ class ServerConnection(asyncio.Protocol):
         self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: its request is abandoned, upstream included
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -191,37 +199,66 @@ class ServerConnection(asyncio.Protocol):
         if self._too_large:
             self.transport.pause_reading()  # type: ignore[union-attr]
         self._pending.append(request)
-        if self._task is None:
+        if not self._busy:
             self._next()
 
     # ----- dispatch -----
 
     def _next(self) -> None:
-        if not self._pending or self.closed:
-            self._task = None
-            if not self.closed:
-                self._arm(KEEPALIVE_TIMEOUT_SECONDS)
-            return
-        request = self._pending.pop(0)
-        self.keep_alive = request.keep_alive and not request.too_large
-        self._task = self._loop.create_task(self._run(request))
+        while self._pending and not self.closed:
+            request = self._pending.pop(0)
+            self.keep_alive = request.keep_alive and not request.too_large
+            self._busy = True
+            try:
+                result = self._handler(request, self)
+            except Exception:
+                result = None
+                self._internal_error()
+            if result is PENDING:
+                return  # the relay calls request_done
+            if result is not None:
+                self._task = self._loop.create_task(self._run(result))  # type: ignore[arg-type]
+                return
+            if not self._finished_one():
+                return
+        self._busy = False
+        if not self.closed:
+            self._arm(KEEPALIVE_TIMEOUT_SECONDS)
 
-    async def _run(self, request: Request) -> None:
+    async def _run(self, awaitable: Awaitable[object]) -> None:
         try:
-            await self._handler(request, self)
+            result = await awaitable
         except asyncio.CancelledError:
             return
         except Exception:
-            logger.exception("Gateway handler failed")
-            if not self.closed:
-                self.respond(500, [(b"content-type", b"application/json")],
-                             b'{"error":{"message":"internal error","type":"internal_error","code":"500"}}')
+            result = None
+            self._internal_error()
+        self._task = None
+        if result is not PENDING:
+            self.request_done()
+
+    def request_done(self) -> None:
+        """The current request has been answered: on to the next one (or close)."""
+        self.on_lost = None
+        if self._finished_one():
+            self._next()
+
+    def _finished_one(self) -> bool:
+        """After an answer: False when the connection closes instead of serving another request."""
+        self._busy = False
         if self.closed:
-            return
+            return False
         if not self.keep_alive:
             self.transport.close()  # type: ignore[union-attr]
-            return
-        self._next()
+            return False
+        return True
+
+    def _internal_error(self) -> None:
+        logger.exception("Gateway handler failed")
+        if not self.closed:
+            self.keep_alive = False
+            self.respond(500, [(b"content-type", b"application/json")],
+                         b'{"error":{"message":"internal error","type":"internal_error","code":"500"}}')
 
     # ----- writing -----
 
@@ -291,7 +328,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        if self._task is not None:  # a request is being answered: no receive deadline for it
+        if self._busy:  # a request is being answered: no receive deadline for it
             return
         if self._receiving:
             self._fail(408, b"Request not received in time")
@@ -302,7 +339,7 @@ class ServerConnection(asyncio.Protocol):
         self.keep_alive = False
         if self.closed:
             return
-        if self._task is None:
+        if not self._busy:
             body = b'{"error":{"message":"%s","type":"invalid_request_error","code":"%d"}}' % (message, status)
             self.respond(status, [(b"content-type", b"application/json")], body)
         if self.transport is not None:
@@ -418,11 +455,17 @@ class Upstream:
         self.idle: list[UpstreamConnection] = []
         self.open = 0
 
-    async def acquire(self) -> UpstreamConnection:
+    def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
             connection = self.idle.pop()
             if not connection.closed:
                 return connection
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        connection = self.take_idle()
+        if connection is not None:
+            return connection
         if self.open >= MAX_UPSTREAM_CONNECTIONS:
             raise PoolExhausted(f"{self.open} connections to the engine are busy")
         self.open += 1
@@ -452,35 +495,32 @@ class Upstream:
         self.idle.clear()
 
 
-@dataclass
 class Exchange:
-    """One request relayed to an engine and its response relayed back, chunk by chunk.
+    """One request relayed to an engine and its response relayed back, chunk by chunk, on callbacks.
 
-    `done` resolves when the response has ended (or failed); `head` when its headers arrived.
+    `on_done(exchange)` is called once: when the response has ended, or failed (`error` set; `head` tells whether
+    the response had begun). `abandon` (the client left) ends it without calling `on_done`.
     """
 
-    client: ServerConnection
-    loop: asyncio.AbstractEventLoop
-    idle_timeout_s: float
-    on_chunk: Callable[[bytes], None] | None = None  # sees every body chunk (usage counting)
-    head: asyncio.Future[ResponseHead] = field(init=False)
-    done: asyncio.Future[None] = field(init=False)
-    first_byte_at: float | None = None
-    error: UpstreamError | None = None
-    timed_out: bool = False
-    connection: UpstreamConnection | None = None
-    _last: float = 0.0
-    _timer: asyncio.TimerHandle | None = None
-    _on_headers: Callable[[ResponseHead], None] | None = None
+    __slots__ = ("client", "loop", "idle_timeout_s", "on_chunk", "on_headers", "on_done", "head", "first_byte_at",
+                 "error", "timed_out", "connection", "finished", "_last", "_timer")
 
-    def __post_init__(self) -> None:
-        self.head = self.loop.create_future()
-        self.done = self.loop.create_future()
+    def __init__(self, client: ServerConnection, loop: asyncio.AbstractEventLoop, idle_timeout_s: float,
+                 on_chunk: Callable[[bytes], None], on_headers: Callable[[ResponseHead], None],
+                 on_done: Callable[[Exchange], None]):
+        self.client, self.loop, self.idle_timeout_s = client, loop, idle_timeout_s
+        self.on_chunk, self.on_headers, self.on_done = on_chunk, on_headers, on_done
+        self.head: ResponseHead | None = None
+        self.first_byte_at: float | None = None
+        self.error: UpstreamError | None = None
+        self.timed_out = False
+        self.finished = False
+        self.connection: UpstreamConnection | None = None
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
-    def send(self, connection: UpstreamConnection, data: bytes,
-             on_headers: Callable[[ResponseHead], None]) -> None:
+    def send(self, connection: UpstreamConnection, data: bytes) -> None:
         self.connection = connection
-        self._on_headers = on_headers
         connection.exchange = self
         self.client.on_writable = connection.resume
         connection.transport.write(data)  # type: ignore[union-attr]
@@ -491,10 +531,8 @@ class Exchange:
 
     def headers(self, head: ResponseHead) -> None:
         self._last = self.loop.time()
-        if self._on_headers is not None:
-            self._on_headers(head)  # the gateway writes the client's response head now
-        if not self.head.done():
-            self.head.set_result(head)
+        self.head = head
+        self.on_headers(head)  # the client's response head goes out now
 
     def body(self, data: bytes) -> None:
         now = self.loop.time()
@@ -502,31 +540,32 @@ class Exchange:
         if self.first_byte_at is None:
             self.first_byte_at = now
         self.client.write(data)
-        if self.on_chunk is not None:
-            self.on_chunk(data)
+        self.on_chunk(data)
         if not self.client.writable and self.connection is not None:
             self.connection.pause()  # the client is slow: stop reading from the engine until it catches up
 
     def complete(self) -> None:
-        self._finish()
-        if not self.head.done():
-            self.head.set_exception(UpstreamError("no response"))
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.head is None:
+            self.failed(UpstreamError("no response"))
+            return
+        self._end()
 
     def failed(self, error: UpstreamError) -> None:
         self.error = error
-        self._finish()
-        if not self.head.done():
-            self.head.set_exception(error)
-        if not self.done.done():
-            self.done.set_result(None)
+        self._end()
+
+    def _end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._stop_timer()
+        self.on_done(self)
 
     # ----- time and cancellation -----
 
     def _check_idle(self) -> None:
         self._timer = None
-        if self.done.done():
+        if self.finished:
             return
         remaining = self._last + self.idle_timeout_s - self.loop.time()
         if remaining > 0:
@@ -538,7 +577,7 @@ class Exchange:
             self.connection.close()
         self.failed(UpstreamError("the engine stopped answering"))
 
-    def _finish(self) -> None:
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -546,14 +585,11 @@ class Exchange:
 
     def abandon(self) -> None:
         """The client is gone: close the engine's connection, so the engine aborts the request."""
-        self._finish()
+        self.finished = True
+        self._stop_timer()
         if self.connection is not None and self.connection.exchange is self:
             self.connection.exchange = None
             self.connection.close()
-        if not self.done.done():
-            self.done.set_result(None)
-        if not self.head.done():
-            self.head.cancel()
 
 
 def request_bytes(method: str, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]], body: bytes,

@@ -30,13 +30,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from app.gateway.auth import TokenChecker
 from app.gateway.http11 import (
+    PENDING,
     REQUEST_RECEIVE_TIMEOUT_SECONDS,
     Exchange,
     PoolExhausted,
@@ -44,6 +45,7 @@ from app.gateway.http11 import (
     ResponseHead,
     ServerConnection,
     Upstream,
+    UpstreamConnection,
     UpstreamError,
     request_bytes,
     response_head,
@@ -142,11 +144,12 @@ class Gateway:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[ServerConnection] = set()
         self.port: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # ----- lifecycle -----
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         for route in self.routes.values():
             parts = urlsplit(route.engine.url)
             route.upstream = Upstream(parts.hostname or "127.0.0.1", parts.port or 80,
@@ -186,21 +189,23 @@ class Gateway:
 
     # ----- requests -----
 
-    async def _handle(self, request: Request, conn: ServerConnection) -> None:
+    def _handle(self, request: Request, conn: ServerConnection) -> object:
+        """Answer at once (None), or start relaying to an engine (PENDING, or an awaitable when a new connection
+        to the engine must be opened first)."""
         answer = self._answer(request)
         if answer is not None:
             self._send(conn, answer)
-            return
-        route, upstream_path = self._route(request)
+            return None
+        route, target = self._route(request)
         if isinstance(route, Answer):
             self._send(conn, route)
-            return
+            return None
         if route.engine.state != "resident":
             self._send(conn, openai_error(503, f"Model {route.endpoint!r} is {route.engine.state}; retry shortly",
                                           "service_unavailable", route.engine.state,
                                           **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
-            return
-        await self._proxy(request, conn, route, upstream_path)
+            return None
+        return _Relay(self, request, conn, route, target).start()
 
     def _answer(self, request: Request) -> Answer | None:
         """What the gateway answers itself, before any routing; None to proxy the request."""
@@ -249,71 +254,12 @@ class Gateway:
                                 + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), b""
         return route, target[len(endpoint) + 1:]
 
-    async def _proxy(self, request: Request, conn: ServerConnection, route: ModelRoute, target: bytes) -> None:
-        started = self.clock()
-        self._enter(started)
-        usage = _UsageScanner()
-        loop = asyncio.get_running_loop()
-        exchange = Exchange(conn, loop, self.upstream_read_timeout_s, on_chunk=usage.feed)
-        status, streamed = 502, False
-        try:
-            assert route.upstream is not None
-
-            def on_headers(head: ResponseHead) -> None:
-                nonlocal status, streamed
-                status = head.status
-                streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
-                    b"text/event-stream")
-                usage.whole = not streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
-                conn.start(response_head(head), head.content_length)
-
-            data = request_bytes(request.method, target, route._host, request.headers, request.body,
-                                 route._authorization)
-            for attempt in (1, 2):
-                try:
-                    upstream = await route.upstream.acquire()
-                except PoolExhausted:
-                    status = 503
-                    self._send(conn, openai_error(503, f"Model {route.endpoint!r} has too many requests open",
-                                                  "service_unavailable", "overloaded",
-                                                  **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
-                    return
-                except UpstreamError as exc:
-                    self._send(conn, openai_error(502, f"Model {route.endpoint!r} is unreachable ({exc})",
-                                                  "engine_unreachable"))
-                    return
-                reused = upstream.used
-                exchange.send(upstream, data, on_headers)
-                await exchange.done
-                if exchange.error is None or exchange.head.done() and not exchange.head.exception() \
-                        or not reused or attempt == 2 or exchange.timed_out:
-                    break
-                # a kept-alive connection the engine had closed: once more, on a fresh one
-                exchange = Exchange(conn, loop, self.upstream_read_timeout_s, on_chunk=usage.feed)
-            if exchange.error is not None:
-                status = self._failed(conn, exchange, route, status)
-            else:
-                conn.end()
-        except asyncio.CancelledError:
-            status = 499  # the client went away
-            exchange.abandon()
-            raise
-        finally:
-            ended = self.clock()
-            self._leave(ended)
-            ttft = (exchange.first_byte_at - started) if streamed and exchange.first_byte_at is not None else None
-            found = usage.result()
-            self.stats.record(RequestRecord(
-                endpoint=route.endpoint, status=status, latency_s=ended - started, ttft_s=ttft,
-                prompt_tokens=(found or {}).get("prompt_tokens"),
-                completion_tokens=(found or {}).get("completion_tokens"), stream=streamed))
-
     def _failed(self, conn: ServerConnection, exchange: Exchange, route: ModelRoute, status: int) -> int:
         """The engine failed or went silent: say so in the way the client can still hear."""
         timed_out = exchange.timed_out
         code = 504 if timed_out else 502
         what = "stopped answering" if timed_out else "failed mid-response"
-        if not exchange.head.done() or exchange.head.cancelled() or exchange.head.exception() is not None:
+        if exchange.head is None:
             if timed_out:
                 self._send(conn, openai_error(504, f"Model {route.endpoint!r} did not answer in time",
                                               "engine_timeout"))
@@ -322,8 +268,7 @@ class Gateway:
                                               "engine_unreachable"))
             return code
         logger.warning("Response from %s was cut: the engine %s", route.endpoint, what)
-        head = exchange.head.result()
-        if (head.header(b"content-type") or b"").startswith(b"text/event-stream"):
+        if (exchange.head.header(b"content-type") or b"").startswith(b"text/event-stream"):
             conn.write(_sse_error(f"Model {route.endpoint!r} {what}", code))
             conn.end()
         else:
@@ -369,6 +314,116 @@ class Gateway:
             data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
                       "parent": name, "state": route.engine.state} for adapter in route.adapters]
         return {"object": "list", "data": data}
+
+
+class _Relay:
+    """One proxied request: sends it on a kept-alive connection to the engine (or a new one), relays the answer
+    on the connections' callbacks, and records it when it ends, whichever way it ends."""
+
+    __slots__ = ("gateway", "request", "conn", "route", "data", "started", "sent_at", "usage", "status",
+                 "streamed", "exchange", "attempt", "reused", "loop")
+
+    def __init__(self, gateway: Gateway, request: Request, conn: ServerConnection, route: ModelRoute, target: bytes):
+        self.gateway, self.request, self.conn, self.route = gateway, request, conn, route
+        self.data = request_bytes(request.method, target, route._host, request.headers, request.body,
+                                  route._authorization)
+        self.started = gateway.clock()
+        self.usage = _UsageScanner()
+        self.status, self.streamed = 502, False
+        self.exchange: Exchange | None = None
+        self.attempt, self.reused = 0, False
+        self.loop = gateway.loop
+        self.sent_at = self.loop.time()  # the exchange's clock, for the time to the first chunk
+        gateway._enter(self.started)
+        conn.on_lost = self._lost
+
+    def start(self) -> object:
+        assert self.route.upstream is not None
+        connection = self.route.upstream.take_idle()
+        if connection is None:
+            return self._connect()
+        self._send(connection)
+        return PENDING
+
+    async def _connect(self) -> object:
+        assert self.route.upstream is not None
+        try:
+            connection = await self.route.upstream.acquire()
+        except PoolExhausted:
+            self.status = 503
+            self._answer(openai_error(503, f"Model {self.route.endpoint!r} has too many requests open",
+                                      "service_unavailable", "overloaded",
+                                      **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
+            return None
+        except UpstreamError as exc:
+            self._answer(openai_error(502, f"Model {self.route.endpoint!r} is unreachable ({exc})",
+                                      "engine_unreachable"))
+            return None
+        except asyncio.CancelledError:
+            self._lost()
+            raise
+        self._send(connection)
+        return PENDING
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.attempt += 1
+        self.reused = connection.used
+        self.exchange = Exchange(self.conn, self.loop, self.gateway.upstream_read_timeout_s, self.usage.feed,
+                                 self._on_headers, self._done)
+        self.exchange.send(connection, self.data)
+
+    def _on_headers(self, head: ResponseHead) -> None:
+        self.status = head.status
+        self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
+            b"text/event-stream")
+        self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
+        self.conn.start(response_head(head), head.content_length)
+
+    def _done(self, exchange: Exchange) -> None:
+        if exchange.error is not None and exchange.head is None and self.reused and self.attempt == 1 \
+                and not exchange.timed_out:
+            # a kept-alive connection the engine had closed meanwhile: once more, on a fresh one
+            result = self.start()
+            if result is not PENDING:
+                self.loop.create_task(self._retry(result))  # type: ignore[arg-type]
+            return
+        if exchange.error is not None:
+            self.status = self.gateway._failed(self.conn, exchange, self.route, self.status)
+        else:
+            self.conn.end()
+        self._finish()
+        self.conn.request_done()
+
+    async def _retry(self, connecting: Awaitable[object]) -> None:
+        if await connecting is not PENDING:
+            self.conn.request_done()
+
+    def _answer(self, answer: Answer) -> None:
+        self.gateway._send(self.conn, answer)
+        self._finish()
+
+    def _lost(self) -> None:
+        """The client went away: the engine's connection closes, which makes the engine abort the request."""
+        if self.exchange is not None and not self.exchange.finished:
+            self.exchange.abandon()
+        self.status = 499
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.started is None:
+            return  # recorded already
+        gateway, exchange = self.gateway, self.exchange
+        ended = gateway.clock()
+        gateway._leave(ended)
+        self.conn.on_lost = None
+        first = exchange.first_byte_at if exchange is not None else None
+        ttft = first - self.sent_at if self.streamed and first is not None else None
+        found = self.usage.result()
+        gateway.stats.record(RequestRecord(
+            endpoint=self.route.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
+            prompt_tokens=(found or {}).get("prompt_tokens"),
+            completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
+        self.started = None
 
 
 class _TrackedConnection(ServerConnection):

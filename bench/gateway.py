@@ -323,32 +323,21 @@ def plain_and_stream_phase(results: dict, run: int, seconds: float, workdir: Pat
                     proxy.stop()
     finally:
         upstream.stop()
-    upstream = start_upstream(0.002)  # 512 events at 2 ms
-    try:
-        for kind in CONFIGS:
-            proxy = None if kind == "direct" else start_proxy(kind, upstream.url, workdir)
-            try:
-                url = upstream.url if proxy is None else proxy.url
-                results[kind][run]["streams16"] = asyncio.run(streams(url, 16, 512, 30))
-                print(f"run {run} {kind:8} 16 streams: {results[kind][run]['streams16']}", flush=True)
-            finally:
-                if proxy is not None:
-                    proxy.stop()
-    finally:
-        upstream.stop()
-    upstream = start_upstream(0.1)  # 100 events at 100 ms: 10 s each
-    try:
-        for kind in CONFIGS:
-            proxy = None if kind == "direct" else start_proxy(kind, upstream.url, workdir)
-            try:
-                url = upstream.url if proxy is None else proxy.url
-                results[kind][run]["streams1000"] = asyncio.run(streams(url, 1000, 100, 25, proxy))
-                print(f"run {run} {kind:8} 1000 streams: {results[kind][run]['streams1000']}", flush=True)
-            finally:
-                if proxy is not None:
-                    proxy.stop()
-    finally:
-        upstream.stop()
+    for delay, key, count, events, deadline in ((0.002, "streams16", 16, 512, 30),  # 512 events at 2 ms
+                                                (0.1, "streams1000", 1000, 100, 25)):  # 100 at 100 ms: 10 s
+        upstream = start_upstream(delay)
+        try:
+            for kind in CONFIGS:
+                proxy = None if kind == "direct" else start_proxy(kind, upstream.url, workdir)
+                try:
+                    url = upstream.url if proxy is None else proxy.url
+                    results[kind][run][key] = asyncio.run(streams(url, count, events, deadline, proxy))
+                    print(f"run {run} {kind:8} {count} streams: {results[kind][run][key]}", flush=True)
+                finally:
+                    if proxy is not None:
+                        proxy.stop()
+        finally:
+            upstream.stop()
 
 
 def tokens_phase(results: dict, runs: int, workdir: Path) -> None:

@@ -424,10 +424,3 @@ class Deployment:
         if self.gateway is not None:
             await self.gateway.close()
         logger.info("Deployment stopped")
-
-    def model_states(self) -> dict[str, str]:
-        return self.gateway.states() if self.gateway else {}
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.gateway) and all(s == RESIDENT for s in self.model_states().values())

@@ -285,9 +285,6 @@ class EngineSupervisor:
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
 
-    def by_endpoint(self, endpoint: str) -> Engine:
-        return next(e for e in self.engines if e.endpoint == endpoint)
-
     async def start_all(self) -> None:
         """Start every engine at once and wait until all are ready; on a failure stop the others and raise."""
         deadline = self._clock() + self.startup_deadline_s

@@ -37,6 +37,8 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 MAX_IDLE_UPSTREAM = 512
 # Connections per engine at most: past this a request fails at once (503) instead of queueing unseen.
 MAX_UPSTREAM_CONNECTIONS = 16384
+# How often requests in flight are checked for an engine that went silent (their idle timeout's resolution).
+SWEEP_SECONDS = 0.5
 
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"trailers",
@@ -103,6 +105,7 @@ class ServerConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self.on_lost: Callable[[], None] | None = None  # the relay of the request being answered
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when the current wait (keep-alive or receive) runs out
         self._writable = asyncio.Event()
         self._writable.set()
         self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
@@ -119,8 +122,7 @@ class ServerConnection(asyncio.Protocol):
         self._arm(KEEPALIVE_TIMEOUT_SECONDS)
 
     def data_received(self, data: bytes) -> None:
-        if not self._receiving and not self._busy:  # a new request starts: it must arrive in time
-            self._arm(self._receive_timeout_s)
+        starting = not self._receiving and not self._busy
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -130,10 +132,16 @@ class ServerConnection(asyncio.Protocol):
                 self._fail(400, b"Upgrades are not supported")
         except httptools.HttpParserError:
             self._fail(431 if self._head_bytes > MAX_HEAD_BYTES else 400, b"Malformed HTTP request")
+            return
+        if starting and self._receiving:  # a request began and is not whole yet: it must arrive in time
+            self._arm(self._receive_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: its request is abandoned, upstream included
@@ -318,16 +326,25 @@ class ServerConnection(asyncio.Protocol):
     # ----- limits -----
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._expired)
+        """Set the deadline; the one timer is moved only when it would fire too late (most requests move none)."""
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None  # the timer, when it fires, finds nothing to do
 
     def _expired(self) -> None:
         self._timer = None
+        if self._deadline is None:
+            return
+        if self._loop.time() < self._deadline:  # the deadline moved on meanwhile
+            self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        self._deadline = None
         if self._busy:  # a request is being answered: no receive deadline for it
             return
         if self._receiving:
@@ -454,6 +471,24 @@ class Upstream:
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
         self.open = 0
+        self.active: set[Exchange] = set()  # exchanges in flight, swept for silent engines
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def watch(self, exchange: Exchange) -> None:
+        self.active.add(exchange)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def unwatch(self, exchange: Exchange) -> None:
+        self.active.discard(exchange)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        for exchange in list(self.active):
+            exchange.check_idle(now)
+        if self.active:
+            self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
@@ -493,6 +528,9 @@ class Upstream:
         for connection in list(self.idle):
             connection.close()
         self.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 class Exchange:
@@ -503,7 +541,7 @@ class Exchange:
     """
 
     __slots__ = ("client", "loop", "idle_timeout_s", "on_chunk", "on_headers", "on_done", "head", "first_byte_at",
-                 "error", "timed_out", "connection", "finished", "_last", "_timer")
+                 "error", "timed_out", "connection", "finished", "_last", "_pool")
 
     def __init__(self, client: ServerConnection, loop: asyncio.AbstractEventLoop, idle_timeout_s: float,
                  on_chunk: Callable[[bytes], None], on_headers: Callable[[ResponseHead], None],
@@ -517,7 +555,7 @@ class Exchange:
         self.finished = False
         self.connection: UpstreamConnection | None = None
         self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._pool: Upstream | None = None
 
     def send(self, connection: UpstreamConnection, data: bytes) -> None:
         self.connection = connection
@@ -525,7 +563,8 @@ class Exchange:
         self.client.on_writable = connection.resume
         connection.transport.write(data)  # type: ignore[union-attr]
         self._last = self.loop.time()
-        self._timer = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+        self._pool = connection.pool
+        self._pool.watch(self)
 
     # ----- from the upstream connection -----
 
@@ -563,13 +602,9 @@ class Exchange:
 
     # ----- time and cancellation -----
 
-    def _check_idle(self) -> None:
-        self._timer = None
-        if self.finished:
-            return
-        remaining = self._last + self.idle_timeout_s - self.loop.time()
-        if remaining > 0:
-            self._timer = self.loop.call_later(remaining, self._check_idle)
+    def check_idle(self, now: float) -> None:
+        """Called by the pool's sweep: an engine silent for the whole idle timeout ends the exchange."""
+        if self.finished or now - self._last < self.idle_timeout_s:
             return
         self.timed_out = True
         if self.connection is not None:
@@ -578,9 +613,8 @@ class Exchange:
         self.failed(UpstreamError("the engine stopped answering"))
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._pool is not None:
+            self._pool.unwatch(self)
         self.client.on_writable = None
 
     def abandon(self) -> None:

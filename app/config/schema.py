@@ -252,9 +252,3 @@ OWNED_ENV: dict[str, str] = {
 # Paths the gateway answers itself, so no endpoint may be named after them.
 RESERVED_ENDPOINT_NAMES = frozenset({"v1", "healthz", "readyz", "metrics", "health", "docs", "openapi.json"})
 
-
-def field(section: str, key: str) -> Field:
-    for f in SECTION_FIELDS[section]:
-        if f.key == key:
-            return f
-    raise KeyError(f"{section}.{key}")

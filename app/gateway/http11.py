@@ -194,6 +194,8 @@ class ServerConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._disarm()
         self._receiving = False
+        if self.transport is None or self.transport.is_closing():
+            return  # refused already (413 on its length, a parse error): nothing more to answer
         parsed = httptools.parse_url(self._url)
         request = Request(
             method=self._parser.get_method().decode("ascii", "replace"),

@@ -191,6 +191,12 @@ def free_ports(count: int, host: str = constants.ENGINE_HOST, exclude: frozenset
     return ports
 
 
+def engine_key() -> str:
+    """The key only the gateway knows. Hex, not url-safe base64: a value starting with "-" would be read as an
+    option by SGLang's argument parser (and by ours)."""
+    return secrets.token_hex(24)
+
+
 def public_address(environ: dict[str, str]) -> str:
     """How other machines reach this one: the agent's host IP when it set one, else this host's address."""
     if environ.get("CLEARML_AGENT_HOST_IP"):
@@ -322,7 +328,7 @@ class Deployment:
                             f" (shared; memory fraction {p.memory_fraction:g})" if p.shared else "")
         ports = free_ports(len(resolved), exclude=frozenset({self.options.port}))
         return build_engine_commands(config, resolved, ports, machine=machine,
-                                     placements=placements, engine_api_key=secrets.token_urlsafe(24),
+                                     placements=placements, engine_api_key=engine_key(),
                                      launcher=self.options.launcher)
 
     async def _until_started(self) -> None:

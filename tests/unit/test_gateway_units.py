@@ -51,3 +51,14 @@ def test_usage_is_found_in_a_stream_however_it_is_chunked():
         scanner.feed(whole[:cut])
         scanner.feed(whole[cut:])
         assert scanner.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, cut
+
+
+def test_engine_keys_never_read_as_an_option():
+    from app.deployment import engine_key
+    from app.sglang_flags import FlagTable
+
+    table = FlagTable.load()
+    for _ in range(500):  # url-safe base64 began with "-" about once in 64 launches
+        key = engine_key()
+        assert not key.startswith("-") and len(key) >= 40
+        assert table.check_argv(["--model-path", "m", "--api-key", key]) == []

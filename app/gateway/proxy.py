@@ -424,6 +424,7 @@ class _Relay:
             prompt_tokens=(found or {}).get("prompt_tokens"),
             completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
         self.started = None
+        self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
 
 
 class _TrackedConnection(ServerConnection):

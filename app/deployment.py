@@ -33,10 +33,20 @@ from app.errors import ConfigError, Problem
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
 from app.gateway.auth import generate_token
 from app.gateway.stats import WindowSummary
-from app.gpus import Gpu, detect_gpus, place
+from app.gpus import MAX_MEMORY_FRACTION_PER_DEVICE, Gpu, Placement, detect_gpus, place
 from app.idle import IdleDecision, IdleTracker
 from app.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.models import ModelRegistry, ResolvedModel, resolve
+from app.residency import (
+    CPU_OFFLOAD,
+    DISK_SWAP,
+    SLEEPING,
+    WAKING,
+    Residency,
+    SGLangMemoryControl,
+    Slot,
+    WakeStats,
+)
 from app.sglang_command import EngineCommand, Machine, build_engine_commands, demands
 
 logger = logging.getLogger(__name__)
@@ -71,7 +81,8 @@ class Reporter(Protocol):
     def states(self, states: dict[str, str]) -> None: ...
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None) -> None: ...
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
+        ...
 
     def close(self) -> None: ...
 
@@ -138,7 +149,7 @@ class ConsoleReporter:
                     "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
         logger.info("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests, decision.in_flight,
                     decision.idle_for_s)
 
@@ -244,6 +255,10 @@ class Deployment:
         self.stats = RequestStats()
         self._reports = ReportWorker()
         self._serving: tuple[IdleTracker, float, TokenRate] | None = None
+        self._placements: list[Placement] | None = None
+        self._gpus: list[Gpu] = []
+        self.residency: Residency | None = None
+        self._sleeper: asyncio.Task[list[str]] | None = None
 
     def request_stop(self, signum: int, reason: str = "") -> None:
         """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum."""
@@ -283,7 +298,9 @@ class Deployment:
         tracker = IdleTracker(self.config.idle.time_limit_hours * 3600 if self.config.idle.shuts_down else None,
                               self.config.idle.report_interval_seconds, self.clock())
         adapters = {m.endpoint: tuple(a.name for a in m.lora_modules) for m in resolved}
-        routes = [ModelRoute(e.endpoint, e, api_key=e.command.api_key, adapters=adapters[e.endpoint])
+        self.residency = self._residency(engines)
+        routes = [ModelRoute(e.endpoint, e, api_key=e.command.api_key, adapters=adapters[e.endpoint],
+                             residency=self.residency, wake_deadline_s=self.config.general.wake_deadline_seconds)
                   for e in engines]
         gateway_kwargs = {}
         if self.options.upstream_read_timeout_s is not None:
@@ -292,8 +309,11 @@ class Deployment:
             gateway_kwargs["request_receive_timeout_s"] = self.options.request_receive_timeout_s
         self.gateway = Gateway(routes, TokenChecker(tokens), self.stats, activity=tracker, clock=self.clock,
                                **gateway_kwargs)
-        self.supervisor = EngineSupervisor(engines, startup_deadline_s=self.options.startup_deadline_s,
-                                           clock=self.clock)
+        residency = self.residency
+        self.supervisor = EngineSupervisor(
+            engines, startup_deadline_s=self.options.startup_deadline_s, clock=self.clock,
+            admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
+            on_change=residency.engine_changed if residency else None)
         try:
             await self.gateway.start(self.options.host, self.options.port)
             await self._tell(self.reporter.status, LOADING, "starting engines")
@@ -322,14 +342,35 @@ class Deployment:
                                           "run on a GPU machine, or set general.device: cpu for the CPU "
                                           "development mode"))
             machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min(g.memory_gib for g in gpus))
-            placements = place(demands(config, machine), gpus)
+            placements = place(demands(config, machine), gpus, sleeping=config.general.sleeps)
             for m, p in zip(config.models, placements, strict=True):
                 logger.info("Model %s on GPU %s%s", m.endpoint, p.cuda_visible_devices,
                             f" (shared; memory fraction {p.memory_fraction:g})" if p.shared else "")
+            self._placements, self._gpus = placements, gpus
         ports = free_ports(len(resolved), exclude=frozenset({self.options.port}))
         return build_engine_commands(config, resolved, ports, machine=machine,
                                      placements=placements, engine_api_key=engine_key(),
                                      launcher=self.options.launcher)
+
+    def _residency(self, engines: list[Engine]) -> Residency | None:
+        """With CPU offloading or disk swapping on GPUs: who is resident, who sleeps (app.residency)."""
+        general = self.config.general
+        if not general.sleeps or self._placements is None:
+            return None
+        memory = {g.index: g.memory_gib for g in self._gpus}
+        slots = [Slot(e.endpoint, p.devices, (p.memory_fraction or MAX_MEMORY_FRACTION_PER_DEVICE)
+                      * min(memory[d] for d in p.devices))
+                 for e, p in zip(engines, self._placements, strict=True)]
+        control = SGLangMemoryControl(CPU_OFFLOAD if general.auto_cpu_offload else DISK_SWAP,
+                                      model_paths={e.endpoint: e.command.model_path or "" for e in engines},
+                                      api_keys={e.endpoint: e.command.api_key for e in engines})
+        logger.info("Models share GPUs by %s: a model idle %s gives its memory back",
+                    "CPU offloading" if general.auto_cpu_offload else "disk swapping",
+                    f"for {general.sleep_after_idle_seconds} s or" if general.sleep_after_idle_seconds else "")
+        return Residency(slots, {e.endpoint: e for e in engines}, control,
+                         budget_gib={i: m * MAX_MEMORY_FRACTION_PER_DEVICE for i, m in memory.items()},
+                         sleep_after_s=general.sleep_after_idle_seconds, protect_s=general.wake_deadline_seconds,
+                         clock=self.clock)
 
     async def _until_started(self) -> None:
         assert self.supervisor is not None
@@ -373,6 +414,8 @@ class Deployment:
             if now >= next_report:
                 await self._report(decision)
                 next_report = now + interval
+            if self.residency is not None and (self._sleeper is None or self._sleeper.done()):
+                self._sleeper = asyncio.create_task(self.residency.sleep_idle(), name="sleep-idle-models")
             if decision.stop:
                 logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
                             tracker.limit_seconds or 0)
@@ -391,12 +434,12 @@ class Deployment:
         now = self.clock()
         tokens = rate.update(now, await self._scrape_tokens())
         await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(), self.stats,
-                         self.gateway.states(), tokens)
+                         self.gateway.states(), tokens, self.residency.stats if self.residency else None)
 
     async def _scrape_tokens(self) -> TokenTotals:
         """SGLang's own token counters, summed over every serving engine."""
         assert self.supervisor is not None
-        resident = [e for e in self.supervisor.engines if e.state == RESIDENT]
+        resident = [e for e in self.supervisor.engines if e.state in (RESIDENT, SLEEPING, WAKING)]
         texts = await asyncio.gather(*(scrape_metrics(e.url) for e in resident))
         total = ZERO
         for text in texts:
@@ -416,6 +459,10 @@ class Deployment:
         return 128 + signum
 
     async def _shutdown(self) -> None:
+        if self._sleeper is not None:
+            self._sleeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sleeper
         if self.gateway is not None:
             self.gateway.begin_drain()
             if self.gateway.in_flight:

@@ -273,8 +273,14 @@ class EngineSupervisor:
         restart_budget: int = RESTART_BUDGET,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[Engine], None] | None = None,
+        admit: Callable[[Engine], Awaitable[None]] | None = None,
+        on_ready: Callable[[Engine], Awaitable[None]] | None = None,
     ):
+        """`admit` (models sharing GPUs): awaited before each start or restart, to make room; engines then start
+        one at a time, each alone with the memory it finds. `on_ready`: awaited once each is ready."""
         self.engines = engines
+        self._admit = admit
+        self._on_ready = on_ready
         self.startup_deadline_s = startup_deadline_s
         self.backoff_s = backoff_s
         self.restart_budget = restart_budget
@@ -288,17 +294,42 @@ class EngineSupervisor:
     async def start_all(self) -> None:
         """Start every engine at once and wait until all are ready; on a failure stop the others and raise."""
         deadline = self._clock() + self.startup_deadline_s
-        for engine in self.engines:
-            await engine.start()
-            self._on_change(engine)
-        results = await asyncio.gather(*(e.wait_ready(deadline) for e in self.engines), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        if self._admit is not None:
+            errors = []
+            for engine in self.engines:
+                if error := await self._start_one(engine, deadline):
+                    errors.append(error)
+                    break
+        else:
+            for engine in self.engines:
+                await engine.start()
+                self._on_change(engine)
+            errors = list(await asyncio.gather(*(self._ready(e, deadline) for e in self.engines),
+                                               return_exceptions=True))
+        errors = [r for r in errors if isinstance(r, BaseException)]
         for engine in self.engines:
             self._on_change(engine)
         if errors:
             await self.stop_all(grace_s=5.0)
             raise errors[0]
         self._watchers = [asyncio.create_task(self._watch(e), name=f"watch-{e.endpoint}") for e in self.engines]
+
+    async def _start_one(self, engine: Engine, deadline: float) -> BaseException | None:
+        """Admit, start and wait for one engine; the error instead of raising it (the others are stopped)."""
+        try:
+            if self._admit is not None:
+                await self._admit(engine)
+            await engine.start()
+            self._on_change(engine)
+            await self._ready(engine, deadline)
+        except EngineStartupError as exc:
+            return exc
+        return None
+
+    async def _ready(self, engine: Engine, deadline: float) -> None:
+        await engine.wait_ready(deadline)
+        if self._on_ready is not None:
+            await self._on_ready(engine)
 
     async def _watch(self, engine: Engine) -> None:
         while True:
@@ -323,9 +354,11 @@ class EngineSupervisor:
                 return
             await engine.stop(grace_s=0)  # reap what the crash left of its process group
             try:
+                if self._admit is not None:
+                    await self._admit(engine)
                 await engine.start()
                 self._on_change(engine)
-                await engine.wait_ready(self._clock() + self.startup_deadline_s)
+                await self._ready(engine, self._clock() + self.startup_deadline_s)
                 logger.info("Engine %s is back (restart %d of %d)", engine.endpoint, engine.restarts,
                             self.restart_budget)
             except EngineStartupError as exc:

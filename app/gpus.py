@@ -6,6 +6,9 @@ Placement rules:
 - when they do not fit, models share devices and the split of each device's memory is explicit: every engine
   gets `--mem-fraction-static` (the user's per-model value, or an even share), and the sum on a device must leave
   SGLang its headroom. A model that needs more devices than the machine has is an error.
+- when models may sleep (CPU offloading or disk swapping), sharers need not fit together: each gets the user's
+  fraction or half the device's budget (two resident at a time), and `app.residency` keeps the resident ones
+  within the budget, measured.
 
 Example::
 
@@ -25,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # SGLang's static memory fraction is at most about 0.9 of a device; what is left covers activations and graphs.
 MAX_MEMORY_FRACTION_PER_DEVICE = 0.88
+# Models that may sleep share a device by default as this many residents at a time (each gets that share).
+RESIDENT_SHARERS_WHEN_SLEEPING = 2
 # Below this an engine cannot hold a useful KV cache next to its weights: the split is refused instead.
 MIN_MEMORY_FRACTION = 0.05
 
@@ -94,8 +99,9 @@ def _visible_devices(value: str | None, count: int) -> list[int]:
     return [int(p) for p in parts if int(p) < count]
 
 
-def place(demands: list[Demand], gpus: list[Gpu]) -> list[Placement]:
-    """Assign devices (and, when shared, memory fractions) to every model; ConfigError when impossible."""
+def place(demands: list[Demand], gpus: list[Gpu], *, sleeping: bool = False) -> list[Placement]:
+    """Assign devices (and, when shared, memory fractions) to every model; ConfigError when impossible.
+    `sleeping`: models may give their memory back while idle, so sharers need not all fit at once."""
     count = len(gpus)
     problems = [Problem(d.where or d.endpoint, f"needs {d.devices} GPUs; this machine has {count}",
                         "lower gpus or replicas, or enqueue to a queue whose machines have more GPUs")
@@ -108,10 +114,10 @@ def place(demands: list[Demand], gpus: list[Gpu]) -> list[Placement]:
             placements.append(Placement(tuple(range(start, start + d.devices)), None))
             start += d.devices
         return placements
-    return _share(demands, count)
+    return _share(demands, count, sleeping)
 
 
-def _share(demands: list[Demand], count: int) -> list[Placement]:
+def _share(demands: list[Demand], count: int, sleeping: bool = False) -> list[Placement]:
     # Fill devices round-robin from device 0, so the engines spread as evenly as their sizes allow.
     load = [0] * count
     assigned: list[tuple[int, ...]] = []
@@ -124,7 +130,11 @@ def _share(demands: list[Demand], count: int) -> list[Placement]:
     fractions = []
     for d, devices in zip(demands, assigned, strict=True):
         sharers = max(load[i] for i in devices)
+        if sleeping:
+            sharers = min(sharers, RESIDENT_SHARERS_WHEN_SLEEPING)
         fractions.append(d.memory_fraction or round(MAX_MEMORY_FRACTION_PER_DEVICE / sharers, 3))
+    if sleeping:  # the residency ledger keeps the resident ones within each device's budget
+        return [Placement(devices, f, shared=True) for devices, f in zip(assigned, fractions, strict=True)]
     problems = []
     for i in range(count):
         on_device = [(d, f) for d, devices, f in zip(demands, assigned, fractions, strict=True) if i in devices]

@@ -35,6 +35,28 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return totals
 
 
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample with its labels: {"sglang:kv_cache_memory_usage_gb": [({"tp_rank": "0", ...}, 35.2)], ...}."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            labels = dict(_LABEL.findall(match.group(2) or ""))
+            samples.setdefault(match.group(1), []).append((labels, value))
+    return samples
+
+
 @dataclass(frozen=True)
 class TokenTotals:
     generation: float

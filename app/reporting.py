@@ -18,6 +18,7 @@ from typing import Any
 from app.gateway.stats import RequestStats, WindowSummary
 from app.idle import IdleDecision
 from app.metrics import TokenTotals
+from app.residency import WakeStats
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ TOKENS = "Tokens per Second"
 LATENCY = "Latency (ms)"
 IN_FLIGHT = "Requests in Flight"
 IDLE_TIME = "Idle Time (hours)"
+WAKEUPS = "Model Wake-ups"
+WAKE_LATENCY = "Wake Latency (ms)"
 TABLE = "Deployed Models"
-TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status"]
+TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status", "Last wake-up"]
 
 
 class TaskReporter:
@@ -42,6 +45,7 @@ class TaskReporter:
         self._telemetry: dict[str, Any] = {}
         self._fed: dict[str, tuple[int, float]] = {}
         self._idle_since = ""
+        self._last_wake: dict[str, float] = {}
 
     # ----- Reporter -----
 
@@ -86,12 +90,16 @@ class TaskReporter:
         """Each model's state; the table is written again only when one changed."""
         if states != self._states:
             self._states = dict(states)
-            rows = [TABLE_HEADER] + [[self.models.get(name, name), name, self._urls.get(name, ""), state]
-                                     for name, state in states.items()]
-            self.task.report_table(TABLE, "models", rows, iteration=0)
+            self._write_table()
+
+    def _write_table(self) -> None:
+        rows = [TABLE_HEADER] + [[self.models.get(name, name), name, self._urls.get(name, ""), state,
+                                  self._wall_iso(self._last_wake[name]) if name in self._last_wake else ""]
+                                 for name, state in self._states.items()]
+        self.task.report_table(TABLE, "models", rows, iteration=0)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
         iteration = int(elapsed_s)
         scalar = self.task.report_scalar
         for name in sorted(states):
@@ -110,6 +118,17 @@ class TaskReporter:
         if idle_since != self._idle_since:
             self._idle_since = idle_since
             self.task.set_properties(idle_since=idle_since)
+        if wakes is not None:  # models sharing GPUs: how often they woke, and how long waking took
+            for name in sorted(wakes.wakeups):
+                scalar(WAKEUPS, name, float(wakes.wakeups[name]), iteration)
+            for series, q in (("p50", 50), ("p95", 95)):
+                value = wakes.p(q)
+                if value is not None:
+                    scalar(WAKE_LATENCY, series, value, iteration)
+            if wakes.last_wake != self._last_wake:
+                self._last_wake = dict(wakes.last_wake)
+                if states == self._states:
+                    self._write_table()
         self.states(states)
         self._feed_telemetry(stats)
 
@@ -120,7 +139,11 @@ class TaskReporter:
     # ----- helpers -----
 
     def _iso(self, idle_for_s: float) -> str:
-        return datetime.fromtimestamp(self.wall_clock() - idle_for_s, tz=timezone.utc).isoformat(timespec="seconds")
+        return self._wall_iso(self.wall_clock() - idle_for_s)
+
+    @staticmethod
+    def _wall_iso(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
 
     def _feed_telemetry(self, stats: RequestStats) -> None:
         for name, telemetry in self._telemetry.items():

@@ -26,7 +26,7 @@ from typing import Any
 
 from app import constants
 from app.config import schema
-from app.config.types import DeploymentConfig, ModelConfig
+from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig
 from app.cpu_engine import cpu_engine_env
 from app.errors import ConfigError, Problem
 from app.gpus import Demand, Placement
@@ -70,6 +70,16 @@ class EngineCommand:
         if self.notes:
             out["notes"] = list(self.notes)
         return out
+
+    @property
+    def model_path(self) -> str | None:
+        """The model the engine loads (`--model-path`, or its alias `--model`), as given on its command line."""
+        for i, token in enumerate(self.argv):
+            if token in ("--model-path", "--model") and i + 1 < len(self.argv):
+                return self.argv[i + 1]
+            if token.startswith(("--model-path=", "--model=")):
+                return token.split("=", 1)[1]
+        return None
 
     def shell_line(self) -> str:
         """The command for a log line, its secrets masked."""
@@ -193,6 +203,7 @@ def _add_cli(argv: _Argv, model: ModelConfig, config: DeploymentConfig, notes: l
         argv.add("served-model-name", model.endpoint)
     if config.general.device == "cpu" and "device" not in dests:
         argv.add("device", "cpu")
+    _add_memory_saver(argv, config.general, skip=dests)
     ignored = _non_default_model_fields(model)
     if ignored:
         notes.append("cli is set, so these model settings are ignored: " + ", ".join(ignored))
@@ -228,11 +239,7 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
     elif lora.modules:
         notes.append(f"lora.enable is false, so its {len(lora.modules)} module(s) are not loaded")
 
-    if general.auto_cpu_offload:
-        argv.add("enable-memory-saver", True)
-        argv.add("enable-weights-cpu-backup", True)
-    elif general.disk_swap:
-        argv.add("enable-memory-saver", True)
+    _add_memory_saver(argv, general)
     if general.max_cuda_memory_gib > 0:
         _add_cpu_offload(argv, general.max_cuda_memory_gib, machine, where, notes)
 
@@ -244,6 +251,14 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
         flags.setdefault("lora-backend", "torch_native")  # the only LoRA backend without CUDA kernels
     for name in sorted(flags):
         argv.add(name, flags[name])
+
+
+def _add_memory_saver(argv: _Argv, general: GeneralConfig, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """What sleeping needs (app.residency): the memory saver, and for CPU offloading the weights' CPU backup."""
+    if general.sleeps and "enable_memory_saver" not in skip:
+        argv.add("enable-memory-saver", True)
+    if general.auto_cpu_offload and "enable_weights_cpu_backup" not in skip:
+        argv.add("enable-weights-cpu-backup", True)
 
 
 def _add_cpu_offload(argv: _Argv, max_cuda_memory_gib: float, machine: Machine, where: str,

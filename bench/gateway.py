@@ -11,7 +11,8 @@ or streaming at a fixed pace; the real SGLang on the CPU for the tokens test); f
               as shipped (clearml[router]: fastapi, uvicorn, httpx)
     nginx     Debian's nginx, one worker, keep-alive upstream, buffering off, the same bearer check
 Load: wrk (Debian) for plain requests at 1, 16 and 64 connections; an asyncio client for 16 x 512-event SSE
-streams and for 1,000 concurrent 100-event streams; proxies' CPU from the OS (psutil, whole process tree).
+streams (three rounds after an unrecorded warm-up round) and for 1,000 concurrent 100-event streams (from cold);
+proxies' CPU from the OS (psutil, whole process tree).
 The whole set runs twice, interleaved; ratios are computed within each run, and bench/results/gateway.json holds
 the worse of the two for each figure. Installs wrk and nginx with apt-get when they are missing.
 """
@@ -238,7 +239,24 @@ def wrk(url: str, connections: int, seconds: float, workdir: Path) -> dict:
             "p99_ms": ms("99"), "requests": requests, "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-async def streams(url: str, count: int, events: int, deadline_s: float, proc: Proc | None = None) -> dict:
+async def streams(url: str, count: int, events: int, deadline_s: float, proc: Proc | None = None,
+                  rounds: int = 1) -> dict:
+    """`count` concurrent streams of `events` events, `rounds` times after one unrecorded warm-up round when
+    `rounds` > 1 (the proxies' engine connections are open and kept alive then, as in service): completed streams
+    per round, time to the first chunk (median over every stream of every round), events/s, the proxy's peak RSS."""
+    if rounds > 1:
+        await streams(url, count, 8, deadline_s)
+        measured = [await _streams_once(url, count, events, deadline_s, proc, _ttfc_list=True) for _ in range(rounds)]
+        ttfcs = [t for m in measured for t in m.pop("ttfc")]
+        return {"completed": min(m["completed"] for m in measured),
+                "ttfc_p50_ms": statistics.median(ttfcs) * 1000 if ttfcs else None,
+                "events_per_s": statistics.median(m["events_per_s"] for m in measured),
+                "peak_rss_mb": max((m["peak_rss_mb"] or 0) for m in measured) or None, "rounds": rounds}
+    return await _streams_once(url, count, events, deadline_s, proc)
+
+
+async def _streams_once(url: str, count: int, events: int, deadline_s: float, proc: Proc | None = None,
+                        _ttfc_list: bool = False) -> dict:
     import aiohttp
 
     body = {**CHAT, "max_tokens": events, "stream": True}
@@ -277,8 +295,11 @@ async def streams(url: str, count: int, events: int, deadline_s: float, proc: Pr
         await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.monotonic() - started
     sampler.cancel()
-    return {"completed": done, "ttfc_p50_ms": statistics.median(ttfc) * 1000 if ttfc else None,
-            "events_per_s": chunks / elapsed, "peak_rss_mb": peak_rss or None}
+    result = {"completed": done, "ttfc_p50_ms": statistics.median(ttfc) * 1000 if ttfc else None,
+              "events_per_s": chunks / elapsed, "peak_rss_mb": peak_rss or None}
+    if _ttfc_list:
+        result["ttfc"] = ttfc
+    return result
 
 
 def tokens_per_second(url: str, headers: dict, requests_: int = 16, tokens: int = 128) -> float:
@@ -323,15 +344,16 @@ def plain_and_stream_phase(results: dict, run: int, seconds: float, workdir: Pat
                     proxy.stop()
     finally:
         upstream.stop()
-    for delay, key, count, events, deadline in ((0.002, "streams16", 16, 512, 30),  # 512 events at 2 ms
-                                                (0.1, "streams1000", 1000, 100, 25)):  # 100 at 100 ms: 10 s
+    for delay, key, count, events, deadline, rounds in (
+            (0.002, "streams16", 16, 512, 30, 3),  # 512 events at 2 ms, three rounds after a warm-up
+            (0.1, "streams1000", 1000, 100, 25, 1)):  # 100 at 100 ms: 10 s, from cold
         upstream = start_upstream(delay)
         try:
             for kind in CONFIGS:
                 proxy = None if kind == "direct" else start_proxy(kind, upstream.url, workdir)
                 try:
                     url = upstream.url if proxy is None else proxy.url
-                    results[kind][run][key] = asyncio.run(streams(url, count, events, deadline, proxy))
+                    results[kind][run][key] = asyncio.run(streams(url, count, events, deadline, proxy, rounds))
                     print(f"run {run} {kind:8} {count} streams: {results[kind][run][key]}", flush=True)
                 finally:
                     if proxy is not None:

@@ -38,6 +38,7 @@ class RecordingReporter:
     tokens: list[str] = field(default_factory=list)
     model_states: list[dict] = field(default_factory=list)
     closed: bool = False
+    wakes: list = field(default_factory=list)  # (wake-ups per model, p50 ms, p95 ms) at each report
 
     def status(self, state: str, reason: str = "") -> None:
         self.statuses.append((state, reason))
@@ -48,8 +49,10 @@ class RecordingReporter:
     def access_token(self, token: str) -> None:
         self.tokens.append(token)
 
-    def report(self, elapsed_s, decision, window, stats, states, tokens=None) -> None:
+    def report(self, elapsed_s, decision, window, stats, states, tokens=None, wakes=None) -> None:
         self.reports.append((elapsed_s, decision, window, states, tokens))
+        if wakes is not None:
+            self.wakes.append((dict(wakes.wakeups), wakes.p(50), wakes.p(95)))
 
     def base_url(self, port, local_url) -> str:
         return local_url

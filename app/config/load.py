@@ -623,7 +623,7 @@ def _parse_model(item: Any, where: str, general: GeneralConfig, table: FlagTable
     values["lora"] = lora
     config = ModelConfig(**values)
     if config.cli:
-        _check_cli(config, f"{where}.cli", table, problems)
+        _check_cli(config, f"{where}.cli", table, problems, general)
     if lora.enable and not config.cli and modules_valid:
         _check_lora_limits(lora, config, f"{where}.lora", problems)
     return config
@@ -637,7 +637,15 @@ def _check_endpoint_name(name: str, where: str, problems: _Problems) -> None:
         problems.add(where, f"{name!r} is a path the gateway answers itself", "choose another name")
 
 
-def _check_cli(model: ModelConfig, where: str, table: FlagTable, problems: _Problems) -> None:
+# Flags that need CUDA: on the CPU SGLang's memory saver dies at start (exit 127, no libcuda.so.1; reference/sglang.md
+# B, try8), and there is no GPU memory to offload from or to.
+_CUDA_ONLY_FLAGS = {"enable_memory_saver": "general.auto_cpu_offload or general.disk_swap",
+                    "enable_weights_cpu_backup": "general.auto_cpu_offload",
+                    "cpu_offload_gb": "general.max_cuda_memory_gib"}
+
+
+def _check_cli(model: ModelConfig, where: str, table: FlagTable, problems: _Problems,
+               general: GeneralConfig | None = None) -> None:
     import shlex
 
     if SHELL_EXPANSION_RE.search(model.cli):
@@ -655,6 +663,9 @@ def _check_cli(model: ModelConfig, where: str, table: FlagTable, problems: _Prob
     for spec, option, values in parsed:
         if spec.dest in schema.OWNED_FLAGS_IN_CLI:
             problems.add(where, f"sets {option}", schema.OWNED_FLAGS[spec.dest])
+        if general is not None and general.device == "cpu" and spec.dest in _CUDA_ONLY_FLAGS:
+            problems.add(where, f"sets {option}, which needs CUDA (SGLang's memory saver cannot run on the CPU)",
+                         f"remove it for the CPU development mode; on GPUs use {_CUDA_ONLY_FLAGS[spec.dest]}")
         if spec.dest == "served_model_name" and values and model.endpoint_name and values[0] != model.endpoint_name:
             problems.add(where, f"--served-model-name {preview(values[0])} differs from endpoint_name "
                                 f"{model.endpoint_name!r}", "keep one of them")

@@ -142,6 +142,13 @@ GENERAL_FIELDS = (
           "SGLang 0.5.23 has no CUDA memory manager threshold; only the default, -1, is accepted.", INT, -1,
           minimum=-1, maximum=-1,
           bound_fix="SGLang 0.5.23 has no knob for it; leave it at -1 and use Max CUDA Memory to offload"),
+    Field("general", "sleep_after_idle_seconds", "Sleep Idle Models After (Seconds)",
+          "With CPU offloading or disk swapping: a model idle this long gives its GPU memory back even when no "
+          "other model needs it, and wakes on its next request. 0: only when another model needs the memory.",
+          INT, 0, minimum=0, maximum=30 * 24 * 3600),
+    Field("general", "wake_deadline_seconds", "Wake-up Deadline (Seconds)",
+          "Longest a request waits while its sleeping model wakes; past it the answer is 503 with Retry-After "
+          "(the model goes on waking).", INT, 120, minimum=1, maximum=3600),
     # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
     Field("general", "trust-remote-code", "Trust Remote Code",
           "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),

@@ -74,7 +74,14 @@ class GeneralConfig:
     hf_token: str = field(default="", repr=False)
     max_cuda_memory_gib: float = 0.0
     cuda_memory_threshold_kb: int = -1
+    sleep_after_idle_seconds: int = 0
+    wake_deadline_seconds: int = 120
     flags: Flags = ()
+
+    @property
+    def sleeps(self) -> bool:
+        """Models may give their GPU memory back while idle (CPU offloading or disk swapping)."""
+        return self.auto_cpu_offload or self.disk_swap
 
     def flag(self, name: str, default: Any = None) -> Any:
         return dict(self.flags).get(name, default)

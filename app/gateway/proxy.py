@@ -75,12 +75,30 @@ class EngineHandle(Protocol):
     state: str
 
 
+class Residency(Protocol):
+    """Models sharing GPUs (`app.residency.Residency`): a request enters a resident model at once, or waits while
+    it wakes; the model cannot sleep until every request that entered has left."""
+
+    def enter(self, endpoint: str) -> bool: ...
+
+    async def wait_resident(self, endpoint: str, deadline_s: float) -> bool: ...
+
+    def leave(self, endpoint: str, now: float) -> None: ...
+
+    def describe(self) -> dict[str, dict[str, object]]: ...
+
+
+_WAITS_FOR_WAKE = frozenset({"sleeping", "waking"})
+
+
 @dataclass
 class ModelRoute:
     endpoint: str
     engine: EngineHandle
     api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
     adapters: tuple[str, ...] = ()
+    residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
+    wake_deadline_s: float = 120.0
     upstream: Upstream | None = field(default=None, repr=False)
     _host: bytes = field(default=b"", repr=False)
     _authorization: bytes | None = field(default=None, repr=False)
@@ -200,12 +218,32 @@ class Gateway:
         if isinstance(route, Answer):
             self._send(conn, route)
             return None
-        if route.engine.state != "resident":
-            self._send(conn, openai_error(503, f"Model {route.endpoint!r} is {route.engine.state}; retry shortly",
-                                          "service_unavailable", route.engine.state,
-                                          **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
+        residency = route.residency
+        if residency is not None and residency.enter(route.endpoint):
+            return _Relay(self, request, conn, route, target).start()
+        state = route.engine.state
+        if residency is not None and state in _WAITS_FOR_WAKE:
+            return self._after_wake(request, conn, route, target)
+        if residency is not None or state != "resident":  # (resident to the engine, not yet measured: loading)
+            self._send(conn, self._unavailable(route, "loading" if state == "resident" else state))
             return None
         return _Relay(self, request, conn, route, target).start()
+
+    async def _after_wake(self, request: Request, conn: ServerConnection, route: ModelRoute,
+                          target: bytes) -> object:
+        """Hold a request for a sleeping model while it wakes (one wake-up for all), at most its deadline."""
+        assert route.residency is not None
+        if not await route.residency.wait_resident(route.endpoint, route.wake_deadline_s):
+            self._send(conn, self._unavailable(route, route.engine.state, waking=True))
+            return None
+        started = _Relay(self, request, conn, route, target).start()
+        return await started if started is not PENDING else PENDING  # type: ignore[misc]
+
+    @staticmethod
+    def _unavailable(route: ModelRoute, state: str, waking: bool = False) -> Answer:
+        message = (f"Model {route.endpoint!r} is still waking after {route.wake_deadline_s:g} s; retry shortly"
+                   if waking else f"Model {route.endpoint!r} is {state}; retry shortly")
+        return openai_error(503, message, "service_unavailable", state, **{"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     def _answer(self, request: Request) -> Answer | None:
         """What the gateway answers itself, before any routing; None to proxy the request."""
@@ -300,9 +338,17 @@ class Gateway:
         return Answer(200, b'{"status": "ok"}')
 
     def _readyz(self) -> Answer:
+        """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
         states = self.states()
-        ready = all(s == "resident" for s in states.values()) and not self.draining
-        body = {"ready": ready, "draining": self.draining, "models": states}
+        ready = all(s == "resident" or s in _WAITS_FOR_WAKE for s in states.values()) and not self.draining
+        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": states}
+        described = {}
+        for route in self.routes.values():
+            if route.residency is not None:
+                described = route.residency.describe()
+                break
+        if described:
+            body["residency"] = described
         return Answer(200 if ready else 503, json.dumps(body).encode())
 
     def _models(self) -> dict[str, Any]:
@@ -425,6 +471,8 @@ class _Relay:
             completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
         self.started = None
         self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
+        if self.route.residency is not None:
+            self.route.residency.leave(self.route.endpoint, ended)
 
 
 class _TrackedConnection(ServerConnection):

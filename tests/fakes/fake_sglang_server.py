@@ -11,8 +11,9 @@ The command line is checked against SGLang's real argument table (`app.sglang_fl
 accepted (most are ignored), an unknown flag or a bad value prints an argparse-style error to stderr and exits 2, and
 `--model-path` is required, as in SGLang. Used: `--model-path`/`--model`, `--served-model-name` (default: the model
 path), `--host` (127.0.0.1), `--port` (30000), `--api-key`, `--admin-api-key`, `--lora-paths` (`NAME=PATH`, `PATH`
-or SGLang's JSON form), `--context-length` (2048) and `--enable-metrics` (without it `/metrics` is 404, as in SGLang;
-the project's command builder always adds it).
+or SGLang's JSON form), `--context-length` (2048), `--enable-metrics` (without it `/metrics` is 404, as in SGLang;
+the project's command builder always adds it), `--enable-memory-saver`, `--enable-weights-cpu-backup` and
+`--mem-fraction-static` (see "Memory" below).
 
 What it serves (reference/sglang.md A2, A3, A5):
     GET  /health, /health_generate, /ready   503 until ready, then 200. Always open (no key needed), like /metrics.
@@ -26,13 +27,46 @@ What it serves (reference/sglang.md A2, A3, A5):
     POST /generate                           native: `text`, `sampling_params.max_new_tokens` (default 128, SGLang's),
          `lora_path`, `stream`; streamed chunks carry the cumulative text, as SGLang's do.
     GET  /metrics                            Prometheus text: sglang:prompt_tokens_total, generation_tokens_total,
-         num_requests_total (labels engine_type, is_streaming, model_name), num_running_reqs,
-         time_to_first_token_seconds and e2e_request_latency_seconds histograms.
+         num_requests_total (labels engine_type, is_streaming, model_name); the gauges num_running_reqs (requests
+         producing tokens) and num_queue_reqs (requests waiting while the engine resumes or reloads weights), and
+         the static memory gauges weight_memory_usage_gb, kv_cache_memory_usage_gb and graph_memory_usage_gb (extra
+         label phase="decode"), emitted once the memory is allocated at startup and not changed by release/resume
+         (labels engine_type, model_name, moe_ep_rank, pp_rank, tp_rank); time_to_first_token_seconds and
+         e2e_request_latency_seconds histograms.
     GET  /model_info, /server_info (and the deprecated /get_* aliases), GET|POST /flush_cache, GET /ping.
+    GET|POST /release_memory_occupation      `{"tags": null | ["weights", "kv_cache", "cuda_graph"]}` (null or [] =
+         all three); 200 with an empty body. See "Memory".
+    GET|POST /resume_memory_occupation       same body; 200 with an empty body.
+    POST /update_weights_from_disk           `{"model_path": str, ...}` -> `{"success", "message",
+         "num_paused_requests": 0}`, 200, or 400 while the weights are released; a missing model_path is a 422.
 Output is deterministic: token i is the word WORDS[(offset + i) % len(WORDS)] (with a leading space after the first),
 where offset is 0 for the base model and crc32(adapter name) % len(WORDS) for an adapter, so adapter output differs.
 Prompt tokens are counted as whitespace-separated words (token ids count one each). Auth mirrors SGLang: with
-`--api-key` every other route needs `Authorization: Bearer <key>`, else 401 `{"error":"Unauthorized"}`.
+`--api-key` every other route needs `Authorization: Bearer <key>`, else 401 `{"error":"Unauthorized"}`. The
+ADMIN_OPTIONAL routes (/flush_cache, release/resume_memory_occupation, update_weights_from_disk) need the
+`--admin-api-key` when one is set (the `--api-key` is then refused), else the `--api-key` if set, else are open.
+
+Memory (SGLang's memory saver; reference/sglang.md A2, A4):
+    Each server has three GPU allocations, in GiB: weights (FAKE_SGLANG_WEIGHTS_GIB), kv_cache and cuda_graph.
+    release_memory_occupation first checks, like SGLang's scheduler, that the server is idle: if any inference
+    request is in progress (queued, or a response not yet complete, streamed or not) it logs
+    `AssertionError: release_memory_occupation should be called only when server is idle.` and
+    `Scheduler hit an exception`, and the process exits 1 at once (the whole server is torn down). Without
+    `--enable-memory-saver` release and resume change nothing (SGLang's no-op adapter) and still answer 200. With
+    it, the tags are released; inference then answers 500 `memory is released: call /resume_memory_occupation
+    first` until they are resumed. Releasing the weights without `--enable-weights-cpu-backup` loses them: after the
+    resume, inference answers 500 `weights were released without a CPU backup and not reloaded` until a successful
+    update_weights_from_disk. Resume and update_weights_from_disk keep the engine busy: inference requests that
+    arrive meanwhile wait (counted by sglang:num_queue_reqs) and then run; update_weights_from_disk also first waits
+    for the requests in progress to finish (SGLang's model-update writer lock). Control requests run one at a
+    time and finish even if their client goes away. /health stays 200 throughout.
+    With FAKE_SGLANG_DEVICE_LEDGER, allocations are booked in a ledger shared by every fake on the same emulated
+    device (format: tests/fakes/ledger.py): after the startup delay, before ready, all three are allocated; if they
+    do not fit, the server logs `torch.OutOfMemoryError: CUDA out of memory. Tried to allocate ...` as its last
+    line and exits 1. A release frees the tags' memory, a resume books it again (if that does not fit: the OOM
+    line, `Scheduler hit an exception`, exit 1), and the server's entry is freed when it exits (SIGTERM, or any of
+    the exit-1 faults above); the entry of a process killed outright (SIGKILL) is reclaimed by the next update of
+    the ledger, as a driver reclaims a dead process's memory.
 
 Faults and pacing, read from the environment at startup:
     FAKE_SGLANG_STARTUP_SECONDS=0.2   seconds from start to ready (then it logs the readiness line
@@ -49,7 +83,22 @@ Faults and pacing, read from the environment at startup:
     FAKE_SGLANG_REQUEST_LOG=path      append one JSON line per inference request received (before the auth check):
                                       `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`,
                                       and `{"event":"disconnect","path":...,"model":...,"stream":...,"tokens_sent":N}`
-                                      when a client goes away before its response is complete.
+                                      when a client goes away before its response is complete; and one per
+                                      authorised memory call: `{"event":"release"|"resume","model":<served
+                                      name>,"tags":[...],"model_path":null}` (tags normalised: null or [] is all
+                                      three) or `{"event":"update_weights","model":...,"tags":null,
+                                      "model_path":...}`.
+    FAKE_SGLANG_DEVICE_LEDGER=path    the JSON ledger of the emulated device's memory, shared by every fake on it;
+                                      each read-modify-write holds `fcntl.flock` on `<path>.lock`. Unset: no
+                                      allocation is booked anywhere (and nothing can run out of memory).
+    FAKE_SGLANG_DEVICE_GIB=80         the device's capacity; the first fake to create the ledger sets it (later
+                                      ones use the ledger's). Must be > 0.
+    FAKE_SGLANG_WEIGHTS_GIB=1.0       the model weights' size.
+    FAKE_SGLANG_KV_GIB=1.0            the KV cache pool's size; with `--mem-fraction-static F` it is instead
+                                      max(0, F * capacity - weights - cuda_graph), as SGLang sizes its pool.
+    FAKE_SGLANG_GRAPH_GIB=0.0         the captured CUDA graphs' size.
+    FAKE_SGLANG_RESUME_SECONDS=0      how long resume_memory_occupation takes (a slow wake-up).
+    FAKE_SGLANG_RELOAD_SECONDS=0      how long update_weights_from_disk takes.
 A bad value in one of these is reported on stderr, exit 2.
 
 Logs go to stdout, one flushed line each. SIGTERM (or SIGINT) logs a line and exits 0 within about a second.
@@ -68,11 +117,11 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable for `app`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -80,6 +129,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from aiohttp import web  # noqa: E402
 
 from app.sglang_flags import FlagTable, FlagValueError  # noqa: E402
+from tests.fakes.ledger import TAGS, DeviceLedger, LedgerError, OutOfMemory  # noqa: E402
 
 logger = logging.getLogger("fake_sglang")
 
@@ -96,9 +146,19 @@ TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40
 E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0,
                600.0, 1200.0, 1800.0, 2400.0)
 OPEN_PREFIXES = ("/health", "/ready", "/metrics")
-ADMIN_PATHS = frozenset({"/flush_cache"})
+RELEASE_PATH = "/release_memory_occupation"
+RESUME_PATH = "/resume_memory_occupation"
+RELOAD_PATH = "/update_weights_from_disk"
+ADMIN_PATHS = frozenset({"/flush_cache", RELEASE_PATH, RESUME_PATH, RELOAD_PATH})  # SGLang's ADMIN_OPTIONAL
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
 SHUTDOWN_GRACE_SECONDS = 1.0
+DEFAULT_DEVICE_GIB = 80.0
+GRAPH_PHASE = "decode"
+IDLE_ASSERTION = "AssertionError: release_memory_occupation should be called only when server is idle."
+SCHEDULER_CRASH = "Scheduler hit an exception"
+RELEASED_MESSAGE = "memory is released: call /resume_memory_occupation first"
+WEIGHTS_LOST_MESSAGE = "weights were released without a CPU backup and not reloaded"
+RELOADED_MESSAGE = "Succeeded to update model weights."
 
 
 class UsageError(Exception):
@@ -130,6 +190,9 @@ class ServerConfig:
     adapters: Mapping[str, str] = field(default_factory=dict)  # name -> path, in command-line order
     context_length: int = DEFAULT_CONTEXT_LENGTH
     enable_metrics: bool = False
+    enable_memory_saver: bool = False
+    enable_weights_cpu_backup: bool = False
+    mem_fraction_static: float | None = None
     argv: tuple[str, ...] = ()
 
 
@@ -191,6 +254,9 @@ def parse_cli(argv: Sequence[str]) -> ServerConfig:
         adapters=adapters,
         context_length=values.get("context_length") or DEFAULT_CONTEXT_LENGTH,
         enable_metrics=bool(values.get("enable_metrics")),
+        enable_memory_saver=bool(values.get("enable_memory_saver")),
+        enable_weights_cpu_backup=bool(values.get("enable_weights_cpu_backup")),
+        mem_fraction_static=values.get("mem_fraction_static"),
         argv=tuple(argv),
     )
 
@@ -206,6 +272,13 @@ class Faults:
     hang_after_tokens: int | None = None
     status: int | None = None
     request_log: Path | None = None
+    device_ledger: Path | None = None
+    device_gib: float | None = None  # None: the ledger's capacity, or DEFAULT_DEVICE_GIB when creating it
+    weights_gib: float = 1.0
+    kv_gib: float = 1.0
+    graph_gib: float = 0.0
+    resume_seconds: float = 0.0
+    reload_seconds: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Faults:
@@ -233,6 +306,12 @@ class Faults:
         if status is not None and not 100 <= status <= 599:
             raise UsageError(f"FAKE_SGLANG_STATUS={status}: not an HTTP status")
         log_path = env.get("FAKE_SGLANG_REQUEST_LOG", "").strip()
+        ledger_path = env.get("FAKE_SGLANG_DEVICE_LEDGER", "").strip()
+        device_gib: float | None = None
+        if env.get("FAKE_SGLANG_DEVICE_GIB", "").strip():
+            device_gib = number("FAKE_SGLANG_DEVICE_GIB", DEFAULT_DEVICE_GIB)
+            if device_gib <= 0:
+                raise UsageError(f"FAKE_SGLANG_DEVICE_GIB={device_gib}: must be > 0")
         return cls(
             startup_seconds=number("FAKE_SGLANG_STARTUP_SECONDS", 0.2),
             token_delay_seconds=number("FAKE_SGLANG_TOKEN_DELAY_SECONDS", 0.0),
@@ -241,6 +320,13 @@ class Faults:
             hang_after_tokens=count("FAKE_SGLANG_HANG_AFTER_TOKENS"),
             status=status,
             request_log=Path(log_path) if log_path else None,
+            device_ledger=Path(ledger_path) if ledger_path else None,
+            device_gib=device_gib,
+            weights_gib=number("FAKE_SGLANG_WEIGHTS_GIB", 1.0),
+            kv_gib=number("FAKE_SGLANG_KV_GIB", 1.0),
+            graph_gib=number("FAKE_SGLANG_GRAPH_GIB", 0.0),
+            resume_seconds=number("FAKE_SGLANG_RESUME_SECONDS", 0.0),
+            reload_seconds=number("FAKE_SGLANG_RELOAD_SECONDS", 0.0),
         )
 
     def describe(self) -> str:
@@ -248,6 +334,25 @@ class Faults:
         if "crash_at_startup" in active:  # the message itself is kept for the last line, where it belongs
             active["crash_at_startup"] = "set"
         return ", ".join(f"{k}={v}" for k, v in active.items())
+
+
+def memory_sizes(config: ServerConfig, faults: Faults, capacity_gib: float) -> dict[str, float]:
+    """GiB per SGLang memory tag. With --mem-fraction-static the KV pool gets what the fraction leaves, as in SGLang."""
+    weights, graph = faults.weights_gib, faults.graph_gib
+    kv = faults.kv_gib
+    if config.mem_fraction_static is not None:
+        kv = max(0.0, config.mem_fraction_static * capacity_gib - weights - graph)
+    return {"weights": weights, "kv_cache": round(kv, 6), "cuda_graph": graph}
+
+
+def normalise_tags(body: Any) -> list[str]:
+    """The tags of a release/resume body, as SGLang reads them: null or [] is all three, unknown names are ignored."""
+    tags = body.get("tags") if isinstance(body, dict) else None
+    if tags is None or tags == []:
+        return list(TAGS)
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise ApiError(422, "tags must be null or a list of strings")
+    return [tag for tag in TAGS if tag in tags]
 
 
 # ----- Prometheus metrics, written by hand in the text exposition format -----
@@ -303,6 +408,8 @@ class Metrics:
         self.generation_tokens: dict[bool, float] = {False: 0.0, True: 0.0}
         self.requests: dict[bool, float] = {False: 0.0, True: 0.0}
         self.running = 0
+        self.queued = 0
+        self.memory: dict[str, float] | None = None  # GiB per tag, once allocated at startup
         self.ttft = Histogram(TTFT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
 
@@ -324,11 +431,22 @@ class Metrics:
         counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens)
         counter("sglang:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens)
         counter("sglang:num_requests_total", "Number of requests processed.", self.requests)
-        name = "sglang:num_running_reqs"
         scheduler_labels = (("engine_type", ENGINE_TYPE), ("model_name", self.model_name), ("moe_ep_rank", "0"),
                             ("pp_rank", "0"), ("tp_rank", "0"))
-        lines.extend([f"# HELP {name} The number of running requests.", f"# TYPE {name} gauge",
-                      f"{name}{_labels(scheduler_labels)} {_format_value(self.running)}"])
+
+        def gauge(name: str, help_text: str, value: float, labels: tuple[tuple[str, str], ...]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
+                          f"{name}{_labels(labels)} {_format_value(value)}"])
+
+        gauge("sglang:num_running_reqs", "The number of running requests.", self.running, scheduler_labels)
+        gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", self.queued, scheduler_labels)
+        if self.memory is not None:
+            gauge("sglang:weight_memory_usage_gb", "Memory used by model weights in GB.", self.memory["weights"],
+                  scheduler_labels)
+            gauge("sglang:kv_cache_memory_usage_gb", "Memory used by the KV cache pools in GB.",
+                  self.memory["kv_cache"], scheduler_labels)
+            gauge("sglang:graph_memory_usage_gb", "Memory used by captured device graphs in GB.",
+                  self.memory["cuda_graph"], (*scheduler_labels, ("phase", GRAPH_PHASE)))
         for family, help_text, histogram in (
             ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft),
             ("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", self.e2e),
@@ -499,6 +617,23 @@ class FakeSGLangServer:
         self.shutting_down = False
         self.started_at = time.time()
         self.metrics = Metrics(config.served_model_name)
+        # memory saver state
+        self.ledger: DeviceLedger | None = None
+        if faults.device_ledger is not None:
+            self.ledger = DeviceLedger(faults.device_ledger, config.port, faults.device_gib or DEFAULT_DEVICE_GIB)
+        self.sizes: dict[str, float] = {}  # GiB per tag, set at startup
+        self.allocated = False  # booked in the ledger (so to be freed on exit)
+        self.released: set[str] = set()  # tags released by the memory saver
+        self.weights_lost = False  # weights released without a CPU backup, and not reloaded since
+        # the scheduler: one control request at a time; inference waits while one keeps the engine busy
+        self.control_lock = asyncio.Lock()
+        self.engine_free = asyncio.Event()
+        self.engine_free.set()
+        self.pending = 0  # inference requests received and not yet answered (waiting or running)
+        self.admitted = 0  # of those, the ones past the wait
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.control_tasks: set[asyncio.Task[Any]] = set()
 
     # --- app and middleware ---
 
@@ -516,6 +651,10 @@ class FakeSGLangServer:
         app.router.add_get("/get_server_info", self.server_info)
         app.router.add_route("GET", "/flush_cache", self.flush_cache)
         app.router.add_route("POST", "/flush_cache", self.flush_cache)
+        for method in ("GET", "POST"):
+            app.router.add_route(method, RELEASE_PATH, self.release_memory_occupation)
+            app.router.add_route(method, RESUME_PATH, self.resume_memory_occupation)
+        app.router.add_post(RELOAD_PATH, self.update_weights_from_disk)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/generate", self.generate)
@@ -613,6 +752,9 @@ class FakeSGLangServer:
             "enable_lora": bool(config.adapters) or None,
             "lora_paths": [{"lora_name": n, "lora_path": p, "pinned": False} for n, p in config.adapters.items()],
             "context_length": config.context_length, "enable_metrics": config.enable_metrics,
+            "enable_memory_saver": config.enable_memory_saver,
+            "enable_weights_cpu_backup": config.enable_weights_cpu_backup,
+            "mem_fraction_static": config.mem_fraction_static,
             "version": SGLANG_VERSION, "internal_states": [{}], "startup_time": self.started_at,
             "launch_command": " ".join(["sglang", "serve", *config.argv]),
         })
@@ -620,6 +762,164 @@ class FakeSGLangServer:
     async def flush_cache(self, request: web.Request) -> web.Response:
         return web.Response(text="Cache flushed.\nPlease check backend logs for more details. (When there are "
                                  "running or waiting requests, the operation will not be performed.)\n")
+
+    # --- memory saver routes ---
+
+    async def release_memory_occupation(self, request: web.Request) -> web.Response:
+        try:
+            tags = normalise_tags(await _json_body(request))
+        except ApiError as exc:
+            return web.json_response({"detail": exc.message}, status=exc.status)
+        self._admin_log("release", tags, None)
+        return await self._control(self._release(tags))
+
+    async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        try:
+            tags = normalise_tags(await _json_body(request))
+        except ApiError as exc:
+            return web.json_response({"detail": exc.message}, status=exc.status)
+        self._admin_log("resume", tags, None)
+        return await self._control(self._resume(tags))
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+            return web.json_response({"detail": [{"type": "missing", "loc": ["body", "model_path"],
+                                                  "msg": "Field required"}]}, status=422)
+        model_path = body["model_path"]
+        self._admin_log("update_weights", None, model_path)
+        return await self._control(self._reload(model_path))
+
+    def _admin_log(self, event: str, tags: list[str] | None, model_path: str | None) -> None:
+        self._append_log({"event": event, "model": self.config.served_model_name, "tags": tags,
+                          "model_path": model_path})
+
+    async def _control(self, work: Coroutine[Any, Any, web.Response]) -> web.Response:
+        """Run a control request to its end even if the client goes away: the scheduler does not watch the client."""
+        task = asyncio.ensure_future(work)
+        self.control_tasks.add(task)
+        task.add_done_callback(self.control_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _release(self, tags: list[str]) -> web.Response:
+        async with self.control_lock:
+            logger.info("Release memory occupation: tags=%s", tags)
+            if self.pending:  # SGLang's scheduler asserts is_fully_idle(); a failed assertion kills the server
+                logger.error("release_memory_occupation with %d inference request(s) in progress", self.pending)
+                self._die(IDLE_ASSERTION, SCHEDULER_CRASH)
+            if not self.config.enable_memory_saver:
+                logger.info("Memory saver disabled (no --enable-memory-saver): nothing released")
+                return web.Response()
+            fresh = [tag for tag in tags if tag not in self.released]
+            self.released.update(fresh)
+            if "weights" in fresh and not self.config.enable_weights_cpu_backup:
+                self.weights_lost = True
+            if self.ledger is not None and self.allocated and fresh:
+                self.ledger.release(fresh)
+            logger.info("Released %s: %.2f GiB freed%s", fresh or "nothing new",
+                        sum(self.sizes.get(tag, 0.0) for tag in fresh),
+                        "; weights discarded (no --enable-weights-cpu-backup)" if "weights" in fresh
+                        and not self.config.enable_weights_cpu_backup else "")
+            return web.Response()
+
+    async def _resume(self, tags: list[str]) -> web.Response:
+        async with self.control_lock, self._engine_busy(drain=False):
+            logger.info("Resume memory occupation: tags=%s", tags)
+            if self.faults.resume_seconds:
+                await asyncio.sleep(self.faults.resume_seconds)
+            if not self.config.enable_memory_saver:
+                logger.info("Memory saver disabled (no --enable-memory-saver): nothing to resume")
+                return web.Response()
+            back = [tag for tag in TAGS if tag in tags and tag in self.released]
+            if self.ledger is not None and self.allocated and back:
+                oom = self.ledger.allocate({tag: self.sizes.get(tag, 0.0) for tag in back}, event="resume")
+                if oom is not None:
+                    self._die(oom.message(), SCHEDULER_CRASH)
+            self.released.difference_update(back)
+            logger.info("Resumed %s: %.2f GiB%s", back or "nothing released",
+                        sum(self.sizes.get(tag, 0.0) for tag in back),
+                        "; the weights are garbage until /update_weights_from_disk" if "weights" in back
+                        and self.weights_lost else "")
+            return web.Response()
+
+    async def _reload(self, model_path: str) -> web.Response:
+        async with self.control_lock:
+            logger.info("Start update_weights. Load format=auto, model_path=%r", model_path)
+            if "weights" in self.released:
+                message = ("Failed to update weights: the model weights are released (memory saver); call "
+                           "/resume_memory_occupation first.")
+                logger.error("%s", message)
+                return web.json_response({"success": False, "message": message, "num_paused_requests": 0},
+                                         status=400)
+            async with self._engine_busy(drain=True):
+                if self.faults.reload_seconds:
+                    await asyncio.sleep(self.faults.reload_seconds)
+                self.weights_lost = False
+            logger.info("%s", RELOADED_MESSAGE)
+            return web.json_response({"success": True, "message": RELOADED_MESSAGE, "num_paused_requests": 0})
+
+    @contextlib.asynccontextmanager
+    async def _engine_busy(self, drain: bool) -> AsyncIterator[None]:
+        """The scheduler is busy with a control request: new inference waits. With `drain`, first let the requests
+        already admitted finish (SGLang's model-update writer lock)."""
+        self.engine_free.clear()
+        try:
+            while drain and self.admitted:
+                await self.drained.wait()
+            yield
+        finally:
+            self.engine_free.set()
+
+    @contextlib.asynccontextmanager
+    async def _inference_turn(self) -> AsyncIterator[None]:
+        """One inference request from its arrival to its answer: it waits (queued) while the engine is busy."""
+        self.pending += 1
+        try:
+            if not self.engine_free.is_set():
+                self.metrics.queued += 1
+                try:
+                    while not self.engine_free.is_set():
+                        await self.engine_free.wait()
+                finally:
+                    self.metrics.queued -= 1
+            self.admitted += 1
+            self.drained.clear()
+            try:
+                yield
+            finally:
+                self.admitted -= 1
+                if not self.admitted:
+                    self.drained.set()
+        finally:
+            self.pending -= 1
+
+    def _memory_problem(self) -> str | None:
+        if self.released:
+            return RELEASED_MESSAGE
+        if self.weights_lost:
+            return WEIGHTS_LOST_MESSAGE
+        return None
+
+    def _die(self, *lines: str) -> NoReturn:
+        """Exit 1 at once, as SGLang does when its scheduler dies: the last lines, the device memory freed."""
+        for line in lines:
+            logger.error("%s", line)
+        self.free_memory()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+    def free_memory(self) -> None:
+        """Give this server's device memory back in the ledger (at exit)."""
+        if self.ledger is None or not self.allocated:
+            return
+        self.allocated = False
+        try:
+            freed = self.ledger.free()
+        except (OSError, LedgerError) as exc:
+            logger.warning("Could not free the device memory in %s: %s", self.ledger.path, exc)
+            return
+        logger.info("Device memory freed: %.2f GiB", freed)
 
     # --- inference routes ---
 
@@ -644,7 +944,12 @@ class FakeSGLangServer:
             job = make_job(request.path, body)
         except ApiError as exc:
             return error_response(exc.status, exc.message)
-        return await self._respond(request, job, fmt)
+        async with self._inference_turn():
+            problem = self._memory_problem()
+            if problem is not None:
+                logger.error("Inference request on %s refused: %s", request.path, problem)
+                return error_response(500, problem)
+            return await self._respond(request, job, fmt)
 
     def _resolve_adapter(self, model: Any, lora_path: Any) -> str | None:
         """SGLang's rule: an exact served name is the base; otherwise `base:adapter`; else the `lora_path` field."""
@@ -741,11 +1046,7 @@ class FakeSGLangServer:
 
     def _fault_point(self, tokens_done: int) -> None:
         if tokens_done == self.faults.crash_after_tokens:
-            logger.error("Fault injection: engine crashed after %d tokens (FAKE_SGLANG_CRASH_AFTER_TOKENS)",
-                         tokens_done)
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(1)
+            self._die(f"Fault injection: engine crashed after {tokens_done} tokens (FAKE_SGLANG_CRASH_AFTER_TOKENS)")
 
     async def _respond(self, request: web.Request, job: Job, fmt: Format) -> web.StreamResponse:
         parts: list[str] = []
@@ -790,8 +1091,37 @@ class FakeSGLangServer:
             logger.error("%s", self.faults.crash_at_startup)
             stop.set()
             return 1
+        failure = self._allocate_memory()
+        if failure is not None:
+            logger.error("%s", failure)
+            stop.set()
+            return 1
         self.ready = True
         logger.info("%s", READY_LINE)
+        return None
+
+    def _allocate_memory(self) -> str | None:
+        """Size the memory and book it in the device ledger, if any; return the error line when it does not fit."""
+        capacity = self.faults.device_gib or DEFAULT_DEVICE_GIB
+        if self.ledger is not None:
+            try:
+                capacity = self.ledger.capacity()
+                if self.faults.device_gib and capacity != self.faults.device_gib:
+                    logger.warning("FAKE_SGLANG_DEVICE_GIB=%s ignored: the ledger %s says the device has %.2f GiB",
+                                   self.faults.device_gib, self.ledger.path, capacity)
+                self.sizes = memory_sizes(self.config, self.faults, capacity)
+                oom: OutOfMemory | None = self.ledger.allocate(self.sizes)
+            except (OSError, LedgerError) as exc:
+                return f"RuntimeError: device ledger {self.ledger.path}: {exc}"
+            if oom is not None:
+                return oom.message()
+            self.allocated = True
+        else:
+            self.sizes = memory_sizes(self.config, self.faults, capacity)
+        self.metrics.memory = dict(self.sizes)
+        logger.info("Memory: weights %.2f GiB, KV cache %.2f GiB, CUDA graphs %.2f GiB on a %.2f GiB device%s",
+                    self.sizes["weights"], self.sizes["kv_cache"], self.sizes["cuda_graph"], capacity,
+                    f" (booked in {self.ledger.path})" if self.allocated and self.ledger else "")
         return None
 
 
@@ -839,16 +1169,19 @@ async def serve(config: ServerConfig, faults: Faults) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", config.host, config.port)
     startup = asyncio.create_task(server.start_up(stop))
-    await stop.wait()
-    if startup.done():
-        exit_code = startup.result() or 0
-    else:
-        startup.cancel()
-    server.shutting_down = True
     try:
-        await asyncio.wait_for(runner.cleanup(), timeout=SHUTDOWN_GRACE_SECONDS * 3)
-    except asyncio.TimeoutError:
-        logger.warning("Shutdown took too long; exiting anyway")
+        await stop.wait()
+        if startup.done():
+            exit_code = startup.result() or 0
+        else:
+            startup.cancel()
+        server.shutting_down = True
+        try:
+            await asyncio.wait_for(runner.cleanup(), timeout=SHUTDOWN_GRACE_SECONDS * 3)
+        except asyncio.TimeoutError:
+            logger.warning("Shutdown took too long; exiting anyway")
+    finally:
+        server.free_memory()
     return exit_code
 
 

@@ -130,6 +130,15 @@ CASES = {
           + ["--tp-size", "1", "--enable-memory-saver", "--enable-weights-cpu-backup", "--enable-metrics"],
           "env": {}}],
     ),
+    "a raw command line gets what sleeping needs, once": (
+        ["--set", "models.0.model=org/m", "--set", "general.auto_cpu_offload=true",
+         "--set", "models.0.cli=--tp-size 2 --enable-memory-saver"],
+        [{"endpoint": "m",
+          "argv": base("org/m", 30000, "m")[:-2]
+          + ["--tp-size", "2", "--enable-memory-saver", "--served-model-name", "m", "--enable-weights-cpu-backup",
+             "--enable-metrics"],
+          "env": {}}],
+    ),
     "disk swapping releases weights": (
         ["--set", "models.0.model=org/m", "--set", "general.disk_swap=True"],
         [{"endpoint": "m",

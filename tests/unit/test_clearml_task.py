@@ -155,8 +155,8 @@ def test_scalars_properties_and_table_under_the_dashboards_names():
     assert properties["idle_since"] == "2027-01-15T06:00:00+00:00"
     ((_, table),) = logger.named("report_table")
     assert table["title"] == "Deployed Models" and table["iteration"] == 0
-    assert table["table_plot"] == [["Model", "Endpoint name", "URL", "Status"],
-                                   ["org/m", "m", "http://h:8000/m/v1", "resident"]]
+    assert table["table_plot"] == [["Model", "Endpoint name", "URL", "Status", "Last wake-up"],
+                                   ["org/m", "m", "http://h:8000/m/v1", "resident", ""]]
     reporter.report(43, IdleDecision(False, 0.0, 1, "active", 0.0), stats.take_window(), stats, {"m": "resident"})
     assert len(logger.named("report_table")) == 1  # written again only when a state changes
     assert [k for _, k in task.named("set_user_properties")][-1] == {"idle_since": ""}

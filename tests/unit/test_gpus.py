@@ -47,6 +47,16 @@ def test_too_many_sharers_leave_too_little_memory():
     assert any("would get only" in p.problem for p in info.value.problems)
 
 
+def test_models_that_sleep_share_as_two_residents_and_need_not_fit_together():
+    plan = place([Demand(f"m{i}", 1, None) for i in range(20)], gpus(1), sleeping=True)
+    assert all(p.cuda_visible_devices == "0" and p.shared and p.memory_fraction == 0.44 for p in plan)
+    plan = place([Demand("a", 1, 0.6), Demand("b", 1, 0.5), Demand("c", 1, None)], gpus(1), sleeping=True)
+    assert [p.memory_fraction for p in plan] == [0.6, 0.5, 0.44]  # the ledger, not the sum, keeps them apart
+    plan = place([Demand("a", 1, None), Demand("b", 1, None)], gpus(2), sleeping=True)
+    assert [(p.cuda_visible_devices, p.memory_fraction, p.shared) for p in plan] == [("0", None, False),
+                                                                                      ("1", None, False)]
+
+
 @pytest.mark.parametrize("value, expected", [
     (None, [0, 1, 2, 3]), ("", [0, 1, 2, 3]), ("2,3", [2, 3]), ("none", []), ("1,7", [1]),
     ("GPU-aaaa,GPU-bbbb", [0, 1, 2, 3]),

@@ -162,6 +162,25 @@ def test_scalars_properties_and_table_under_the_dashboards_names():
     assert [k for _, k in task.named("set_user_properties")][-1] == {"idle_since": ""}
 
 
+def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wake_up():
+    from app.residency import WakeStats
+
+    adapter, _, logger, _ = make_task()
+    reporter = TaskReporter(adapter, models={"a": "org/a", "b": "org/b"})
+    reporter.endpoints("http://h:8000", {"a": "http://h:8000/a/v1", "b": "http://h:8000/b/v1"}, "curl ...")
+    wakes = WakeStats({"a": 2, "b": 0}, {"a": 1_800_000_000.0})
+    wakes.latencies_ms.extend([100.0, 300.0])
+    stats = RequestStats()
+    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats.take_window(), stats,
+                    {"a": "resident", "b": "sleeping"}, None, wakes)
+    reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
+    assert reported[("Model Wake-ups", "a")] == 2.0 and reported[("Model Wake-ups", "b")] == 0.0
+    assert reported[("Wake Latency (ms)", "p50")] == 200.0 and 290.0 <= reported[("Wake Latency (ms)", "p95")] <= 300
+    ((_, table),) = logger.named("report_table")
+    assert table["table_plot"][1:] == [["org/a", "a", "http://h:8000/a/v1", "resident", "2027-01-15T08:00:00+00:00"],
+                                       ["org/b", "b", "http://h:8000/b/v1", "sleeping", ""]]
+
+
 def test_hyperparameters_are_written_with_types_and_descriptions():
     adapter, task, _, _ = make_task()
     config = load_config(overrides=["models.0.model=org/m", "general.hf_token=hf_" + "x" * 30])

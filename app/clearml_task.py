@@ -23,6 +23,7 @@ from clearml.backend_api.session import Session
 
 from app.config.export import Hyperparameter
 from app.models import ModelNotFound
+from app.sglang_command import MultiNode
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ class DeploymentTask:
     """The deployment's ClearML task. Construct with `start()`; tests construct it around a fake task."""
 
     def __init__(self, task: Any, *, remote: bool, offline: bool, session: Any = Session,
-                 telemetry_factory: Callable[..., Any] | None = None):
+                 telemetry_factory: Callable[..., Any] | None = None, task_class: Any = Task):
         self.task = task
+        self._task_class = task_class
         self.remote = remote
         self.offline = offline
         self._session = session
@@ -165,6 +167,30 @@ class DeploymentTask:
         telemetry = factory(endpoint_name=endpoint, model_name=model, endpoint_url=url, input_type="json",
                             app_instance=self.id)
         return EndpointStats(telemetry)
+
+    # ----- several machines -----
+
+    def launch_multi_node(self, nodes: int, port: int) -> MultiNode:
+        """ClearML's multi-node launch: on the master (rank 0, under an agent) it enqueues `nodes - 1` clones of
+        this task to its queue, each told its rank; on a clone it returns that rank. Locally (and offline) it only
+        records the `launch_multi_node` section (the SDK's docstring says `multi_node_instance`; its code names it
+        `launch_multi_node`) and answers rank 0, as the SDK does."""
+        conf = self.task.launch_multi_node(total_num_nodes=nodes, port=port, wait=False)
+        return MultiNode(nodes=int(conf.get("total_num_nodes") or nodes), rank=int(conf.get("node_rank") or 0),
+                         master_addr=str(conf.get("master_addr") or "127.0.0.1"),
+                         master_port=int(conf.get("master_port") or port))
+
+    def master_running(self) -> bool:
+        """On a node the multi-node launch started: whether the master's task (this task's parent) still runs."""
+        parent = getattr(self.task, "parent", None)
+        if not parent or self.offline:
+            return True
+        try:
+            status = str(self._task_class.get_task(task_id=parent).get_status())
+        except Exception as exc:  # the server is unreachable for a moment: assume it runs, ask again later
+            logger.warning("Could not read the master task's status: %s", exc)
+            return True
+        return status in ("created", "queued", "in_progress")
 
     # ----- lifecycle -----
 

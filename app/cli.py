@@ -16,7 +16,7 @@ from typing import TextIO
 
 from app import __version__, constants
 from app.config import load_config, to_json
-from app.errors import ConfigError
+from app.errors import ConfigError, Problem
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
 
     from app.clearml_task import ClearMLModelRegistry, DeploymentTask
     from app.config import to_hyperparameters
-    from app.deployment import Deployment, RunOptions
+    from app.deployment import Deployment, NodeDeployment, RunOptions
     from app.reporting import TaskReporter
 
     environ = dict(os.environ) if environ is None else environ
@@ -193,6 +193,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
             config = demo_config()
         else:
             config = load_config(config_path, overrides)
+        _refuse_local_multi_node(config)
     monitor_s = float(config.idle.report_interval_seconds) if config else 30.0
     task = DeploymentTask.start(project=config.instance.project if config else "", offline=offline,
                                 name=config.instance.name if config else "", monitor_interval_s=monitor_s,
@@ -210,8 +211,15 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
             logging.getLogger().setLevel(logging.DEBUG)
         reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
                                 gateway_route=config.instance.gateway_route)
-        deployment = Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ,
-                                options=RunOptions(host=host, port=port, launcher=launcher))
+        options = RunOptions(host=host, port=port, launcher=launcher)
+        multi_node = _multi_node(config, task)
+        deployment: Deployment | NodeDeployment
+        if multi_node is not None and multi_node.rank > 0:
+            deployment = NodeDeployment(config, ClearMLModelRegistry(), multi_node, reporter=reporter,
+                                        master_running=task.master_running, environ=environ, options=options)
+        else:
+            deployment = Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ,
+                                    options=options, multi_node=multi_node)
 
         async def serve() -> int:
             loop = asyncio.get_running_loop()
@@ -244,9 +252,32 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
     return code
 
 
+def _refuse_local_multi_node(config) -> None:
+    """A model spanning nodes needs agents: run locally there is no queue to start the other machines from."""
+    for index, model in enumerate(config.models):
+        if model.nodes > 1:
+            raise ConfigError(Problem(f"models[{index}].nodes", f"is {model.nodes}: the other machines are started "
+                                      "by ClearML agents, which a local run has none of",
+                                      "launch it with `clearml-sglang launch --config F --queue Q`, or set nodes to 1"))
+
+
+def _multi_node(config, task):
+    """A model spanning nodes: this machine's rank from ClearML's multi-node launch (which, on the master, enqueues
+    the other nodes)."""
+    spanning = [(i, m) for i, m in enumerate(config.models) if m.nodes > 1]
+    if not spanning:
+        return None
+    index, model = spanning[0]
+    if not task.remote:
+        _refuse_local_multi_node(config)
+    multi_node = task.launch_multi_node(model.nodes, constants.MULTI_NODE_PORT)
+    logger.info("Model %s spans %d nodes: this is node %d, the master is at %s", model.endpoint, model.nodes,
+                multi_node.rank, multi_node.dist_init_addr)
+    return multi_node
+
+
 def _cmd_launch(options: argparse.Namespace, out: TextIO, service=None) -> int:
     from app.config import to_hyperparameters
-    from app.errors import Problem
     from app.templates import TaskDefinition
 
     config = load_config(options.config, options.overrides)  # a bad file creates no task

@@ -29,3 +29,7 @@ ERROR_VALUE_PREVIEW_CHARS = 60
 
 # Port of the first engine when `args` describes a launch; `run` checks the ports are free (engines on loopback).
 ENGINE_BASE_PORT = 30000
+
+# Where the ranks of a model spanning nodes meet (SGLang's --dist-init-addr port on the master): ClearML's
+# multi-node launch default, overridable by CLEARML_MULTI_NODE_MASTER_DEF_PORT as ClearML reads it.
+MULTI_NODE_PORT = 29500

@@ -20,15 +20,17 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiohttp
 
 from app import constants
 from app.config.types import DeploymentConfig
-from app.engine import RESIDENT, Engine, EngineStartupError, EngineSupervisor
+from app.engine import FAILED as ENGINE_FAILED
+from app.engine import RESIDENT, RESTARTING, Engine, EngineStartupError, EngineSupervisor, classify_failure
+from app.engine import STOPPED as ENGINE_STOPPED
 from app.errors import ConfigError, Problem
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
 from app.gateway.auth import generate_token
@@ -47,7 +49,16 @@ from app.residency import (
     Slot,
     WakeStats,
 )
-from app.sglang_command import EngineCommand, Machine, build_engine_commands, demands
+from app.router import RouterError, RouterWorkers, router_command
+from app.sglang_command import (
+    EngineCommand,
+    Machine,
+    MultiNode,
+    as_worker,
+    build_engine_commands,
+    demands,
+    replica_servers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +249,11 @@ class Deployment:
         detect: Callable[[], list[Gpu]] = detect_gpus,
         clock: Callable[[], float] = time.monotonic,
         environ: dict[str, str] | None = None,
+        multi_node: MultiNode | None = None,
     ):
+        """`multi_node`: rank 0 of a model spanning nodes (ClearML's multi-node launch started the others)."""
         self.config = config
+        self.multi_node = multi_node
         self.registry = registry
         self.options = options
         self.reporter = reporter or ConsoleReporter()
@@ -258,6 +272,10 @@ class Deployment:
         self._placements: list[Placement] | None = None
         self._gpus: list[Gpu] = []
         self.residency: Residency | None = None
+        self.routers: EngineSupervisor | None = None
+        self.router_workers: dict[str, tuple[RouterWorkers, list[Engine]]] = {}  # endpoint -> its router, workers
+        self._routing = False  # the routers are up: worker deaths and returns are passed on to them
+        self._router_changes: set[asyncio.Task[None]] = set()
         self._sleeper: asyncio.Task[list[str]] | None = None
 
     def request_stop(self, signum: int, reason: str = "") -> None:
@@ -294,14 +312,14 @@ class Deployment:
         if generated:
             await self._tell(self.reporter.access_token, tokens[0])
         secrets_to_mask = [*tokens, *self.config.secrets]
-        engines = [Engine(c, secrets=secrets_to_mask) for c in commands]
+        engines, routers, front = self._engines(commands, secrets_to_mask)
         tracker = IdleTracker(self.config.idle.time_limit_hours * 3600 if self.config.idle.shuts_down else None,
                               self.config.idle.report_interval_seconds, self.clock())
         adapters = {m.endpoint: tuple(a.name for a in m.lora_modules) for m in resolved}
-        self.residency = self._residency(engines)
-        routes = [ModelRoute(e.endpoint, e, api_key=e.command.api_key, adapters=adapters[e.endpoint],
+        self.residency = self._residency([front[c.endpoint] for c in commands])
+        routes = [ModelRoute(c.endpoint, front[c.endpoint], api_key=c.api_key, adapters=adapters[c.endpoint],
                              residency=self.residency, wake_deadline_s=self.config.general.wake_deadline_seconds)
-                  for e in engines]
+                  for c in commands]
         gateway_kwargs = {}
         if self.options.upstream_read_timeout_s is not None:
             gateway_kwargs["upstream_read_timeout_s"] = self.options.upstream_read_timeout_s
@@ -313,7 +331,9 @@ class Deployment:
         self.supervisor = EngineSupervisor(
             engines, startup_deadline_s=self.options.startup_deadline_s, clock=self.clock,
             admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
-            on_change=residency.engine_changed if residency else None)
+            on_change=self._engine_changed)
+        self.routers = EngineSupervisor(routers, startup_deadline_s=self.options.startup_deadline_s,
+                                        clock=self.clock)
         try:
             await self.gateway.start(self.options.host, self.options.port)
             await self._tell(self.reporter.status, LOADING, "starting engines")
@@ -350,7 +370,59 @@ class Deployment:
         ports = free_ports(len(resolved), exclude=frozenset({self.options.port}))
         return build_engine_commands(config, resolved, ports, machine=machine,
                                      placements=placements, engine_api_key=engine_key(),
-                                     launcher=self.options.launcher)
+                                     launcher=self.options.launcher, multi_node=self.multi_node)
+
+    def _engines(self, commands: list[EngineCommand], secrets: list[str]) -> tuple[
+            list[Engine], list[Engine], dict[str, Engine]]:
+        """The engines to supervise, the routers in front of models served by several servers (replicas in the CPU
+        mode), and the engine each model's route talks to (its only engine, or its router)."""
+        counts = [replica_servers(self.config, i) for i in range(len(commands))]
+        taken = {self.options.port, *(c.port for c in commands)}
+        extra = iter(free_ports(sum(n + 1 for n in counts if n > 1), exclude=frozenset(taken)))
+        engines: list[Engine] = []
+        routers: list[Engine] = []
+        front: dict[str, Engine] = {}
+        for i, (command, count) in enumerate(zip(commands, counts, strict=True)):
+            if count == 1:
+                engines.append(engine := Engine(command, secrets=secrets))
+                front[command.endpoint] = engine
+                continue
+            workers = [Engine(as_worker(command, r, command.port if r == 0 else next(extra)), secrets=secrets)
+                       for r in range(count)]
+            model = self.config.models[i]
+            router = Engine(router_command(
+                command.endpoint, port=next(extra), metrics_port=next(extra), worker_urls=[w.url for w in workers],
+                api_key=command.api_key,
+                load_balance_method=model.flag("load-balance-method",
+                                               self.config.general.flag("load-balance-method"))),
+                secrets=secrets)
+            engines += workers
+            routers.append(router)
+            front[command.endpoint] = router
+            self.router_workers[command.endpoint] = (RouterWorkers(router.url, command.api_key), workers)
+            logger.info("Model %s: %d SGLang servers behind sglang-router", command.endpoint, count)
+        return engines, routers, front
+
+    def _engine_changed(self, engine: Engine) -> None:
+        """The supervisor's news: the residency policy hears of crashes; a router stops sending requests to a worker
+        that died and takes it back once its restart is ready."""
+        if self.residency is not None:
+            self.residency.engine_changed(engine)
+        if not self._routing:
+            return
+        for workers, members in self.router_workers.values():
+            if engine in members and engine.state in (RESIDENT, RESTARTING, ENGINE_FAILED, ENGINE_STOPPED):
+                change = workers.add(engine.url) if engine.state == RESIDENT else workers.remove(engine.url)
+                task = asyncio.create_task(self._router_change(change, engine))
+                self._router_changes.add(task)
+                task.add_done_callback(self._router_changes.discard)
+
+    @staticmethod
+    async def _router_change(change: Awaitable[None], engine: Engine) -> None:
+        try:
+            await change
+        except RouterError as exc:
+            logger.warning("Could not tell the router about %s (%s): %s", engine.endpoint, engine.state, exc)
 
     def _residency(self, engines: list[Engine]) -> Residency | None:
         """With CPU offloading or disk swapping on GPUs: who is resident, who sleeps (app.residency)."""
@@ -372,9 +444,15 @@ class Deployment:
                          sleep_after_s=general.sleep_after_idle_seconds, protect_s=general.wake_deadline_seconds,
                          clock=self.clock)
 
+    async def _start_all(self) -> None:
+        """The engines, then the routers in front of replicas (each over workers that are ready)."""
+        assert self.supervisor is not None and self.routers is not None
+        await self.supervisor.start_all()
+        await self.routers.start_all()
+        self._routing = True
+
     async def _until_started(self) -> None:
-        assert self.supervisor is not None
-        start = asyncio.create_task(self.supervisor.start_all())
+        start = asyncio.create_task(self._start_all())
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
@@ -421,8 +499,9 @@ class Deployment:
                             tracker.limit_seconds or 0)
                 await self._tell(self.reporter.status, STOPPED, "idle time limit reached")
                 return EXIT_OK
-            if self.supervisor.failed.is_set() and self.supervisor.failure is not None:
-                return await self._fail(self.supervisor.failure)
+            for supervisor in (self.supervisor, self.routers):
+                if supervisor is not None and supervisor.failed.is_set() and supervisor.failure is not None:
+                    return await self._fail(supervisor.failure)
             if self._stop.is_set():
                 return await self._signal_exit()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -472,8 +551,117 @@ class Deployment:
                 logger.warning("%d request(s) still in flight after the drain deadline", self.gateway.in_flight)
             if self._serving is not None:  # the last word: what happened since the last report, drain included
                 await self._report(self._serving[0].decide(self.clock()))
+        self._routing = False
+        if self.routers is not None:
+            await self.routers.stop_all(self.options.engine_stop_grace_s)
         if self.supervisor is not None:
             await self.supervisor.stop_all(self.options.engine_stop_grace_s)
+        for task in list(self._router_changes):
+            task.cancel()
         if self.gateway is not None:
             await self.gateway.close()
         logger.info("Deployment stopped")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the other machines of a model spanning nodes
+
+
+async def _always_ready(url: str) -> bool:
+    """SGLang's ranks above 0 serve no HTTP: a rank is ready once it runs (rank 0's readiness covers them all)."""
+    return True
+
+
+class NodeDeployment:
+    """One machine (rank > 0) of a model spanning nodes: runs that model's SGLang rank, which joins rank 0 at the
+    master's address and serves nothing itself (rank 0 serves, behind the gateway). It ends when the master's
+    task no longer runs (all nodes stop together), when its engine exits, or on a signal.
+
+    Exit codes: 0 when the master ended, 3 when the engine failed, 128 + signal number after a signal.
+    """
+
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode, *,
+                 master_running: Callable[[], bool], reporter: Reporter | None = None,
+                 options: RunOptions = RunOptions(), detect: Callable[[], list[Gpu]] = detect_gpus,
+                 clock: Callable[[], float] = time.monotonic, environ: dict[str, str] | None = None,
+                 watch_interval_s: float = 10.0):
+        index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
+        self.config = replace(config, models=(config.models[index],))
+        self.registry = registry
+        self.multi_node = multi_node
+        self.master_running = master_running
+        self.reporter = reporter or ConsoleReporter()
+        self.options = options
+        self.detect = detect
+        self.clock = clock
+        self.environ = dict(os.environ if environ is None else environ)
+        self.watch_interval_s = watch_interval_s
+        self.engine: Engine | None = None
+        self.stop_signal: int | None = None
+        self.failure_reason = ""
+        self.stop_reason = ""
+        self._stop = asyncio.Event()
+        self._reports = ReportWorker()
+
+    def request_stop(self, signum: int, reason: str = "") -> None:
+        self.stop_signal, self.stop_reason = signum, reason
+        self._stop.set()
+
+    async def _tell(self, method: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(self._reports.submit(method, *args)), REPORT_TIMEOUT_SECONDS)
+
+    async def run(self) -> int:
+        rank, nodes = self.multi_node.rank, self.multi_node.nodes
+        model = self.config.models[0]
+        await self._tell(self.reporter.status, LOADING, f"node {rank} of {nodes} for {model.endpoint}")
+        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
+        gpus = self.detect()
+        machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min((g.memory_gib for g in gpus), default=None))
+        placements = place(demands(self.config, machine), gpus) if gpus else None
+        (command,) = build_engine_commands(self.config, resolved, free_ports(1), machine=machine,
+                                           placements=placements, engine_api_key=engine_key(),
+                                           launcher=self.options.launcher, multi_node=self.multi_node)
+        self.engine = engine = Engine(command, probe=_always_ready,
+                                      secrets=[*self.config.auth.tokens, *self.config.secrets])
+        try:
+            await engine.start()
+            await engine.wait_ready(self.clock() + self.options.startup_deadline_s)
+            await self._tell(self.reporter.status, ACTIVE,
+                             f"node {rank} of {nodes}: SGLang rank {rank}, joined at {self.multi_node.dist_init_addr}")
+            return await self._watch(engine)
+        except EngineStartupError as exc:
+            return await self._failed(exc)
+        finally:
+            await engine.stop(self.options.engine_stop_grace_s)
+            await self._tell(self.reporter.close)
+
+    async def _watch(self, engine: Engine) -> int:
+        exited = asyncio.create_task(engine.wait_exit())
+        try:
+            while True:
+                stop = asyncio.create_task(self._stop.wait())
+                done, _ = await asyncio.wait({exited, stop}, timeout=self.watch_interval_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if self._stop.is_set():
+                    signum = self.stop_signal or 15
+                    await self._tell(self.reporter.status, STOPPED, self.stop_reason or f"stopped by signal {signum}")
+                    return 128 + signum
+                master = await asyncio.to_thread(self.master_running)
+                if not master:
+                    logger.info("The master node's task has ended: stopping this node")
+                    await self._tell(self.reporter.status, STOPPED, "the master node's task ended")
+                    return EXIT_OK
+                if exited in done:
+                    return await self._failed(EngineStartupError(
+                        engine.endpoint, f"(rank {self.multi_node.rank}) exited while the master still runs",
+                        classify_failure(engine.exit_code, engine.tail), engine.exit_code, engine.tail))
+        finally:
+            exited.cancel()
+
+    async def _failed(self, failure: EngineStartupError) -> int:
+        logger.error("%s", failure.render())
+        self.failure_reason = str(failure)
+        await self._tell(self.reporter.status, FAILED, self.failure_reason)
+        return EXIT_ENGINE

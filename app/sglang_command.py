@@ -21,7 +21,7 @@ import math
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app import constants
@@ -86,6 +86,21 @@ class EngineCommand:
         return shlex.join(self.masked_argv())
 
 
+@dataclass(frozen=True)
+class MultiNode:
+    """Where this machine stands in a model spanning nodes: ClearML's multi-node launch gives every node its rank
+    and the master's (rank 0's) address; SGLang's ranks meet at `master_addr:master_port`."""
+
+    nodes: int
+    rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def dist_init_addr(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+
 @dataclass
 class _Argv:
     table: FlagTable
@@ -115,12 +130,15 @@ def build_engine_command(
     python: str = sys.executable,
     launcher: tuple[str, ...] | None = None,
     flag_table: FlagTable | None = None,
+    multi_node: MultiNode | None = None,
 ) -> EngineCommand:
     """The command line and environment of the engine serving `config.models[index]`.
 
     `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `engine_api_key` is the
     key only the gateway knows, so nothing on this machine reaches the engine around the gateway. `launcher`
     replaces `python -m sglang.launch_server` (the tests' stand-in server takes the same arguments).
+    `multi_node`: this machine's rank when the model spans nodes (`nodes` > 1); `--tp-size` is then the GPUs of
+    every node together.
     """
     table = flag_table or FlagTable.load()
     model = config.models[index]
@@ -136,6 +154,8 @@ def build_engine_command(
         _add_cli(argv, model, config, notes)
     else:
         _add_form(argv, model, config, resolved, machine, where, notes)
+        if model.nodes > 1:
+            _add_nodes(argv, model, multi_node, notes)
     if placement is not None and placement.memory_fraction is not None and "mem_fraction_static" not in argv.dests:
         argv.add("mem-fraction-static", placement.memory_fraction)
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
@@ -167,6 +187,21 @@ def build_engine_command(
     )
 
 
+def replica_servers(config: DeploymentConfig, index: int) -> int:
+    """How many separate SGLang servers (router workers) serve `config.models[index]` on this machine: its replicas
+    in the CPU development mode, where SGLang's --dp-size is not available; one (with --dp-size) on GPUs."""
+    model = config.models[index]
+    return model.replicas if config.general.device == "cpu" and not model.cli else 1
+
+
+def as_worker(command: EngineCommand, replica: int, port: int) -> EngineCommand:
+    """One replica's server: the model's command on its own port, named `<endpoint>/<replica>` in logs."""
+    argv = list(command.argv)
+    at = argv.index("--port")
+    argv[at + 1] = str(port)
+    return replace(command, endpoint=f"{command.endpoint}/{replica}", argv=tuple(argv), port=port)
+
+
 def build_engine_commands(
     config: DeploymentConfig,
     resolved: list[ResolvedModel],
@@ -178,6 +213,7 @@ def build_engine_commands(
     python: str = sys.executable,
     launcher: tuple[str, ...] | None = None,
     flag_table: FlagTable | None = None,
+    multi_node: MultiNode | None = None,
 ) -> list[EngineCommand]:
     """Every engine's command; every problem of every model in one ConfigError."""
     commands, problems = [], []
@@ -185,7 +221,8 @@ def build_engine_commands(
         try:
             commands.append(build_engine_command(
                 config, i, item, port=port, machine=machine, placement=placements[i] if placements else None,
-                engine_api_key=engine_api_key, python=python, launcher=launcher, flag_table=flag_table))
+                engine_api_key=engine_api_key, python=python, launcher=launcher, flag_table=flag_table,
+                multi_node=multi_node if config.models[i].nodes > 1 else None))
         except ConfigError as exc:
             problems += exc.problems
     if problems:
@@ -225,8 +262,11 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
     if general.device == "cpu":
         argv.add("device", "cpu")
     else:
-        argv.add("tp-size", model.gpus or machine.gpu_count or 1)
-    if model.replicas > 1:
+        argv.add("tp-size", (model.gpus or machine.gpu_count or 1) * model.nodes)
+    if model.replicas > 1 and general.device == "cpu":
+        notes.append(f"replicas: {model.replicas} SGLang servers on this machine behind sglang-router "
+                     "(SGLang's own data parallelism, --dp-size, needs GPUs)")
+    elif model.replicas > 1:
         argv.add("dp-size", model.replicas)
 
     lora = model.lora
@@ -251,6 +291,18 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
         flags.setdefault("lora-backend", "torch_native")  # the only LoRA backend without CUDA kernels
     for name in sorted(flags):
         argv.add(name, flags[name])
+
+
+def _add_nodes(argv: _Argv, model: ModelConfig, multi_node: MultiNode | None, notes: list[str]) -> None:
+    """SGLang's multi-node tensor parallelism: every node the same command but its rank; only rank 0 serves HTTP."""
+    if multi_node is None:  # `args`: what rank 0 runs, the master's address as ClearML will give it
+        multi_node = MultiNode(model.nodes, 0, "MASTER_ADDR", constants.MULTI_NODE_PORT)
+        others = "rank 1 runs" if model.nodes == 2 else f"ranks 1 to {model.nodes - 1} run"
+        notes.append(f"nodes: {model.nodes} machines; {others} the same command with its own --node-rank, and "
+                     "ClearML's multi-node launch gives each node its rank and the master's address")
+    argv.add("nnodes", multi_node.nodes)
+    argv.add("node-rank", multi_node.rank)
+    argv.add("dist-init-addr", multi_node.dist_init_addr)
 
 
 def _add_memory_saver(argv: _Argv, general: GeneralConfig, skip: frozenset[str] | set[str] = frozenset()) -> None:

@@ -587,6 +587,22 @@ def _parse_models(section: Any, general: GeneralConfig, table: FlagTable, proble
                          "give each model its own endpoint_name")
         else:
             seen[name] = i
+    spanning = [i for i, m in enumerate(models) if m is not None and m.nodes > 1]
+    for i in spanning[1:]:
+        problems.add(f"models[{i}].nodes", f"models[{spanning[0]}] spans nodes already; ClearML's multi-node launch "
+                     "runs the whole instance once per node", "let one model per instance span nodes")
+    for i in spanning:
+        model = models[i]
+        assert model is not None
+        if general.device == "cpu":
+            problems.add(f"models[{i}].nodes", "is more than 1 in the CPU development mode",
+                         "set nodes to 1 with device cpu (multi-node tensor parallelism needs GPUs and NCCL)")
+        if model.replicas > 1:
+            problems.add(f"models[{i}].replicas", "cannot be combined with nodes > 1 in this version",
+                         "use either replicas (copies on one machine) or nodes (one copy over several machines)")
+        if model.cli:
+            problems.add(f"models[{i}].nodes", "cannot be used with cli (the app sets each node's rank)",
+                         "use the form's fields, or set nodes to 1")
     return [m for m in models if m is not None]
 
 

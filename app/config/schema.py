@@ -90,11 +90,13 @@ MODEL_FIELDS = (
           "Number of GPUs one copy of the model is split over. Default: every GPU detected.", INT, None,
           sglang_flag="--tp-size", minimum=1, maximum=1024),
     Field("model", "replicas", "Replicas (Data Parallel Size)",
-          "Copies of the model on this machine, each on its own GPUs, balanced by the Load Balance Method.",
+          "Copies of the model, each on its own GPUs: SGLang's data parallelism, balanced by the Load Balance "
+          "Method. In the CPU development mode, separate SGLang servers behind sglang-router.",
           INT, 1, sglang_flag="--dp-size", minimum=1, maximum=64),
     Field("model", "nodes", "Nodes",
-          "Machines one copy of the model spans (multi-node tensor parallelism).", INT, 1, minimum=1, maximum=1,
-          bound_fix="multi-node deployment is not in this version yet: set nodes to 1"),
+          "Machines one copy of the model spans (multi-node tensor parallelism over `gpus` GPUs on each): the "
+          "other machines are started through ClearML's multi-node launch on the instance's queue. One model "
+          "per deployment may span nodes.", INT, 1, minimum=1, maximum=64),
 )
 
 LORA_FIELDS = (

@@ -1,0 +1,121 @@
+"""Replicas behind SGLang's own router (`sglang-router`, the "SGLang Model Gateway"; reference/sglang.md A6).
+
+A model whose replicas run as separate SGLang servers (workers) is served through one router process in front of
+them, and the gateway routes the model to the router: auth, stats and the idle policy stay the gateway's; spreading
+requests over the workers, retrying a request a dead worker never started, and the load-balancing policy are the
+router's. The workers and the router all run with the engine key only the gateway knows (the router passes it on
+to the workers it was started with, and to the ones added later when told to).
+
+Workers come and go: `RouterWorkers` removes a worker from the router as soon as its engine dies (the supervisor's
+view) and adds it back once its restart is ready, through the router's worker API (`POST /workers`,
+`DELETE /workers/{id}`); a worker on another machine is added when its task publishes its URL.
+
+Example::
+
+    command = router_command("qwen", port=31000, metrics_port=31001, worker_urls=[w.url for w in workers],
+                             api_key=key, load_balance_method="round_robin")
+    router = Engine(command)                       # started, probed and restarted like an engine
+    workers = RouterWorkers(router.url, key)
+    await workers.add("http://10.0.0.7:30000")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterable
+
+import aiohttp
+
+from app.metrics import parse_prometheus_samples
+from app.sglang_command import EngineCommand
+
+logger = logging.getLogger(__name__)
+
+ROUTER_MODULE = "sglang_router.launch_router"
+ROUTER_VERSION = "0.3.2"
+# SGLang's --load-balance-method (data parallelism inside one server) → the router's --policy.
+ROUTER_POLICY = {"round_robin": "round_robin", "total_requests": "power_of_two", "total_tokens": "power_of_two"}
+DEFAULT_POLICY = "cache_aware"  # the router's own default: requests with a shared prefix go where it is cached
+CONTROL_TIMEOUT_SECONDS = 30.0
+
+
+def router_command(endpoint: str, *, port: int, metrics_port: int, worker_urls: Iterable[str], api_key: str | None,
+                   load_balance_method: str | None = None, host: str = "127.0.0.1",
+                   python: str = sys.executable) -> EngineCommand:
+    """The router's command line: listening on loopback (only the gateway talks to it), its Prometheus listener on
+    loopback too, the policy from the form's Load Balance Method, the engine key for clients and workers alike."""
+    argv = [python, "-m", ROUTER_MODULE, "--host", host, "--port", str(port),
+            "--policy", ROUTER_POLICY.get(load_balance_method or "", DEFAULT_POLICY),
+            "--prometheus-host", host, "--prometheus-port", str(metrics_port)]
+    urls = list(worker_urls)
+    if urls:
+        argv += ["--worker-urls", *urls]
+    if api_key:
+        argv += ["--api-key", api_key]
+    return EngineCommand(endpoint=endpoint, argv=tuple(argv), env={}, port=port, api_key=api_key,
+                         notes=(f"sglang-router over {len(urls)} worker(s)",))
+
+
+def worker_selections(metrics_text: str) -> dict[str, float]:
+    """How many requests the router sent to each worker, from its own counter (`smg_worker_selection_total`)."""
+    out: dict[str, float] = {}
+    for labels, value in parse_prometheus_samples(metrics_text).get("smg_worker_selection_total", ()):
+        worker = labels.get("worker") or labels.get("worker_url") or labels.get("url") or ""
+        out[worker] = out.get(worker, 0.0) + value
+    return out
+
+
+class RouterError(Exception):
+    pass
+
+
+class RouterWorkers:
+    """The router's worker list, through its control API (the engine key is also the router's key)."""
+
+    def __init__(self, router_url: str, api_key: str | None, *, timeout_s: float = CONTROL_TIMEOUT_SECONDS):
+        self.router_url = router_url
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self._lock = asyncio.Lock()  # one change at a time: the router queues them anyway
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> object:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session, \
+                    session.request(method, self.router_url + path, json=body, headers=headers) as response:
+                text = await response.text()
+                if response.status >= 300:
+                    raise RouterError(f"{method} {path} answered {response.status}: {text[:300]}")
+                return await response.json(content_type=None) if text.strip() else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise RouterError(f"{method} {path} failed: {exc!r}") from exc
+
+    async def list(self) -> list[dict]:
+        """The router's workers: each with at least `url`, and `id`, `is_healthy` where the router gives them."""
+        answer = await self._request("GET", "/workers")
+        workers = answer.get("workers", []) if isinstance(answer, dict) else answer
+        return [w for w in workers or [] if isinstance(w, dict)]
+
+    async def urls(self) -> set[str]:
+        return {w.get("url", "") for w in await self.list()}
+
+    async def add(self, url: str) -> None:
+        """Register a worker (the router checks it and starts sending it requests once healthy)."""
+        async with self._lock:
+            if url in await self.urls():
+                return
+            body: dict[str, object] = {"url": url}
+            if self.api_key:
+                body["api_key"] = self.api_key  # workers added later do not inherit the router's key
+            await self._request("POST", "/workers", body)
+            logger.info("Router %s: worker %s added", self.router_url, url)
+
+    async def remove(self, url: str) -> None:
+        """Stop sending a worker requests (it died, or its task ended)."""
+        async with self._lock:
+            for worker in await self.list():
+                if worker.get("url") == url:
+                    await self._request("DELETE", f"/workers/{worker.get('id') or url}")
+                    logger.info("Router %s: worker %s removed", self.router_url, url)

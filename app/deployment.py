@@ -390,16 +390,17 @@ class Deployment:
             workers = [Engine(as_worker(command, r, command.port if r == 0 else next(extra)), secrets=secrets)
                        for r in range(count)]
             model = self.config.models[i]
-            router = Engine(router_command(
+            router_cmd = router_command(
                 command.endpoint, port=next(extra), metrics_port=next(extra), worker_urls=[w.url for w in workers],
                 api_key=command.api_key,
                 load_balance_method=model.flag("load-balance-method",
-                                               self.config.general.flag("load-balance-method"))),
-                secrets=secrets)
+                                               self.config.general.flag("load-balance-method")))
+            control = RouterWorkers(f"http://127.0.0.1:{router_cmd.port}", command.api_key)
+            router = Engine(router_cmd, secrets=secrets, probe=control.readiness(len(workers)))
             engines += workers
             routers.append(router)
             front[command.endpoint] = router
-            self.router_workers[command.endpoint] = (RouterWorkers(router.url, command.api_key), workers)
+            self.router_workers[command.endpoint] = (control, workers)
             logger.info("Model %s: %d SGLang servers behind sglang-router", command.endpoint, count)
         return engines, routers, front
 

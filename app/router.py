@@ -54,16 +54,18 @@ def router_command(endpoint: str, *, port: int, metrics_port: int, worker_urls: 
         argv += ["--worker-urls", *urls]
     if api_key:
         argv += ["--api-key", api_key]
-    return EngineCommand(endpoint=endpoint, argv=tuple(argv), env={}, port=port, api_key=api_key,
+    return EngineCommand(endpoint=endpoint, argv=tuple(argv), env={"NO_COLOR": "1"}, port=port, api_key=api_key,
                          notes=(f"sglang-router over {len(urls)} worker(s)",))
 
 
-def worker_selections(metrics_text: str) -> dict[str, float]:
-    """How many requests the router sent to each worker, from its own counter (`smg_worker_selection_total`)."""
+def requests_per_worker(metrics_text: str) -> dict[str, float]:
+    """How many requests each worker has answered, by the router's own count: its per-worker circuit-breaker
+    outcomes (`smg_worker_cb_outcomes_total{worker, outcome="success"}`; `smg_worker_selection_total` has no
+    worker label in 0.3.2)."""
     out: dict[str, float] = {}
-    for labels, value in parse_prometheus_samples(metrics_text).get("smg_worker_selection_total", ()):
-        worker = labels.get("worker") or labels.get("worker_url") or labels.get("url") or ""
-        out[worker] = out.get(worker, 0.0) + value
+    for labels, value in parse_prometheus_samples(metrics_text).get("smg_worker_cb_outcomes_total", ()):
+        if labels.get("outcome") == "success":
+            out[labels.get("worker", "")] = out.get(labels.get("worker", ""), 0.0) + value
     return out
 
 
@@ -97,6 +99,20 @@ class RouterWorkers:
         answer = await self._request("GET", "/workers")
         workers = answer.get("workers", []) if isinstance(answer, dict) else answer
         return [w for w in workers or [] if isinstance(w, dict)]
+
+    async def healthy(self) -> set[str]:
+        """The workers the router has registered and finds healthy (it registers them in the background)."""
+        return {w.get("url", "") for w in await self.list() if w.get("is_healthy", True)}
+
+    def readiness(self, expected: int):
+        """A readiness probe for the router's engine: up, with `expected` healthy workers registered (its own
+        /health answers 200 before any worker is, and requests then get 503 "no_available_workers")."""
+        async def probe(url: str) -> bool:
+            try:
+                return len(await self.healthy()) >= expected
+            except RouterError:
+                return False
+        return probe
 
     async def urls(self) -> set[str]:
         return {w.get("url", "") for w in await self.list()}

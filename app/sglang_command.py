@@ -168,7 +168,7 @@ def build_engine_command(
         env[constants.HF_TOKEN_ENV] = config.general.hf_token
         secret_env.add(constants.HF_TOKEN_ENV)
     if config.general.device == "cpu":
-        env.update(cpu_engine_env())
+        env.update(cpu_engine_env(*_ranks(argv)))
 
     problems = table.check_argv(argv.tokens)
     if not problems:
@@ -189,7 +189,8 @@ def build_engine_command(
 
 def replica_servers(config: DeploymentConfig, index: int) -> int:
     """How many separate SGLang servers (router workers) serve `config.models[index]` on this machine: its replicas
-    in the CPU development mode, where SGLang's --dp-size is not available; one (with --dp-size) on GPUs."""
+    in the CPU development mode (the topology of replicas on several machines, behind sglang-router, run on one);
+    one, with SGLang's own --dp-size, on GPUs."""
     model = config.models[index]
     return model.replicas if config.general.device == "cpu" and not model.cli else 1
 
@@ -261,11 +262,13 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
     argv.add("served-model-name", model.endpoint)
     if general.device == "cpu":
         argv.add("device", "cpu")
+        if model.nodes > 1:
+            argv.add("tp-size", model.nodes)  # one rank per node
     else:
         argv.add("tp-size", (model.gpus or machine.gpu_count or 1) * model.nodes)
     if model.replicas > 1 and general.device == "cpu":
-        notes.append(f"replicas: {model.replicas} SGLang servers on this machine behind sglang-router "
-                     "(SGLang's own data parallelism, --dp-size, needs GPUs)")
+        notes.append(f"replicas: {model.replicas} SGLang servers on this machine behind sglang-router (the "
+                     "topology of replicas on several machines, run on one)")
     elif model.replicas > 1:
         argv.add("dp-size", model.replicas)
 
@@ -291,6 +294,19 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
         flags.setdefault("lora-backend", "torch_native")  # the only LoRA backend without CUDA kernels
     for name in sorted(flags):
         argv.add(name, flags[name])
+
+
+def _ranks(argv: _Argv) -> tuple[int, int, int]:
+    """SGLang's ranks: in all (tp x dp x pp), on this node (shared evenly by the nodes), and this node's first."""
+    parsed, _ = argv.table.parse_argv(argv.tokens)
+    values = {spec.dest: v for spec, _, v in parsed}
+
+    def number(dest: str, default: int = 1) -> int:
+        return int(values[dest][0]) if values.get(dest) else default
+
+    ranks = number("tp_size") * number("dp_size") * number("pp_size")
+    local = max(1, ranks // number("nnodes"))
+    return ranks, local, number("node_rank", 0) * local
 
 
 def _add_nodes(argv: _Argv, model: ModelConfig, multi_node: MultiNode | None, notes: list[str]) -> None:

@@ -594,9 +594,6 @@ def _parse_models(section: Any, general: GeneralConfig, table: FlagTable, proble
     for i in spanning:
         model = models[i]
         assert model is not None
-        if general.device == "cpu":
-            problems.add(f"models[{i}].nodes", "is more than 1 in the CPU development mode",
-                         "set nodes to 1 with device cpu (multi-node tensor parallelism needs GPUs and NCCL)")
         if model.replicas > 1:
             problems.add(f"models[{i}].replicas", "cannot be combined with nodes > 1 in this version",
                          "use either replicas (copies on one machine) or nodes (one copy over several machines)")

@@ -65,6 +65,16 @@ UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 RETRY_AFTER_SECONDS = 5
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Engine routes a client token must not reach (the gateway would call them with the engine's own key): SGLang's
+# memory and weight controls (the app's residency policy owns them), profiling and logging controls, scheduling
+# controls, and the router's worker registry.
+ADMIN_ROUTES = frozenset({
+    "release_memory_occupation", "resume_memory_occupation", "update_weights_from_disk",
+    "update_weights_from_tensor", "update_weights_from_distributed", "update_weights_from_ipc",
+    "init_weights_update_group", "destroy_weights_update_group", "begin_weight_update", "end_weight_update",
+    "start_profile", "stop_profile", "configure_logging", "set_internal_state", "freeze_gc",
+    "pause_generation", "continue_generation", "workers", "add_worker", "remove_worker",
+})
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -287,9 +297,13 @@ class Gateway:
             return route, target
         endpoint, _, rest = path[1:].partition("/")
         route = self.routes.get(endpoint)
-        if route is None or ".." in unquote(rest).split("/"):  # no way out of the engine's routes
+        parts = unquote(rest).split("/")
+        if route is None or ".." in parts:  # no way out of the engine's routes
             return openai_error(404, f"No route {path[:200]!r}: use /v1/... or /<endpoint>/...; endpoints: "
                                 + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), b""
+        if parts[0] in ADMIN_ROUTES:
+            return openai_error(403, f"/{parts[0]} is an administrative route of the engine, not served through "
+                                "the endpoint", "permission_error", "admin_route"), b""
         return route, target[len(endpoint) + 1:]
 
     def _failed(self, conn: ServerConnection, exchange: Exchange, route: ModelRoute, status: int) -> int:

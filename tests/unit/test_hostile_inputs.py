@@ -99,7 +99,6 @@ CASES: dict[str, tuple[str | bytes | None, list[str], str]] = {
                                    "general.sleep_after_idle_seconds"),
     "two models spanning nodes": (None, [M, "models.0.nodes=2", "models.1.model=org/n", "models.1.nodes=2"],
                                   "models[1].nodes"),
-    "nodes in the CPU mode": (None, [M, "general.device=cpu", "models.0.nodes=2"], "models[0].nodes"),
     "nodes with replicas": (None, [M, "models.0.nodes=2", "models.0.replicas=2"], "models[0].replicas"),
     "nodes with a raw CLI": (None, [M, "models.0.nodes=2", "models.0.cli=--tp-size 2"], "models[0].nodes"),
     "more nodes than ClearML can launch here": (None, [M, "models.0.nodes=65"], "models[0].nodes"),

@@ -49,7 +49,7 @@ from app.residency import (
     Slot,
     WakeStats,
 )
-from app.router import RouterError, RouterWorkers, router_command
+from app.router import RouterError, RouterWorkers, requests_per_worker, router_command
 from app.sglang_command import (
     EngineCommand,
     Machine,
@@ -92,7 +92,8 @@ class Reporter(Protocol):
     def states(self, states: dict[str, str]) -> None: ...
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               replicas: dict[str, float] | None = None) -> None:
         ...
 
     def close(self) -> None: ...
@@ -160,7 +161,8 @@ class ConsoleReporter:
                     "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               replicas: dict[str, float] | None = None) -> None:
         logger.info("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests, decision.in_flight,
                     decision.idle_for_s)
 
@@ -337,7 +339,7 @@ class Deployment:
         try:
             await self.gateway.start(self.options.host, self.options.port)
             await self._tell(self.reporter.status, LOADING, "starting engines")
-            await self._tell(self.reporter.states, self.gateway.states())
+            await self._tell(self.reporter.states, self.states())
             try:
                 await self._until_started()
             except EngineStartupError as exc:
@@ -350,7 +352,7 @@ class Deployment:
         finally:
             await self._shutdown()
             if self.gateway is not None:
-                await self._tell(self.reporter.states, self.gateway.states())
+                await self._tell(self.reporter.states, self.states())
 
     def _commands(self, resolved: list[ResolvedModel]) -> list[EngineCommand]:
         config = self.config
@@ -472,7 +474,7 @@ class Deployment:
         base = await self._tell(self.reporter.base_url, self.gateway.port, local) or local
         models = {name: f"{base}/{name}/v1" for name in self.gateway.routes}
         await self._tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
-        await self._tell(self.reporter.states, self.gateway.states())
+        await self._tell(self.reporter.states, self.states())
 
     async def _serve(self, tracker: IdleTracker, started: float) -> int:
         assert self.gateway is not None and self.supervisor is not None
@@ -480,15 +482,15 @@ class Deployment:
         next_report = self.clock()
         state = None
         self._serving = (tracker, started, TokenRate())
-        states = self.gateway.states()
+        states = self.states()
         while True:
             now = self.clock()
             decision = tracker.decide(now)
             if decision.state != state:
                 state = decision.state
                 await self._tell(self.reporter.status, ACTIVE if state == "active" else IDLE)
-            if self.gateway.states() != states:
-                states = self.gateway.states()
+            if self.states() != states:
+                states = self.states()
                 await self._tell(self.reporter.states, states)
             if now >= next_report:
                 await self._report(decision)
@@ -508,13 +510,33 @@ class Deployment:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
 
+    def states(self) -> dict[str, str]:
+        """Each model's state, and each replica server's (`<endpoint>/<n>`) where a router spreads a model."""
+        assert self.gateway is not None
+        states = self.gateway.states()
+        for _, members in self.router_workers.values():
+            states.update({w.endpoint: w.state for w in members})
+        return states
+
     async def _report(self, decision: IdleDecision) -> None:
         assert self.gateway is not None and self._serving is not None
         _, started, rate = self._serving
         now = self.clock()
         tokens = rate.update(now, await self._scrape_tokens())
         await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(), self.stats,
-                         self.gateway.states(), tokens, self.residency.stats if self.residency else None)
+                         self.states(), tokens, self.residency.stats if self.residency else None,
+                         await self._replica_requests() if self.router_workers else None)
+
+    async def _replica_requests(self) -> dict[str, float]:
+        """Requests each replica server has answered, as its router counts them."""
+        counts: dict[str, float] = {}
+        for router, (_, members) in zip(self.routers.engines if self.routers else [], self.router_workers.values(),
+                                        strict=False):
+            argv = router.command.argv
+            metrics_url = f"http://127.0.0.1:{argv[argv.index('--prometheus-port') + 1]}"
+            answered = requests_per_worker(await scrape_metrics(metrics_url))
+            counts.update({w.endpoint: answered.get(w.url, 0.0) for w in members})
+        return counts
 
     async def _scrape_tokens(self) -> TokenTotals:
         """SGLang's own token counters, summed over every serving engine."""

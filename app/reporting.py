@@ -27,6 +27,7 @@ TOKENS = "Tokens per Second"
 LATENCY = "Latency (ms)"
 IN_FLIGHT = "Requests in Flight"
 IDLE_TIME = "Idle Time (hours)"
+REPLICA_REQUESTS = "Replica Requests"
 WAKEUPS = "Model Wake-ups"
 WAKE_LATENCY = "Wake Latency (ms)"
 TABLE = "Deployed Models"
@@ -93,17 +94,21 @@ class TaskReporter:
             self._write_table()
 
     def _write_table(self) -> None:
-        rows = [TABLE_HEADER] + [[self.models.get(name, name), name, self._urls.get(name, ""), state,
+        rows = [TABLE_HEADER] + [[self.models.get(name.split("/")[0], name), name, self._urls.get(name, ""), state,
                                   self._wall_iso(self._last_wake[name]) if name in self._last_wake else ""]
                                  for name, state in self._states.items()]
         self.task.report_table(TABLE, "models", rows, iteration=0)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None) -> None:
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               replicas: dict[str, float] | None = None) -> None:
         iteration = int(elapsed_s)
         scalar = self.task.report_scalar
         for name in sorted(states):
-            scalar(REQUESTS, name, float(stats.requests[name]), iteration)
+            if "/" not in name:  # replica servers are counted below, by their router
+                scalar(REQUESTS, name, float(stats.requests[name]), iteration)
+        for name in sorted(replicas or {}):
+            scalar(REPLICA_REQUESTS, name, float(replicas[name]), iteration)
         scalar(REQUESTS, "total", float(stats.total_requests), iteration)
         if tokens is not None:
             scalar(TOKENS, "generation", tokens.generation, iteration)

@@ -76,6 +76,7 @@ def test_requests_are_spread_over_both_workers(served):
     spread = {w: after.get(w, 0) - before.get(w, 0) for w in after}
     assert sorted(spread) == sorted(w.url for w in workers(served))
     assert all(count >= 3 for count in spread.values()), spread  # round robin: about 5 each
+    assert served.deployment.states() == {"tiny": "resident", "tiny/0": "resident", "tiny/1": "resident"}
 
 
 def test_the_gateway_still_guards_the_router(served):

@@ -181,6 +181,23 @@ def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wak
                                        ["org/b", "b", "http://h:8000/b/v1", "sleeping", ""]]
 
 
+def test_replica_servers_get_their_request_counts_and_their_rows():
+    adapter, _, logger, _ = make_task()
+    reporter = TaskReporter(adapter, models={"tiny": "org/tiny"})
+    reporter.endpoints("http://h:8000", {"tiny": "http://h:8000/tiny/v1"}, "curl ...")
+    stats = RequestStats()
+    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats.take_window(), stats,
+                    {"tiny": "resident", "tiny/0": "resident", "tiny/1": "restarting"}, None, None,
+                    {"tiny/0": 7.0, "tiny/1": 5.0})
+    reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
+    assert reported[("Replica Requests", "tiny/0")] == 7.0 and reported[("Replica Requests", "tiny/1")] == 5.0
+    assert ("Total Number of Requests", "tiny/0") not in reported
+    ((_, table),) = logger.named("report_table")
+    assert [row[:4] for row in table["table_plot"][1:]] == [
+        ["org/tiny", "tiny", "http://h:8000/tiny/v1", "resident"], ["org/tiny", "tiny/0", "", "resident"],
+        ["org/tiny", "tiny/1", "", "restarting"]]
+
+
 def test_hyperparameters_are_written_with_types_and_descriptions():
     adapter, task, _, _ = make_task()
     config = load_config(overrides=["models.0.model=org/m", "general.hf_token=hf_" + "x" * 30])

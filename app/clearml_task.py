@@ -192,6 +192,13 @@ class DeploymentTask:
             return True
         return status in ("created", "queued", "in_progress")
 
+    def properties(self) -> dict[str, str]:
+        """This task's user properties (a worker task reads what the instance told it here)."""
+        return {k: str(v) for k, v in (self.task.get_user_properties(value_only=True) or {}).items()}
+
+    def worker_pool(self, queue: str | None = None) -> ClearMLWorkerPool:
+        return ClearMLWorkerPool(self.task, queue=queue, task_class=self._task_class)
+
     # ----- lifecycle -----
 
     def on_abort(self, callback: Callable[[], None], timeout_s: float = ABORT_CALLBACK_TIMEOUT_SECONDS) -> None:
@@ -225,6 +232,46 @@ class DeploymentTask:
     def offline_folder(self) -> Path | None:
         folder = self.task.get_offline_mode_folder() if self.offline else None
         return Path(folder) if folder else None
+
+
+# What an instance tells a worker task, and what the worker publishes back (user properties: the project's members
+# see them, as they see a generated access token; the engine key opens only the model's SGLang servers).
+WORKER_OF, WORKER_REPLICA, WORKER_KEY, WORKER_URL = "worker_of", "worker_replica", "worker_key", "worker_url"
+
+
+class ClearMLWorkerPool:
+    """Replica workers as ClearML tasks (app.scale_out.WorkerPool): clones of the instance, children of it,
+    enqueued to its queue (or `queue`), told which model to serve and the engine key."""
+
+    def __init__(self, task: Any, *, queue: str | None = None, task_class: Any = Task):
+        self.task = task
+        self.queue = queue
+        self._task_class = task_class
+
+    def spawn(self, endpoint: str, replica: int, engine_key: str | None) -> str:
+        clone = self._task_class.clone(source_task=self.task, name=f"{self.task.name} / {endpoint} replica {replica}",
+                                       parent=self.task.id)
+        properties = {WORKER_OF: endpoint, WORKER_REPLICA: str(replica)}
+        if engine_key:
+            properties[WORKER_KEY] = engine_key
+        clone.set_user_properties(**properties)
+        if self.queue:
+            self._task_class.enqueue(clone, queue_name=self.queue)
+        else:
+            self._task_class.enqueue(clone, queue_id=self.task.data.execution.queue)
+        return str(clone.id)
+
+    def poll(self, worker_id: str) -> tuple[str, str | None]:
+        worker = self._task_class.get_task(task_id=worker_id)
+        url = (worker.get_user_properties(value_only=True) or {}).get(WORKER_URL)
+        return str(worker.get_status()), str(url) if url else None
+
+    def stop(self, worker_id: str) -> None:
+        worker = self._task_class.get_task(task_id=worker_id)
+        if str(worker.get_status()) == "queued":
+            self._task_class.dequeue(worker)
+        else:
+            worker.mark_stopped(force=True, status_message="the instance stopped")
 
 
 class TaskService:

@@ -178,7 +178,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
     import signal
     import threading
 
-    from app.clearml_task import ClearMLModelRegistry, DeploymentTask
+    from app.clearml_task import WORKER_KEY, WORKER_OF, WORKER_URL, ClearMLModelRegistry, DeploymentTask
     from app.config import to_hyperparameters
     from app.deployment import Deployment, NodeDeployment, RunOptions
     from app.reporting import TaskReporter
@@ -212,14 +212,20 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
         reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
                                 gateway_route=config.instance.gateway_route)
         options = RunOptions(host=host, port=port, launcher=launcher)
-        multi_node = _multi_node(config, task)
+        told = task.properties() if task.remote else {}
         deployment: Deployment | NodeDeployment
-        if multi_node is not None and multi_node.rank > 0:
+        if told.get(WORKER_OF):  # a replica worker the instance enqueued (app.scale_out)
+            deployment = NodeDeployment(config, ClearMLModelRegistry(), worker_of=told[WORKER_OF],
+                                        engine_api_key=told.get(WORKER_KEY), reporter=reporter,
+                                        publish=lambda url: task.set_properties(**{WORKER_URL: url}),
+                                        master_running=task.master_running, environ=environ, options=options)
+        elif (multi_node := _multi_node(config, task)) is not None and multi_node.rank > 0:
             deployment = NodeDeployment(config, ClearMLModelRegistry(), multi_node, reporter=reporter,
                                         master_running=task.master_running, environ=environ, options=options)
         else:
             deployment = Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ,
-                                    options=options, multi_node=multi_node)
+                                    options=options, multi_node=multi_node,
+                                    worker_pool=task.worker_pool() if task.remote and not task.offline else None)
 
         async def serve() -> int:
             loop = asyncio.get_running_loop()

@@ -29,7 +29,15 @@ import aiohttp
 from app import constants
 from app.config.types import DeploymentConfig
 from app.engine import FAILED as ENGINE_FAILED
-from app.engine import RESIDENT, RESTARTING, Engine, EngineStartupError, EngineSupervisor, classify_failure
+from app.engine import (
+    RESIDENT,
+    RESTARTING,
+    Engine,
+    EngineStartupError,
+    EngineSupervisor,
+    classify_failure,
+    http_health_probe,
+)
 from app.engine import STOPPED as ENGINE_STOPPED
 from app.errors import ConfigError, Problem
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
@@ -50,6 +58,7 @@ from app.residency import (
     WakeStats,
 )
 from app.router import RouterError, RouterWorkers, requests_per_worker, router_command
+from app.scale_out import RemoteWorkers, WorkerPool, plan_replicas
 from app.sglang_command import (
     EngineCommand,
     Machine,
@@ -69,6 +78,8 @@ DRAIN_DEADLINE_SECONDS = 300.0
 ENGINE_STOP_GRACE_SECONDS = 20.0
 # How often the loop looks at the idle policy and the engines; reports go out every report interval.
 TICK_SECONDS = 1.0
+# How often worker tasks are looked at (each look is a few ClearML calls).
+SCALE_TICK_SECONDS = 10.0
 # Longest wait for one report (a call to ClearML, which may retry on the network): past it, serving goes on.
 REPORT_TIMEOUT_SECONDS = 30.0
 
@@ -252,10 +263,17 @@ class Deployment:
         clock: Callable[[], float] = time.monotonic,
         environ: dict[str, str] | None = None,
         multi_node: MultiNode | None = None,
+        worker_pool: WorkerPool | None = None,
     ):
-        """`multi_node`: rank 0 of a model spanning nodes (ClearML's multi-node launch started the others)."""
+        """`multi_node`: rank 0 of a model spanning nodes (ClearML's multi-node launch started the others).
+        `worker_pool`: where replicas that do not fit on this machine's GPUs go (under an agent: worker tasks)."""
         self.config = config
         self.multi_node = multi_node
+        self.worker_pool = worker_pool
+        self.remote_replicas: dict[str, int] = {}
+        self.remote_workers: dict[str, RemoteWorkers] = {}
+        self._scaler: asyncio.Task[None] | None = None
+        self._next_scale = 0.0
         self.registry = registry
         self.options = options
         self.reporter = reporter or ConsoleReporter()
@@ -364,6 +382,12 @@ class Deployment:
                                           "run on a GPU machine, or set general.device: cpu for the CPU "
                                           "development mode"))
             machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min(g.memory_gib for g in gpus))
+            plans = plan_replicas(config, len(gpus), can_spawn=self.worker_pool is not None)
+            self.remote_replicas = {m.endpoint: p.remote for m, p in zip(config.models, plans, strict=True)
+                                    if p.remote}
+            if self.remote_replicas:  # this machine keeps the replicas that fit; worker tasks take the rest
+                config = replace(config, models=tuple(replace(m, replicas=p.local)
+                                                      for m, p in zip(config.models, plans, strict=True)))
             placements = place(demands(config, machine), gpus, sleeping=config.general.sleeps)
             for m, p in zip(config.models, placements, strict=True):
                 logger.info("Model %s on GPU %s%s", m.endpoint, p.cuda_visible_devices,
@@ -380,17 +404,22 @@ class Deployment:
         mode), and the engine each model's route talks to (its only engine, or its router)."""
         counts = [replica_servers(self.config, i) for i in range(len(commands))]
         taken = {self.options.port, *(c.port for c in commands)}
-        extra = iter(free_ports(sum(n + 1 for n in counts if n > 1), exclude=frozenset(taken)))
+        routed = [n > 1 or c.endpoint in self.remote_replicas for n, c in zip(counts, commands, strict=True)]
+        extra = iter(free_ports(sum(n + 1 for n, r in zip(counts, routed, strict=True) if r) + sum(routed),
+                                exclude=frozenset(taken)))
         engines: list[Engine] = []
         routers: list[Engine] = []
         front: dict[str, Engine] = {}
         for i, (command, count) in enumerate(zip(commands, counts, strict=True)):
-            if count == 1:
+            if not routed[i]:
                 engines.append(engine := Engine(command, secrets=secrets))
                 front[command.endpoint] = engine
                 continue
-            workers = [Engine(as_worker(command, r, command.port if r == 0 else next(extra)), secrets=secrets)
-                       for r in range(count)]
+            if count == 1:  # the replicas that fit here (--dp-size), and worker tasks for the rest
+                workers = [Engine(command, secrets=secrets)]
+            else:
+                workers = [Engine(as_worker(command, r, command.port if r == 0 else next(extra)), secrets=secrets)
+                           for r in range(count)]
             model = self.config.models[i]
             router_cmd = router_command(
                 command.endpoint, port=next(extra), metrics_port=next(extra), worker_urls=[w.url for w in workers],
@@ -403,7 +432,14 @@ class Deployment:
             routers.append(router)
             front[command.endpoint] = router
             self.router_workers[command.endpoint] = (control, workers)
-            logger.info("Model %s: %d SGLang servers behind sglang-router", command.endpoint, count)
+            remote = self.remote_replicas.get(command.endpoint, 0)
+            if remote:
+                assert self.worker_pool is not None
+                self.remote_workers[command.endpoint] = RemoteWorkers(
+                    command.endpoint, remote, self.worker_pool, add=control.add, remove=control.remove,
+                    engine_key=command.api_key)
+            logger.info("Model %s: %d SGLang server(s) here%s behind sglang-router", command.endpoint, count,
+                        f" and {remote} replica(s) in worker tasks" if remote else "")
         return engines, routers, front
 
     def _engine_changed(self, engine: Engine) -> None:
@@ -497,6 +533,9 @@ class Deployment:
                 next_report = now + interval
             if self.residency is not None and (self._sleeper is None or self._sleeper.done()):
                 self._sleeper = asyncio.create_task(self.residency.sleep_idle(), name="sleep-idle-models")
+            if self.remote_workers and now >= self._next_scale and (self._scaler is None or self._scaler.done()):
+                self._next_scale = now + SCALE_TICK_SECONDS
+                self._scaler = asyncio.create_task(self._scale(), name="remote-workers")
             if decision.stop:
                 logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
                             tracker.limit_seconds or 0)
@@ -511,12 +550,23 @@ class Deployment:
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
 
     def states(self) -> dict[str, str]:
-        """Each model's state, and each replica server's (`<endpoint>/<n>`) where a router spreads a model."""
+        """Each model's state, and each replica server's (`<endpoint>/<n>`, `<endpoint>/remote<n>`) where a router
+        spreads a model."""
         assert self.gateway is not None
         states = self.gateway.states()
         for _, members in self.router_workers.values():
-            states.update({w.endpoint: w.state for w in members})
+            states.update({w.endpoint: w.state for w in members if w.endpoint not in states})
+        for remote in self.remote_workers.values():
+            states.update(remote.states())
         return states
+
+    async def _scale(self) -> None:
+        """Keep each model's worker tasks at their count, their URLs in its router."""
+        for remote in self.remote_workers.values():
+            try:
+                await remote.tick()
+            except Exception:
+                logger.exception("Managing the worker tasks of %s failed; trying again shortly", remote.endpoint)
 
     async def _report(self, decision: IdleDecision) -> None:
         assert self.gateway is not None and self._serving is not None
@@ -561,6 +611,11 @@ class Deployment:
         return 128 + signum
 
     async def _shutdown(self) -> None:
+        if self._scaler is not None:
+            self._scaler.cancel()
+        for remote in self.remote_workers.values():
+            with contextlib.suppress(Exception):
+                await remote.stop()
         if self._sleeper is not None:
             self._sleeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -596,22 +651,35 @@ async def _always_ready(url: str) -> bool:
 
 
 class NodeDeployment:
-    """One machine (rank > 0) of a model spanning nodes: runs that model's SGLang rank, which joins rank 0 at the
-    master's address and serves nothing itself (rank 0 serves, behind the gateway). It ends when the master's
-    task no longer runs (all nodes stop together), when its engine exits, or on a signal.
+    """Another machine of the instance, running one engine until the instance's (the master's) task ends, its
+    engine exits, or a signal. Two kinds:
+
+    - a node of a model spanning nodes (`multi_node`, rank > 0): its SGLang rank joins rank 0 at the master's
+      address and serves nothing (rank 0 serves, behind the gateway);
+    - a replica worker (`worker_of`, app.scale_out): one SGLang server for that model, on this machine's address
+      with the instance's engine key, its URL published (`publish`) for the instance's router.
 
     Exit codes: 0 when the master ended, 3 when the engine failed, 128 + signal number after a signal.
     """
 
-    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode, *,
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode | None = None, *,
                  master_running: Callable[[], bool], reporter: Reporter | None = None,
                  options: RunOptions = RunOptions(), detect: Callable[[], list[Gpu]] = detect_gpus,
                  clock: Callable[[], float] = time.monotonic, environ: dict[str, str] | None = None,
-                 watch_interval_s: float = 10.0):
-        index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
-        self.config = replace(config, models=(config.models[index],))
+                 watch_interval_s: float = 10.0, worker_of: str | None = None, engine_api_key: str | None = None,
+                 publish: Callable[[str], None] | None = None):
+        if worker_of is not None:
+            index = next(i for i, m in enumerate(config.models) if m.endpoint == worker_of)
+            model = replace(config.models[index], replicas=1)
+        else:
+            index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
+            model = config.models[index]
+        self.config = replace(config, models=(model,))
         self.registry = registry
         self.multi_node = multi_node
+        self.worker_of = worker_of
+        self.engine_api_key = engine_api_key
+        self.publish = publish
         self.master_running = master_running
         self.reporter = reporter or ConsoleReporter()
         self.options = options
@@ -626,6 +694,12 @@ class NodeDeployment:
         self._stop = asyncio.Event()
         self._reports = ReportWorker()
 
+    @property
+    def role(self) -> str:
+        if self.multi_node is not None:
+            return f"node {self.multi_node.rank} of {self.multi_node.nodes}"
+        return f"replica worker of {self.worker_of}"
+
     def request_stop(self, signum: int, reason: str = "") -> None:
         self.stop_signal, self.stop_reason = signum, reason
         self._stop.set()
@@ -635,23 +709,31 @@ class NodeDeployment:
             await asyncio.wait_for(asyncio.wrap_future(self._reports.submit(method, *args)), REPORT_TIMEOUT_SECONDS)
 
     async def run(self) -> int:
-        rank, nodes = self.multi_node.rank, self.multi_node.nodes
         model = self.config.models[0]
-        await self._tell(self.reporter.status, LOADING, f"node {rank} of {nodes} for {model.endpoint}")
+        await self._tell(self.reporter.status, LOADING, f"{self.role} for {model.endpoint}")
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
         gpus = self.detect()
         machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min((g.memory_gib for g in gpus), default=None))
         placements = place(demands(self.config, machine), gpus) if gpus else None
-        (command,) = build_engine_commands(self.config, resolved, free_ports(1), machine=machine,
-                                           placements=placements, engine_api_key=engine_key(),
-                                           launcher=self.options.launcher, multi_node=self.multi_node)
-        self.engine = engine = Engine(command, probe=_always_ready,
-                                      secrets=[*self.config.auth.tokens, *self.config.secrets])
+        host = constants.ENGINE_HOST if self.worker_of is None else "0.0.0.0"
+        (command,) = build_engine_commands(self.config, resolved, free_ports(1, host="0.0.0.0"), machine=machine,
+                                           placements=placements, engine_api_key=self.engine_api_key or engine_key(),
+                                           launcher=self.options.launcher, multi_node=self.multi_node, host=host)
+        probe = _always_ready if self.multi_node is not None else http_health_probe
+        self.engine = engine = Engine(command, probe=probe,
+                                      secrets=[*self.config.auth.tokens, *self.config.secrets,
+                                               *([self.engine_api_key] if self.engine_api_key else [])])
         try:
             await engine.start()
             await engine.wait_ready(self.clock() + self.options.startup_deadline_s)
-            await self._tell(self.reporter.status, ACTIVE,
-                             f"node {rank} of {nodes}: SGLang rank {rank}, joined at {self.multi_node.dist_init_addr}")
+            if self.multi_node is not None:
+                what = f"SGLang rank {self.multi_node.rank}, joined at {self.multi_node.dist_init_addr}"
+            else:
+                url = f"http://{self.options.public_host or public_address(self.environ)}:{command.port}"
+                if self.publish is not None:
+                    await asyncio.to_thread(self.publish, url)
+                what = f"serving at {url}"
+            await self._tell(self.reporter.status, ACTIVE, f"{self.role}: {what}")
             return await self._watch(engine)
         except EngineStartupError as exc:
             return await self._failed(exc)
@@ -678,7 +760,7 @@ class NodeDeployment:
                     return EXIT_OK
                 if exited in done:
                     return await self._failed(EngineStartupError(
-                        engine.endpoint, f"(rank {self.multi_node.rank}) exited while the master still runs",
+                        engine.endpoint, f"({self.role}) exited while the master still runs",
                         classify_failure(engine.exit_code, engine.tail), engine.exit_code, engine.tail))
         finally:
             exited.cancel()

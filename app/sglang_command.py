@@ -215,6 +215,7 @@ def build_engine_commands(
     launcher: tuple[str, ...] | None = None,
     flag_table: FlagTable | None = None,
     multi_node: MultiNode | None = None,
+    host: str = constants.ENGINE_HOST,
 ) -> list[EngineCommand]:
     """Every engine's command; every problem of every model in one ConfigError."""
     commands, problems = [], []
@@ -223,7 +224,7 @@ def build_engine_commands(
             commands.append(build_engine_command(
                 config, i, item, port=port, machine=machine, placement=placements[i] if placements else None,
                 engine_api_key=engine_api_key, python=python, launcher=launcher, flag_table=flag_table,
-                multi_node=multi_node if config.models[i].nodes > 1 else None))
+                multi_node=multi_node if config.models[i].nodes > 1 else None, host=host))
         except ConfigError as exc:
             problems += exc.problems
     if problems:

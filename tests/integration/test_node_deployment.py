@@ -51,7 +51,7 @@ def test_a_node_whose_engine_dies_fails_with_the_cause():
                                     master=[True])
         assert await asyncio.wait_for(deployment.run(), 20) == 3
         state, reason = reporter.statuses[-1]
-        assert state == "failed" and "rank 1" in reason
+        assert state == "failed" and "node 1 of 2" in reason
         await _until(_no_children, "nothing left")
     run_async(scenario())
 
@@ -69,3 +69,37 @@ def test_a_node_stops_on_sigterm():
 
 async def _active(reporter: RecordingReporter) -> bool:
     return any(state == "active" for state, _ in reporter.statuses)
+
+
+def test_a_replica_worker_serves_its_model_with_the_instances_key_and_publishes_its_url():
+    async def scenario():
+        import aiohttp
+
+        master, published = [True], []
+        config = load_config(overrides=["models.0.model=org/a", "models.0.endpoint_name=a",
+                                        "models.1.model=org/m", "models.1.endpoint_name=m", "models.1.replicas=4"])
+        options = RunOptions(launcher=(sys.executable, str(FAKE)), startup_deadline_s=20, engine_stop_grace_s=5,
+                             public_host="127.0.0.1")
+        worker = NodeDeployment(config, NoRegistry(), worker_of="m", engine_api_key="instance-engine-key-0123",
+                                publish=published.append, master_running=lambda: master[0],
+                                reporter=RecordingReporter(), options=options,
+                                detect=lambda: [Gpu(0, "fake", 80.0)], watch_interval_s=0.2)
+        task = asyncio.create_task(worker.run())
+        await _until(lambda: _published(published), "the worker to publish its URL")
+        argv = worker.engine.command.argv
+        assert argv[argv.index("--host") + 1] == "0.0.0.0" and "--dp-size" not in argv  # one replica per worker
+        body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(published[0] + "/v1/completions", json=body) as response:
+                assert response.status == 401  # only with the instance's key (its router has it)
+            async with session.post(published[0] + "/v1/completions", json=body,
+                                    headers={"Authorization": "Bearer instance-engine-key-0123"}) as response:
+                assert response.status == 200
+        master[0] = False
+        assert await asyncio.wait_for(task, 20) == 0
+        await _until(_no_children, "the worker's engine to be stopped")
+    run_async(scenario())
+
+
+async def _published(published: list) -> bool:
+    return bool(published)

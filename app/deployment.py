@@ -558,6 +558,11 @@ class Deployment:
             states.update({w.endpoint: w.state for w in members if w.endpoint not in states})
         for remote in self.remote_workers.values():
             states.update(remote.states())
+        if self.multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
+            for model in self.config.models:
+                if model.nodes > 1:
+                    state = states.get(model.endpoint, LOADING)
+                    states.update({f"{model.endpoint}/node{r}": state for r in range(model.nodes)})
         return states
 
     async def _scale(self) -> None:

@@ -60,6 +60,7 @@ def test_two_ranks_on_loopback_serve_through_the_gateway_and_stop_together(tmp_p
         answer = requests.post(base + "/v1/completions", headers=AUTH, timeout=120,
                                json={"model": "tiny", "prompt": "import os", "max_tokens": 8, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8
+        assert master.states() == {"tiny": "resident", "tiny/node0": "resident", "tiny/node1": "resident"}
     finally:
         master_runs[0] = False
         loop.call_soon_threadsafe(master.request_stop, 15)

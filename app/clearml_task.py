@@ -193,7 +193,10 @@ class DeploymentTask:
         return status in ("created", "queued", "in_progress")
 
     def properties(self) -> dict[str, str]:
-        """This task's user properties (a worker task reads what the instance told it here)."""
+        """This task's user properties (a worker task reads what the instance told it here); none offline, where
+        the SDK cannot read them back."""
+        if self.offline:
+            return {}
         return {k: str(v) for k, v in (self.task.get_user_properties(value_only=True) or {}).items()}
 
     def worker_pool(self, queue: str | None = None) -> ClearMLWorkerPool:

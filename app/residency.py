@@ -295,6 +295,9 @@ class Residency:
     def states(self) -> dict[str, str]:
         return {name: slot.state for name, slot in self.slots.items()}
 
+    def state(self, endpoint: str) -> str:
+        return self.slots[endpoint].state
+
     def describe(self) -> dict[str, dict[str, object]]:
         """Per model: state, last wake-up (wall-clock seconds), wake-ups, memory per device (GiB)."""
         return {name: {"state": s.state, "last_wake": s.last_wake_s, "wakeups": s.wakeups,

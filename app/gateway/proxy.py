@@ -97,6 +97,8 @@ class Residency(Protocol):
 
     def describe(self) -> dict[str, dict[str, object]]: ...
 
+    def state(self, endpoint: str) -> str: ...
+
 
 _WAITS_FOR_WAKE = frozenset({"sleeping", "waking"})
 
@@ -231,7 +233,7 @@ class Gateway:
         residency = route.residency
         if residency is not None and residency.enter(route.endpoint):
             return _Relay(self, request, conn, route, target).start()
-        state = route.engine.state
+        state = _state(route)
         if residency is not None and state in _WAITS_FOR_WAKE:
             return self._after_wake(request, conn, route, target)
         if residency is not None or state != "resident":  # (resident to the engine, not yet measured: loading)
@@ -244,7 +246,7 @@ class Gateway:
         """Hold a request for a sleeping model while it wakes (one wake-up for all), at most its deadline."""
         assert route.residency is not None
         if not await route.residency.wait_resident(route.endpoint, route.wake_deadline_s):
-            self._send(conn, self._unavailable(route, route.engine.state, waking=True))
+            self._send(conn, self._unavailable(route, _state(route), waking=True))
             return None
         started = _Relay(self, request, conn, route, target).start()
         return await started if started is not PENDING else PENDING  # type: ignore[misc]
@@ -346,7 +348,9 @@ class Gateway:
     # ----- answers of the gateway itself -----
 
     def states(self) -> dict[str, str]:
-        return {name: route.engine.state for name, route in self.routes.items()}
+        """Each model's state; where models share GPUs, the residency's (an engine just up is `loading` until it
+        has been measured and can take requests)."""
+        return {name: _state(route) for name, route in self.routes.items()}
 
     def _healthz(self) -> Answer:
         return Answer(200, b'{"status": "ok"}')
@@ -370,10 +374,14 @@ class Gateway:
         data = []
         for name, route in self.routes.items():
             data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
-                         "state": route.engine.state})
+                         "state": _state(route)})
             data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                      "parent": name, "state": route.engine.state} for adapter in route.adapters]
+                      "parent": name, "state": _state(route)} for adapter in route.adapters]
         return {"object": "list", "data": data}
+
+
+def _state(route: ModelRoute) -> str:
+    return route.residency.state(route.endpoint) if route.residency is not None else route.engine.state
 
 
 class _Relay:

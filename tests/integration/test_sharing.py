@@ -117,10 +117,15 @@ def test_an_idle_model_sleeps_without_pressure_and_wakes_on_its_next_request(tmp
         async with running(*sharing(tmp_path, "general.sleep_after_idle_seconds=1"), models=1) as run:
             await answer(run, "m")
             await _until(lambda: _state_is(run, "m", "sleeping"), "the idle model to sleep", 15)
-            assert read_ledger(tmp_path / "ledger.json")["used_gib"] < 0.01
+            # "sleeping" from the moment the release is decided (requests wait from then on): its memory follows
+            await _until(lambda: _released(tmp_path), "its memory to be given back", 15)
             await answer(run, "m", stream=True)
             assert (await readyz(run))["residency"]["m"]["wakeups"] == 1
     run_async(scenario())
+
+
+async def _released(tmp_path) -> bool:
+    return read_ledger(tmp_path / "ledger.json")["used_gib"] < 0.01
 
 
 async def _state_is(run: Running, model: str, state: str) -> bool:

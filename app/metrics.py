@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 GENERATION_TOKENS = "sglang:generation_tokens_total"
@@ -17,9 +18,8 @@ PROMPT_TOKENS = "sglang:prompt_tokens_total"
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)")
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum of every sample of each metric name (labels folded): {"sglang:prompt_tokens_total": 41.0, ...}."""
-    totals: dict[str, float] = {}
+def _samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """(metric name, label text, value) of every finite sample line; comments and malformed lines skipped."""
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -31,7 +31,14 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
         if math.isfinite(value):
-            totals[match.group(1)] = totals.get(match.group(1), 0.0) + value
+            yield match.group(1), match.group(2) or "", value
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum of every sample of each metric name (labels folded): {"sglang:prompt_tokens_total": 41.0, ...}."""
+    totals: dict[str, float] = {}
+    for name, _, value in _samples(text):
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 
@@ -41,19 +48,8 @@ _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 def parse_prometheus_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Every sample with its labels: {"sglang:kv_cache_memory_usage_gb": [({"tp_rank": "0", ...}, 35.2)], ...}."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            labels = dict(_LABEL.findall(match.group(2) or ""))
-            samples.setdefault(match.group(1), []).append((labels, value))
+    for name, labels, value in _samples(text):
+        samples.setdefault(name, []).append((dict(_LABEL.findall(labels)), value))
     return samples
 
 

@@ -27,7 +27,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -128,6 +128,22 @@ async def http_health_probe(url: str) -> bool:
             return response.status == 200
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         return False
+
+
+async def call_engine(url: str, method: str, path: str, *, api_key: str | None, timeout_s: float,
+                      error: type[Exception], body: dict | None = None, accept: Container[int] = (200,)) -> str:
+    """One call to an engine's (or its router's) own API with its key; the answer's text. `error`, naming the call
+    and the status or the cause, when it cannot be made or answers a status not in `accept`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session, \
+                session.request(method, url + path, json=body, headers=headers) as response:
+            text = await response.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise error(f"{method} {path} failed: {exc!r}") from exc
+    if response.status not in accept:
+        raise error(f"{method} {path} answered {response.status}: {text[:300]}")
+    return text
 
 
 class Engine:

@@ -42,8 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
-
+from app.engine import call_engine
 from app.metrics import parse_prometheus, parse_prometheus_samples
 
 logger = logging.getLogger(__name__)
@@ -175,17 +174,8 @@ class SGLangMemoryControl:
         self.timeout_s = timeout_s
 
     async def _call(self, engine: EngineLike, method: str, path: str, body: dict | None = None) -> str:
-        key = self.api_keys.get(engine.endpoint)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session, \
-                    session.request(method, engine.url + path, json=body, headers=headers) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise ControlError(f"{path} answered {response.status}: {text[:300]}")
-                return text
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError(f"{path} failed: {exc!r}") from exc
+        return await call_engine(engine.url, method, path, api_key=self.api_keys.get(engine.endpoint), body=body,
+                                 timeout_s=self.timeout_s, error=ControlError)
 
     async def busy(self, engine: EngineLike) -> int:
         """Requests SGLang is running or queueing, from its own gauges."""

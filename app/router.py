@@ -22,12 +22,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Iterable
 
-import aiohttp
-
+from app.engine import call_engine
 from app.metrics import parse_prometheus_samples
 from app.sglang_command import EngineCommand
 
@@ -83,16 +83,12 @@ class RouterWorkers:
         self._lock = asyncio.Lock()  # one change at a time: the router queues them anyway
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> object:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        text = await call_engine(self.router_url, method, path, api_key=self.api_key, body=body,
+                                 timeout_s=self.timeout_s, error=RouterError, accept=range(200, 300))
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session, \
-                    session.request(method, self.router_url + path, json=body, headers=headers) as response:
-                text = await response.text()
-                if response.status >= 300:
-                    raise RouterError(f"{method} {path} answered {response.status}: {text[:300]}")
-                return await response.json(content_type=None) if text.strip() else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise RouterError(f"{method} {path} failed: {exc!r}") from exc
+            return json.loads(text) if text.strip() else None
+        except ValueError as exc:
+            raise RouterError(f"{method} {path} answered something other than JSON: {text[:300]}") from exc
 
     async def list(self) -> list[dict]:
         """The router's workers: each with at least `url`, and `id`, `is_healthy` where the router gives them."""

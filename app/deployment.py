@@ -249,6 +249,21 @@ def curl_command(base_url: str, endpoint: str, token_placeholder: str = "YOUR_GE
             f"\"max_tokens\": 64}}'")
 
 
+@dataclass
+class RoutedModel:
+    """A model served through sglang-router: the router's engine, its worker list, the servers on this machine."""
+
+    router: Engine
+    control: RouterWorkers
+    servers: list[Engine]
+    metrics_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        """The router's own Prometheus listener (its per-worker counts)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+
 class Deployment:
     """Everything `run` serves. Constructing it starts nothing; `run()` does, and returns the exit code."""
 
@@ -293,7 +308,7 @@ class Deployment:
         self._gpus: list[Gpu] = []
         self.residency: Residency | None = None
         self.routers: EngineSupervisor | None = None
-        self.router_workers: dict[str, tuple[RouterWorkers, list[Engine]]] = {}  # endpoint -> its router, workers
+        self.routed: dict[str, RoutedModel] = {}  # models served through sglang-router, by endpoint
         self._routing = False  # the routers are up: worker deaths and returns are passed on to them
         self._router_changes: set[asyncio.Task[None]] = set()
         self._sleeper: asyncio.Task[list[str]] | None = None
@@ -405,7 +420,8 @@ class Deployment:
         counts = [replica_servers(self.config, i) for i in range(len(commands))]
         taken = {self.options.port, *(c.port for c in commands)}
         routed = [n > 1 or c.endpoint in self.remote_replicas for n, c in zip(counts, commands, strict=True)]
-        extra = iter(free_ports(sum(n + 1 for n, r in zip(counts, routed, strict=True) if r) + sum(routed),
+        # a routed model: its servers but the first (which keeps the model's port), the router and its metrics
+        extra = iter(free_ports(sum(n + 1 for n, r in zip(counts, routed, strict=True) if r),
                                 exclude=frozenset(taken)))
         engines: list[Engine] = []
         routers: list[Engine] = []
@@ -421,8 +437,9 @@ class Deployment:
                 workers = [Engine(as_worker(command, r, command.port if r == 0 else next(extra)), secrets=secrets)
                            for r in range(count)]
             model = self.config.models[i]
+            metrics_port = next(extra)
             router_cmd = router_command(
-                command.endpoint, port=next(extra), metrics_port=next(extra), worker_urls=[w.url for w in workers],
+                command.endpoint, port=next(extra), metrics_port=metrics_port, worker_urls=[w.url for w in workers],
                 api_key=command.api_key,
                 load_balance_method=model.flag("load-balance-method",
                                                self.config.general.flag("load-balance-method")))
@@ -431,7 +448,7 @@ class Deployment:
             engines += workers
             routers.append(router)
             front[command.endpoint] = router
-            self.router_workers[command.endpoint] = (control, workers)
+            self.routed[command.endpoint] = RoutedModel(router, control, workers, metrics_port)
             remote = self.remote_replicas.get(command.endpoint, 0)
             if remote:
                 assert self.worker_pool is not None
@@ -449,9 +466,10 @@ class Deployment:
             self.residency.engine_changed(engine)
         if not self._routing:
             return
-        for workers, members in self.router_workers.values():
-            if engine in members and engine.state in (RESIDENT, RESTARTING, ENGINE_FAILED, ENGINE_STOPPED):
-                change = workers.add(engine.url) if engine.state == RESIDENT else workers.remove(engine.url)
+        for routed in self.routed.values():
+            if engine in routed.servers and engine.state in (RESIDENT, RESTARTING, ENGINE_FAILED, ENGINE_STOPPED):
+                control = routed.control
+                change = control.add(engine.url) if engine.state == RESIDENT else control.remove(engine.url)
                 task = asyncio.create_task(self._router_change(change, engine))
                 self._router_changes.add(task)
                 task.add_done_callback(self._router_changes.discard)
@@ -554,8 +572,8 @@ class Deployment:
         spreads a model."""
         assert self.gateway is not None
         states = self.gateway.states()
-        for _, members in self.router_workers.values():
-            states.update({w.endpoint: w.state for w in members if w.endpoint not in states})
+        for routed in self.routed.values():
+            states.update({w.endpoint: w.state for w in routed.servers if w.endpoint not in states})
         for remote in self.remote_workers.values():
             states.update(remote.states())
         if self.multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
@@ -580,17 +598,14 @@ class Deployment:
         tokens = rate.update(now, await self._scrape_tokens())
         await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(), self.stats,
                          self.states(), tokens, self.residency.stats if self.residency else None,
-                         await self._replica_requests() if self.router_workers else None)
+                         await self._replica_requests() if self.routed else None)
 
     async def _replica_requests(self) -> dict[str, float]:
         """Requests each replica server has answered, as its router counts them."""
         counts: dict[str, float] = {}
-        for router, (_, members) in zip(self.routers.engines if self.routers else [], self.router_workers.values(),
-                                        strict=False):
-            argv = router.command.argv
-            metrics_url = f"http://127.0.0.1:{argv[argv.index('--prometheus-port') + 1]}"
-            answered = requests_per_worker(await scrape_metrics(metrics_url))
-            counts.update({w.endpoint: answered.get(w.url, 0.0) for w in members})
+        for routed in self.routed.values():
+            answered = requests_per_worker(await scrape_metrics(routed.metrics_url))
+            counts.update({w.endpoint: answered.get(w.url, 0.0) for w in routed.servers})
         return counts
 
     async def _scrape_tokens(self) -> TokenTotals:

@@ -58,14 +58,12 @@ def complete(served: Served, max_tokens: int = 4, timeout: float = 120) -> reque
 
 
 def router_selections(served: Served) -> dict[str, float]:
-    router = served.deployment.routers.engines[0]
-    argv = router.command.argv
-    port = argv[argv.index("--prometheus-port") + 1]
-    return requests_per_worker(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    metrics_url = served.deployment.routed["tiny"].metrics_url
+    return requests_per_worker(requests.get(metrics_url + "/metrics", timeout=10).text)
 
 
 def workers(served: Served):
-    return served.deployment.router_workers["tiny"][1]
+    return served.deployment.routed["tiny"].servers
 
 
 def test_requests_are_spread_over_both_workers(served):
@@ -136,7 +134,7 @@ def _serving_again(served: Served, victim) -> bool:
 
 
 def test_idle_shutdown_stops_router_and_workers(served):
-    processes = [psutil.Process(e.pid) for e in [*workers(served), *served.deployment.routers.engines]]
+    processes = [psutil.Process(e.pid) for e in [*workers(served), served.deployment.routed["tiny"].router]]
     served.thread.join(IDLE_LIMIT_S + 60)
     assert served.exit_code == 0
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)

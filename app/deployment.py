@@ -597,7 +597,7 @@ class Deployment:
         now = self.clock()
         tokens = rate.update(now, await self._scrape_tokens())
         await self._tell(self.reporter.report, now - started, decision, self.stats.take_window(), self.stats,
-                         self.states(), tokens, self.residency.stats if self.residency else None,
+                         self.states(), tokens, self.residency.wake_stats() if self.residency else None,
                          await self._replica_requests() if self.routed else None)
 
     async def _replica_requests(self) -> dict[str, float]:

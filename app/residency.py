@@ -238,7 +238,7 @@ class Residency:
         self.clock = clock
         self.wall_clock = wall_clock
         self.idle_check_deadline_s = idle_check_deadline_s
-        self.stats = WakeStats({s.endpoint: 0 for s in slots})
+        self._wake_latencies_ms: collections.deque[float] = collections.deque(maxlen=WAKE_SAMPLES)
         self._lock = asyncio.Lock()
         self._changed: asyncio.Future[None] | None = None
         self._version = 0  # counts changes: a waiter that looked at version v waits only if nothing changed since
@@ -284,6 +284,12 @@ class Residency:
 
     def states(self) -> dict[str, str]:
         return {name: slot.state for name, slot in self.slots.items()}
+
+    def wake_stats(self) -> WakeStats:
+        """What the dashboard reports (a copy: the reporter reads it on its own thread)."""
+        return WakeStats({name: s.wakeups for name, s in self.slots.items()},
+                         {name: s.last_wake_s for name, s in self.slots.items() if s.last_wake_s is not None},
+                         collections.deque(self._wake_latencies_ms, maxlen=WAKE_SAMPLES))
 
     def state(self, endpoint: str) -> str:
         return self.slots[endpoint].state
@@ -380,9 +386,7 @@ class Residency:
         slot.woken_at = slot.last_used = now
         slot.wakeups += 1
         slot.last_wake_s = self.wall_clock()
-        self.stats.wakeups[slot.endpoint] = slot.wakeups
-        self.stats.last_wake[slot.endpoint] = slot.last_wake_s
-        self.stats.latencies_ms.append((now - started) * 1000)
+        self._wake_latencies_ms.append((now - started) * 1000)
         logger.info("%s is awake (%.0f ms)", slot.endpoint, (now - started) * 1000)
         self._notify()
 

@@ -1,4 +1,5 @@
-"""With the `engine` extra installed: SGLang's own parser agrees with the shipped table, both ways.
+"""With the `engine` extra installed: SGLang's own parser agrees with the shipped table, both ways; the shipped
+table of SGLang's HTTP routes is its own.
 
 Skipped where sglang is not installed (the plain install); CI runs them on the engine install.
 """
@@ -21,6 +22,12 @@ pytestmark = pytest.mark.engine
 
 def test_shipped_table_is_what_the_installed_sglang_defines():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "dump_sglang_args.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shipped_route_table_is_what_the_installed_sglang_serves():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "dump_sglang_routes.py"), "--check"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
 

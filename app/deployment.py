@@ -189,6 +189,7 @@ class RunOptions:
     upstream_read_timeout_s: float | None = None
     launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
     request_receive_timeout_s: float | None = None  # a client has this long to send a whole request
+    write_timeout_s: float | None = None  # a client that reads none of its answer this long is cut off
 
 
 async def scrape_metrics(url: str) -> str:
@@ -353,13 +354,16 @@ class Deployment:
         adapters = {m.endpoint: tuple(a.name for a in m.lora_modules) for m in resolved}
         self.residency = self._residency([front[c.endpoint] for c in commands])
         routes = [ModelRoute(c.endpoint, front[c.endpoint], api_key=c.api_key, adapters=adapters[c.endpoint],
-                             residency=self.residency, wake_deadline_s=self.config.general.wake_deadline_seconds)
+                             residency=self.residency, wake_deadline_s=self.config.general.wake_deadline_seconds,
+                             restart_hold_s=self.config.general.restart_hold_seconds)
                   for c in commands]
         gateway_kwargs = {}
         if self.options.upstream_read_timeout_s is not None:
             gateway_kwargs["upstream_read_timeout_s"] = self.options.upstream_read_timeout_s
         if self.options.request_receive_timeout_s is not None:
             gateway_kwargs["request_receive_timeout_s"] = self.options.request_receive_timeout_s
+        if self.options.write_timeout_s is not None:
+            gateway_kwargs["write_timeout_s"] = self.options.write_timeout_s
         self.gateway = Gateway(routes, TokenChecker(tokens), self.stats, activity=tracker, clock=self.clock,
                                **gateway_kwargs)
         residency = self.residency
@@ -781,7 +785,8 @@ class NodeDeployment:
                 if exited in done:
                     return await self._failed(EngineStartupError(
                         engine.endpoint, f"({self.role}) exited while the master still runs",
-                        classify_failure(engine.exit_code, engine.tail), engine.exit_code, engine.tail))
+                        classify_failure(engine.exit_code, engine.tail, engine.evidence), engine.exit_code,
+                        engine.tail))
         finally:
             exited.cancel()
 

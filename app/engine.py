@@ -6,8 +6,15 @@ SGLang's `/health` under one deadline while watching for the process dying, and 
 launcher, a grace period, then SIGKILL to the whole group. (SGLang's launcher drains and stops its own children on
 SIGTERM; signalling the whole group makes it treat its scheduler as crashed: reference/sglang.md B7.)
 
-`EngineSupervisor` starts every engine, and restarts one that dies after it was ready, with backoff, up to a
-budget; past the budget the deployment fails with the classified cause.
+Once ready, every SGLang process of the engine (its scheduler, detokenizer and ranks, which SGLang names
+`sglang::...`) is watched too: when any of them dies the engine is taken down at once, rather than when SGLang's
+launcher gets round to it (it sleeps about 5 s first), so streams end with their error within a second and the
+gateway holds new requests from that moment.
+
+`EngineSupervisor` starts every engine, and restarts one that dies after it was ready, with backoff; a model that
+crashes more than its budget within the restart window (`RestartPolicy`: a rate, not a lifetime count) fails the
+deployment with its cause, read from the evidence (`classify_failure`): SGLang's last log lines, the exit status or
+signal, which of its processes died, and the kernel's count of OOM kills.
 
 Example::
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import re
@@ -29,9 +37,12 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
+import psutil
 
+from app.engine_launch import SECRET_ARGS_ENV
 from app.sglang_command import EngineCommand
 
 logger = logging.getLogger(__name__)
@@ -46,9 +57,15 @@ READINESS_PROBE_TIMEOUT_SECONDS = 25.0
 LOG_TAIL_LINES = 200
 # Longest line read from an engine (SGLang prints its whole ServerArgs on one line).
 MAX_LOG_LINE_BYTES = 1 << 20
-# Restarts after a crash: waits between attempts, and how many attempts in all before the deployment fails.
+# Restarts after a crash: waits between attempts, and how many crashes within the window are restarted before the
+# deployment fails (older crashes are forgotten: a model that crashed five times last month still restarts).
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 RESTART_BUDGET = 5
+RESTART_WINDOW_SECONDS = 3600.0
+# How often SGLang's processes are looked at where the kernel cannot tell at once (no pidfd).
+MEMBER_POLL_SECONDS = 0.25
+# SGLang names its processes `sglang::scheduler`, `sglang::detokenizer`, `sglang::scheduler_TP1`, ... (setproctitle).
+MEMBER_PREFIX = "sglang::"
 
 Probe = Callable[[str], Awaitable[bool]]
 
@@ -85,18 +102,91 @@ _CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
 )
 
 
-def classify_failure(exit_code: int | None, tail: Iterable[str]) -> FailureCause:
-    """The likely cause of an engine's failure, from its exit code and last log lines."""
+@dataclass(frozen=True)
+class CrashEvidence:
+    """What is known of an engine's end besides its exit status and log: the SGLang process that died first (when
+    the watch saw one go), and how many processes the kernel's OOM killer killed meanwhile (None: unreadable)."""
+
+    died: str | None = None
+    oom_kills: int | None = None
+
+
+def classify_failure(exit_code: int | None, tail: Iterable[str],
+                     evidence: CrashEvidence = CrashEvidence()) -> FailureCause:
+    """The likely cause of an engine's failure, from what is known: SGLang's own last log lines first, then which
+    of its processes died, the exit status or signal and the kernel's OOM record. It says "unknown" rather than
+    guess."""
     lines = list(tail)
     for line in reversed(lines):
         for kind, pattern, hint in _CAUSES:
             if pattern.search(line):
                 return FailureCause(kind, hint)
+    oom = evidence.oom_kills
+    if oom:
+        return FailureCause("out_of_memory", f"the kernel's OOM killer killed {oom} process(es) on this machine "
+                            "meanwhile: the host ran out of memory (give the machine more RAM, or use a smaller or "
+                            "quantized model, fewer models or a smaller max-total-tokens)")
+    unknown = ("no OOM kill is recorded" if oom == 0 else "the kernel's OOM record is not readable here")
+    if evidence.died is not None:
+        return FailureCause("other", f"{evidence.died} ended while the engine served, and no log line says why "
+                            f"({unknown}): cause unknown")
     if exit_code == 2:
         return FailureCause("bad_argument", "SGLang refused its arguments (exit code 2)")
     if exit_code is not None and exit_code < 0:
-        return FailureCause("other", f"the engine was killed by signal {-exit_code} (out of host memory?)")
-    return FailureCause("other", "see the engine's log lines above")
+        return FailureCause("other", f"the engine was killed by signal {-exit_code} ({_signal_name(-exit_code)}) "
+                            f"from outside, and {unknown}: cause unknown")
+    if exit_code:
+        return FailureCause("other", f"the engine exited with code {exit_code}; see its log lines above")
+    return FailureCause("other", "the engine ended without an error; see its log lines above")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def oom_kill_count() -> int | None:
+    """How many processes the kernel's OOM killer has killed: in this process's memory cgroup where it is readable
+    (a container's limit), else on the whole machine (/proc/vmstat); None when neither is."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hierarchy == "0" and not controllers:  # cgroup v2
+                for events in (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events",
+                               Path("/sys/fs/cgroup/memory.events")):
+                    if events.exists():
+                        return _field(events.read_text(), "oom_kill")
+    with contextlib.suppress(OSError, ValueError):
+        return _field(Path("/proc/vmstat").read_text(), "oom_kill")
+    return None
+
+
+def _field(text: str, name: str) -> int | None:
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            return int(value)
+    return None
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Whether and when a crashed engine is restarted (pure): up to `budget` crashes within `window_s` are, after a
+    backoff that grows with the crashes in the window; one more fails the deployment."""
+
+    budget: int = RESTART_BUDGET
+    window_s: float = RESTART_WINDOW_SECONDS
+    backoff_s: tuple[float, ...] = RESTART_BACKOFF_SECONDS
+
+    def delay(self, crashes: Iterable[float], now: float) -> float | None:
+        """Seconds to wait before restarting, given every crash time (this one included); None: give up."""
+        recent = sum(1 for t in crashes if now - t < self.window_s)
+        if recent > self.budget:
+            return None
+        return self.backoff_s[min(max(recent, 1), len(self.backoff_s)) - 1]
 
 
 class EngineStartupError(Exception):
@@ -147,7 +237,10 @@ async def call_engine(url: str, method: str, path: str, *, api_key: str | None, 
 
 
 class Engine:
-    """One SGLang server: `start`, `wait_ready`, `wait_exit`, `stop`. Constructing it starts nothing."""
+    """One SGLang server: `start`, `wait_ready`, `wait_exit`, `stop`. Constructing it starts nothing.
+
+    `state` is written by the engine (loading, resident, failed, stopped) and by its supervisor (restarting);
+    `wait_serving` lets the gateway hold a request until a restarting engine serves again."""
 
     def __init__(
         self,
@@ -161,18 +254,47 @@ class Engine:
         self.command = command
         self.endpoint = command.endpoint
         self.url = f"http://127.0.0.1:{command.port}"
-        self.state = STOPPED
+        self._state = STOPPED
+        self._changed = asyncio.Event()
         self.exit_code: int | None = None
         self.ready_at: float | None = None
         self.restarts = 0
+        self.crashes: list[float] = []  # when it crashed (the supervisor's restart policy reads them)
         self._probe = probe
-        self._secrets = [s for s in (*secrets, command.api_key or "") if s]
+        self._secrets = [s for s in (*secrets, command.api_key or "", *command.secret_args.values()) if s]
         self._base_env = base_env
         self._clock = clock
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
+        self._members: list[_Member] = []
+        self._stopping = False
+        self._died: str | None = None  # the SGLang process whose death ended the engine
+        self._oom_at_start: int | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            self._changed.set()  # wakes every waiter; they wait on a fresh event next time
+            self._changed = asyncio.Event()
+
+    async def wait_serving(self, deadline_s: float) -> bool:
+        """Wait until the engine is resident again (True), or has failed or stopped for good, or `deadline_s`
+        passed (False)."""
+        end = time.monotonic() + deadline_s
+        while self._state != RESIDENT:
+            remaining = end - time.monotonic()
+            if self._state in (FAILED, STOPPED) or remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
 
     @property
     def pid(self) -> int | None:
@@ -186,19 +308,40 @@ class Engine:
     def running(self) -> bool:
         return self._process is not None and not self._exited.is_set()
 
-    async def start(self) -> None:
+    @property
+    def evidence(self) -> CrashEvidence:
+        """What is known of how the engine ended, besides its exit status and log."""
+        now = oom_kill_count()
+        before = self._oom_at_start
+        return CrashEvidence(self._died, None if now is None or before is None else now - before)
+
+    async def start(self, state: str = LOADING) -> None:
+        """Launch the server (`state`: loading, or restarting after a crash, until it is ready)."""
         env = dict(self._base_env if self._base_env is not None else os.environ)
         env.update(self.command.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.exit_code = None
         self.ready_at = None
+        self._died = None
+        self._stopping = False
+        self._oom_at_start = oom_kill_count()
         self._exited.clear()
-        self.state = LOADING
+        self.state = state
+        argv = self._launch(env)
         logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
         self._process = await asyncio.create_subprocess_exec(
-            *self.command.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
         self._pump = asyncio.create_task(self._pump_output(self._process), name=f"pump-{self.endpoint}")
+
+    def _launch(self, env: dict[str, str]) -> list[str]:
+        """The command to exec, through `app.engine_launch`: the secret flags (the engine's key) are handed over in
+        the environment, readable only by this user, instead of on the command line, readable by all; and the
+        engine dies with the app rather than outlive it."""
+        argv = list(self.command.argv)
+        if self.command.secret_args:
+            env[SECRET_ARGS_ENV] = json.dumps(dict(self.command.secret_args))
+        return [argv[0], "-m", "app.engine_launch", *argv[1:]]
 
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -213,7 +356,9 @@ class Engine:
             line = self._mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
             self._tail.append(line)
             engine_log.info("[%s] %s", self.endpoint, line)
+        self._crashed()  # its output ended: the launcher is going
         self.exit_code = await process.wait()
+        self._unwatch_members()
         self._exited.set()
 
     def _mask(self, line: str) -> str:
@@ -228,6 +373,7 @@ class Engine:
             if self._exited.is_set():
                 raise self._failure("exited before it was ready")
             if await self._probe(self.url):
+                self._watch_members()
                 self.state = RESIDENT
                 self.ready_at = self._clock()
                 logger.info("Engine %s is ready at %s", self.endpoint, self.url)
@@ -240,8 +386,59 @@ class Engine:
 
     def _failure(self, reason: str) -> EngineStartupError:
         self.state = FAILED
-        return EngineStartupError(self.endpoint, reason, classify_failure(self.exit_code, self._tail),
+        return EngineStartupError(self.endpoint, reason, classify_failure(self.exit_code, self._tail, self.evidence),
                                   self.exit_code, self.tail)
+
+    # ----- SGLang's own processes -----
+
+    def _watch_members(self) -> None:
+        """Watch every SGLang process of the engine (`sglang::...`): the kernel tells at once when one ends (a
+        pidfd becomes readable), or a poll does where it cannot."""
+        self._unwatch_members()
+        if self._process is None:
+            return
+        loop = asyncio.get_running_loop()
+        for pid, name in sglang_processes(self._process.pid):
+            member = _Member(pid, name)
+            try:
+                member.fd = os.pidfd_open(pid)
+            except (AttributeError, OSError):  # no pidfd (not Linux, or an old kernel), or it is gone already
+                member.poll = loop.create_task(self._poll_member(member), name=f"watch-{self.endpoint}-{pid}")
+            else:
+                loop.add_reader(member.fd, self._member_died, member)
+            self._members.append(member)
+
+    async def _poll_member(self, member: _Member) -> None:
+        while _alive(member.pid):
+            await asyncio.sleep(MEMBER_POLL_SECONDS)
+        self._member_died(member)
+
+    def _member_died(self, member: _Member) -> None:
+        self._unwatch_members()
+        if self._stopping or self._exited.is_set() or self._process is None:
+            return
+        self._died = f"SGLang's {member.name} process (pid {member.pid})"
+        logger.error("Engine %s: %s ended; taking the engine down now (its launcher would only after a pause)",
+                     self.endpoint, self._died)
+        self._crashed()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+
+    def _crashed(self) -> None:
+        """A serving engine is going down unasked: from this moment it is restarting (its supervisor restarts it, or
+        marks it failed past its restart budget), so readiness says so and requests are held, not sent to it."""
+        if self._state == RESIDENT and not self._stopping:
+            self.state = RESTARTING
+
+    def _unwatch_members(self) -> None:
+        for member in self._members:
+            if member.fd is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(member.fd)
+                os.close(member.fd)
+            if member.poll is not None and member.poll is not asyncio.current_task():
+                member.poll.cancel()
+        self._members = []
 
     async def wait_exit(self) -> int | None:
         await self._exited.wait()
@@ -251,10 +448,17 @@ class Engine:
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM to the launcher, then SIGKILL to the whole group after `grace_s`; reaps everything."""
+        await self.reap(grace_s)
+        self.state = STOPPED
+
+    async def reap(self, grace_s: float = 0.0) -> None:
+        """End the server's processes (SIGTERM to the launcher first when `grace_s`), leaving `state` as it is."""
         process = self._process
+        self._stopping = True
+        self._unwatch_members()
         if process is None:
             return
-        if not self._exited.is_set():
+        if not self._exited.is_set() and grace_s > 0:
             logger.info("Stopping engine %s (pid %s)", self.endpoint, process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -267,7 +471,35 @@ class Engine:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         await self.wait_exit()
-        self.state = STOPPED
+
+
+@dataclass
+class _Member:
+    """One of an engine's SGLang processes, watched."""
+
+    pid: int
+    name: str
+    fd: int | None = None
+    poll: asyncio.Task[None] | None = None
+
+
+def sglang_processes(launcher: int) -> list[tuple[int, str]]:
+    """(pid, name) of the SGLang processes under a launcher: those SGLang names `sglang::...`."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(launcher).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                name = child.name()
+                if name.startswith(MEMBER_PREFIX):
+                    found.append((child.pid, name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,8 +517,7 @@ class EngineSupervisor:
         engines: list[Engine],
         *,
         startup_deadline_s: float = 1800.0,
-        backoff_s: tuple[float, ...] = RESTART_BACKOFF_SECONDS,
-        restart_budget: int = RESTART_BUDGET,
+        restarts: RestartPolicy = RestartPolicy(),
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[Engine], None] | None = None,
         admit: Callable[[Engine], Awaitable[None]] | None = None,
@@ -298,8 +529,7 @@ class EngineSupervisor:
         self._admit = admit
         self._on_ready = on_ready
         self.startup_deadline_s = startup_deadline_s
-        self.backoff_s = backoff_s
-        self.restart_budget = restart_budget
+        self.restarts = restarts
         self.failed = asyncio.Event()
         self.failure: EngineStartupError | None = None
         self._clock = clock
@@ -352,34 +582,40 @@ class EngineSupervisor:
             code = await engine.wait_exit()
             if self._stopping:
                 return
-            cause = classify_failure(code, engine.tail)
-            logger.error("Engine %s crashed (exit code %s, %s): %s", engine.endpoint, code, cause.kind, cause.hint)
-            if engine.restarts >= self.restart_budget:
+            now = self._clock()
+            engine.crashes.append(now)
+            cause = classify_failure(code, engine.tail, engine.evidence)
+            delay = self.restarts.delay(engine.crashes, now)
+            if delay is None:
+                logger.error("Engine %s crashed (exit code %s, %s): %s", engine.endpoint, code, cause.kind, cause.hint)
                 engine.state = FAILED
                 self._on_change(engine)
-                self.failure = EngineStartupError(engine.endpoint, f"crashed {engine.restarts + 1} times", cause,
-                                                  code, engine.tail)
+                window = self.restarts.window_s
+                self.failure = EngineStartupError(
+                    engine.endpoint, f"crashed {self.restarts.budget + 1} times within {window / 60:g} minutes",
+                    cause, code, engine.tail)
                 self.failed.set()
                 return
-            delay = self.backoff_s[min(engine.restarts, len(self.backoff_s) - 1)]
+            logger.error("Engine %s crashed (exit code %s, %s): %s; restarting in %g s", engine.endpoint, code,
+                         cause.kind, cause.hint, delay)
             engine.restarts += 1
             engine.state = RESTARTING
             self._on_change(engine)
+            await engine.reap()  # what the crash left of its process group
             await asyncio.sleep(delay)
             if self._stopping:
                 return
-            await engine.stop(grace_s=0)  # reap what the crash left of its process group
             try:
                 if self._admit is not None:
                     await self._admit(engine)
-                await engine.start()
+                await engine.start(RESTARTING)
                 self._on_change(engine)
                 await self._ready(engine, self._clock() + self.startup_deadline_s)
-                logger.info("Engine %s is back (restart %d of %d)", engine.endpoint, engine.restarts,
-                            self.restart_budget)
+                logger.info("Engine %s is back (restart %d)", engine.endpoint, engine.restarts)
             except EngineStartupError as exc:
                 logger.error("Engine %s did not come back: %s", engine.endpoint, exc)
-                await engine.stop(grace_s=5.0)  # so the next round counts it as another crash
+                await engine.reap(grace_s=5.0)  # so the next round counts it as another crash
+                engine.state = RESTARTING
             self._on_change(engine)
 
     async def stop_all(self, grace_s: float) -> None:

@@ -52,9 +52,8 @@ def router_command(endpoint: str, *, port: int, metrics_port: int, worker_urls: 
     urls = list(worker_urls)
     if urls:
         argv += ["--worker-urls", *urls]
-    if api_key:
-        argv += ["--api-key", api_key]
     return EngineCommand(endpoint=endpoint, argv=tuple(argv), env={"NO_COLOR": "1"}, port=port, api_key=api_key,
+                         secret_args={"--api-key": api_key} if api_key else {},
                          notes=(f"sglang-router over {len(urls)} worker(s)",))
 
 

@@ -53,11 +53,14 @@ class EngineCommand:
     notes: tuple[str, ...] = ()
     port: int = 0
     api_key: str | None = field(default=None, repr=False)
+    # Flags given at launch outside the command line, which `ps` shows to everyone (app.engine_launch).
+    secret_args: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def masked_env(self) -> dict[str, str]:
         return {k: (constants.SECRET_MASK if k in self.secret_env else v) for k, v in self.env.items()}
 
     def masked_argv(self) -> list[str]:
+        """The command line, its secrets masked (`secret_args` are not on it)."""
         argv = list(self.argv)
         for i, token in enumerate(argv[:-1]):
             if token == "--api-key":
@@ -135,7 +138,8 @@ def build_engine_command(
     """The command line and environment of the engine serving `config.models[index]`.
 
     `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `engine_api_key` is the
-    key only the gateway knows, so nothing on this machine reaches the engine around the gateway. `launcher`
+    key only the gateway knows, so nothing on this machine reaches the engine around the gateway; it is not on the
+    command line but in `secret_args`, which the engine's launch passes privately (app.engine_launch). `launcher`
     replaces `python -m sglang.launch_server` (the tests' stand-in server takes the same arguments).
     `multi_node`: this machine's rank when the model spans nodes (`nodes` > 1); `--tp-size` is then the GPUs of
     every node together.
@@ -147,8 +151,6 @@ def build_engine_command(
     argv.add("model-path", resolved.model_path)
     argv.add("host", host)
     argv.add("port", port)
-    if engine_api_key:
-        argv.add("api-key", engine_api_key)
     notes: list[str] = []
     if model.cli:
         _add_cli(argv, model, config, notes)
@@ -180,6 +182,7 @@ def build_engine_command(
         endpoint=model.endpoint,
         argv=(*(launcher or (python, "-m", constants.SGLANG_LAUNCH_MODULE)), *argv.tokens),
         api_key=engine_api_key,
+        secret_args={"--api-key": engine_api_key} if engine_api_key else {},
         env=env,
         secret_env=frozenset(secret_env),
         notes=tuple(notes),

@@ -151,6 +151,9 @@ GENERAL_FIELDS = (
     Field("general", "wake_deadline_seconds", "Wake-up Deadline (Seconds)",
           "Longest a request waits while its sleeping model wakes; past it the answer is 503 with Retry-After "
           "(the model goes on waking).", INT, 120, minimum=1, maximum=3600),
+    Field("general", "restart_hold_seconds", "Restart Hold (Seconds)",
+          "Longest a request waits while its model restarts after a crash; past it the answer is 503 with "
+          "Retry-After (the model goes on restarting). 0: answer 503 at once.", INT, 180, minimum=0, maximum=3600),
     # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
     Field("general", "trust-remote-code", "Trust Remote Code",
           "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),
@@ -259,5 +262,6 @@ OWNED_ENV: dict[str, str] = {
 }
 
 # Paths the gateway answers itself, so no endpoint may be named after them.
-RESERVED_ENDPOINT_NAMES = frozenset({"v1", "healthz", "readyz", "metrics", "health", "docs", "openapi.json"})
+RESERVED_ENDPOINT_NAMES = frozenset({"v1", "api", "ui", "healthz", "readyz", "metrics", "health", "docs",
+                                     "openapi.json"})
 

@@ -76,6 +76,7 @@ class GeneralConfig:
     cuda_memory_threshold_kb: int = -1
     sleep_after_idle_seconds: int = 0
     wake_deadline_seconds: int = 120
+    restart_hold_seconds: int = 180
     flags: Flags = ()
 
     @property

@@ -1,4 +1,4 @@
-"""The endpoint: one authenticated port in front of every engine (DESIGN section 4)."""
+"""The endpoint: one authenticated port in front of every engine (README, "The endpoint")."""
 
 from app.gateway.auth import TokenChecker
 from app.gateway.proxy import Gateway, ModelRoute

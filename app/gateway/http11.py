@@ -5,9 +5,14 @@ every request; measured on this machine, an aiohttp proxy spent 230 µs of CPU p
 connection (bench/gateway.py). Here parsing is llhttp's (via `httptools`, the parser uvicorn uses), bytes go from
 one transport to the other in the event loop's callbacks, and only the request's start runs as a coroutine.
 
-- `ServerConnection` parses requests (keep-alive, one at a time; pipelined data waits), enforces limits (header
-  size, body size, a deadline to receive a whole request), answers `Expect: 100-continue`, and hands each complete
-  request to the gateway's handler as a task. A client that goes away cancels that task.
+- `ServerConnection` parses requests and answers them one at a time, in order. Every request is judged on its head
+  first (`screen`: the token, the route, the size): one that is refused is answered when its turn comes, its body
+  is never read, and the connection closes after it. What a connection can cost before anyone is authenticated is
+  bounded: a head of at most `MAX_HEAD_BYTES`, one read of the socket, `REQUEST_RECEIVE_TIMEOUT_SECONDS`.
+  Backpressure: a client is not read while it does not read its answers (and is cut off past
+  `WRITE_TIMEOUT_SECONDS`), nor while a request of its own waits behind the one being answered; trailer fields are
+  dropped; `Upgrade` is answered as plain HTTP and the connection closes; `Expect: 100-continue` is honoured only
+  for a request that passed the screen. A client that goes away cancels its request's task.
 - `Upstream` keeps idle keep-alive connections to one engine and opens more on demand (never queueing a request
   behind a busy connection); `Exchange` sends one request upstream and relays the response to the client as it
   arrives: headers, then every body chunk (re-framed with chunked encoding when the engine streams), pausing the
@@ -17,6 +22,7 @@ one transport to the other in the event loop's callbacks, and only the request's
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
+
+from app.gateway.errors import Reply, error_reply
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,11 @@ MAX_HEAD_BYTES = 64 * 1024
 REQUEST_RECEIVE_TIMEOUT_SECONDS = 30.0
 # A keep-alive connection with no request for this long is closed.
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# A client that reads none of its answer for this long is cut off (nginx's send_timeout).
+WRITE_TIMEOUT_SECONDS = 60.0
+# Requests a client may send ahead of its answers (pipelining); past this the connection takes no more and closes
+# once those are answered (RFC 9112 9.3.2: a client retries what was not answered).
+MAX_PIPELINED = 16
 # Idle connections kept per engine; more are opened on demand and closed after use.
 MAX_IDLE_UPSTREAM = 512
 # Connections per engine at most: past this a request fails at once (503) instead of queueing unseen.
@@ -44,7 +57,12 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"trailers",
     b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization", b"expect",
 })
-_RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
+# Response headers not relayed: framing (the gateway frames its own), the engine's identity, and its CORS answers
+# (SGLang allows every origin with credentials; the gateway answers no preflight, so it grants no origin either).
+_RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"server",
+                            b"trailer", b"access-control-allow-origin", b"access-control-allow-credentials",
+                            b"access-control-allow-methods", b"access-control-allow-headers",
+                            b"access-control-expose-headers", b"access-control-max-age"})
 
 
 @functools.lru_cache(maxsize=128)
@@ -64,13 +82,18 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
     keep_alive: bool = True
-    too_large: bool = False
+    refusal: Reply | None = None  # answered with this, its body unread, and the connection closes after it
+    context: object = None  # what the screen found out about it, for the handler
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
             if key == name:
                 return value
         return None
+
+
+class _Stop(httptools.HttpParserError):
+    """Raised in a parser callback: nothing more is parsed from this connection."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,37 +104,54 @@ class Request:
 # or needs to wait for something first (returns an awaitable, which then returns None or PENDING).
 PENDING = object()
 Handler = Callable[[Request, "ServerConnection"], object]
+# Judges a request on its head (its body not read yet): a Reply refuses it.
+Screen = Callable[[Request], "Reply | None"]
 
 
 class ServerConnection(asyncio.Protocol):
-    """One client connection. The handler answers with `respond` (whole) or `start`/`write`/`end` (streamed)."""
+    """One client connection. The handler answers with `reply`/`respond` (whole) or `start`/`write`/`end`
+    (streamed)."""
 
     def __init__(self, handler: Handler, max_body_bytes: Callable[[], int], loop: asyncio.AbstractEventLoop,
-                 receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS):
+                 receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS, *, screen: Screen | None = None,
+                 write_timeout_s: float = WRITE_TIMEOUT_SECONDS, on_response: Callable[[int], None] | None = None):
         self._handler = handler
+        self._screen = screen
+        self._on_response = on_response  # told the status of every response sent
         self._max_body = max_body_bytes
         self._receive_timeout_s = receive_timeout_s
+        self._write_timeout_s = write_timeout_s
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        # the request being received
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
-        self._too_large = False
-        self._pending: list[Request] = []
+        self._request: Request | None = None  # its head has been read
+        self._receiving = False  # a request has begun and is not complete yet
+        self._in_trailers = False
+        # requests received whole (or refused), answered one at a time in order
+        self._pending: collections.deque[Request] = collections.deque()
         self._busy = False  # a request is being answered
+        self._method = "GET"  # of the request being answered (HEAD: no body in the answer)
         self._task: asyncio.Task[None] | None = None
         self.on_lost: Callable[[], None] | None = None  # the relay of the request being answered
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline: float | None = None  # when the current wait (keep-alive or receive) runs out
+        self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
+        self._stopped = False  # nothing more is taken from this connection: it closes once its answers are out
+        self._reading = True
+        self._write_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
-        self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
+        # deadlines (the loop's clock), one timer for them all
+        self._receive_by: float | None = None
+        self._idle_by: float | None = None
+        self._write_by: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._chunked = False
-        self._receiving = False  # a request has begun and is not complete yet
         self._pending_head: bytes | None = None
         self.keep_alive = True
 
@@ -119,26 +159,26 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._arm(KEEPALIVE_TIMEOUT_SECONDS)
+        # a new connection must send its first request within the receive deadline (then keep-alive's)
+        self._idle_by = self._loop.time() + min(KEEPALIVE_TIMEOUT_SECONDS, self._receive_timeout_s)
+        self._schedule()
 
     def data_received(self, data: bytes) -> None:
-        starting = not self._receiving and not self._busy
+        if self._stopped:
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # no protocol switch here: the request is answered as plain HTTP, then the connection closes
-            self.keep_alive = False
-            if not self._busy and not self._pending:
-                self._fail(400, b"Upgrades are not supported")
+            # the request has been taken, to be answered as plain HTTP; what follows it is another protocol
+            self._stop_reading()
         except httptools.HttpParserError:
-            self._fail(431 if self._head_bytes > MAX_HEAD_BYTES else 400, b"Malformed HTTP request")
-            return
-        if starting and self._receiving:  # a request began and is not whole yet: it must arrive in time
-            self._arm(self._receive_timeout_s)
+            if not self._stopped:  # (else a callback stopped the parser on purpose)
+                too_large = self._head_bytes > MAX_HEAD_BYTES
+                self._refuse(error_reply(431 if too_large else 400, "Request header fields too large"
+                                         if too_large else "Malformed HTTP request", "malformed_request"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -150,27 +190,41 @@ class ServerConnection(asyncio.Protocol):
             on_lost()
 
     def pause_writing(self) -> None:
+        """The client is not reading: stop reading it too, and cut it off if it stays that way."""
+        self._write_paused = True
         self._writable.clear()
+        self._write_by = self._loop.time() + self._write_timeout_s
+        self._schedule()
+        self._sync_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         self._writable.set()
+        self._write_by = None
+        self._sync_reading()
         if self.on_writable is not None:
             self.on_writable()
 
     # ----- httptools callbacks -----
 
     def on_message_begin(self) -> None:
-        self._url, self._headers, self._body, self._body_size, self._too_large = b"", [], [], 0, False
+        self._url, self._headers, self._body, self._body_size = b"", [], [], 0
         self._head_bytes = 0
+        self._in_trailers = False
+        self._request = None
         self._receiving = True
+        self._idle_by = None
+        self._receive_by = self._loop.time() + self._receive_timeout_s
+        self._schedule()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
         self._count_head(len(name) + len(value))
+        if not self._in_trailers:  # trailer fields arrive after the request was judged: counted and dropped
+            self._headers.append((name.lower(), value))
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
@@ -178,52 +232,103 @@ class ServerConnection(asyncio.Protocol):
             raise httptools.HttpParserError("head too large")
 
     def on_headers_complete(self) -> None:
-        length = next((v for k, v in self._headers if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > self._max_body():
-            self._fail(413, b"Request body is larger than %d bytes" % self._max_body())  # no need to read it
-        elif any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers):
+        self._in_trailers = True
+        parsed = httptools.parse_url(self._url)
+        request = self._request = Request(
+            method=self._parser.get_method().decode("ascii", "replace"),
+            path=parsed.path.decode("utf-8", "replace") if parsed.path else "/",
+            query=parsed.query or b"",
+            headers=self._headers,
+            keep_alive=self._parser.should_keep_alive(),
+        )
+        refusal = self._screen(request) if self._screen is not None else None
+        if refusal is None:
+            length = request.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self._max_body():
+                refusal = self._too_large()
+        if refusal is not None:
+            self._refuse(refusal)
+            raise _Stop  # its body is never read
+        expect = request.header(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and not self._busy and not self._pending:
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._max_body():
-            self._too_large = True
-        elif not self._too_large:
-            self._body.append(body)
+            self._refuse(self._too_large())
+            raise _Stop
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        request, self._request = self._request, None
         self._receiving = False
-        if self.transport is None or self.transport.is_closing():
-            return  # refused already (413 on its length, a parse error): nothing more to answer
-        parsed = httptools.parse_url(self._url)
-        request = Request(
-            method=self._parser.get_method().decode("ascii", "replace"),
-            path=parsed.path.decode("utf-8", "replace") if parsed.path else "/",
-            query=parsed.query or b"",
-            headers=self._headers,
-            body=b"".join(self._body),
-            keep_alive=self._parser.should_keep_alive(),
-            too_large=self._too_large,
-        )
-        if self._too_large:
-            self.transport.pause_reading()  # type: ignore[union-attr]
-        self._pending.append(request)
-        if not self._busy:
-            self._next()
+        self._receive_by = None
+        if request is None:  # pragma: no cover - llhttp completes only messages whose head it read
+            return
+        request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body = []
+        self._queue(request)
+        if len(self._pending) >= MAX_PIPELINED:  # far ahead of its answers: take nothing more from it
+            self._stop_reading()
+            raise _Stop
+
+    def _too_large(self) -> Reply:
+        return error_reply(413, f"Request body is larger than {self._max_body()} bytes", "request_too_large")
 
     # ----- dispatch -----
 
+    def _queue(self, request: Request) -> None:
+        self._pending.append(request)
+        if not self._busy:
+            self._next()
+        else:
+            self._sync_reading()  # one request waits: read no further until its turn
+
+    def _refuse(self, reply: Reply) -> None:
+        """Answer the request being received with `reply` when its turn comes, then close; read nothing more."""
+        request = self._request or Request("GET", "/", b"", [])
+        request.refusal = reply
+        self._request = None
+        self._receiving = False
+        self._receive_by = None
+        self._stopped = True
+        self._queue(request)
+        self._sync_reading()
+
+    def _stop_reading(self) -> None:
+        """Take no more requests from this connection: answer those taken, then close."""
+        self._stopped = True
+        self._sync_reading()
+        if not self._busy and not self._pending:
+            self._close()
+
+    def _sync_reading(self) -> None:
+        """Read the client only while it reads its answers and has nothing waiting to be answered."""
+        want = not self._stopped and not self._write_paused and not (self._busy and self._pending)
+        if want != self._reading and self.transport is not None and not self.closed:
+            self._reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
     def _next(self) -> None:
         while self._pending and not self.closed:
-            request = self._pending.pop(0)
-            self.keep_alive = request.keep_alive and not request.too_large
+            request = self._pending.popleft()
+            self._method = request.method
+            self.keep_alive = request.keep_alive and request.refusal is None and not (
+                self._stopped and not self._pending)  # the last answer of a stopped connection closes it
             self._busy = True
-            try:
-                result = self._handler(request, self)
-            except Exception:
+            if request.refusal is not None:
+                self.reply(request.refusal)
                 result = None
-                self._internal_error()
+            else:
+                try:
+                    result = self._handler(request, self)
+                except Exception:
+                    result = None
+                    self._internal_error()
             if result is PENDING:
                 return  # the relay calls request_done
             if result is not None:
@@ -233,7 +338,10 @@ class ServerConnection(asyncio.Protocol):
                 return
         self._busy = False
         if not self.closed:
-            self._arm(KEEPALIVE_TIMEOUT_SECONDS)
+            if not self._receiving:
+                self._idle_by = self._loop.time() + KEEPALIVE_TIMEOUT_SECONDS
+                self._schedule()
+            self._sync_reading()
 
     async def _run(self, awaitable: Awaitable[object]) -> None:
         try:
@@ -258,17 +366,25 @@ class ServerConnection(asyncio.Protocol):
         self._busy = False
         if self.closed:
             return False
-        if not self.keep_alive:
-            self.transport.close()  # type: ignore[union-attr]
+        if not self.keep_alive or (self._stopped and not self._pending):
+            self._close()
             return False
         return True
+
+    def _close(self) -> None:
+        """Close once the answers are out; a client that does not take them is cut off at the write deadline."""
+        if self.transport is None or self.closed:
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size() and self._write_by is None:
+            self._write_by = self._loop.time() + self._write_timeout_s
+            self._schedule()
 
     def _internal_error(self) -> None:
         logger.exception("Gateway handler failed")
         if not self.closed:
             self.keep_alive = False
-            self.respond(500, [(b"content-type", b"application/json")],
-                         b'{"error":{"message":"internal error","type":"internal_error","code":"500"}}')
+            self.reply(error_reply(500, "The gateway failed to handle the request", "internal_error"))
 
     # ----- writing -----
 
@@ -276,19 +392,26 @@ class ServerConnection(asyncio.Protocol):
         if not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def reply(self, reply: Reply) -> None:
+        self.respond(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
+
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self._on_response is not None:
+            self._on_response(status)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         head.append(b"content-length: %d\r\n" % len(body))
         if not self.keep_alive:
             head.append(b"connection: close\r\n")
         head.append(b"\r\n")
-        self._write(b"".join(head) + body)
+        self._write(b"".join(head) + (body if self._method != "HEAD" else b""))
 
-    def start(self, head: bytes, content_length: int | None) -> None:
+    def start(self, status: int, head: bytes, content_length: int | None) -> None:
         """Send a response head built by the caller (status line and headers, without the blank line); the body
         follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
         they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
+        if self._on_response is not None:
+            self._on_response(status)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
         if not self.keep_alive:
@@ -325,44 +448,36 @@ class ServerConnection(asyncio.Protocol):
     def writable(self) -> bool:
         return self._writable.is_set()
 
-    # ----- limits -----
+    # ----- deadlines -----
 
-    def _arm(self, seconds: float) -> None:
-        """Set the deadline; the one timer is moved only when it would fire too late (most requests move none)."""
-        deadline = self._loop.time() + seconds
-        self._deadline = deadline
-        if self._timer is None or self._timer.when() > deadline:
+    def _schedule(self) -> None:
+        """Have the one timer fire at the earliest deadline; it is moved only when it would fire too late (most
+        requests move none)."""
+        deadlines = [d for d in (self._receive_by, self._idle_by, self._write_by) if d is not None]
+        if not deadlines or self.closed:
+            return
+        when = min(deadlines)
+        if self._timer is None or self._timer.when() > when:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._expired)
-
-    def _disarm(self) -> None:
-        self._deadline = None  # the timer, when it fires, finds nothing to do
+            self._timer = self._loop.call_at(when, self._expired)
 
     def _expired(self) -> None:
         self._timer = None
-        if self._deadline is None:
+        if self.closed or self.transport is None:
             return
-        if self._loop.time() < self._deadline:  # the deadline moved on meanwhile
-            self._timer = self._loop.call_at(self._deadline, self._expired)
+        now = self._loop.time()
+        if self._write_by is not None and now >= self._write_by:
+            logger.debug("A client read none of its answer for %.0f s: cut off", self._write_timeout_s)
+            self.transport.abort()  # the client takes no answers: nothing more is owed to it
             return
-        self._deadline = None
-        if self._busy:  # a request is being answered: no receive deadline for it
+        if self._receive_by is not None and now >= self._receive_by:
+            self._refuse(error_reply(408, "Request not received in time", "request_timeout"))
+        elif self._idle_by is not None and now >= self._idle_by and not self._busy and not self._receiving:
+            self._idle_by = None
+            self._close()  # an idle keep-alive connection
             return
-        if self._receiving:
-            self._fail(408, b"Request not received in time")
-        elif self.transport is not None:
-            self.transport.close()  # an idle keep-alive connection
-
-    def _fail(self, status: int, message: bytes) -> None:
-        self.keep_alive = False
-        if self.closed:
-            return
-        if not self._busy:
-            body = b'{"error":{"message":"%s","type":"invalid_request_error","code":"%d"}}' % (message, status)
-            self.respond(status, [(b"content-type", b"application/json")], body)
-        if self.transport is not None:
-            self.transport.close()
+        self._schedule()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,7 +658,7 @@ class Exchange:
     """
 
     __slots__ = ("client", "loop", "idle_timeout_s", "on_chunk", "on_headers", "on_done", "head", "first_byte_at",
-                 "error", "timed_out", "connection", "finished", "_last", "_pool")
+                 "error", "timed_out", "connection", "finished", "relaying", "_last", "_pool")
 
     def __init__(self, client: ServerConnection, loop: asyncio.AbstractEventLoop, idle_timeout_s: float,
                  on_chunk: Callable[[bytes], None], on_headers: Callable[[ResponseHead], None],
@@ -555,6 +670,7 @@ class Exchange:
         self.error: UpstreamError | None = None
         self.timed_out = False
         self.finished = False
+        self.relaying = True  # the body goes to the client as it arrives (else only to on_chunk)
         self.connection: UpstreamConnection | None = None
         self._last = 0.0
         self._pool: Upstream | None = None
@@ -580,7 +696,8 @@ class Exchange:
         self._last = now
         if self.first_byte_at is None:
             self.first_byte_at = now
-        self.client.write(data)
+        if self.relaying:
+            self.client.write(data)
         self.on_chunk(data)
         if not self.client.writable and self.connection is not None:
             self.connection.pause()  # the client is slow: stop reading from the engine until it catches up

@@ -1,19 +1,24 @@
-"""The gateway: bearer auth, routing to engines, streaming pass-through, OpenAI-shaped errors, stats, draining.
+"""The gateway: bearer auth, default-deny routing to engines, streaming pass-through, one error shape, stats,
+holding requests through restarts and wake-ups, draining.
 
-Routes (DESIGN section 4):
+Routes (which engine routes are relayed, and why: `app.gateway.routes`):
     GET  /healthz                    liveness of the gateway itself (no token)
     GET  /readyz                     200 when every model is ready, else 503 with each model's state (no token)
     GET  /metrics                    the gateway's metrics, Prometheus text
-    GET  /v1/models                  every model and LoRA adapter
-    *    /v1/...                     routed by the body's "model": an endpoint name or "endpoint:adapter"
-    *    /<endpoint>/...             routed by path: /<endpoint>/v1/chat/completions, /<endpoint>/generate, ...
+    GET  /v1/models[/{id}]           every model and LoRA adapter (also /<endpoint>/v1/models[/{id}])
+    POST /v1/chat/completions, ...   an inference route, to the model the body's "model" names
+    *    /<endpoint>/<route>         an inference route of that model's engine: /<endpoint>/v1/chat/completions, ...
 
-Every route but /healthz and /readyz needs `Authorization: Bearer <token>`; a request without a valid token is
-answered 401 here and never reaches an engine. The client's token is replaced by the engine's own key upstream.
-Responses are relayed as they arrive (`app.gateway.http11`): a stream's chunks reach the client as the engine
-produces them, and a client that disconnects closes its upstream connection, which makes SGLang abort the
-request. Errors: 404 unknown model or route, 413 body too large, 502 engine unreachable or failed (an SSE error
-event when a stream was already under way), 503 loading or draining (`Retry-After`), 504 engine silent too long.
+Every route but /healthz and /readyz needs `Authorization: Bearer <token>`, checked on the request's head: a request
+without a valid one is answered 401 before its body is read, and never reaches an engine; nor does a route that is
+not an inference route (404, or 405 for another method). The client's token is replaced by the engine's own key
+upstream. Responses are relayed as they arrive (`app.gateway.http11`): a stream's chunks reach the client as the
+engine produces them, and a client that disconnects closes its upstream connection, which makes SGLang abort the
+request. Every error, the engine's included, is answered in one shape (`app.gateway.errors`): 400 not a JSON
+object, 404 unknown model or route, 413 body too large, 502 engine unreachable or crashed (an SSE error event when a
+stream was already under way), 503 loading, restarting or waking past its deadline, or draining (`Retry-After`), 504
+engine silent too long. A request for a model that is restarting or waking is held until it serves again, up to a
+deadline.
 
 Example::
 
@@ -29,16 +34,20 @@ import asyncio
 import json
 import logging
 import re
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
+from app.gateway import routes as paths
 from app.gateway.auth import TokenChecker
+from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, sse_error_event
 from app.gateway.http11 import (
     PENDING,
     REQUEST_RECEIVE_TIMEOUT_SECONDS,
+    WRITE_TIMEOUT_SECONDS,
     Exchange,
     PoolExhausted,
     Request,
@@ -58,23 +67,21 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Largest non-streamed response kept in memory to count its tokens; larger ones pass through uncounted.
 MAX_COUNTED_RESPONSE_BYTES = 4 * 1024 * 1024
+# Largest error body read from an engine to re-shape it (the message is what is kept).
+MAX_ERROR_BODY_BYTES = 64 * 1024
 # Waiting this long for the engine's next byte means it hangs: 504 before headers, an SSE error event after.
 UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 # What a 503 tells clients to wait before retrying (loading, restarting, draining).
 RETRY_AFTER_SECONDS = 5
+# Client connections at most (each proxied one also holds a connection to an engine): past it a new connection
+# gets 503 and is closed. The open-file limit is raised to what this needs, where the hard limit allows.
+MAX_CONNECTIONS = 8192
+# Requests held at most per model while it restarts or wakes; past it they get 503 at once.
+MAX_HELD_REQUESTS = 4096
+# How long a request for a restarting model is held before 503 (the deployment's config sets it).
+RESTART_HOLD_SECONDS = 120.0
 
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-# Engine routes a client token must not reach (the gateway would call them with the engine's own key): SGLang's
-# memory and weight controls (the app's residency policy owns them), profiling and logging controls, scheduling
-# controls, and the router's worker registry.
-ADMIN_ROUTES = frozenset({
-    "release_memory_occupation", "resume_memory_occupation", "update_weights_from_disk",
-    "update_weights_from_tensor", "update_weights_from_distributed", "update_weights_from_ipc",
-    "init_weights_update_group", "destroy_weights_update_group", "begin_weight_update", "end_weight_update",
-    "start_profile", "stop_profile", "configure_logging", "set_internal_state", "freeze_gc",
-    "pause_generation", "continue_generation", "workers", "add_worker", "remove_worker",
-})
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -83,6 +90,10 @@ class EngineHandle(Protocol):
 
     url: str
     state: str
+
+    async def wait_serving(self, deadline_s: float) -> bool:
+        """Until the engine serves again after a crash (True), it failed for good, or the deadline passed."""
+        ...
 
 
 class Residency(Protocol):
@@ -101,6 +112,7 @@ class Residency(Protocol):
 
 
 _WAITS_FOR_WAKE = frozenset({"sleeping", "waking"})
+RESTARTING = "restarting"
 
 
 @dataclass
@@ -111,7 +123,9 @@ class ModelRoute:
     adapters: tuple[str, ...] = ()
     residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
     wake_deadline_s: float = 120.0
+    restart_hold_s: float = RESTART_HOLD_SECONDS
     upstream: Upstream | None = field(default=None, repr=False)
+    held: int = 0  # requests waiting for it to wake or come back
     _host: bytes = field(default=b"", repr=False)
     _authorization: bytes | None = field(default=None, repr=False)
 
@@ -124,24 +138,10 @@ class Activity(Protocol):
     def request_finished(self, now: float) -> None: ...
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A response the gateway makes itself."""
-
-    status: int
-    body: bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    content_type: bytes = b"application/json"
-
-
-def openai_error(status: int, message: str, kind: str, code: str | None = None, **headers: str) -> Answer:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": code or str(status)}}).encode()
-    return Answer(status, body, tuple((k.lower().encode(), v.encode()) for k, v in headers.items()))
-
-
-def _sse_error(message: str, code: int) -> bytes:
-    body = {"error": {"message": message, "type": "engine_error", "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+def _unavailable(route: ModelRoute, state: str, waited_s: float | None = None) -> Reply:
+    message = (f"Model {route.endpoint!r} is still {state} after {waited_s:g} s; retry shortly"
+               if waited_s is not None else f"Model {route.endpoint!r} is {state}; retry shortly")
+    return error_reply(503, message, state, retry_after_s=RETRY_AFTER_SECONDS)
 
 
 class Gateway:
@@ -158,8 +158,11 @@ class Gateway:
         max_body_bytes: int = MAX_BODY_BYTES,
         upstream_read_timeout_s: float = UPSTREAM_READ_TIMEOUT_SECONDS,
         request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
+        write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.routes = {r.endpoint: r for r in routes}
+        self._endpoints = frozenset(self.routes)
         self.auth = auth
         self.stats = stats
         self.activity = activity
@@ -167,12 +170,15 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.upstream_read_timeout_s = upstream_read_timeout_s
         self.request_receive_timeout_s = request_receive_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.max_connections = max_connections
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[ServerConnection] = set()
+        self._refused_connections = 0
         self.port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -186,10 +192,10 @@ class Gateway:
                                       connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_SECONDS, loop=loop)
             route._host = parts.netloc.encode()
             route._authorization = f"Bearer {route.api_key}".encode() if route.api_key else None
+        self.max_connections = raise_open_file_limit(self.max_connections)
 
         def connection() -> ServerConnection:
-            return _TrackedConnection(self._handle, lambda: self.max_body_bytes, loop, self._connections,
-                                      self.request_receive_timeout_s)
+            return _TrackedConnection(self, loop)
 
         self._server = await loop.create_server(connection, host, port, reuse_address=True, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -219,118 +225,136 @@ class Gateway:
 
     # ----- requests -----
 
-    def _handle(self, request: Request, conn: ServerConnection) -> object:
-        """Answer at once (None), or start relaying to an engine (PENDING, or an awaitable when a new connection
-        to the engine must be opened first)."""
-        answer = self._answer(request)
-        if answer is not None:
-            self._send(conn, answer)
+    def _screen(self, request: Request) -> Reply | None:
+        """Judge a request on its head, before its body is read: the token first, then the route."""
+        route = paths.classify(request.method, request.path, self._endpoints)
+        request.context = route
+        if route.kind == "open":
+            if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
+                return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
             return None
-        route, target = self._route(request)
-        if isinstance(route, Answer):
-            self._send(conn, route)
-            return None
-        residency = route.residency
-        if residency is not None and residency.enter(route.endpoint):
-            return _Relay(self, request, conn, route, target).start()
-        state = _state(route)
-        if residency is not None and state in _WAITS_FOR_WAKE:
-            return self._after_wake(request, conn, route, target)
-        if residency is not None or state != "resident":  # (resident to the engine, not yet measured: loading)
-            self._send(conn, self._unavailable(route, "loading" if state == "resident" else state))
-            return None
-        return _Relay(self, request, conn, route, target).start()
+        authorization = request.header(b"authorization")
+        if not self.auth.check(authorization.decode("latin-1") if authorization is not None else None):
+            return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
+                               "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+        if route.kind == "not_found":
+            return error_reply(404, f"No route {request.path[:200]!r}: the endpoint serves the inference routes of "
+                               "/v1/... and /<endpoint>/... (see GET /v1/models for the endpoints)", "not_found")
+        if route.kind == "method_not_allowed":
+            allowed = ", ".join(sorted(route.allowed))
+            return error_reply(405, f"{request.method} is not served on {request.path[:200]!r} (use {allowed})",
+                               "method_not_allowed", headers=((b"allow", allowed.encode()),))
+        if route.kind == "relay" and self.draining:
+            return error_reply(503, "The deployment is shutting down", "draining", retry_after_s=RETRY_AFTER_SECONDS)
+        return None
 
-    async def _after_wake(self, request: Request, conn: ServerConnection, route: ModelRoute,
-                          target: bytes) -> object:
-        """Hold a request for a sleeping model while it wakes (one wake-up for all), at most its deadline."""
-        assert route.residency is not None
-        if not await route.residency.wait_resident(route.endpoint, route.wake_deadline_s):
-            self._send(conn, self._unavailable(route, _state(route), waking=True))
+    def _handle(self, request: Request, conn: ServerConnection) -> object:
+        """Answer at once (None), or start relaying to an engine (PENDING, or an awaitable when it must wait for
+        a connection to the engine, a model waking or restarting)."""
+        route: paths.Route = request.context  # type: ignore[assignment]
+        if route.kind != "relay":
+            conn.reply(self._own(route))
+            return None
+        model = self._model_route(request, route)
+        if isinstance(model, Reply):
+            conn.reply(model)
+            return None
+        target = (route.target.encode() + (b"?" + request.query if request.query else b""))
+        residency = model.residency
+        if residency is not None and residency.enter(model.endpoint):
+            return _Relay(self, request, conn, model, target).start()
+        state = _state(model)
+        if (residency is not None and state in _WAITS_FOR_WAKE) or state == RESTARTING:
+            if model.held >= MAX_HELD_REQUESTS:
+                conn.reply(_unavailable(model, state))
+                return None
+            return self._held(request, conn, model, target, state)
+        if residency is not None or state != "resident":  # (resident to the engine, not yet measured: loading)
+            conn.reply(_unavailable(model, "loading" if state == "resident" else state))
+            return None
+        return _Relay(self, request, conn, model, target).start()
+
+    def _model_route(self, request: Request, route: paths.Route) -> ModelRoute | Reply:
+        """The model a relayed request goes to: the path's, or the one its JSON body names."""
+        if route.takes_json(request.method) and not _json_object(request.body):
+            return error_reply(400, "The request body must be one JSON object", "invalid_json")
+        if route.endpoint is not None:
+            return self.routes[route.endpoint]
+        model = _model_field(request.body)
+        if model is None:
+            if len(self.routes) == 1:
+                return next(iter(self.routes.values()))
+            return error_reply(400, "The request names no model: set \"model\" to one of "
+                               + ", ".join(sorted(self.routes)), "model_required", param="model")
+        endpoint = model if model in self.routes else model.split(":", 1)[0]
+        found = self.routes.get(endpoint)
+        if found is None:
+            return error_reply(404, f"The model {model[:200]!r} does not exist; available: "
+                               + ", ".join(sorted(self.routes)), "model_not_found", param="model")
+        return found
+
+    async def _held(self, request: Request, conn: ServerConnection, route: ModelRoute, target: bytes,
+                    state: str) -> object:
+        """Hold a request for a model that is waking (one wake-up for all) or restarting after a crash, until it
+        serves again, at most its deadline; then relay it, or 503 + Retry-After."""
+        route.held += 1
+        try:
+            if state == RESTARTING:
+                deadline = route.restart_hold_s
+                ready = await route.engine.wait_serving(deadline)
+                if ready and route.residency is not None:
+                    ready = route.residency.enter(route.endpoint)
+            else:
+                assert route.residency is not None
+                deadline = route.wake_deadline_s
+                ready = await route.residency.wait_resident(route.endpoint, deadline)
+        finally:
+            route.held -= 1
+        if not ready:
+            if state != RESTARTING:
+                conn.reply(_unavailable(route, "waking", waited_s=deadline))
+            elif _state(route) == RESTARTING:
+                conn.reply(_unavailable(route, RESTARTING, waited_s=deadline))
+            else:  # it failed for good, or the deployment is stopping
+                conn.reply(_unavailable(route, _state(route)))
             return None
         started = _Relay(self, request, conn, route, target).start()
         return await started if started is not PENDING else PENDING  # type: ignore[misc]
 
-    @staticmethod
-    def _unavailable(route: ModelRoute, state: str, waking: bool = False) -> Answer:
-        message = (f"Model {route.endpoint!r} is still waking after {route.wake_deadline_s:g} s; retry shortly"
-                   if waking else f"Model {route.endpoint!r} is {state}; retry shortly")
-        return openai_error(503, message, "service_unavailable", state, **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-    def _answer(self, request: Request) -> Answer | None:
-        """What the gateway answers itself, before any routing; None to proxy the request."""
-        path = request.path
-        if path in _OPEN_PATHS:
-            return self._healthz() if path == "/healthz" else self._readyz()
-        authorization = request.header(b"authorization")
-        if not self.auth.check(authorization.decode("latin-1") if authorization is not None else None):
-            return openai_error(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
-                                "authentication_error", "invalid_api_key", **{"WWW-Authenticate": "Bearer"})
-        if path == "/metrics":
-            return Answer(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
-                          content_type=b"text/plain; version=0.0.4; charset=utf-8")
-        if path == "/v1/models" and request.method == "GET":
-            return Answer(200, json.dumps(self._models()).encode())
-        if request.method == "HEAD":  # no SGLang route answers HEAD
-            return openai_error(405, "HEAD is not supported", "invalid_request_error", "method_not_allowed")
-        if request.too_large:
-            return openai_error(413, f"Request body is larger than {self.max_body_bytes} bytes",
-                                "invalid_request_error", "request_too_large")
-        if self.draining:
-            return openai_error(503, "The deployment is shutting down", "service_unavailable", "draining",
-                                **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-        return None
-
-    def _route(self, request: Request) -> tuple[ModelRoute | Answer, bytes]:
-        path = request.path
-        target = request.path.encode("utf-8") + (b"?" + request.query if request.query else b"")
-        if path.startswith("/v1/"):
-            model = _model_field(request.body)
-            if model is None:
-                if len(self.routes) == 1:
-                    return next(iter(self.routes.values())), target
-                return openai_error(400, "The request names no model: set \"model\" to one of "
-                                    + ", ".join(sorted(self.routes)), "invalid_request_error", "model_required"), b""
-            endpoint = model if model in self.routes else model.split(":", 1)[0]
-            route = self.routes.get(endpoint)
-            if route is None:
-                return openai_error(404, f"The model {model[:200]!r} does not exist; available: "
-                                    + ", ".join(sorted(self.routes)), "invalid_request_error", "model_not_found"), b""
-            return route, target
-        endpoint, _, rest = path[1:].partition("/")
-        route = self.routes.get(endpoint)
-        parts = unquote(rest).split("/")
-        if route is None or ".." in parts:  # no way out of the engine's routes
-            return openai_error(404, f"No route {path[:200]!r}: use /v1/... or /<endpoint>/...; endpoints: "
-                                + ", ".join(sorted(self.routes)), "invalid_request_error", "not_found"), b""
-        if parts[0] in ADMIN_ROUTES:
-            return openai_error(403, f"/{parts[0]} is an administrative route of the engine, not served through "
-                                "the endpoint", "permission_error", "admin_route"), b""
-        return route, target[len(endpoint) + 1:]
+    def _own(self, route: paths.Route) -> Reply:
+        """The answers the gateway makes itself."""
+        if route.kind == "open":
+            return self._healthz() if route.path == "/healthz" else self._readyz()
+        if route.kind == "metrics":
+            return Reply(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
+                         content_type=b"text/plain; version=0.0.4; charset=utf-8")
+        cards = self._models(route.endpoint)
+        if route.model_id is None:
+            return Reply(200, json.dumps({"object": "list", "data": cards}).encode())
+        for card in cards:
+            if route.model_id == card["id"] or (route.endpoint is not None
+                                                 and f"{route.endpoint}:{route.model_id}" == card["id"]):
+                return Reply(200, json.dumps(card).encode())
+        return error_reply(404, f"The model {route.model_id!r} does not exist", "model_not_found", param="model")
 
     def _failed(self, conn: ServerConnection, exchange: Exchange, route: ModelRoute, status: int) -> int:
         """The engine failed or went silent: say so in the way the client can still hear."""
         timed_out = exchange.timed_out
-        code = 504 if timed_out else 502
+        code, reason = (504, "engine_timeout") if timed_out else (502, "engine_crashed")
         what = "stopped answering" if timed_out else "failed mid-response"
         if exchange.head is None:
             if timed_out:
-                self._send(conn, openai_error(504, f"Model {route.endpoint!r} did not answer in time",
-                                              "engine_timeout"))
+                conn.reply(error_reply(504, f"Model {route.endpoint!r} did not answer in time", reason))
             else:
-                self._send(conn, openai_error(502, f"Model {route.endpoint!r} failed before answering",
-                                              "engine_unreachable"))
+                conn.reply(error_reply(502, f"Model {route.endpoint!r} failed before answering", "engine_unreachable"))
             return code
         logger.warning("Response from %s was cut: the engine %s", route.endpoint, what)
         if (exchange.head.header(b"content-type") or b"").startswith(b"text/event-stream"):
-            conn.write(_sse_error(f"Model {route.endpoint!r} {what}", code))
+            conn.write(sse_error_event(code, f"Model {route.endpoint!r} {what}", reason))
             conn.end()
         else:
             conn.abort()  # a body cut short: the client must not take it for a whole one
         return code
-
-    def _send(self, conn: ServerConnection, answer: Answer) -> None:
-        conn.respond(answer.status, [(b"content-type", answer.content_type), *answer.headers], answer.body)
 
     def _enter(self, now: float) -> None:
         self.in_flight += 1
@@ -352,10 +376,10 @@ class Gateway:
         has been measured and can take requests)."""
         return {name: _state(route) for name, route in self.routes.items()}
 
-    def _healthz(self) -> Answer:
-        return Answer(200, b'{"status": "ok"}')
+    def _healthz(self) -> Reply:
+        return Reply(200, b'{"status": "ok"}')
 
-    def _readyz(self) -> Answer:
+    def _readyz(self) -> Reply:
         """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
         states = self.states()
         ready = all(s == "resident" or s in _WAITS_FOR_WAKE for s in states.values()) and not self.draining
@@ -367,17 +391,41 @@ class Gateway:
                 break
         if described:
             body["residency"] = described
-        return Answer(200 if ready else 503, json.dumps(body).encode())
+        return Reply(200 if ready else 503, json.dumps(body).encode())
 
-    def _models(self) -> dict[str, Any]:
+    def _models(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
         created = int(time.time())
         data = []
         for name, route in self.routes.items():
+            if endpoint is not None and name != endpoint:
+                continue
+            state = _state(route)
             data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
-                         "state": _state(route)})
+                         "state": state})
             data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                      "parent": name, "state": _state(route)} for adapter in route.adapters]
-        return {"object": "list", "data": data}
+                      "parent": name, "state": state} for adapter in route.adapters]
+        return data
+
+
+def raise_open_file_limit(connections: int) -> int:
+    """Raise this process's open-file limit to what `connections` client connections need (each with one to an
+    engine, and room for the rest), as far as the hard limit allows; the connections that fit."""
+    needed = 2 * connections + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("Could not raise the open-file limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitting = max(1, (soft - 1024) // 2)
+        logger.warning("The open-file limit (%d) allows %d client connections, not %d: raise `ulimit -n` for more",
+                       soft, fitting, connections)
+        return fitting
+    return connections
 
 
 def _state(route: ModelRoute) -> str:
@@ -386,10 +434,11 @@ def _state(route: ModelRoute) -> str:
 
 class _Relay:
     """One proxied request: sends it on a kept-alive connection to the engine (or a new one), relays the answer
-    on the connections' callbacks, and records it when it ends, whichever way it ends."""
+    on the connections' callbacks, and records it when it ends, whichever way it ends. An engine's error (any
+    status from 400) is not relayed as it came: its message is read, cleaned and answered in the one error shape."""
 
     __slots__ = ("gateway", "request", "conn", "route", "data", "started", "sent_at", "usage", "status",
-                 "streamed", "exchange", "attempt", "reused", "loop")
+                 "streamed", "exchange", "attempt", "reused", "loop", "error_body")
 
     def __init__(self, gateway: Gateway, request: Request, conn: ServerConnection, route: ModelRoute, target: bytes):
         self.gateway, self.request, self.conn, self.route = gateway, request, conn, route
@@ -400,6 +449,7 @@ class _Relay:
         self.status, self.streamed = 502, False
         self.exchange: Exchange | None = None
         self.attempt, self.reused = 0, False
+        self.error_body: list[bytes] | None = None  # an engine's error response, read to be re-shaped
         self.loop = gateway.loop
         self.sent_at = self.loop.time()  # the exchange's clock, for the time to the first chunk
         gateway._enter(self.started)
@@ -419,13 +469,12 @@ class _Relay:
             connection = await self.route.upstream.acquire()
         except PoolExhausted:
             self.status = 503
-            self._answer(openai_error(503, f"Model {self.route.endpoint!r} has too many requests open",
-                                      "service_unavailable", "overloaded",
-                                      **{"Retry-After": str(RETRY_AFTER_SECONDS)}))
+            self._answer(error_reply(503, f"Model {self.route.endpoint!r} has too many requests open", "overloaded",
+                                     retry_after_s=RETRY_AFTER_SECONDS))
             return None
         except UpstreamError as exc:
-            self._answer(openai_error(502, f"Model {self.route.endpoint!r} is unreachable ({exc})",
-                                      "engine_unreachable"))
+            self._answer(error_reply(502, f"Model {self.route.endpoint!r} is unreachable ({exc})",
+                                     "engine_unreachable"))
             return None
         except asyncio.CancelledError:
             self._lost()
@@ -442,10 +491,21 @@ class _Relay:
 
     def _on_headers(self, head: ResponseHead) -> None:
         self.status = head.status
+        if head.status >= 400:  # read the engine's error to answer it in the one shape
+            self.error_body = []
+            assert self.exchange is not None
+            self.exchange.relaying = False
+            self.exchange.on_chunk = self._error_chunk
+            return
         self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
             b"text/event-stream")
         self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
-        self.conn.start(response_head(head), head.content_length)
+        self.conn.start(head.status, response_head(head), head.content_length)
+
+    def _error_chunk(self, data: bytes) -> None:
+        assert self.error_body is not None
+        if sum(map(len, self.error_body)) < MAX_ERROR_BODY_BYTES:
+            self.error_body.append(data)
 
     def _done(self, exchange: Exchange) -> None:
         if exchange.error is not None and exchange.head is None and self.reused and self.attempt == 1 \
@@ -455,19 +515,40 @@ class _Relay:
             if result is not PENDING:
                 self.loop.create_task(self._retry(result))  # type: ignore[arg-type]
             return
-        if exchange.error is not None:
+        if self.error_body is not None:
+            self.conn.reply(self._engine_error(exchange))
+        elif exchange.error is not None:
             self.status = self.gateway._failed(self.conn, exchange, self.route, self.status)
         else:
             self.conn.end()
         self._finish()
         self.conn.request_done()
 
+    def _engine_error(self, exchange: Exchange) -> Reply:
+        """The engine's error in the one shape, its message cleaned of paths, tracebacks and keys. An engine that
+        refuses the gateway's own key, or answers a route as unknown, is the gateway's fault to report: 502."""
+        assert self.error_body is not None and exchange.head is not None
+        status = exchange.head.status
+        message = clean_message(engine_error_message(status, b"".join(self.error_body)),
+                                (self.route.api_key or "",))
+        endpoint = self.route.endpoint
+        if status in (401, 403):
+            self.status = 502
+            logger.error("Model %s refused the gateway's key (%d)", endpoint, status)
+            return error_reply(502, f"Model {endpoint!r} refused the gateway's request", "engine_refused")
+        if status == 503:
+            return error_reply(503, f"Model {endpoint!r} is busy: {message}", "engine_unavailable",
+                               retry_after_s=RETRY_AFTER_SECONDS)
+        if status >= 500:
+            return error_reply(status, f"Model {endpoint!r} failed: {message}", "engine_error")
+        return error_reply(status, message, _ENGINE_CODES.get(status, "invalid_request"))
+
     async def _retry(self, connecting: Awaitable[object]) -> None:
         if await connecting is not PENDING:
             self.conn.request_done()
 
-    def _answer(self, answer: Answer) -> None:
-        self.gateway._send(self.conn, answer)
+    def _answer(self, reply: Reply) -> None:
+        self.conn.reply(reply)
         self._finish()
 
     def _lost(self) -> None:
@@ -497,20 +578,44 @@ class _Relay:
             self.route.residency.leave(self.route.endpoint, ended)
 
 
-class _TrackedConnection(ServerConnection):
-    """A server connection the gateway can find again (to close them all when it stops)."""
+_ENGINE_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+                 413: "request_too_large", 422: "invalid_request", 429: "rate_limited"}
 
-    def __init__(self, handler, max_body_bytes, loop, registry: set[ServerConnection], receive_timeout_s: float):
-        super().__init__(handler, max_body_bytes, loop, receive_timeout_s)
-        self._registry = registry
+
+class _TrackedConnection(ServerConnection):
+    """A server connection the gateway can find again (to close them all when it stops), within its cap."""
+
+    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop):
+        super().__init__(gateway._handle, lambda: gateway.max_body_bytes, loop, gateway.request_receive_timeout_s,
+                         screen=gateway._screen, on_response=gateway.stats.count_response,
+                         write_timeout_s=gateway.write_timeout_s)
+        self._gateway = gateway
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._registry.add(self)
+        gateway = self._gateway
+        if len(gateway._connections) >= gateway.max_connections:
+            if gateway._refused_connections % 1000 == 0:
+                logger.warning("%d client connections are open (the most allowed): new ones get 503",
+                               len(gateway._connections))
+            gateway._refused_connections += 1
+            super().connection_made(transport)
+            self.keep_alive = False
+            self.reply(error_reply(503, "Too many connections are open; retry shortly", "too_many_connections",
+                                   retry_after_s=RETRY_AFTER_SECONDS))
+            self._close()
+            return
+        gateway._connections.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._registry.discard(self)
+        self._gateway._connections.discard(self)
         super().connection_lost(exc)
+
+
+def _json_object(body: bytes) -> bool:
+    """Whether a body is (at least at its start) one JSON object; arrays, strings and empty bodies are not. The
+    engine parses it whole; this only keeps what no inference route takes from reaching it."""
+    return body.lstrip(b" \t\r\n")[:1] == b"{"
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')

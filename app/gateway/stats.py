@@ -55,6 +55,7 @@ class RequestStats:
         self.prompt_tokens = collections.Counter[str]()
         self.completion_tokens = collections.Counter[str]()
         self.latency_sum_s = collections.Counter[str]()
+        self.answered = collections.Counter[int]()  # every response the endpoint sent, by status
         self._window: list[RequestRecord] = []
         self._window_count = 0
         self._sampler = random.Random(0)
@@ -74,6 +75,10 @@ class RequestStats:
             slot = self._sampler.randrange(self._window_count)
             if slot < MAX_WINDOW_SAMPLES:
                 self._window[slot] = record
+
+    def count_response(self, status: int) -> None:
+        """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines."""
+        self.answered[status] += 1
 
     @property
     def total_requests(self) -> int:
@@ -98,6 +103,11 @@ class RequestStats:
     def prometheus(self, in_flight: int, states: dict[str, str]) -> str:
         """The gateway's own metrics in Prometheus text format."""
         lines = [
+            "# HELP clearml_sglang_responses_total Every response the endpoint sent, its own and relayed, by status.",
+            "# TYPE clearml_sglang_responses_total counter",
+        ]
+        lines += [f'clearml_sglang_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.answered.items())]
+        lines += [
             "# HELP clearml_sglang_requests_total Requests proxied to an engine, by endpoint and status.",
             "# TYPE clearml_sglang_requests_total counter",
         ]

@@ -89,10 +89,12 @@ def served(tmp_path_factory):
     assert not psutil.Process().children(recursive=True)
 
 
-def chat(served: Served, model: str, stream: bool = False, max_tokens: int = 12, **extra) -> requests.Response:
+def chat(served: Served, model: str, stream: bool = False, max_tokens: int = 12, headers_extra=None,
+         **extra) -> requests.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": max_tokens,
             "temperature": 0, "stream": stream, **extra}
-    return requests.post(served.base + "/v1/chat/completions", json=body, headers=AUTH, timeout=120, stream=stream)
+    return requests.post(served.base + "/v1/chat/completions", json=body, headers={**AUTH, **(headers_extra or {})},
+                         timeout=120, stream=stream)
 
 
 def test_readiness_goes_from_503_to_200(served):
@@ -147,6 +149,70 @@ def test_wrong_token_is_refused_before_the_engine(served):
     response = requests.post(served.base + "/v1/chat/completions", timeout=10,
                              headers={"Authorization": "Bearer not-the-token-at-all"}, json={"model": "tiny"})
     assert response.status_code == 401
+
+
+def test_the_engines_operator_routes_are_not_reachable(served):
+    engine = served.deployment.supervisor.engines[0]
+    for path in ("/tiny/server_info", "/tiny/get_server_info", "/tiny/start_expert_distribution_record",
+                 "/tiny/flush_cache", "/v1/loads", "/tiny/openapi.json", "/tiny/metrics"):
+        response = requests.get(served.base + path, headers=AUTH, timeout=10)
+        assert response.status_code == 404, path
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    response = requests.post(served.base + "/tiny/unload_lora_adapter", headers=AUTH, json={"lora_name": "a"},
+                             timeout=10)
+    assert response.status_code == 404
+    assert chat(served, "tiny:a").status_code == 200 and engine.restarts == 0  # adapter loaded, engine never hit
+
+
+def test_the_engines_key_is_on_no_command_line_yet_the_engine_requires_it(served):
+    engine = served.deployment.supervisor.engines[0]
+    key = engine.command.api_key
+    launcher = psutil.Process(engine.pid)
+    processes = [launcher, *launcher.children(recursive=True)]
+    assert len(processes) >= 3  # the launcher, its scheduler and detokenizer
+    assert not any(key in " ".join(p.cmdline()) for p in processes)
+    assert requests.get(engine.url + "/v1/models", timeout=10).status_code == 401
+    assert requests.get(engine.url + "/v1/models", timeout=10, headers={"Authorization": f"Bearer {key}"}).ok
+
+
+def test_sglangs_own_errors_come_back_in_the_one_shape_without_paths(served):
+    response = requests.post(served.base + "/tiny/v1/chat/completions", headers=AUTH, timeout=30,
+                             json={"model": "tiny", "messages": 3})
+    error = response.json()["error"]
+    assert response.status_code == 400 and set(error) == {"message", "type", "param", "code"}
+    assert "messages" in error["message"] and ".py" not in error["message"] and "/" not in error["message"]
+    response = requests.post(served.base + "/v1/chat/completions", headers=AUTH, timeout=30, data="[1, 2]")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    models = requests.get(served.base + "/tiny/v1/models", headers=AUTH, timeout=10)
+    assert [m["id"] for m in models.json()["data"]] == ["tiny", "tiny:a", "tiny:b"] and "/" not in models.text
+
+
+def test_the_engines_identity_and_cors_grants_are_not_relayed(served):
+    # SGLang answers any Origin with access-control-allow-origin and credentials, and uvicorn names itself
+    response = chat(served, "tiny", max_tokens=2, headers_extra={"Origin": "http://evil.example"})
+    assert response.status_code == 200
+    assert not any(h.lower().startswith("access-control-") for h in response.headers)
+    assert "server" not in {h.lower() for h in response.headers}
+
+
+def test_a_dead_scheduler_ends_streams_at_once_and_held_requests_are_served_after_the_restart(served, caplog):
+    engine = served.deployment.supervisor.engines[0]
+    response = chat(served, "tiny", stream=True, max_tokens=2000, ignore_eos=True)
+    lines = response.iter_lines()
+    assert next(line for line in lines if line.startswith(b"data: "))  # the stream is under way
+    (scheduler,) = [p for p in psutil.Process(engine.pid).children(recursive=True)
+                    if p.name().startswith("sglang::scheduler")]
+    scheduler.kill()
+    killed = time.monotonic()
+    last = [line for line in lines if line.startswith(b"data: ")][-1]
+    assert time.monotonic() - killed < 1.0
+    assert json.loads(last[6:])["error"]["code"] == "engine_crashed"
+    assert requests.get(served.base + "/readyz", timeout=5).json()["models"]["tiny"] == "restarting"
+    held = chat(served, "tiny:a", max_tokens=4)  # held while SGLang restarts (tens of seconds here), then served
+    assert held.status_code == 200 and held.json()["usage"]["completion_tokens"] == 4
+    assert time.monotonic() - killed > 5 and engine.restarts == 1 and engine.state == "resident"
+    crashed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Engine tiny crashed")]
+    assert crashed and "sglang::scheduler" in crashed[0] and "memory?" not in crashed[0]
 
 
 def test_sigterm_during_20_open_streams_lets_all_finish(served):

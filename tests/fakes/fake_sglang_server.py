@@ -9,7 +9,9 @@ is started exactly like the real one, so a test can run it through the project's
 
 The command line is checked against SGLang's real argument table (`app.sglang_flags.FlagTable`): any SGLang flag is
 accepted (most are ignored), an unknown flag or a bad value prints an argparse-style error to stderr and exits 2, and
-`--model-path` is required, as in SGLang. Used: `--model-path`/`--model`, `--served-model-name` (default: the model
+`--model-path` is required, as in SGLang. `--config FILE.yaml` (once) is merged first, as SGLang's
+ConfigArgumentMerger does: each key is a flag (`api-key: sk`), `true` adds a switch, a list gives its items, and the
+command line wins. Used: `--model-path`/`--model`, `--served-model-name` (default: the model
 path), `--host` (127.0.0.1), `--port` (30000), `--api-key`, `--admin-api-key`, `--lora-paths` (`NAME=PATH`, `PATH`
 or SGLang's JSON form), `--context-length` (2048), `--enable-metrics` (without it `/metrics` is 404, as in SGLang;
 the project's command builder always adds it), `--enable-memory-saver`, `--enable-weights-cpu-backup` and
@@ -78,8 +80,10 @@ Faults and pacing, read from the environment at startup:
                                       non-streamed requests that ask for at least N tokens too.
     FAKE_SGLANG_HANG_AFTER_TOKENS=N   once a response has produced N tokens it produces nothing more, forever;
                                       the server stays up and /health keeps answering 200.
-    FAKE_SGLANG_STATUS=CODE           every inference route answers CODE with an OpenAI-style error body
+    FAKE_SGLANG_STATUS=CODE           every inference route answers CODE with SGLang's error body
                                       `{"object":"error","message":...,"type":...,"param":null,"code":CODE}`.
+    FAKE_SGLANG_HTTP_LOG=path         append `{"method","path","headers":[names]}` for every request received (any
+                                      route, before the auth check).
     FAKE_SGLANG_REQUEST_LOG=path      append one JSON line per inference request received (before the auth check):
                                       `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`,
                                       and `{"event":"disconnect","path":...,"model":...,"stream":...,"tokens_sent":N}`
@@ -99,7 +103,14 @@ Faults and pacing, read from the environment at startup:
     FAKE_SGLANG_GRAPH_GIB=0.0         the captured CUDA graphs' size.
     FAKE_SGLANG_RESUME_SECONDS=0      how long resume_memory_occupation takes (a slow wake-up).
     FAKE_SGLANG_RELOAD_SECONDS=0      how long update_weights_from_disk takes.
+    FAKE_SGLANG_TEARDOWN_SECONDS=5    how long the launcher lives on after its scheduler process died.
 A bad value in one of these is reported on stderr, exit 2.
+
+Processes: like SGLang's launcher, the server starts a scheduler process (named `sglang::scheduler`, killed with the
+launcher) and watches it once a second; when it dies the launcher logs SGLang's lines (`Subprocess scheduler_0
+(pid=N) crashed with exit code -9. Triggering SIGQUIT for cleanup...`, `Sleeping 5 seconds before crash
+diagnostics...`), keeps serving what it can for FAKE_SGLANG_TEARDOWN_SECONDS (5), then kills itself (SIGKILL, as
+SGLang's kill_process_tree does).
 
 Logs go to stdout, one flushed line each. SIGTERM (or SIGINT) logs a line and exits 0 within about a second.
 """
@@ -108,6 +119,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hmac
 import json
 import logging
@@ -126,6 +138,7 @@ from typing import Any, NoReturn
 if __package__ in (None, ""):  # run as a file: make the repository root importable for `app`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from app.sglang_flags import FlagTable, FlagValueError  # noqa: E402
@@ -159,6 +172,10 @@ SCHEDULER_CRASH = "Scheduler hit an exception"
 RELEASED_MESSAGE = "memory is released: call /resume_memory_occupation first"
 WEIGHTS_LOST_MESSAGE = "weights were released without a CPU backup and not reloaded"
 RELOADED_MESSAGE = "Succeeded to update model weights."
+INJECTED_ERROR = ("1 validation error:\n  {{'type': 'value_error', 'loc': ('body', 'messages'), 'msg': 'Fault injected "
+                  "by FAKE_SGLANG_STATUS={status}', 'input': 3}}\n\n  File \"{file}\", line 1870, in "
+                  "openai_v1_chat_completions\n    POST {path} [{{'type': 'value_error', 'loc': ('body', 'messages'), "
+                  "'msg': 'Fault injected by FAKE_SGLANG_STATUS={status}', 'input': 3}}]")
 
 
 class UsageError(Exception):
@@ -215,8 +232,40 @@ def parse_lora_item(item: str) -> tuple[str, str]:
     return text, text
 
 
+def merge_config_file(argv: Sequence[str]) -> list[str]:
+    """SGLang's `--config FILE.yaml`: the file's flags first, then the command line (which wins)."""
+    args = list(argv)
+    at = [i for i, a in enumerate(args) if a == "--config"]
+    if not at:
+        return args
+    if len(at) > 1:
+        raise UsageError("Multiple config files specified! Only one allowed.")
+    if at[0] == len(args) - 1:
+        raise UsageError("No config file specified after --config flag!")
+    path = Path(args[at[0] + 1])
+    if path.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"Config file must be YAML format with .yaml or .yml extension: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read the config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError("Config file must contain a dictionary at root level")
+    merged: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            merged.append(flag)
+        elif isinstance(value, list):
+            merged += [flag, *map(str, value)]
+        elif value is not False and value is not None:
+            merged += [flag, str(value)]
+    return merged + args[:at[0]] + args[at[0] + 2:]
+
+
 def parse_cli(argv: Sequence[str]) -> ServerConfig:
     """Parse SGLang's command line with the project's argument table; raise UsageError like argparse would."""
+    argv = merge_config_file(argv)
     parsed, problems = FlagTable.load().parse_argv(list(argv))
     values: dict[str, Any] = {}
     for spec, option, raw in parsed:
@@ -272,6 +321,7 @@ class Faults:
     hang_after_tokens: int | None = None
     status: int | None = None
     request_log: Path | None = None
+    http_log: Path | None = None
     device_ledger: Path | None = None
     device_gib: float | None = None  # None: the ledger's capacity, or DEFAULT_DEVICE_GIB when creating it
     weights_gib: float = 1.0
@@ -279,6 +329,7 @@ class Faults:
     graph_gib: float = 0.0
     resume_seconds: float = 0.0
     reload_seconds: float = 0.0
+    teardown_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Faults:
@@ -320,6 +371,7 @@ class Faults:
             hang_after_tokens=count("FAKE_SGLANG_HANG_AFTER_TOKENS"),
             status=status,
             request_log=Path(log_path) if log_path else None,
+            http_log=Path(env["FAKE_SGLANG_HTTP_LOG"]) if env.get("FAKE_SGLANG_HTTP_LOG", "").strip() else None,
             device_ledger=Path(ledger_path) if ledger_path else None,
             device_gib=device_gib,
             weights_gib=number("FAKE_SGLANG_WEIGHTS_GIB", 1.0),
@@ -327,6 +379,7 @@ class Faults:
             graph_gib=number("FAKE_SGLANG_GRAPH_GIB", 0.0),
             resume_seconds=number("FAKE_SGLANG_RESUME_SECONDS", 0.0),
             reload_seconds=number("FAKE_SGLANG_RELOAD_SECONDS", 0.0),
+            teardown_seconds=number("FAKE_SGLANG_TEARDOWN_SECONDS", 5.0),
         )
 
     def describe(self) -> str:
@@ -666,6 +719,10 @@ class FakeSGLangServer:
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
         authorized = self._authorized(request)
+        if self.faults.http_log is not None:
+            with self.faults.http_log.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"method": request.method, "path": request.path_qs,
+                                     "headers": sorted({name.lower() for name in request.headers})}) + "\n")
         if request.path in INFERENCE_PATHS and request.method in ("POST", "PUT"):
             await self._log_request(request, authorized)
         if not authorized:
@@ -935,8 +992,9 @@ class FakeSGLangServer:
     async def _inference(
         self, request: web.Request, make_job: Callable[[str, dict[str, Any]], Job], fmt: Format
     ) -> web.StreamResponse:
-        if self.faults.status is not None:
-            return error_response(self.faults.status, f"Fault injected by FAKE_SGLANG_STATUS={self.faults.status}")
+        if self.faults.status is not None:  # worded like SGLang's own 400s, server path and all
+            return error_response(self.faults.status, INJECTED_ERROR.format(status=self.faults.status,
+                                                                            path=request.path, file=__file__))
         body = await _json_body(request)
         if not isinstance(body, dict):
             return error_response(400, "The request body must be a JSON object.")
@@ -1134,8 +1192,8 @@ async def _json_body(request: web.Request) -> Any:
         return None
 
 
-async def serve(config: ServerConfig, faults: Faults) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or a startup crash (exit 1)."""
+async def serve(config: ServerConfig, faults: Faults, scheduler: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a startup crash (exit 1); with a `scheduler` process, until it dies."""
     server = FakeSGLangServer(config, faults)
     runner = web.AppRunner(
         server.build_app(),
@@ -1169,6 +1227,7 @@ async def serve(config: ServerConfig, faults: Faults) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", config.host, config.port)
     startup = asyncio.create_task(server.start_up(stop))
+    watchdog = asyncio.create_task(_watch_scheduler(scheduler, faults, server)) if scheduler else None
     try:
         await stop.wait()
         if startup.done():
@@ -1181,8 +1240,43 @@ async def serve(config: ServerConfig, faults: Faults) -> int:
         except asyncio.TimeoutError:
             logger.warning("Shutdown took too long; exiting anyway")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         server.free_memory()
     return exit_code
+
+
+async def _watch_scheduler(pid: int, faults: Faults, server: FakeSGLangServer) -> None:
+    """SGLang's SubprocessWatchdog: a look a second; a dead scheduler takes the launcher down, after its pause."""
+    while True:
+        await asyncio.sleep(1.0)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done and not server.shutting_down:
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            logger.error("Subprocess scheduler_0 (pid=%d) crashed with exit code %d. Triggering SIGQUIT for "
+                         "cleanup...", pid, code)
+            logger.error("SIGQUIT received. signum=3. It usually means one child failed.")
+            logger.info("Sleeping 5 seconds before crash diagnostics to let GPU activity settle.")
+            await asyncio.sleep(faults.teardown_seconds)
+            os.kill(os.getpid(), signal.SIGKILL)  # kill_process_tree(os.getpid()) includes the launcher
+
+
+def start_scheduler() -> int:
+    """A process standing for SGLang's scheduler: named `sglang::scheduler`, it dies with the launcher."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, b"sglang::scheduler", 0, 0, 0)  # PR_SET_NAME (the kernel keeps 15 bytes)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            signal.pause()
+    finally:
+        os._exit(0)
 
 
 def _configure_logging() -> None:
@@ -1216,7 +1310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config.host, config.port, adapters, "set" if config.api_key else "none",
                 "on" if config.enable_metrics else "off")
     logger.info("Fake SGLang faults: %s", faults.describe())
-    return asyncio.run(serve(config, faults))
+    return asyncio.run(serve(config, faults, start_scheduler()))
 
 
 if __name__ == "__main__":

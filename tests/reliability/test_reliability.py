@@ -8,9 +8,11 @@ where it could not, and 4xx for hostile input that never reached an engine witho
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import json
 import random
 import signal
+import socket
 import time
 
 import psutil
@@ -78,29 +80,41 @@ async def _disconnects_seen(log, count: int) -> bool:
     return sum(1 for r in requests_logged(log) if r.get("event") == "disconnect") >= count
 
 
-def test_engine_killed_under_load_every_client_hears_and_it_comes_back():
-    async def client(run: Running) -> str:
+def test_engine_killed_under_load_every_client_hears_at_once_and_held_requests_ride_through():
+    async def client(run: Running) -> tuple[str, float]:
         try:
             async with run.session.post(run.url("/v1/chat/completions"), headers=AUTH,
                                         json={**STREAM, "max_tokens": 200}) as response:
                 if response.status != 200:
-                    return f"status {response.status}"
+                    return f"status {response.status}", time.monotonic()
                 body = await asyncio.wait_for(response.read(), 15)
         except asyncio.TimeoutError:
-            return "hung"
-        return "error event" if b'"error"' in body else "complete" if b"[DONE]" in body else "cut"
+            return "hung", time.monotonic()
+        outcome = "error event" if b'"error"' in body else "complete" if b"[DONE]" in body else "cut"
+        return outcome, time.monotonic()
 
     async def scenario():
-        async with running("env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05") as run:
+        async with running("env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05", "env.FAKE_SGLANG_STARTUP_SECONDS=1") as run:
             clients = [asyncio.create_task(client(run)) for _ in range(30)]
             await _until(lambda: _in_flight(run, 30), "30 streams to be open", 10)
             engine = run.deployment.supervisor.engines[0]
-            os.killpg(engine.pid, signal.SIGKILL)
+            # SGLang's scheduler dies; its launcher would notice a second later and then pause before tearing down
+            scheduler = [p for p in psutil.Process(engine.pid).children() if p.name().startswith("sglang::")]
+            scheduler[0].kill()
+            killed = time.monotonic()
+            await _until(lambda: _restarting(run), "the gateway to see the crash", 1)
+            held = asyncio.create_task(stream_events(run, 3))  # sent during the restart: held, then served
             outcomes = await asyncio.gather(*clients)
-            assert outcomes == ["error event"] * 30, outcomes
+            assert [o for o, _ in outcomes] == ["error event"] * 30, outcomes
+            assert max(t for _, t in outcomes) - killed < 1.0
+            assert content_events(await held) == 3 and engine.restarts == 1
             await _until(lambda: _restarted(run, engine), "the engine to be back", 30)
             assert content_events(await stream_events(run, 3)) == 3
     run_async(scenario())
+
+
+async def _restarting(run: Running) -> bool:
+    return run.deployment.gateway.states()["m"] == "restarting"
 
 
 async def _in_flight(run: Running, count: int) -> bool:
@@ -164,12 +178,20 @@ def hostile_requests(port: int) -> list[tuple[str, bytes, int]]:
         ("unauthenticated traversal", post(b"/m/../../etc/passwd", b"{}", b""), 401),
         ("traversal with a token", b"GET /m/../../etc/passwd HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
         ("encoded traversal", b"GET /m/%2e%2e/%2e%2e/etc HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
-        ("engine admin route with a token", post(b"/m/release_memory_occupation", b"{}", auth), 403),
-        ("encoded admin route", post(b"/m/%72elease_memory_occupation", b"{}", auth), 403),
-        ("router control API", post(b"/m/workers", b'{"url": "http://evil:1"}', auth), 403),
+        ("engine admin route with a token", post(b"/m/release_memory_occupation", b"{}", auth), 404),
+        ("encoded admin route", post(b"/m/%72elease_memory_occupation", b"{}", auth), 404),
+        ("router control API", post(b"/m/workers", b'{"url": "http://evil:1"}', auth), 404),
+        ("engine's key and command line", b"GET /m/server_info HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
+        ("a GET that crashed SGLang's scheduler",
+         b"GET /m/start_expert_distribution_record HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
+        ("an engine route under /v1/", b"GET /v1/loads HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
+        ("a JSON array body", post(b"/v1/chat/completions", b"[1, 2]"), 400),
+        ("an unauthenticated HEAD", b"HEAD /v1/models HTTP/1.1\r\n" + host + b"\r\n", 401),
         ("unknown endpoint", b"GET /nope/v1/models HTTP/1.1\r\n" + host + auth + b"\r\n", 404),
         ("unknown model", post(b"/v1/chat/completions", b'{"model": "nope"}'), 404),
         ("bad JSON", post(b"/v1/chat/completions", b'{"model": "m", "messages": [}'), 400),
+        ("token only in a trailer", b"POST /m/generate HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"2\r\n{}\r\n0\r\n" + auth + b"\r\n", 401),
         ("invalid UTF-8 body", post(b"/v1/chat/completions", b'{"model": "m\xff\xfe"}'), 404),
         ("invalid UTF-8 path", b"GET /\xff\xfe/v1/models HTTP/1.1\r\n" + host + auth + b"\r\n", 400),
         ("huge header", b"GET /healthz HTTP/1.1\r\n" + host + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
@@ -190,12 +212,23 @@ def _statuses(expected: int | tuple[int, ...]) -> tuple[int, ...]:
 
 
 async def send_raw(port: int, data: bytes, timeout_s: float = 10.0) -> int:
+    """The status of the answer to raw request bytes; an error's body must be in the one error shape."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout_s)
-        return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0
+        if not line.startswith(b"HTTP/1.1 "):
+            return 0
+        status = int(line.split()[1])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")),
+                      0)
+        body = await asyncio.wait_for(reader.readexactly(length), timeout_s) if not data.startswith(b"HEAD") else b""
+        if status >= 400 and body:
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str), error
+        return status
     finally:
         writer.close()
 
@@ -247,4 +280,95 @@ def test_2000_hostile_requests_get_4xx_and_never_reach_an_engine_unauthenticated
         reached = [r for r in requests_logged(log) if r.get("event") == "request"]
         # only the authenticated bad JSON is the engine's to judge (its own 400): nothing else got there
         assert len(reached) == bad_json and all(r["authorized"] for r in reached)
+    run_async(scenario())
+
+
+# ----- what strangers can make the gateway hold -----
+
+RSS_BOUND = 64 * 2**20
+
+
+class PeakRss:
+    """The gateway's (this process's) resident memory: the most it reached while sampled, above where it began."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.start = self.process.memory_info().rss
+        self.peak = self.start
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> PeakRss:
+        async def sample() -> None:
+            while True:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+                await asyncio.sleep(0.05)
+        self._task = asyncio.create_task(sample())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def flood(port: int, request: bytes, seconds: float) -> tuple[int, bool]:
+    """Write `request` over and over on one connection for `seconds`, never reading: (bytes the gateway accepted,
+    whether it closed the connection)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(0.5)
+        batch = request * max(1, 65536 // len(request))
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                sent += sock.send(batch)
+            except TimeoutError:
+                continue  # the gateway reads no more for now
+            except OSError:
+                return sent, True
+    return sent, False
+
+
+def test_a_pipelining_client_that_never_reads_costs_bounded_memory():
+    async def scenario():
+        async with running(write_timeout_s=2.0) as run:
+            port = run.deployment.gateway.port
+            stranger = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+            member = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+            async with PeakRss() as rss:
+                sent, closed = await asyncio.to_thread(flood, port, stranger, 5)
+                assert closed  # one 401, then the connection is closed
+                # a token holder that pipelines and never reads its answers: read no further, cut off at the deadline
+                sent, closed = await asyncio.to_thread(flood, port, member, 8)
+                assert closed and sent < 64 * 2**20
+            assert rss.growth < RSS_BOUND, rss.growth / 2**20
+            assert (await run.chat()).status == 200  # and the gateway serves on
+    run_async(scenario())
+
+
+def test_unauthenticated_bodies_are_never_buffered():
+    def big_post(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 31457280\r\n\r\n")
+            chunk = b"x" * 65536
+            with contextlib.suppress(OSError):
+                for _ in range(480):  # the whole 30 MiB, as fast as the gateway takes it
+                    sock.sendall(chunk)
+            with contextlib.suppress(OSError):
+                return sock.recv(12)
+            return b""
+
+    async def scenario():
+        async with running() as run:
+            port = run.deployment.gateway.port
+            async with PeakRss() as rss:
+                answers = await asyncio.gather(*(asyncio.to_thread(big_post, port) for _ in range(30)))
+            assert rss.growth < RSS_BOUND, rss.growth / 2**20
+            assert all(a in (b"HTTP/1.1 401", b"") for a in answers) and answers.count(b"HTTP/1.1 401") >= 1
+            assert (await run.chat()).status == 200
     run_async(scenario())

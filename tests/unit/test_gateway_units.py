@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from app.gateway.auth import TokenChecker, generate_token
+from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
 from app.gateway.proxy import _UsageScanner
 from app.gateway.stats import RequestRecord, RequestStats, percentile
 
@@ -62,3 +67,56 @@ def test_engine_keys_never_read_as_an_option():
         key = engine_key()
         assert not key.startswith("-") and len(key) >= 40
         assert table.check_argv(["--model-path", "m", "--api-key", key]) == []
+
+
+def test_every_error_has_one_shape_and_a_string_code():
+    for status in (400, 401, 403, 404, 405, 408, 413, 429, 500, 502, 503, 504):
+        reply = error_reply(status, "why", "some_code", retry_after_s=5 if status == 503 else None)
+        body = json.loads(reply.body)
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+        assert isinstance(body["error"]["code"], str) and body["error"]["type"] == error_type(status)
+    assert error_type(401) == "authentication_error" and error_type(404) == "invalid_request_error"
+    assert error_type(503) == "server_error"
+    event = sse_error_event(502, "cut", "engine_crashed")
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert json.loads(event[6:])["error"]["code"] == "engine_crashed"
+
+
+SGLANG_400 = (b'{"object":"error","message":"1 validation error:\\n  {\'type\': \'list_type\', \'loc\': (\'body\', '
+              b'\'messages\'), \'msg\': \'Input should be a valid list\', \'input\': 3}\\n\\n  File \\"/work/.venv/lib/'
+              b'python3.11/site-packages/sglang/srt/entrypoints/http_server.py\\", line 1870, in '
+              b'openai_v1_chat_completions\\n    POST /v1/chat/completions [{\'type\': \'list_type\', \'loc\': '
+              b'(\'body\', \'messages\'), \'msg\': \'Input should be a valid list\', \'input\': 3}]","type":'
+              b'"Bad Request","param":null,"code":400}')
+
+
+@pytest.mark.parametrize("body, message", [
+    (SGLANG_400, "messages: Input should be a valid list"),
+    (b'{"detail":"Not Found"}', "Not Found"),
+    (b'{"detail":[{"loc":["body","text"],"msg":"field required"}]}', "text: field required"),
+    (b'{"error":"Unauthorized"}', "Unauthorized"),
+    (b'{"error":{"message":"bad adapter","type":"x","code":400}}', "bad adapter"),
+    (b"Internal Server Error", "Internal Server Error"),
+    (b"", "the engine answered 400"),
+    (b'{"object":"error","message":"Cannot load /root/.cache/hub/models--x/snapshots/abc/config.json"}',
+     "Cannot load <path>"),
+    (b'{"message":"x\\nTraceback (most recent call last):\\n  File \\"/a/b.py\\", line 3, in f\\n    f()\\n'
+     b'ValueError: boom"}', "x ValueError: boom"),
+])
+def test_an_engines_error_message_keeps_no_path_or_traceback(body, message):
+    cleaned = clean_message(engine_error_message(400, body), ("sk-engine-key",))
+    assert cleaned == message
+    assert "/work" not in cleaned and "line 1870" not in cleaned and "Traceback" not in cleaned
+
+
+def test_an_engines_error_message_loses_the_key():
+    assert clean_message("key sk-engine-key refused", ("sk-engine-key",)) == "key *** refused"
+
+
+def test_responses_are_counted_by_status():
+    stats = RequestStats()
+    for status in (401, 401, 404, 200):
+        stats.count_response(status)
+    text = stats.prometheus(in_flight=0, states={})
+    assert 'clearml_sglang_responses_total{status="401"} 2' in text
+    assert 'clearml_sglang_responses_total{status="404"} 1' in text

@@ -26,9 +26,10 @@ def test_every_rank_runs_the_same_command_but_its_rank(rank):
                                    engine_api_key="k" * 48,
                                    multi_node=MultiNode(nodes=3, rank=rank, master_addr="10.0.0.5", master_port=29500))
     assert command.masked_argv()[3:] == [
-        "--model-path", "/models/big", "--host", "127.0.0.1", "--port", "30000", "--api-key", "***",
+        "--model-path", "/models/big", "--host", "127.0.0.1", "--port", "30000",
         "--served-model-name", "big", "--tp-size", "24", "--context-length", "32768",
         "--nnodes", "3", "--node-rank", str(rank), "--dist-init-addr", "10.0.0.5:29500", "--enable-metrics"]
+    assert command.secret_args == {"--api-key": "k" * 48}  # the engine's key: never on the command line
 
 
 def test_a_model_on_one_node_gets_no_multi_node_flags():

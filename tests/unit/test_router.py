@@ -20,8 +20,9 @@ def test_the_router_listens_on_loopback_with_the_engine_key_and_the_forms_policy
     assert command.masked_argv() == [
         "python", "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", "31000",
         "--policy", "round_robin", "--prometheus-host", "127.0.0.1", "--prometheus-port", "31001",
-        "--worker-urls", "http://127.0.0.1:5001", "http://127.0.0.1:5002", "--api-key", "***"]
+        "--worker-urls", "http://127.0.0.1:5001", "http://127.0.0.1:5002"]
     assert command.port == 31000 and command.api_key == "k" * 48
+    assert command.secret_args == {"--api-key": "k" * 48}  # launched off the command line (app.engine_launch)
 
 
 def test_without_a_load_balance_method_the_router_keeps_its_cache_aware_default():

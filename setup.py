@@ -19,7 +19,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["app", "app.*"]),
-    package_data={"app.data": ["*.json"], "app": ["cpu_shim/*.py", "cpu_shim/*.md", "cpu_shim/sgl_kernel/*.py"]},
+    package_data={"app.data": ["*.json"],
+                  "app.sglang": ["cpu_shim/*.py", "cpu_shim/*.md", "cpu_shim/sgl_kernel/*.py"]},
     install_requires=_requirements(),
     extras_require={
         # The engine: pinned to the release the argument table and reference notes describe.

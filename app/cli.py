@@ -1,4 +1,4 @@
-"""The `clearml-sglang` command line (also `python -m app`): DESIGN section 3.
+"""The `clearml-sglang` command line (also `python -m app`): the README's "Commands".
 
 Exit codes: 0 success; 2 invalid configuration or usage (one message on stderr listing every problem as
 `field: problem (fix)`; nothing launched); 3 engine failed to start; 130/143 on SIGINT/SIGTERM.
@@ -16,11 +16,11 @@ from typing import TextIO
 
 from app import __version__, constants
 from app.config import load_config, to_json
+from app.constants import EXIT_OK, EXIT_USAGE
 from app.errors import ConfigError, Problem
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE, EXIT_ENGINE = 0, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,29 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clearml-sglang {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serving_commands(sub)
+    _add_task_commands(sub)
+    return parser
 
-    def repo_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--repo", help="git repository the agent checks the app out from (default: this "
-                                      "checkout's origin)")
-        p.add_argument("--branch", help="branch of --repo (default: this checkout's branch, or main)")
 
-    def config_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="deployment config, YAML or JSON")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one setting, e.g. general.max-running-requests=64 or models.0.gpus=2; "
-                            "repeatable")
+def _repo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", help="git repository the agent checks the app out from (default: this "
+                                  "checkout's origin)")
+    p.add_argument("--branch", help="branch of --repo (default: this checkout's branch, or main)")
 
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="deployment config, YAML or JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. general.max-running-requests=64 or models.0.gpus=2; "
+                        "repeatable")
+
+
+def _add_serving_commands(sub) -> None:
+    """`run` and `args`: serving here, and what serving would run."""
     run = sub.add_parser("run", help="deploy the configured models and serve them until idle",
                          description="Deploy the configured models and serve them through one authenticated "
                                      "endpoint until idle shutdown, SIGTERM/SIGINT or abort. Without --config or "
                                      "--set: the embedded default, a tiny model on the CPU (development mode).")
-    config_options(run)
+    _config_options(run)
     run.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
     run.add_argument("--host", default="0.0.0.0", help="address the gateway listens on (default: all)")
     run.add_argument("--offline", action="store_true", help="ClearML offline mode")
 
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
-    config_options(args)
+    _config_options(args)
     args.add_argument("--gpu-count", type=int, metavar="N",
                       help="GPUs on the target machine: the default of each model's `gpus`, and where each model "
                            "goes (CUDA_VISIBLE_DEVICES); unknown: 1 per model, no placement shown")
@@ -61,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     args.add_argument("--engine-port", type=int, default=constants.ENGINE_BASE_PORT, metavar="PORT",
                       help="port of the first engine; the next models take the following ports")
 
+
+def _add_task_commands(sub) -> None:
+    """The commands around the ClearML task: launch, clone, template, wizard, export."""
     launch = sub.add_parser("launch", help="create a deployment task from a config and enqueue it")
     launch.add_argument("--config", metavar="FILE", required=True, help="deployment config (YAML or JSON, e.g. an "
                         "exported one)")
@@ -68,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--queue", help="queue to enqueue to (default: the config's instance.queue)")
     launch.add_argument("--project", help="project (default: the config's instance.project)")
     launch.add_argument("--name", help="task name (default: the config's instance.name)")
-    repo_options(launch)
+    _repo_options(launch)
 
     clone = sub.add_parser("clone", help="clone a deployment task with changes, and enqueue the clone")
     clone.add_argument("--task", required=True, metavar="ID", help="the task to clone")
@@ -81,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("--name", help="task name (default: SGLang Model Deployment)")
     template.add_argument("--print", dest="print_only", action="store_true",
                           help="print the template definition instead of creating the task")
-    repo_options(template)
+    _repo_options(template)
 
     wizard = sub.add_parser("wizard", help="write the ClearML app definition (form + dashboard)")
     wizard.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    repo_options(wizard)
+    _repo_options(wizard)
 
     export = sub.add_parser("export", help="write a config as JSON, secrets removed")
     source = export.add_mutually_exclusive_group(required=True)
@@ -93,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--task", metavar="ID", help="a deployment task's ID")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -133,9 +143,10 @@ def _configure_logging(stream: TextIO) -> None:
 
 
 def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
-    from app.gpus import Gpu, place
-    from app.models import describe
-    from app.sglang_command import Machine, build_engine_commands, demands
+    from app.serving.gpus import Gpu, place
+    from app.serving.models import describe
+    from app.serving.plan import demands
+    from app.sglang.command import Machine, build_engine_commands, check_commands
 
     _require_source(options)
     config = load_config(options.config, options.overrides)
@@ -148,8 +159,10 @@ def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
     ports = [options.engine_port + i for i in range(len(resolved))]
     # "python": the interpreter of the machine that runs the deployment, not of the one asking; the engine key
     # is made anew by every launch, so it shows as masked.
-    for command in build_engine_commands(config, resolved, ports, machine=machine, placements=placements,
-                                         engine_api_key=constants.SECRET_MASK, python="python"):
+    commands = build_engine_commands(config, resolved, ports, machine=machine, placements=placements,
+                                     engine_api_key=constants.SECRET_MASK, python="python")
+    check_commands(commands)  # SGLang's own parser, where it is installed
+    for command in commands:
         out.write(json.dumps(command.describe(), ensure_ascii=False) + "\n")
     return EXIT_OK
 
@@ -165,126 +178,15 @@ def _cmd_export(options: argparse.Namespace, out: TextIO, service=None) -> int:
 
 
 def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
+    from app.run import run_service  # the serving side: ClearML, the engines, the gateway
+
     return run_service(config_path=options.config, overrides=options.overrides, host=options.host,
                        port=options.port, offline=options.offline)
 
 
-def run_service(*, config_path: str | None, overrides: list[str], host: str, port: int, offline: bool,
-                launcher: tuple[str, ...] | None = None, environ: dict[str, str] | None = None) -> int:
-    """`run`: the composition root. The config comes from the file, `--set` or the embedded default locally,
-    and from the task's hyperparameters (the UI's form) under an agent; everything goes to the ClearML task."""
-    import asyncio
-    import os
-    import signal
-    import threading
-
-    from app.clearml_task import WORKER_KEY, WORKER_OF, WORKER_URL, ClearMLModelRegistry, DeploymentTask
-    from app.config import to_hyperparameters
-    from app.deployment import Deployment, NodeDeployment, RunOptions
-    from app.reporting import TaskReporter
-
-    environ = dict(os.environ) if environ is None else environ
-    remote = bool(environ.get("CLEARML_TASK_ID"))
-    config = None
-    if not remote:  # validate before anything is created: a bad config launches nothing
-        if config_path is None and not overrides:
-            from app.demo import demo_config
-
-            config = demo_config()
-        else:
-            config = load_config(config_path, overrides)
-        _refuse_local_multi_node(config)
-    monitor_s = float(config.idle.report_interval_seconds) if config else 30.0
-    task = DeploymentTask.start(project=config.instance.project if config else "", offline=offline,
-                                name=config.instance.name if config else "", monitor_interval_s=monitor_s,
-                                environ=environ)
-    try:
-        if config is None:
-            params = task.read_hyperparameters()
-            # `clearml-task --args section.key=value` writes Args/section.key: the same as --set
-            from_args = [f"{k[len('Args/'):]}={v}" for k, v in params.items() if k.startswith("Args/")]
-            config = load_config(hyperparameters=params, overrides=[*from_args, *overrides])
-            logger.info("Configuration read from task %s", task.id)
-        else:
-            task.write_hyperparameters(to_hyperparameters(config.without_secrets()))
-        if config.general.debug:
-            logging.getLogger().setLevel(logging.DEBUG)
-        reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
-                                gateway_route=config.instance.gateway_route)
-        options = RunOptions(host=host, port=port, launcher=launcher)
-        told = task.properties() if task.remote else {}
-        deployment: Deployment | NodeDeployment
-        if told.get(WORKER_OF):  # a replica worker the instance enqueued (app.scale_out)
-            deployment = NodeDeployment(config, ClearMLModelRegistry(), worker_of=told[WORKER_OF],
-                                        engine_api_key=told.get(WORKER_KEY), reporter=reporter,
-                                        publish=lambda url: task.set_properties(**{WORKER_URL: url}),
-                                        master_running=task.master_running, environ=environ, options=options)
-        elif (multi_node := _multi_node(config, task)) is not None and multi_node.rank > 0:
-            deployment = NodeDeployment(config, ClearMLModelRegistry(), multi_node, reporter=reporter,
-                                        master_running=task.master_running, environ=environ, options=options)
-        else:
-            deployment = Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ,
-                                    options=options, multi_node=multi_node,
-                                    worker_pool=task.worker_pool() if task.remote and not task.offline else None)
-
-        async def serve() -> int:
-            loop = asyncio.get_running_loop()
-            finished = threading.Event()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, deployment.request_stop, signum)
-
-            def on_abort() -> None:  # the SDK's thread: drain on the loop, return once the deployment is down
-                loop.call_soon_threadsafe(deployment.request_stop, signal.SIGTERM, "stopped from the ClearML UI")
-                finished.wait()
-
-            if not task.offline:
-                task.on_abort(on_abort)
-            try:
-                return await deployment.run()
-            finally:
-                finished.set()
-
-        code = _event_loop_runner()(serve())
-    except ConfigError as exc:
-        task.finish("failed", str(exc))
-        task.close()
-        raise
-    outcome = "completed" if code == EXIT_OK else "failed" if code == EXIT_ENGINE else "stopped"
-    task.finish(outcome, deployment.failure_reason or deployment.stop_reason)
-    if not task.close():
-        # ClearML is stuck (reference/clearml.md section 10): its threads must not keep the process alive
-        logging.shutdown()
-        os._exit(code)
-    return code
-
-
-def _refuse_local_multi_node(config) -> None:
-    """A model spanning nodes needs agents: run locally there is no queue to start the other machines from."""
-    for index, model in enumerate(config.models):
-        if model.nodes > 1:
-            raise ConfigError(Problem(f"models[{index}].nodes", f"is {model.nodes}: the other machines are started "
-                                      "by ClearML agents, which a local run has none of",
-                                      "launch it with `clearml-sglang launch --config F --queue Q`, or set nodes to 1"))
-
-
-def _multi_node(config, task):
-    """A model spanning nodes: this machine's rank from ClearML's multi-node launch (which, on the master, enqueues
-    the other nodes)."""
-    spanning = [(i, m) for i, m in enumerate(config.models) if m.nodes > 1]
-    if not spanning:
-        return None
-    index, model = spanning[0]
-    if not task.remote:
-        _refuse_local_multi_node(config)
-    multi_node = task.launch_multi_node(model.nodes, constants.MULTI_NODE_PORT)
-    logger.info("Model %s spans %d nodes: this is node %d, the master is at %s", model.endpoint, model.nodes,
-                multi_node.rank, multi_node.dist_init_addr)
-    return multi_node
-
-
 def _cmd_launch(options: argparse.Namespace, out: TextIO, service=None) -> int:
+    from app.clearml.templates import TaskDefinition
     from app.config import to_hyperparameters
-    from app.templates import TaskDefinition
 
     config = load_config(options.config, options.overrides)  # a bad file creates no task
     queue = options.queue or config.instance.queue
@@ -316,7 +218,7 @@ def _cmd_clone(options: argparse.Namespace, out: TextIO, service=None) -> int:
 
 
 def _cmd_template(options: argparse.Namespace, out: TextIO, service=None) -> int:
-    from app.templates import TaskDefinition
+    from app.clearml.templates import TaskDefinition
 
     definition = TaskDefinition()
     if options.print_only:
@@ -332,21 +234,10 @@ def _cmd_template(options: argparse.Namespace, out: TextIO, service=None) -> int
 
 
 def _cmd_wizard(options: argparse.Namespace, out: TextIO) -> int:
-    from app.wizard import DEFAULT_REPOSITORY, render
+    from app.clearml.wizard import DEFAULT_REPOSITORY, render
 
     repo, branch = _repository(options, detect=False)
     return _write(render(repo or DEFAULT_REPOSITORY, branch or "main"), options.output, out)
-
-
-def _event_loop_runner():
-    """uvloop's event loop where it is installed (the gateway's I/O costs about half), else asyncio's."""
-    import asyncio
-
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
 
 
 def _write(text: str, output: str | None, out: TextIO) -> int:
@@ -360,7 +251,7 @@ def _write(text: str, output: str | None, out: TextIO) -> int:
 
 
 def _task_service():
-    from app.clearml_task import TaskService
+    from app.clearml.task import TaskService
 
     return TaskService()
 

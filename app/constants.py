@@ -1,5 +1,8 @@
 """Names and numbers the app relies on, each with why it has that value."""
 
+import os
+from pathlib import Path
+
 # The SGLang release the argument table, the reference notes and the `engine` extra describe.
 SGLANG_VERSION = "0.5.23"
 
@@ -9,16 +12,16 @@ SGLANG_LAUNCH_MODULE = "sglang.launch_server"
 # Engines listen on loopback only: the gateway is the one authenticated way in.
 ENGINE_HOST = "127.0.0.1"
 
-# The gateway's default port (DESIGN section 3, `run --port`).
+# The gateway's default port (`run --port`; README, "Commands").
 GATEWAY_DEFAULT_PORT = 8000
 
-# Environment variable with comma-separated access tokens for the gateway (DESIGN section 4).
+# Environment variable with comma-separated access tokens for the gateway (README, "The endpoint").
 API_TOKENS_ENV = "CLEARML_SGLANG_API_TOKENS"
 
 # huggingface_hub reads the token from here; it never goes on a command line.
 HF_TOKEN_ENV = "HF_TOKEN"
 
-# SGLang only runs its CPU engine with this set; `--device cpu` alone is not enough (reference/sglang.md B2).
+# SGLang only runs its CPU engine with this set; `--device cpu` alone is not enough (docs/sglang.md, "CPU mode").
 SGLANG_CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
 
 # What replaces a secret wherever something must be shown in its place.
@@ -33,3 +36,21 @@ ENGINE_BASE_PORT = 30000
 # Where the ranks of a model spanning nodes meet (SGLang's --dist-init-addr port on the master): ClearML's
 # multi-node launch default, overridable by CLEARML_MULTI_NODE_MASTER_DEF_PORT as ClearML reads it.
 MULTI_NODE_PORT = 29500
+
+# Exit codes of `clearml-sglang` (README, "Commands"): success (an idle shutdown included), an invalid configuration
+# or usage (nothing launched), an engine that failed to start or crashed past its restart budget; after SIGINT or
+# SIGTERM and a clean drain, 128 + the signal's number, as shells report a process a signal ended.
+EXIT_OK, EXIT_USAGE, EXIT_ENGINE = 0, 2, 3
+
+
+def exit_after_signal(signum: int) -> int:
+    return 128 + signum
+
+
+# Where the app keeps what it makes for the user (the demo model, a generated access token).
+CACHE_ENV = "CLEARML_SGLANG_CACHE"
+
+
+def cache_dir(environ: dict[str, str] | None = None) -> Path:
+    environ = dict(os.environ) if environ is None else environ
+    return Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "clearml-sglang")

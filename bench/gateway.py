@@ -370,9 +370,9 @@ def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
         return
     from app.config import parse_config
     from app.demo import demo_raw
-    from app.models import describe
-    from app.sglang_command import build_engine_command
-    from app.tiny_model import make_tiny_models
+    from app.demo.tiny_model import make_tiny_models
+    from app.serving.models import describe
+    from app.sglang.command import build_engine_command
 
     made = make_tiny_models(workdir / "tiny")
     raw = demo_raw(made.base, made.adapters)

@@ -11,13 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.clearml.templates import TEMPLATE_FILE, TaskDefinition, readme_clearml_task_command  # noqa: E402
+from app.clearml.wizard import APP_FILE, render  # noqa: E402
 from app.config.docs import replace_generated  # noqa: E402
-from app.templates import TEMPLATE_FILE, TaskDefinition  # noqa: E402
-from app.wizard import APP_FILE, render  # noqa: E402
 
 if __name__ == "__main__":
     readme = ROOT / "README.md"
-    readme.write_text(replace_generated(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    readme.write_text(replace_generated(readme.read_text(encoding="utf-8"), readme_clearml_task_command()),
+                      encoding="utf-8")
     (ROOT / APP_FILE).write_text(render(), encoding="utf-8")
     (ROOT / TEMPLATE_FILE).write_text(TaskDefinition().to_yaml(), encoding="utf-8")
     sys.stderr.write(f"updated README.md, {APP_FILE}, {TEMPLATE_FILE}\n")

@@ -19,8 +19,8 @@ import aiohttp
 import psutil
 
 from app.config import load_config
-from app.deployment import Deployment, RunOptions
-from app.gpus import Gpu
+from app.serving.deployment import Deployment, RunOptions
+from app.serving.gpus import Gpu
 from tests.fakes.registry import NoRegistry
 
 FAKE = Path(__file__).resolve().parent / "fakes" / "fake_sglang_server.py"

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.config import schema
-from app.config.load import HYPERPARAMETER_SECTIONS
-from app.config.schema import Field
+from app.config.flags import FlagTable
+from app.config.schema import HYPERPARAMETER_SECTIONS, Field
 from app.config.types import DeploymentConfig, LoraConfig, ModelConfig
-from app.sglang_flags import FlagTable
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Hyperparameter:
 
 
 def to_mapping(config: DeploymentConfig, *, secrets: bool = False) -> dict[str, Any]:
-    """The config as the file format of DESIGN section 2 (every field written, in the form's order)."""
+    """The config in the config file format (README, "Configuration") (every field written, in the form's order)."""
     general = {f.key: getattr(config.general, f.key) for f in schema.GENERAL_FIELDS
                if not f.is_flag and (secrets or not f.secret)}
     general.update(dict(config.general.flags))

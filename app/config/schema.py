@@ -4,7 +4,7 @@ This is the single source of truth. Loading (YAML/JSON files, ClearML hyperparam
 export, the SGLang command line, the README's configuration table and (later) the wizard form and the task
 template all read these definitions; none of them lists fields of its own.
 
-Sections, as in the config file (DESIGN section 2):
+Sections, as in the config file (README, "Configuration"):
     instance  where the app instance lives (name, project, queue, AI Gateway Route)
     models    a list; each item: model, endpoint name, GPUs, CLI, LoRA (`lora` sub-section), any SGLang flag
     general   debug, device, memory options, HF token, the form's SGLang options, any SGLang flag
@@ -265,3 +265,30 @@ OWNED_ENV: dict[str, str] = {
 RESERVED_ENDPOINT_NAMES = frozenset({"v1", "api", "ui", "healthz", "readyz", "metrics", "health", "docs",
                                      "openapi.json"})
 
+# The hyperparameter sections of a ClearML task, by config section.
+HYPERPARAMETER_SECTIONS = {
+    "instance": "Instance",
+    "models": "Models",
+    "general": "General",
+    "env": "Environment",
+    "idle": "Idle",
+    "auth": "Auth",
+}
+# The app form's lists (wizard `list` entries) are one JSON hyperparameter each: Models/models, a list of models
+# keyed like the config file ("lora.enable"), and Environment/variables, a list of {"name", "value"}.
+WIZARD_MODELS_KEY = "models"
+WIZARD_ENV_KEY = "variables"
+
+
+def default(section: str, key: str) -> Any:
+    """A field's default, as the config types take it (lists as tuples): the one place defaults are written."""
+    (found,) = [f for f in SECTION_FIELDS[section] if f.key == key]
+    return tuple(found.default) if isinstance(found.default, list) else found.default
+
+
+def flag(section: str, key: str) -> str:
+    """The SGLang flag a field maps to, by its name without dashes (`max-loras-per-batch`): the one place the form's
+    fields are tied to SGLang's flags (the builder, the README's table and the form's help all read it here)."""
+    (found,) = [f for f in SECTION_FIELDS[section] if f.key == key]
+    assert found.sglang_flag is not None, (section, key)
+    return found.sglang_flag.removeprefix("--")

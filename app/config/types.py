@@ -1,8 +1,8 @@
 """The validated, immutable configuration that everything past the loading edge works with.
 
-Attribute names are the schema's keys (`app/config/schema.py`); SGLang flags given by their CLI name are kept in
-`flags` as sorted `(name, value)` pairs with values already coerced to the flag's type. Secrets are left out of
-`repr`, so a config that reaches a log never carries them.
+Attribute names and defaults are the schema's (`app/config/schema.py`: one place for both); SGLang flags given by
+their CLI name are kept in `flags` as sorted `(name, value)` pairs with values already coerced to the flag's type.
+Secrets are left out of `repr`, so a config that reaches a log never carries them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.config.schema import default as field_default
 
 Flags = tuple[tuple[str, Any], ...]
 
@@ -28,23 +30,23 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    enable: bool = False
+    enable: bool = field_default("lora", "enable")
     modules: tuple[LoraModule, ...] = ()
-    max_loras: int | None = None
-    max_lora_rank: int | None = None
-    extra_vocab_size: int = 0
-    dtype: str = "auto"
-    max_cpu_loras: int | None = None
+    max_loras: int | None = field_default("lora", "max_loras")
+    max_lora_rank: int | None = field_default("lora", "max_lora_rank")
+    extra_vocab_size: int = field_default("lora", "extra_vocab_size")
+    dtype: str = field_default("lora", "dtype")
+    max_cpu_loras: int | None = field_default("lora", "max_cpu_loras")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
-    cli: str = ""
-    endpoint_name: str | None = None
-    gpus: int | None = None
-    replicas: int = 1
-    nodes: int = 1
+    cli: str = field_default("model", "cli")
+    endpoint_name: str | None = field_default("model", "endpoint_name")
+    gpus: int | None = field_default("model", "gpus")
+    replicas: int = field_default("model", "replicas")
+    nodes: int = field_default("model", "nodes")
     lora: LoraConfig = field(default_factory=LoraConfig)
     flags: Flags = ()
 
@@ -59,24 +61,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    name: str = "SGLang Model Deployment"
-    project: str = "LLM Deployments"
-    queue: str = ""
-    gateway_route: str = ""
+    name: str = field_default("instance", "name")
+    project: str = field_default("instance", "project")
+    queue: str = field_default("instance", "queue")
+    gateway_route: str = field_default("instance", "gateway_route")
 
 
 @dataclass(frozen=True)
 class GeneralConfig:
-    debug: bool = False
-    device: str = "cuda"
-    auto_cpu_offload: bool = False
-    disk_swap: bool = False
-    hf_token: str = field(default="", repr=False)
-    max_cuda_memory_gib: float = 0.0
-    cuda_memory_threshold_kb: int = -1
-    sleep_after_idle_seconds: int = 0
-    wake_deadline_seconds: int = 120
-    restart_hold_seconds: int = 180
+    debug: bool = field_default("general", "debug")
+    device: str = field_default("general", "device")
+    auto_cpu_offload: bool = field_default("general", "auto_cpu_offload")
+    disk_swap: bool = field_default("general", "disk_swap")
+    hf_token: str = field(default=field_default("general", "hf_token"), repr=False)
+    max_cuda_memory_gib: float = field_default("general", "max_cuda_memory_gib")
+    cuda_memory_threshold_kb: int = field_default("general", "cuda_memory_threshold_kb")
+    sleep_after_idle_seconds: int = field_default("general", "sleep_after_idle_seconds")
+    wake_deadline_seconds: int = field_default("general", "wake_deadline_seconds")
+    restart_hold_seconds: int = field_default("general", "restart_hold_seconds")
     flags: Flags = ()
 
     @property
@@ -90,8 +92,8 @@ class GeneralConfig:
 
 @dataclass(frozen=True)
 class IdleConfig:
-    time_limit_hours: float = 24.0
-    report_interval_seconds: int = 60
+    time_limit_hours: float = field_default("idle", "time_limit_hours")
+    report_interval_seconds: int = field_default("idle", "report_interval_seconds")
 
     @property
     def shuts_down(self) -> bool:
@@ -100,7 +102,7 @@ class IdleConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    tokens: tuple[str, ...] = field(default=(), repr=False)
+    tokens: tuple[str, ...] = field(default=field_default("auth", "tokens"), repr=False)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ class WindowSummary:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of unsorted values; None when empty."""
+    """Nearest-rank percentile (q in 0..100) of unsorted values, one of the values itself; None when empty. Every
+    percentile the dashboard shows (latencies, time to first token, wake-ups) is this one."""
     if not values:
         return None
     ordered = sorted(values)

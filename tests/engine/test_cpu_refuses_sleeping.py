@@ -1,5 +1,5 @@
 """On the CPU, SGLang's memory saver cannot work (it needs CUDA: the engine dies at start, and a release call takes
-a running server down; reference/sglang.md Part B), so `run` refuses CPU offloading, disk swapping and the raw
+a running server down; docs/sglang.md, "CPU mode"), so `run` refuses CPU offloading, disk swapping and the raw
 flags behind them before anything starts, with the field and the fix named. Runs the installed `clearml-sglang`
 as a user would, with the real tiny model on the engine install."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("sglang")
 
 import psutil  # noqa: E402
 
-from app.tiny_model import make_tiny_models  # noqa: E402
+from app.demo.tiny_model import make_tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.engine
 

@@ -3,7 +3,7 @@
 launch would tell it. Requests are answered through rank 0's gateway; stopping the master stops both.
 
 On the CPU SGLang needs SGLANG_CPU_OMP_THREADS_BIND for more than one rank and gloo instead of the CUDA build's
-NCCL (app.cpu_engine); with those, tensor parallelism over two processes works. Skipped where sglang is not
+NCCL (app.sglang.cpu); with those, tensor parallelism over two processes works. Skipped where sglang is not
 installed; CI runs it on the engine install.
 """
 
@@ -21,9 +21,11 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.deployment import Deployment, NodeDeployment, RunOptions, free_ports  # noqa: E402
-from app.sglang_command import MultiNode  # noqa: E402
-from app.tiny_model import make_tiny_models  # noqa: E402
+from app.demo.tiny_model import make_tiny_models  # noqa: E402
+from app.serving.deployment import Deployment, RunOptions  # noqa: E402
+from app.serving.network import free_ports  # noqa: E402
+from app.serving.node import NodeDeployment  # noqa: E402
+from app.sglang.command import MultiNode  # noqa: E402
 from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The real SGLang server on this CPU (development mode), behind the real gateway: what a user of `run` gets.
 
-One deployment for the module: the tiny Llama model with two LoRA adapters, made offline by `app.tiny_model`.
+One deployment for the module: the tiny Llama model with two LoRA adapters, made offline by `app.demo.tiny_model`.
 Skipped where sglang is not installed; CI runs it on the engine install.
 """
 
@@ -21,8 +21,8 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.deployment import Deployment, RunOptions  # noqa: E402
-from app.tiny_model import make_tiny_models  # noqa: E402
+from app.demo.tiny_model import make_tiny_models  # noqa: E402
+from app.serving.deployment import Deployment, RunOptions  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
 
 pytestmark = pytest.mark.engine

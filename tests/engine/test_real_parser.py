@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from app.sglang_flags import FlagTable, check_with_real_parser, real_parser_available  # noqa: E402
+from app.config.flags import FlagTable, check_with_real_parser, real_parser_available  # noqa: E402
 from tests.conftest import ROOT, run_cli  # noqa: E402
 from tests.unit.test_args_golden import CASES  # noqa: E402
 

@@ -24,9 +24,9 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.deployment import Deployment, RunOptions  # noqa: E402
-from app.router import requests_per_worker  # noqa: E402
-from app.tiny_model import make_tiny_models  # noqa: E402
+from app.demo.tiny_model import make_tiny_models  # noqa: E402
+from app.serving.deployment import Deployment, RunOptions  # noqa: E402
+from app.sglang.router import requests_per_worker  # noqa: E402
 from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN, Served  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
 

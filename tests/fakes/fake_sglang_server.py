@@ -7,7 +7,7 @@ is started exactly like the real one, so a test can run it through the project's
     python -m tests.fakes.fake_sglang_server --model-path tiny --served-model-name chat \\
         --lora-paths lora_a=/adapters/a --api-key sk-test            # (from the repository root)
 
-The command line is checked against SGLang's real argument table (`app.sglang_flags.FlagTable`): any SGLang flag is
+The command line is checked against SGLang's real argument table (`app.config.flags.FlagTable`): any SGLang flag is
 accepted (most are ignored), an unknown flag or a bad value prints an argparse-style error to stderr and exits 2, and
 `--model-path` is required, as in SGLang. `--config FILE.yaml` (once) is merged first, as SGLang's
 ConfigArgumentMerger does: each key is a flag (`api-key: sk`), `true` adds a switch, a list gives its items, and the
@@ -17,7 +17,7 @@ or SGLang's JSON form), `--context-length` (2048), `--enable-metrics` (without i
 the project's command builder always adds it), `--enable-memory-saver`, `--enable-weights-cpu-backup` and
 `--mem-fraction-static` (see "Memory" below).
 
-What it serves (reference/sglang.md A2, A3, A5):
+What it serves (docs/sglang.md, "HTTP routes"):
     GET  /health, /health_generate, /ready   503 until ready, then 200. Always open (no key needed), like /metrics.
     GET  /v1/models                          the served model plus one card per LoRA adapter.
     POST /v1/chat/completions, /v1/completions
@@ -48,7 +48,7 @@ Prompt tokens are counted as whitespace-separated words (token ids count one eac
 ADMIN_OPTIONAL routes (/flush_cache, release/resume_memory_occupation, update_weights_from_disk) need the
 `--admin-api-key` when one is set (the `--api-key` is then refused), else the `--api-key` if set, else are open.
 
-Memory (SGLang's memory saver; reference/sglang.md A2, A4):
+Memory (SGLang's memory saver; docs/sglang.md, "Memory saver and weights"):
     Each server has three GPU allocations, in GiB: weights (FAKE_SGLANG_WEIGHTS_GIB), kv_cache and cuda_graph.
     release_memory_occupation first checks, like SGLang's scheduler, that the server is idle: if any inference
     request is in progress (queued, or a response not yet complete, streamed or not) it logs
@@ -141,7 +141,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from app.sglang_flags import FlagTable, FlagValueError  # noqa: E402
+from app.config.flags import FlagTable, FlagValueError  # noqa: E402
 from tests.fakes.ledger import TAGS, DeviceLedger, LedgerError, OutOfMemory  # noqa: E402
 
 logger = logging.getLogger("fake_sglang")

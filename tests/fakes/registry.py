@@ -1,6 +1,6 @@
 """A model registry for deployments whose models are HF names or paths: asked for a ClearML ID, it says no."""
 
-from app.models import ModelNotFound
+from app.serving.models import ModelNotFound
 
 
 class NoRegistry:

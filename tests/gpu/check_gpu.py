@@ -7,7 +7,8 @@ nvidia-ml-py). Run it on the GPU machine:
     python tests/gpu/check_gpu.py            # prints one line per check, exit 0 when all hold
 
 What it checks:
-1. NVML detection (`app.gpus.detect_gpus`) agrees with CUDA (torch) on the count, names and memory of the devices,
+1. NVML detection (`app.serving.gpus.detect_gpus`) agrees with CUDA (torch) on the count, names and memory of the
+   devices,
    and honours CUDA_VISIBLE_DEVICES.
 2. Placement gives models that fit disjoint devices, and an engine pinned by CUDA_VISIBLE_DEVICES sees exactly its
    devices.
@@ -32,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.config import load_config  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
-from app.gpus import MAX_MEMORY_FRACTION_PER_DEVICE, Demand, detect_gpus, place  # noqa: E402
-from app.models import describe  # noqa: E402
-from app.sglang_command import Machine, build_engine_commands, demands  # noqa: E402
+from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE, Demand, detect_gpus, place  # noqa: E402
+from app.serving.models import describe  # noqa: E402
+from app.serving.plan import demands  # noqa: E402
+from app.sglang.command import Machine, build_engine_commands  # noqa: E402
 
 MONITOR = """
 import json, sys, time, torch
-from app.clearml_task import DeploymentTask
+from app.clearml.task import DeploymentTask
 task = DeploymentTask.start(project="gpu-check", name="monitor", offline=True, monitor_interval_s=5)
 a = torch.randn(4096, 4096, device="cuda")
 end = time.monotonic() + float(sys.argv[1])
@@ -103,7 +105,7 @@ def main() -> int:
               f"{gpu.name}, NVML {gpu.memory_gib:.1f} GiB, torch {props.total_memory / 2**30:.1f} GiB")
 
     restricted = subprocess.run(
-        [sys.executable, "-c", "from app.gpus import detect_gpus; print(len(detect_gpus()))"],
+        [sys.executable, "-c", "from app.serving.gpus import detect_gpus; print(len(detect_gpus()))"],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         capture_output=True, text=True, timeout=60)
     check("CUDA_VISIBLE_DEVICES=0 leaves one GPU to detect", restricted.stdout.strip() == "1", restricted.stderr[-200:])

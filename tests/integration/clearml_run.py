@@ -1,4 +1,4 @@
-"""Runs `clearml-sglang run` (app.cli.run_service) with stand-in engines, for tests that read ClearML's records.
+"""Runs `clearml-sglang run` (app.run.run_service) with stand-in engines, for tests that read ClearML's records.
 
     python -m tests.integration.clearml_run --port P [--config F] [--set k=v]...
 
@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from app.cli import _configure_logging, run_service
+from app.cli import _configure_logging
+from app.run import run_service
 
 FAKE = Path(__file__).resolve().parent.parent / "fakes" / "fake_sglang_server.py"
 

@@ -1,6 +1,6 @@
 """What the task records, read back from ClearML's offline session: the dashboard's data, with the real SDK.
 
-Each test runs `clearml-sglang run` (app.cli.run_service) in a process of its own, with stand-in engines and
+Each test runs `clearml-sglang run` (app.run.run_service) in a process of its own, with stand-in engines and
 ClearML in offline mode, sends it real traffic, lets it shut down, and reads the session's `metrics.jsonl`,
 `log.jsonl` and `task.json` as the dashboard would.
 """
@@ -176,7 +176,7 @@ def test_machine_metrics_come_from_clearmls_monitor(local_run):
 def test_status_sequence_and_properties(local_run):
     _, _, folder = local_run
     statuses = [line.split("Status: ", 1)[1].split(" ")[0] for line in console(folder).splitlines()
-                if "app.reporting: Status: " in line]
+                if "app.clearml.reporting: Status: " in line]
     assert statuses[0] == "loading" and statuses[-1] == "stopped"
     compressed = [s for i, s in enumerate(statuses) if i == 0 or statuses[i - 1] != s]
     assert compressed == ["loading", "idle", "active", "idle", "stopped"]
@@ -295,7 +295,7 @@ def test_the_app_dashboard_plots_series_this_run_recorded(local_run):
     monitors aside: this machine has no GPU; their names are checked against ClearML's monitor in the unit tests)."""
     from pyhocon import ConfigFactory
 
-    from app.wizard import render
+    from app.clearml.wizard import render
 
     _, _, folder = local_run
     recorded = set(scalars(folder))

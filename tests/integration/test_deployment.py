@@ -262,7 +262,7 @@ def test_an_app_killed_outright_leaves_no_engine_running(tmp_path):
         wait_ready(process, base)
         children = psutil.Process(process.pid).children(recursive=True)
         engines = [p for p in children  # (ClearML's SDK forks a helper of its own, which outlives a SIGKILL)
-                   if p.name().startswith("sglang::") or "app.engine_launch" in p.cmdline()]
+                   if p.name().startswith("sglang::") or "app.sglang.launch" in p.cmdline()]
         assert len(engines) == 2  # the engine's launcher and its scheduler
         process.kill()  # no drain, no stop: the app is simply gone
         process.wait(10)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = """
 import json
-from app.clearml_task import DeploymentTask
+from app.clearml.task import DeploymentTask
 task = DeploymentTask.start(project="p", name="multi-node", offline=True, monitor_interval_s=5)
 info = task.launch_multi_node(3, 29500)
 print(json.dumps({"info": [info.nodes, info.rank, info.master_addr, info.master_port],

@@ -9,9 +9,10 @@ import signal
 import sys
 
 from app.config import load_config
-from app.deployment import NodeDeployment, RunOptions
-from app.gpus import Gpu
-from app.sglang_command import MultiNode
+from app.serving.deployment import RunOptions
+from app.serving.gpus import Gpu
+from app.serving.node import NodeDeployment
+from app.sglang.command import MultiNode
 from tests.fakes.registry import NoRegistry
 from tests.harness import FAKE, RecordingReporter, _no_children, _until, run_async
 

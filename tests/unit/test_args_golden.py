@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.cpu_engine import SHIM_DIR
+from app.sglang.cpu import SHIM_DIR
 from tests.conftest import EXAMPLES, run_cli
 
 PREFIX = ["python", "-m", "sglang.launch_server"]
@@ -161,7 +161,7 @@ def test_args_prints_pinned_command_line(case):
     argv, expected = CASES[case]
     result = run_cli("args", *argv)
     assert result.code == 0, result.err
-    assert result.lines() == expected  # (the engine's key is never on the command line: app.engine_launch)
+    assert result.lines() == expected  # (the engine's key is never on the command line: app.sglang.launch)
 
 
 def test_cli_override_says_which_settings_it_ignores():

@@ -11,13 +11,13 @@ import pytest
 from clearml import Logger, Task
 from clearml.router.endpoint_telemetry import EndpointTelemetry
 
-from app.clearml_task import DeploymentTask, server_configured
+from app.clearml.reporting import TaskReporter
+from app.clearml.task import DeploymentTask, server_configured
 from app.config import load_config, to_hyperparameters
-from app.deployment import curl_command
 from app.gateway.stats import RequestRecord, RequestStats
-from app.idle import IdleDecision
-from app.metrics import TokenTotals
-from app.reporting import TaskReporter
+from app.serving.idle import IdleDecision
+from app.serving.network import curl_command
+from app.sglang.metrics import TokenTotals
 
 
 class Recorder:
@@ -163,7 +163,7 @@ def test_scalars_properties_and_table_under_the_dashboards_names():
 
 
 def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wake_up():
-    from app.residency import WakeStats
+    from app.serving.residency import WakeStats
 
     adapter, _, logger, _ = make_task()
     reporter = TaskReporter(adapter, models={"a": "org/a", "b": "org/b"})
@@ -175,7 +175,8 @@ def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wak
                     {"a": "resident", "b": "sleeping"}, None, wakes)
     reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
     assert reported[("Model Wake-ups", "a")] == 2.0 and reported[("Model Wake-ups", "b")] == 0.0
-    assert reported[("Wake Latency (ms)", "p50")] == 200.0 and 290.0 <= reported[("Wake Latency (ms)", "p95")] <= 300
+    # nearest rank, as the gateway's latencies: a percentile is one of the wake-ups measured
+    assert reported[("Wake Latency (ms)", "p50")] == 100.0 and reported[("Wake Latency (ms)", "p95")] == 300.0
     ((_, table),) = logger.named("report_table")
     assert table["table_plot"][1:] == [["org/a", "a", "http://h:8000/a/v1", "resident", "2027-01-15T08:00:00+00:00"],
                                        ["org/b", "b", "http://h:8000/b/v1", "sleeping", ""]]

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.config import load_config, parse_config, to_hyperparameters, to_json, to_mapping
-from app.config.load import parse_config_text
 from app.config.schema import OWNED_ENV
+from app.config.sources import parse_config_text
 from app.config.types import (
     AuthConfig,
     DeploymentConfig,

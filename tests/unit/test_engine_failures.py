@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine import CrashEvidence, RestartPolicy, classify_failure, oom_kill_count
+from app.serving.failures import CrashEvidence, RestartPolicy, classify_failure, oom_kill_count
 
 
 @pytest.mark.parametrize("line, kind", [

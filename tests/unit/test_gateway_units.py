@@ -8,7 +8,7 @@ import pytest
 
 from app.gateway.auth import TokenChecker, generate_token
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
-from app.gateway.proxy import _UsageScanner
+from app.gateway.relay import UsageScanner as _UsageScanner
 from app.gateway.stats import RequestRecord, RequestStats, percentile
 
 
@@ -59,8 +59,8 @@ def test_usage_is_found_in_a_stream_however_it_is_chunked():
 
 
 def test_engine_keys_never_read_as_an_option():
-    from app.deployment import engine_key
-    from app.sglang_flags import FlagTable
+    from app.config.flags import FlagTable
+    from app.serving.network import engine_key
 
     table = FlagTable.load()
     for _ in range(500):  # url-safe base64 began with "-" about once in 64 launches

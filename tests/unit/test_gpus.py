@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import ConfigError
-from app.gpus import Demand, Gpu, _visible_devices, place
+from app.serving.gpus import Demand, Gpu, _visible_devices, place
 
 
 def gpus(n: int) -> list[Gpu]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.idle import ACTIVE, IDLE, IdleTracker
+from app.serving.idle import ACTIVE, IDLE, IdleTracker
 
 HOUR = 3600.0
 

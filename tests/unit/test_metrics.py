@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.metrics import TokenRate, TokenTotals, parse_prometheus
+from app.sglang.metrics import TokenRate, TokenTotals, parse_prometheus
 
 SAMPLE = """\
 # HELP sglang:prompt_tokens_total Number of prefill tokens processed.

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import load_config
 from app.errors import ModelResolutionError
-from app.models import CLEARML, HUGGINGFACE, LOCAL_PATH, ModelNotFound, classify, describe, resolve
+from app.serving.models import CLEARML, HUGGINGFACE, LOCAL_PATH, ModelNotFound, classify, describe, resolve
 
 MODEL_ID = "0123456789abcdef0123456789abcdef"
 ADAPTER_ID = "fedcba9876543210fedcba9876543210"
@@ -109,8 +109,8 @@ def test_hf_names_are_handed_to_sglang_unchanged():
 def test_clearml_registry_in_offline_mode_says_why(tmp_path):
     # the real SDK, in offline mode: a Model ID cannot be looked up, and the message says so
     code = (
-        "from app.clearml_task import ClearMLModelRegistry\n"
-        "from app.models import ModelNotFound\n"
+        "from app.clearml.task import ClearMLModelRegistry\n"
+        "from app.serving.models import ModelNotFound\n"
         "try:\n"
         f"    ClearMLModelRegistry().get_local_copy('{MODEL_ID}')\n"
         "except ModelNotFound as exc:\n"

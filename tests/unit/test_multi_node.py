@@ -8,10 +8,10 @@ import inspect
 import pytest
 from clearml import Task
 
-from app.clearml_task import DeploymentTask
+from app.clearml.task import DeploymentTask
 from app.config import load_config
-from app.models import ResolvedModel
-from app.sglang_command import Machine, MultiNode, build_engine_command
+from app.serving.models import ResolvedModel
+from app.sglang.command import Machine, MultiNode, build_engine_command
 from tests.unit.test_clearml_task import FakeSession, Recorder
 
 CONFIG = load_config(overrides=["models.0.model=org/big", "models.0.endpoint_name=big", "models.0.gpus=8",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from app.residency import (
+from app.serving.residency import (
     RESIDENT,
     SLEEPING,
     ControlError,

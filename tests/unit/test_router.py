@@ -3,7 +3,7 @@ dashboard gets from them."""
 
 from __future__ import annotations
 
-from app.router import requests_per_worker, router_command
+from app.sglang.router import requests_per_worker, router_command
 
 METRICS = """# TYPE smg_worker_cb_outcomes_total counter
 smg_worker_cb_outcomes_total{worker="http://127.0.0.1:5001",outcome="success"} 7
@@ -22,7 +22,7 @@ def test_the_router_listens_on_loopback_with_the_engine_key_and_the_forms_policy
         "--policy", "round_robin", "--prometheus-host", "127.0.0.1", "--prometheus-port", "31001",
         "--worker-urls", "http://127.0.0.1:5001", "http://127.0.0.1:5002"]
     assert command.port == 31000 and command.api_key == "k" * 48
-    assert command.secret_args == {"--api-key": "k" * 48}  # launched off the command line (app.engine_launch)
+    assert command.secret_args == {"--api-key": "k" * 48}  # launched off the command line (app.sglang.launch)
 
 
 def test_without_a_load_balance_method_the_router_keeps_its_cache_aware_default():

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 from clearml import Task
 
-from app.clearml_task import ClearMLWorkerPool
+from app.clearml.task import ClearMLWorkerPool
 from app.config import load_config
 from app.errors import ConfigError
-from app.scale_out import RemoteWorkers, ReplicaPlan, plan_replicas
+from app.serving.scale_out import RemoteWorkers, ReplicaPlan, plan_replicas
 from tests.unit.test_clearml_task import Recorder
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.sglang_flags import FlagTable, FlagValueError
+from app.config.flags import FlagTable, FlagValueError
 
 TABLE = FlagTable.load()
 

@@ -14,14 +14,19 @@ from clearml import Task
 from clearml.cli.task.__main__ import setup_parser
 from pyhocon import ConfigFactory
 
-from app.clearml_task import TaskService, map_host_port
+from app.clearml.task import TaskService, map_host_port
+from app.clearml.templates import (
+    REQUIREMENTS,
+    TEMPLATE_FILE,
+    TaskDefinition,
+    clearml_task_argv,
+    render_clearml_task_block,
+)
+from app.clearml.wizard import APP_FILE, render, wizard_entries
 from app.cli import _cmd_clone, _cmd_export, _cmd_launch, _cmd_template, build_parser
 from app.config import load_config, parse_config, schema, to_hyperparameters, to_mapping
-from app.config.docs import render_clearml_task_block
-from app.config.load import parse_config_text
+from app.config.sources import parse_config_text
 from app.errors import ConfigError
-from app.templates import REQUIREMENTS, TEMPLATE_FILE, TaskDefinition, clearml_task_argv
-from app.wizard import APP_FILE, render, wizard_entries
 from tests.conftest import EXAMPLES, ROOT, run_cli
 from tests.unit.test_clearml_task import Recorder
 
@@ -121,7 +126,7 @@ def test_dashboard_names_only_series_the_app_reports_or_clearml_monitors():
 
     import clearml.utilities.resource_monitor as monitor
 
-    from app import reporting
+    from app.clearml import reporting
 
     source = inspect.getsource(monitor)
     conf = ConfigFactory.parse_string(render())

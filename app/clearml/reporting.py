@@ -1,0 +1,160 @@
+"""What the deployment tells its ClearML task, under the names the dashboard reads (README, "ClearML: what the task
+records").
+
+`TaskReporter` turns the deployment's events into task properties (status, status_reason, idle_since, endpoint,
+models, curl, and a generated access token), scalars (iteration = seconds since start), the `Deployed Models`
+table, and Model Endpoints telemetry; it also logs status changes to the console. It talks to the task only
+through `app.clearml.task.DeploymentTask`'s methods, so tests give it a recording stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from app.gateway.stats import RequestStats, WindowSummary
+from app.serving.idle import IdleDecision
+from app.serving.residency import WakeStats
+from app.sglang.metrics import TokenTotals
+
+logger = logging.getLogger(__name__)
+
+REQUESTS = "Total Number of Requests"
+TOKENS = "Tokens per Second"
+LATENCY = "Latency (ms)"
+IN_FLIGHT = "Requests in Flight"
+IDLE_TIME = "Idle Time (hours)"
+REPLICA_REQUESTS = "Replica Requests"
+WAKEUPS = "Model Wake-ups"
+WAKE_LATENCY = "Wake Latency (ms)"
+TABLE = "Deployed Models"
+TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status", "Last wake-up"]
+
+
+class TaskReporter:
+    def __init__(self, task: Any, *, models: dict[str, str], gateway_route: str = "",
+                 wall_clock: Callable[[], float] = time.time):
+        self.task = task
+        self.models = models  # endpoint name -> what the user asked for (HF name, Model ID, path)
+        self.gateway_route = gateway_route
+        self.wall_clock = wall_clock
+        self._urls: dict[str, str] = {}
+        self._states: dict[str, str] = {}
+        self._telemetry: dict[str, Any] = {}
+        self._fed: dict[str, tuple[int, float]] = {}
+        self._idle_since = ""
+        self._last_wake: dict[str, float] = {}
+
+    # ----- Reporter -----
+
+    def status(self, state: str, reason: str = "") -> None:
+        logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
+        self.task.set_properties(status=state, status_reason=reason)
+
+    def access_token(self, token: str) -> None:
+        # the one place a token may be shown: the task's properties, which only the project's members read
+        self.task.set_properties(access_token=token)
+        logger.info("No access token was configured: one was generated; it is in this task's properties "
+                    "(access_token). Set CLEARML_SGLANG_API_TOKENS or auth.tokens to choose your own.")
+
+    def base_url(self, port: int, local_url: str) -> str:
+        """The endpoint's public URL: the App Gateway's where the server has it, else this machine's address."""
+        if self.task.can_request_external_endpoint():
+            url = self.task.request_external_endpoint(port, self.gateway_route or None)
+            if url:
+                logger.info("AI Application Gateway endpoint: %s", url)
+                return url.rstrip("/")
+            logger.warning("The App Gateway assigned no endpoint in time; publishing this machine's address")
+        else:
+            host_port = self.task.host_port(port)
+            if host_port != port:  # the agent published the container's port on another host port
+                local_url = local_url.rsplit(":", 1)[0] + f":{host_port}"
+            logger.info("No AI Application Gateway here (it needs a ClearML Enterprise server): the endpoint is "
+                        "this machine's address, %s", local_url)
+        return local_url
+
+    def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None:
+        self._urls = dict(models)
+        logger.info("Endpoint: %s", base_url)
+        for name, url in models.items():
+            logger.info("  model %s: %s", name, url)
+        logger.info("Try it:\n%s", curl)
+        self.task.set_properties(endpoint=base_url, models=json.dumps(models), curl=curl)
+        if self.task.has_serving_api():
+            for name, url in models.items():
+                self._telemetry[name] = self.task.start_endpoint_stats(name, self.models.get(name, name), url)
+
+    def states(self, states: dict[str, str]) -> None:
+        """Each model's state; the table is written again only when one changed."""
+        if states != self._states:
+            self._states = dict(states)
+            self._write_table()
+
+    def _write_table(self) -> None:
+        rows = [TABLE_HEADER] + [[self.models.get(name.split("/")[0], name), name, self._urls.get(name, ""), state,
+                                  self._wall_iso(self._last_wake[name]) if name in self._last_wake else ""]
+                                 for name, state in self._states.items()]
+        self.task.report_table(TABLE, "models", rows, iteration=0)
+
+    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
+               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               replicas: dict[str, float] | None = None) -> None:
+        iteration = int(elapsed_s)
+        scalar = self.task.report_scalar
+        for name in sorted(states):
+            if "/" not in name:  # replica servers are counted below, by their router
+                scalar(REQUESTS, name, float(stats.requests[name]), iteration)
+        for name in sorted(replicas or {}):
+            scalar(REPLICA_REQUESTS, name, float(replicas[name]), iteration)
+        scalar(REQUESTS, "total", float(stats.total_requests), iteration)
+        if tokens is not None:
+            scalar(TOKENS, "generation", tokens.generation, iteration)
+            scalar(TOKENS, "prompt", tokens.prompt, iteration)
+        for series, value in (("mean", window.latency_mean_ms), ("p50", window.latency_p50_ms),
+                              ("p95", window.latency_p95_ms), ("time to first token p50", window.ttft_p50_ms)):
+            if value is not None:  # no request in the window: no point, rather than a false 0
+                scalar(LATENCY, series, value, iteration)
+        scalar(IN_FLIGHT, "total", float(decision.in_flight), iteration)
+        scalar(IDLE_TIME, "idle", decision.idle_for_s / 3600, iteration)
+        idle_since = "" if decision.in_flight or decision.state == "active" else self._iso(decision.idle_for_s)
+        if idle_since != self._idle_since:
+            self._idle_since = idle_since
+            self.task.set_properties(idle_since=idle_since)
+        if wakes is not None:  # models sharing GPUs: how often they woke, and how long waking took
+            for name in sorted(wakes.wakeups):
+                scalar(WAKEUPS, name, float(wakes.wakeups[name]), iteration)
+            for series, q in (("p50", 50), ("p95", 95)):
+                value = wakes.p(q)
+                if value is not None:
+                    scalar(WAKE_LATENCY, series, value, iteration)
+            if wakes.last_wake != self._last_wake:
+                self._last_wake = dict(wakes.last_wake)
+                if states == self._states:
+                    self._write_table()
+        self.states(states)
+        self._feed_telemetry(stats)
+
+    def close(self) -> None:
+        for telemetry in self._telemetry.values():
+            telemetry.stop()
+
+    # ----- helpers -----
+
+    def _iso(self, idle_for_s: float) -> str:
+        return self._wall_iso(self.wall_clock() - idle_for_s)
+
+    @staticmethod
+    def _wall_iso(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+
+    def _feed_telemetry(self, stats: RequestStats) -> None:
+        for name, telemetry in self._telemetry.items():
+            count, latency_s = stats.requests[name], stats.latency_sum_s[name]
+            fed_count, fed_latency = self._fed.get(name, (0, 0.0))
+            if count > fed_count:
+                telemetry.feed(count - fed_count, (latency_s - fed_latency) * 1000)
+            self._fed[name] = (count, latency_s)

@@ -1,0 +1,117 @@
+"""Rules across fields: names and references that must be unique or well formed, tokens long enough, a raw
+SGLang command line that leaves the app its own flags, LoRA limits that fit together."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from app.config import schema
+from app.config.flags import FlagTable, preview
+from app.config.problems import Problems
+from app.config.types import GeneralConfig, InstanceConfig, LoraConfig, ModelConfig
+
+MAX_MODELS = 64
+
+
+MAX_ENV_VARS = 512
+
+
+MIN_TOKEN_CHARS = 16
+
+
+MAX_TOKEN_CHARS = 512
+
+
+ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+
+
+# $VAR, ${VAR}, $(cmd) and `cmd`: nothing expands them, since no shell runs the command line.
+SHELL_EXPANSION_RE = re.compile(r"\$[({A-Za-z_]|`")
+
+
+GENERATE_TOKEN_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def check_text_fields(instance: InstanceConfig, problems: Problems) -> None:
+    for key in ("name", "project"):
+        if not getattr(instance, key):
+            problems.add(f"instance.{key}", "must not be empty", "give it a name")
+
+
+def check_endpoint_name(name: str, where: str, problems: Problems) -> None:
+    if not ENDPOINT_NAME_RE.match(name):
+        problems.add(where, f"{preview(name)} is not a valid endpoint name",
+                     "use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+    elif name in schema.RESERVED_ENDPOINT_NAMES:
+        problems.add(where, f"{name!r} is a path the gateway answers itself", "choose another name")
+
+
+# Flags that need CUDA: on the CPU SGLang's memory saver dies at start (exit 127, no libcuda.so.1; docs/sglang.md,
+# "CPU mode"), and there is no GPU memory to offload from or to.
+_CUDA_ONLY_FLAGS = {"enable_memory_saver": "general.auto_cpu_offload or general.disk_swap",
+                    "enable_weights_cpu_backup": "general.auto_cpu_offload",
+                    "cpu_offload_gb": "general.max_cuda_memory_gib"}
+
+
+def check_cli(model: ModelConfig, where: str, table: FlagTable, problems: Problems,
+               general: GeneralConfig | None = None) -> None:
+
+    if SHELL_EXPANSION_RE.search(model.cli):
+        problems.add(where, "contains $VAR, $(...) or `...`, which nothing expands (no shell runs SGLang)",
+                     "write the literal value")
+        return
+    try:
+        tokens = shlex.split(model.cli)
+    except ValueError as exc:
+        problems.add(where, f"cannot be split into arguments ({exc})", "close the quote")
+        return
+    parsed, _ = table.parse_argv(tokens)
+    for message in table.check_argv(tokens):
+        problems.add(where, message)
+    for spec, option, values in parsed:
+        if spec.dest in schema.OWNED_FLAGS_IN_CLI:
+            problems.add(where, f"sets {option}", schema.OWNED_FLAGS[spec.dest])
+        if general is not None and general.device == "cpu" and spec.dest in _CUDA_ONLY_FLAGS:
+            problems.add(where, f"sets {option}, which needs CUDA (SGLang's memory saver cannot run on the CPU)",
+                         f"remove it for the CPU development mode; on GPUs use {_CUDA_ONLY_FLAGS[spec.dest]}")
+        if spec.dest == "served_model_name" and values and model.endpoint_name and values[0] != model.endpoint_name:
+            problems.add(where, f"--served-model-name {preview(values[0])} differs from endpoint_name "
+                                f"{model.endpoint_name!r}", "keep one of them")
+        elif spec.dest == "served_model_name" and values and not model.endpoint_name:
+            check_endpoint_name(values[0], where + " --served-model-name", problems)
+
+
+def check_lora_limits(lora: LoraConfig, model: ModelConfig, where: str, problems: Problems) -> None:
+    max_loras = lora.max_loras if lora.max_loras is not None else 8  # SGLang's default max-loras-per-batch
+    if lora.max_cpu_loras is not None:
+        if lora.max_cpu_loras < max_loras:
+            problems.add(f"{where}.max_cpu_loras", f"{lora.max_cpu_loras} is below max_loras ({max_loras})",
+                         f"set max_cpu_loras to {max_loras} or more, or lower max_loras")
+        if lora.max_cpu_loras < len(lora.modules):
+            problems.add(f"{where}.max_cpu_loras", f"{lora.max_cpu_loras} is below the {len(lora.modules)} "
+                         "modules loaded at start", f"set max_cpu_loras to {len(lora.modules)} or more")
+    if not lora.modules and (lora.max_lora_rank is None or model.flag("lora-target-modules") is None):
+        problems.add(f"{where}.modules", "LoRA is enabled without modules, so SGLang cannot infer the rank and "
+                     "the target modules", "add modules, or set lora.max_lora_rank and the model's "
+                     "lora-target-modules, e.g. [all], for adapters loaded later")
+
+
+def check_tokens(tokens: tuple[str, ...], problems: Problems) -> None:
+    for i, token in enumerate(tokens):
+        where = f"auth.tokens[{i}]"
+        if len(token) < MIN_TOKEN_CHARS:
+            problems.add(where, f"is {len(token)} characters long; a token needs at least {MIN_TOKEN_CHARS}",
+                         GENERATE_TOKEN_HINT)
+        elif len(token) > MAX_TOKEN_CHARS:
+            problems.add(where, f"is longer than {MAX_TOKEN_CHARS} characters", GENERATE_TOKEN_HINT)
+        elif not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+            problems.add(where, "contains spaces or characters a header cannot carry", GENERATE_TOKEN_HINT)
+    if len(set(tokens)) != len(tokens):
+        problems.add("auth.tokens", "lists the same token twice", "remove the repeat")

@@ -1,0 +1,409 @@
+"""The gateway: one authenticated port in front of every engine.
+
+Routes (which engine routes are relayed, and why: `app.gateway.routes`):
+    GET  /healthz                    liveness of the gateway itself (no token)
+    GET  /readyz                     200 when every model is ready, else 503 with each model's state (no token)
+    GET  /metrics                    the gateway's metrics, Prometheus text
+    GET  /v1/models[/{id}]           every model and LoRA adapter (also /<endpoint>/v1/models[/{id}])
+    POST /v1/chat/completions, ...   an inference route, to the model the body's "model" names
+    *    /<endpoint>/<route>         an inference route of that model's engine: /<endpoint>/v1/chat/completions, ...
+
+Every route but /healthz and /readyz needs `Authorization: Bearer <token>`, checked on the request's head: a request
+without a valid one is answered 401 before its body is read, and never reaches an engine; nor does a route that is
+not an inference route (404, or 405 for another method). The client's token is replaced by the engine's own key
+upstream (`app.gateway.relay`). Every error, the engine's included, is answered in one shape (`app.gateway.errors`):
+400 not a JSON object, 404 unknown model or route, 413 body too large, 502 engine unreachable or crashed (an SSE
+error event when a stream was already under way), 503 loading, restarting or waking past its deadline, or draining
+(`Retry-After`), 504 engine silent too long. A request for a model that is restarting or waking is held until it
+serves again, up to a deadline.
+
+Example::
+
+    gateway = Gateway(routes, TokenChecker(tokens), RequestStats(), activity=tracker)
+    await gateway.start("0.0.0.0", 8000)
+    ...
+    gateway.begin_drain(); await gateway.wait_drained(deadline_s=30); await gateway.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from app.gateway import routes as paths
+from app.gateway.auth import TokenChecker
+from app.gateway.errors import Reply, error_reply
+from app.gateway.messages import (
+    PENDING,
+    REQUEST_RECEIVE_TIMEOUT_SECONDS,
+    WRITE_TIMEOUT_SECONDS,
+    Handled,
+    Limits,
+    Pending,
+    Request,
+)
+from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext, json_object, model_field
+from app.gateway.server import ServerConnection
+from app.gateway.stats import RequestStats
+from app.gateway.upstream import Upstream
+from app.states import ModelState
+
+logger = logging.getLogger(__name__)
+
+# Largest request body accepted (base64 images make multimodal requests large; text requests are tiny).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# Waiting this long for the engine's next byte means it hangs: 504 before headers, an SSE error event after.
+UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
+UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
+# Client connections at most (each proxied one also holds a connection to an engine): past it a new connection
+# gets 503 and is closed. The open-file limit is raised to what this needs, where the hard limit allows.
+MAX_CONNECTIONS = 8192
+# Requests held at most per model while it restarts or wakes; past it they get 503 at once.
+MAX_HELD_REQUESTS = 4096
+# How long a request for a restarting model is held before 503 (the deployment's config sets it).
+RESTART_HOLD_SECONDS = 120.0
+
+_WAITS_FOR_WAKE = frozenset({ModelState.SLEEPING, ModelState.WAKING})
+
+
+class EngineHandle(Protocol):
+    """What the gateway needs of an engine (`app.serving.engine.Engine` has it; tests pass simple objects)."""
+
+    url: str
+    state: str
+
+    async def wait_serving(self, deadline_s: float) -> bool:
+        """Until the engine serves again after a crash (True), it failed for good, or the deadline passed."""
+        ...
+
+
+class Residency(Protocol):
+    """Models sharing GPUs (`app.serving.residency.Residency`): a request enters a resident model at once, or
+    waits while it wakes; the model cannot sleep until every request that entered has left."""
+
+    def enter(self, endpoint: str) -> bool: ...
+
+    async def wait_resident(self, endpoint: str, deadline_s: float) -> bool: ...
+
+    def leave(self, endpoint: str, now: float) -> None: ...
+
+    def describe(self) -> dict[str, dict[str, object]]: ...
+
+    def state(self, endpoint: str) -> str: ...
+
+
+@dataclass
+class ModelRoute:
+    """One model behind the gateway: its engine (or router), the engine's own key, its adapters, and how requests
+    wait for it. `connect` (when the gateway starts) opens its pool of connections to the engine."""
+
+    endpoint: str
+    engine: EngineHandle
+    api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
+    adapters: tuple[str, ...] = ()
+    residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
+    wake_deadline_s: float = 120.0
+    restart_hold_s: float = RESTART_HOLD_SECONDS
+    upstream: Upstream | None = field(default=None, repr=False)
+    held: int = 0  # requests waiting for it to wake or come back
+    host: bytes = field(default=b"", repr=False)
+    authorization: bytes | None = field(default=None, repr=False)
+
+    def connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        parts = urlsplit(self.engine.url)
+        self.upstream = Upstream(parts.hostname or "127.0.0.1", parts.port or 80,
+                                 connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_SECONDS, loop=loop)
+        self.host = parts.netloc.encode()
+        self.authorization = f"Bearer {self.api_key}".encode() if self.api_key else None
+
+    @property
+    def state(self) -> str:
+        """The model's availability: the residency's where models share GPUs (an engine just up is `loading`
+        until it has been measured and can take requests), else its engine's."""
+        return self.residency.state(self.endpoint) if self.residency is not None else self.engine.state
+
+    def leave(self, now: float) -> None:
+        if self.residency is not None:
+            self.residency.leave(self.endpoint, now)
+
+
+def _unavailable(route: ModelRoute, state: str, waited_s: float | None = None) -> Reply:
+    message = (f"Model {route.endpoint!r} is still {state} after {waited_s:g} s; retry shortly"
+               if waited_s is not None else f"Model {route.endpoint!r} is {state}; retry shortly")
+    return error_reply(503, message, str(state), retry_after_s=RETRY_AFTER_SECONDS)
+
+
+class Gateway:
+    """One port in front of every engine. Constructing it binds nothing; `start` does."""
+
+    def __init__(
+        self,
+        routes: list[ModelRoute],
+        auth: TokenChecker,
+        stats: RequestStats,
+        *,
+        activity: Activity | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        upstream_read_timeout_s: float = UPSTREAM_READ_TIMEOUT_SECONDS,
+        request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
+        write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
+        self.routes = {r.endpoint: r for r in routes}
+        self._endpoints = frozenset(self.routes)
+        self.auth = auth
+        self.stats = stats
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self.upstream_read_timeout_s = upstream_read_timeout_s
+        self.limits = Limits(lambda: self.max_body_bytes, request_receive_timeout_s, write_timeout_s)
+        self.max_connections = max_connections
+        self.draining = False
+        self._flight = InFlight(activity)
+        self._relays: RelayContext | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self.connections: set[ServerConnection] = set()
+        self.refused_connections = 0
+        self.port: int | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self._flight.count
+
+    # ----- lifecycle -----
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for route in self.routes.values():
+            route.connect(loop)
+        self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
+        self.max_connections = raise_open_file_limit(self.max_connections)
+        self._server = await loop.create_server(lambda: _TrackedConnection(self, loop), host, port,
+                                                reuse_address=True, backlog=2048)
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("Gateway listening on %s:%s", host, self.port)
+
+    def begin_drain(self) -> None:
+        """Stop accepting proxied requests (503 + Retry-After); the ones in flight go on."""
+        self.draining = True
+
+    async def wait_drained(self, deadline_s: float) -> bool:
+        """Wait until nothing is in flight, at most `deadline_s`; True when drained."""
+        try:
+            await asyncio.wait_for(self._flight.idle.wait(), deadline_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                conn.abort()
+            await self._server.wait_closed()
+        for route in self.routes.values():
+            if route.upstream is not None:
+                route.upstream.close()
+
+    # ----- requests -----
+
+    def screen(self, request: Request) -> Reply | None:
+        """Judge a request on its head, before its body is read: the token first, then the route."""
+        route = paths.classify(request.method, request.path, self._endpoints)
+        request.context = route
+        if route.kind == "open":
+            if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
+                return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
+            return None
+        authorization = request.header(b"authorization")
+        if not self.auth.check(authorization.decode("latin-1") if authorization is not None else None):
+            return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
+                               "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+        if route.kind == "not_found":
+            return error_reply(404, f"No route {request.path[:200]!r}: the endpoint serves the inference routes of "
+                               "/v1/... and /<endpoint>/... (see GET /v1/models for the endpoints)", "not_found")
+        if route.kind == "method_not_allowed":
+            allowed = ", ".join(sorted(route.allowed))
+            return error_reply(405, f"{request.method} is not served on {request.path[:200]!r} (use {allowed})",
+                               "method_not_allowed", headers=((b"allow", allowed.encode()),))
+        if route.kind == "relay" and self.draining:
+            return error_reply(503, "The deployment is shutting down", "draining", retry_after_s=RETRY_AFTER_SECONDS)
+        return None
+
+    def handle(self, request: Request, conn: ServerConnection) -> Handled:
+        """Answer at once, relay to an engine, or hold the request while its model wakes or restarts."""
+        route: paths.Route = request.context  # type: ignore[assignment]
+        if route.kind != "relay":
+            conn.reply(self._own(route))
+            return None
+        model = self._model_route(request, route)
+        if isinstance(model, Reply):
+            conn.reply(model)
+            return None
+        path = route.target.encode() + (b"?" + request.query if request.query else b"")
+        residency = model.residency
+        if residency is not None and residency.enter(model.endpoint):
+            return self._relay(request, conn, model, path)
+        state = model.state
+        if (residency is not None and state in _WAITS_FOR_WAKE) or state == ModelState.RESTARTING:
+            if model.held >= MAX_HELD_REQUESTS:
+                conn.reply(_unavailable(model, state))
+                return None
+            return self._held(request, conn, model, path, state)
+        if residency is not None or state != ModelState.RESIDENT:  # (resident, not yet measured: loading)
+            conn.reply(_unavailable(model, ModelState.LOADING if state == ModelState.RESIDENT else state))
+            return None
+        return self._relay(request, conn, model, path)
+
+    def _relay(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes) -> Handled:
+        assert self._relays is not None
+        return Relay(self._relays, request, conn, route, path).start()
+
+    def _model_route(self, request: Request, route: paths.Route) -> ModelRoute | Reply:
+        """The model a relayed request goes to: the path's, or the one its JSON body names."""
+        if route.takes_json(request.method) and not json_object(request.body):
+            return error_reply(400, "The request body must be one JSON object", "invalid_json")
+        if route.endpoint is not None:
+            return self.routes[route.endpoint]
+        model = model_field(request.body)
+        if model is None:
+            if len(self.routes) == 1:
+                return next(iter(self.routes.values()))
+            return error_reply(400, "The request names no model: set \"model\" to one of "
+                               + ", ".join(sorted(self.routes)), "model_required", param="model")
+        endpoint = model if model in self.routes else model.split(":", 1)[0]
+        found = self.routes.get(endpoint)
+        if found is None:
+            return error_reply(404, f"The model {model[:200]!r} does not exist; available: "
+                               + ", ".join(sorted(self.routes)), "model_not_found", param="model")
+        return found
+
+    async def _held(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+                    state: str) -> Pending | None:
+        """Hold a request for a model that is waking (one wake-up for all) or restarting after a crash, until it
+        serves again, at most its deadline; then relay it, or 503 + Retry-After."""
+        route.held += 1
+        try:
+            if state == ModelState.RESTARTING:
+                deadline = route.restart_hold_s
+                ready = await route.engine.wait_serving(deadline)
+                if ready and route.residency is not None:
+                    ready = route.residency.enter(route.endpoint)
+            else:
+                assert route.residency is not None
+                deadline = route.wake_deadline_s
+                ready = await route.residency.wait_resident(route.endpoint, deadline)
+        finally:
+            route.held -= 1
+        if not ready:
+            if state != ModelState.RESTARTING:
+                conn.reply(_unavailable(route, ModelState.WAKING, waited_s=deadline))
+            elif route.state == ModelState.RESTARTING:
+                conn.reply(_unavailable(route, ModelState.RESTARTING, waited_s=deadline))
+            else:  # it failed for good, or the deployment is stopping
+                conn.reply(_unavailable(route, route.state))
+            return None
+        started = self._relay(request, conn, route, path)
+        return started if started is None or started is PENDING else await started
+
+    # ----- answers of the gateway itself -----
+
+    def _own(self, route: paths.Route) -> Reply:
+        if route.kind == "open":
+            return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else self._readyz()
+        if route.kind == "metrics":
+            return Reply(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
+                         content_type=b"text/plain; version=0.0.4; charset=utf-8")
+        cards = self._models(route.endpoint)
+        if route.model_id is None:
+            return Reply(200, json.dumps({"object": "list", "data": cards}).encode())
+        for card in cards:
+            if route.model_id == card["id"] or (route.endpoint is not None
+                                                 and f"{route.endpoint}:{route.model_id}" == card["id"]):
+                return Reply(200, json.dumps(card).encode())
+        return error_reply(404, f"The model {route.model_id!r} does not exist", "model_not_found", param="model")
+
+    def states(self) -> dict[str, str]:
+        """Each model's state, as requests find it."""
+        return {name: route.state for name, route in self.routes.items()}
+
+    def _readyz(self) -> Reply:
+        """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
+        states = self.states()
+        ready = all(s == ModelState.RESIDENT or s in _WAITS_FOR_WAKE for s in states.values()) and not self.draining
+        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": states}
+        described = next((r.residency.describe() for r in self.routes.values() if r.residency is not None), {})
+        if described:
+            body["residency"] = described
+        return Reply(200 if ready else 503, json.dumps(body).encode())
+
+    def _models(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
+        created = int(time.time())
+        data = []
+        for name, route in self.routes.items():
+            if endpoint is not None and name != endpoint:
+                continue
+            state = route.state
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
+                         "state": state})
+            data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
+                      "parent": name, "state": state} for adapter in route.adapters]
+        return data
+
+
+def raise_open_file_limit(connections: int) -> int:
+    """Raise this process's open-file limit to what `connections` client connections need (each with one to an
+    engine, and room for the rest), as far as the hard limit allows; the connections that fit."""
+    needed = 2 * connections + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("Could not raise the open-file limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitting = max(1, (soft - 1024) // 2)
+        logger.warning("The open-file limit (%d) allows %d client connections, not %d: raise `ulimit -n` for more",
+                       soft, fitting, connections)
+        return fitting
+    return connections
+
+
+class _TrackedConnection(ServerConnection):
+    """A server connection the gateway can find again (to close them all when it stops), within its cap."""
+
+    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop):
+        super().__init__(gateway.handle, loop, gateway.limits, screen=gateway.screen,
+                         on_response=gateway.stats.count_response)
+        self._gateway = gateway
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gateway = self._gateway
+        if len(gateway.connections) >= gateway.max_connections:
+            if gateway.refused_connections % 1000 == 0:
+                logger.warning("%d client connections are open (the most allowed): new ones get 503",
+                               len(gateway.connections))
+            gateway.refused_connections += 1
+            super().connection_made(transport)
+            self.keep_alive = False
+            self.reply(error_reply(503, "Too many connections are open; retry shortly", "too_many_connections",
+                                   retry_after_s=RETRY_AFTER_SECONDS))
+            self.stop_reading()
+            return
+        gateway.connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gateway.connections.discard(self)
+        super().connection_lost(exc)

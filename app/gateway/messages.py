@@ -1,0 +1,81 @@
+"""What the gateway's HTTP/1.1 pieces share: a request as parsed, a connection's limits, how handlers answer, the
+status line."""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from app.gateway.errors import Reply
+
+if TYPE_CHECKING:
+    from app.gateway.server import ServerConnection
+
+# Largest request head (request line + headers) accepted; nginx's default large_client_header_buffers is 32 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+# A request must arrive whole within this long once it has started (slow-loris clients are cut off).
+REQUEST_RECEIVE_TIMEOUT_SECONDS = 30.0
+# A keep-alive connection with no request for this long is closed.
+KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# A client that reads none of its answer for this long is cut off (nginx's send_timeout).
+WRITE_TIMEOUT_SECONDS = 60.0
+# Requests a client may send ahead of its answers (pipelining); past this the connection takes no more and closes
+# once those are answered (RFC 9112 9.3.2: a client retries what was not answered).
+MAX_PIPELINED = 16
+
+
+@functools.lru_cache(maxsize=128)
+def status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b"Unknown"
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    keep_alive: bool = True
+    refusal: Reply | None = None  # answered with this, its body unread, and the connection closes after it
+    context: object = None  # what the screen found out about it, for the handler
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may cost."""
+
+    max_body_bytes: Callable[[], int]  # read when needed: the gateway's limit may change while it serves
+    receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS
+    write_timeout_s: float = WRITE_TIMEOUT_SECONDS
+
+
+class Pending(enum.Enum):
+    """A handler's answer is under way on callbacks: it calls `request_done` when it has ended."""
+
+    PENDING = "pending"
+
+
+PENDING = Pending.PENDING
+# A handler answers at once (None), relays on callbacks (PENDING), or must wait for something first (an awaitable
+# that ends the same two ways).
+Handled = Pending | Awaitable["Pending | None"] | None
+Handler = Callable[[Request, "ServerConnection"], Handled]
+# Judges a request on its head (its body not read yet): a Reply refuses it.
+Screen = Callable[[Request], "Reply | None"]
+
+

@@ -1,0 +1,334 @@
+"""One proxied request, from the gateway to an engine and back, and what is counted of it.
+
+`Relay` sends a request on a kept-alive connection to the engine (or a new one), relays the answer on the
+connections' callbacks (`app.gateway.upstream`), and records it when it ends, whichever way it ends: complete, failed
+(502, 504, or an SSE error event once a stream was under way), or abandoned by its client. An engine's error (any
+status from 400) is not relayed as it came: its message is read, cleaned and answered in the one error shape.
+`InFlight` counts the requests under way, for draining and the idle policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, sse_error_event
+from app.gateway.messages import PENDING, Handled, Request
+from app.gateway.server import ServerConnection
+from app.gateway.stats import RequestRecord, RequestStats
+from app.gateway.upstream import (
+    Exchange,
+    PoolExhausted,
+    ResponseHead,
+    Upstream,
+    UpstreamConnection,
+    UpstreamError,
+    request_bytes,
+    response_head,
+)
+
+logger = logging.getLogger(__name__)
+
+# Largest non-streamed response kept in memory to count its tokens; larger ones pass through uncounted.
+MAX_COUNTED_RESPONSE_BYTES = 4 * 1024 * 1024
+# Largest error body read from an engine to re-shape it (the message is what is kept).
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# What a 503 tells clients to wait before retrying (loading, restarting, draining).
+RETRY_AFTER_SECONDS = 5
+
+_ENGINE_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+                 413: "request_too_large", 422: "invalid_request", 429: "rate_limited"}
+
+
+class Activity(Protocol):
+    """Told when a proxied request starts and ends (the idle policy)."""
+
+    def request_started(self, now: float) -> None: ...
+
+    def request_finished(self, now: float) -> None: ...
+
+
+class InFlight:
+    """The requests under way: how many, whether none (for draining), and the idle policy told of each."""
+
+    def __init__(self, activity: Activity | None):
+        self.count = 0
+        self._activity = activity
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self, now: float) -> None:
+        self.count += 1
+        self.idle.clear()
+        if self._activity is not None:
+            self._activity.request_started(now)
+
+    def leave(self, now: float) -> None:
+        self.count -= 1
+        if self._activity is not None:
+            self._activity.request_finished(now)
+        if self.count == 0:
+            self.idle.set()
+
+
+class Target(Protocol):
+    """Where a relayed request goes (`app.gateway.gateway.ModelRoute`)."""
+
+    endpoint: str
+    upstream: Upstream | None
+    host: bytes
+    authorization: bytes | None
+    api_key: str | None
+
+    def leave(self, now: float) -> None:
+        """The request has ended (models sharing GPUs count them)."""
+
+
+@dataclass
+class RelayContext:
+    """What every relay of one gateway shares."""
+
+    loop: asyncio.AbstractEventLoop
+    clock: Callable[[], float]
+    stats: RequestStats
+    flight: InFlight
+    read_timeout_s: float = field(default=600.0)
+
+
+class Relay:
+    """One proxied request; `start()` is the handler's answer (`PENDING`, or an awaitable while it connects)."""
+
+    __slots__ = ("ctx", "request", "conn", "target", "data", "started", "sent_at", "usage", "status",
+                 "streamed", "exchange", "attempt", "reused", "error_body")
+
+    def __init__(self, ctx: RelayContext, request: Request, conn: ServerConnection, target: Target, path: bytes):
+        self.ctx, self.request, self.conn, self.target = ctx, request, conn, target
+        self.data = request_bytes(request.method, path, target.host, request.headers, request.body,
+                                  target.authorization)
+        self.started: float | None = ctx.clock()
+        self.usage = UsageScanner()
+        self.status, self.streamed = 502, False
+        self.exchange: Exchange | None = None
+        self.attempt, self.reused = 0, False
+        self.error_body: list[bytes] | None = None  # an engine's error response, read to be re-shaped
+        self.sent_at = ctx.loop.time()  # the exchange's clock, for the time to the first chunk
+        ctx.flight.enter(self.started)
+        conn.on_lost = self._lost
+
+    def start(self) -> Handled:
+        assert self.target.upstream is not None
+        connection = self.target.upstream.take_idle()
+        if connection is None:
+            return self._connect()
+        self._send(connection)
+        return PENDING
+
+    async def _connect(self) -> Handled:
+        assert self.target.upstream is not None
+        endpoint = self.target.endpoint
+        try:
+            connection = await self.target.upstream.acquire()
+        except PoolExhausted:
+            self.status = 503
+            self._answer(error_reply(503, f"Model {endpoint!r} has too many requests open", "overloaded",
+                                     retry_after_s=RETRY_AFTER_SECONDS))
+            return None
+        except UpstreamError as exc:
+            self._answer(error_reply(502, f"Model {endpoint!r} is unreachable ({exc})", "engine_unreachable"))
+            return None
+        except asyncio.CancelledError:
+            self._lost()
+            raise
+        self._send(connection)
+        return PENDING
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.attempt += 1
+        self.reused = connection.used
+        self.exchange = Exchange(self.conn, self.ctx.loop, self.ctx.read_timeout_s, self.usage.feed,
+                                 self._on_headers, self._done)
+        self.exchange.send(connection, self.data)
+
+    def _on_headers(self, head: ResponseHead) -> None:
+        self.status = head.status
+        if head.status >= 400:  # read the engine's error to answer it in the one shape
+            self.error_body = []
+            assert self.exchange is not None
+            self.exchange.relaying = False
+            self.exchange.on_chunk = self._error_chunk
+            return
+        self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
+            b"text/event-stream")
+        self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
+        self.conn.start(head.status, response_head(head), head.content_length)
+
+    def _error_chunk(self, data: bytes) -> None:
+        assert self.error_body is not None
+        if sum(map(len, self.error_body)) < MAX_ERROR_BODY_BYTES:
+            self.error_body.append(data)
+
+    def _done(self, exchange: Exchange) -> None:
+        if exchange.error is not None and exchange.head is None and self.reused and self.attempt == 1 \
+                and not exchange.timed_out:
+            # a kept-alive connection the engine had closed meanwhile: once more, on a fresh one
+            result = self.start()
+            if result is not PENDING:
+                self.ctx.loop.create_task(self._retry(result))  # type: ignore[arg-type]
+            return
+        if self.error_body is not None:
+            self.conn.reply(self._engine_error(exchange))
+        elif exchange.error is not None:
+            self.status = failed(self.conn, exchange, self.target.endpoint)
+        else:
+            self.conn.end()
+        self._finish()
+        self.conn.request_done()
+
+    def _engine_error(self, exchange: Exchange) -> Reply:
+        """The engine's error in the one shape, its message cleaned of paths, tracebacks and keys. An engine that
+        refuses the gateway's own key is the gateway's fault to report: 502."""
+        assert self.error_body is not None and exchange.head is not None
+        status = exchange.head.status
+        message = clean_message(engine_error_message(status, b"".join(self.error_body)),
+                                (self.target.api_key or "",))
+        endpoint = self.target.endpoint
+        if status in (401, 403):
+            self.status = 502
+            logger.error("Model %s refused the gateway's key (%d)", endpoint, status)
+            return error_reply(502, f"Model {endpoint!r} refused the gateway's request", "engine_refused")
+        if status == 503:
+            return error_reply(503, f"Model {endpoint!r} is busy: {message}", "engine_unavailable",
+                               retry_after_s=RETRY_AFTER_SECONDS)
+        if status >= 500:
+            return error_reply(status, f"Model {endpoint!r} failed: {message}", "engine_error")
+        return error_reply(status, message, _ENGINE_CODES.get(status, "invalid_request"))
+
+    async def _retry(self, connecting: Awaitable[object]) -> None:
+        if await connecting is not PENDING:
+            self.conn.request_done()
+
+    def _answer(self, reply: Reply) -> None:
+        self.conn.reply(reply)
+        self._finish()
+
+    def _lost(self) -> None:
+        """The client went away: the engine's connection closes, which makes the engine abort the request."""
+        if self.exchange is not None and not self.exchange.finished:
+            self.exchange.abandon()
+        self.status = 499
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.started is None:
+            return  # recorded already
+        ctx, exchange = self.ctx, self.exchange
+        ended = ctx.clock()
+        ctx.flight.leave(ended)
+        self.conn.on_lost = None
+        first = exchange.first_byte_at if exchange is not None else None
+        ttft = first - self.sent_at if self.streamed and first is not None else None
+        found = self.usage.result()
+        ctx.stats.record(RequestRecord(
+            endpoint=self.target.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
+            prompt_tokens=(found or {}).get("prompt_tokens"),
+            completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
+        self.started = None
+        self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
+        self.target.leave(ended)
+
+
+def failed(conn: ServerConnection, exchange: Exchange, endpoint: str) -> int:
+    """The engine failed or went silent: say so in the way the client can still hear; the status recorded."""
+    timed_out = exchange.timed_out
+    code, reason = (504, "engine_timeout") if timed_out else (502, "engine_crashed")
+    what = "stopped answering" if timed_out else "failed mid-response"
+    if exchange.head is None:
+        if timed_out:
+            conn.reply(error_reply(504, f"Model {endpoint!r} did not answer in time", reason))
+        else:
+            conn.reply(error_reply(502, f"Model {endpoint!r} failed before answering", "engine_unreachable"))
+        return code
+    logger.warning("Response from %s was cut: the engine %s", endpoint, what)
+    if (exchange.head.header(b"content-type") or b"").startswith(b"text/event-stream"):
+        conn.write(sse_error_event(code, f"Model {endpoint!r} {what}", reason))
+        conn.end()
+    else:
+        conn.abort()  # a body cut short: the client must not take it for a whole one
+    return code
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what is read of bodies (by pattern: parsing whole bodies costs more than proxying them)
+
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_USAGE_RE = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+
+
+def model_field(body: bytes) -> str | None:
+    """The `model` a JSON request body names."""
+    if not body or b'"model"' not in body:
+        return None
+    match = _MODEL_RE.search(body)
+    if match is not None and body.count(b'"model"') == 1:  # the common case, without parsing the whole body
+        return match.group(1).decode("utf-8", "replace")
+    try:
+        value = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def json_object(body: bytes) -> bool:
+    """Whether a body is (at least at its start) one JSON object; arrays, strings and empty bodies are not. The
+    engine parses it whole; this only keeps what no inference route takes from reaching it."""
+    return body.lstrip(b" \t\r\n")[:1] == b"{"
+
+
+def _usage_from_json(data: bytes) -> dict[str, int] | None:
+    """The token counts of a usage block."""
+    at = data.find(b'"usage"')
+    if at < 0 or data.startswith(b"null", at + 8) or data.startswith(b" null", at + 8):
+        return None
+    found = {k.decode(): int(v) for k, v in _USAGE_RE.findall(data, at)}
+    return found or None
+
+
+class UsageScanner:
+    """Finds a response's token usage: in a whole JSON body, or in a stream's SSE events (usually the last one)."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, int] | None = None
+        self.whole = False  # the response is one JSON document: keep it to read its usage at the end
+        self._body: list[bytes] = []
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.whole:
+            self._body.append(chunk)
+            return
+        if b'"usage"' not in chunk and not self._partial:
+            return
+        text = self._partial + chunk
+        events = text.split(b"\n\n")
+        self._partial = events.pop() if not text.endswith(b"\n\n") else b""
+        if len(self._partial) > MAX_COUNTED_RESPONSE_BYTES:
+            self._partial = b""
+        for event in events:
+            if b'"usage"' not in event:
+                continue
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    usage = _usage_from_json(line[5:].strip())
+                    if usage:
+                        self.usage = usage
+
+    def result(self) -> dict[str, int] | None:
+        if self.whole and self._body:
+            return _usage_from_json(b"".join(self._body))
+        return self.usage

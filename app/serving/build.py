@@ -1,0 +1,139 @@
+"""Carrying out a plan, part one: every object a deployment runs, made at once from its plan (nothing started).
+
+`build(plan, ...)` makes the engines (one `Engine` per SGLang server), the routers in front of replicas with their
+worker lists and the worker tasks that join them, the residency when models share GPUs by sleeping, the gateway's
+routes and the gateway, and the two supervisors (servers, then routers). `app.serving.deployment` starts, serves and
+stops what it made.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+from app.serving.engine import Engine
+from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
+from app.serving.idle import IdleTracker
+from app.serving.plan import DeploymentPlan
+from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
+from app.serving.scale_out import RemoteWorkers, WorkerPool
+from app.serving.supervisor import EngineSupervisor
+from app.sglang.api import SGLangClient
+from app.sglang.router import RouterWorkers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoutedModel:
+    """A model served through sglang-router: the router's engine, its worker list, the servers on this machine."""
+
+    router: Engine
+    control: RouterWorkers
+    servers: list[Engine]
+    metrics_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        """The router's own Prometheus listener (its per-worker counts)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """The gateway's timeouts, where a run changes them (None: the gateway's own default)."""
+
+    upstream_read_timeout_s: float | None = None
+    request_receive_timeout_s: float | None = None
+    write_timeout_s: float | None = None
+
+    def kwargs(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class Built:
+    """Everything a deployment runs, made from its plan."""
+
+    plan: DeploymentPlan
+    gateway: Gateway
+    tracker: IdleTracker
+    supervisor: EngineSupervisor  # the SGLang servers
+    routers: EngineSupervisor  # the routers in front of replicas (started once their servers are)
+    routed: dict[str, RoutedModel] = field(default_factory=dict)
+    remote_workers: dict[str, RemoteWorkers] = field(default_factory=dict)
+    residency: Residency | None = None
+
+
+def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,
+          secrets: list[str], startup_deadline_s: float, gateway_options: GatewayOptions = GatewayOptions(),
+          worker_pool: WorkerPool | None = None, clock: Callable[[], float] = time.monotonic,
+          on_change: Callable[[Engine], None] | None = None) -> Built:
+    """The deployment's objects. `secrets` are masked in every engine's log; `on_change` hears every engine's news
+    (the deployment passes them on to the residency and the routers)."""
+    config = plan.config
+    front: dict[str, Engine] = {}
+    servers: list[Engine] = []
+    routed: dict[str, RoutedModel] = {}
+    remote_workers: dict[str, RemoteWorkers] = {}
+    for command in plan.commands:
+        route_plan = plan.routed.get(command.endpoint)
+        if route_plan is None:
+            servers.append(engine := Engine(command, secrets=secrets, probe=client.healthy))
+            front[command.endpoint] = engine
+            continue
+        workers = [Engine(c, secrets=secrets, probe=client.healthy) for c in route_plan.servers]
+        control = RouterWorkers(f"http://127.0.0.1:{route_plan.router.port}", command.api_key, client=client)
+        router = Engine(route_plan.router, secrets=secrets, probe=control.readiness(len(workers)))
+        servers += workers
+        front[command.endpoint] = router
+        routed[command.endpoint] = RoutedModel(router, control, workers, route_plan.metrics_port)
+        if route_plan.remote:
+            assert worker_pool is not None
+            remote_workers[command.endpoint] = RemoteWorkers(
+                command.endpoint, route_plan.remote, worker_pool, add=control.add, remove=control.remove,
+                engine_key=command.api_key)
+        logger.info("Model %s: %d SGLang server(s) here%s behind sglang-router", command.endpoint, len(workers),
+                    f" and {route_plan.remote} replica(s) in worker tasks" if route_plan.remote else "")
+    residency = _residency(plan, [front[c.endpoint] for c in plan.commands], client, clock)
+    tracker = IdleTracker(config.idle.time_limit_hours * 3600 if config.idle.shuts_down else None,
+                          config.idle.report_interval_seconds, clock())
+    routes = [ModelRoute(c.endpoint, front[c.endpoint], api_key=c.api_key, adapters=plan.adapters[c.endpoint],
+                         residency=residency, wake_deadline_s=config.general.wake_deadline_seconds,
+                         restart_hold_s=config.general.restart_hold_seconds)
+              for c in plan.commands]
+    gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock, **gateway_options.kwargs())
+    supervisor = EngineSupervisor(
+        servers, startup_deadline_s=startup_deadline_s, clock=clock,
+        admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
+        on_change=on_change)
+    routers = EngineSupervisor([r.router for r in routed.values()], startup_deadline_s=startup_deadline_s,
+                               clock=clock)
+    return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency)
+
+
+def _residency(plan: DeploymentPlan, engines: list[Engine], client: SGLangClient,
+               clock: Callable[[], float]) -> Residency | None:
+    """With CPU offloading or disk swapping on GPUs: who is resident, who sleeps (app.serving.residency)."""
+    general = plan.config.general
+    placements = plan.layout.placements
+    if not general.sleeps or placements is None:
+        return None
+    memory = {g.index: g.memory_gib for g in plan.layout.gpus}
+    slots = [Slot(e.endpoint, p.devices, (p.memory_fraction or MAX_MEMORY_FRACTION_PER_DEVICE)
+                  * min(memory[d] for d in p.devices))
+             for e, p in zip(engines, placements, strict=True)]
+    control = SGLangMemoryControl(CPU_OFFLOAD if general.auto_cpu_offload else DISK_SWAP,
+                                  model_paths={e.endpoint: e.command.model_path or "" for e in engines},
+                                  api_keys={e.endpoint: e.command.api_key for e in engines}, client=client)
+    logger.info("Models share GPUs by %s: a model idle %s gives its memory back",
+                "CPU offloading" if general.auto_cpu_offload else "disk swapping",
+                f"for {general.sleep_after_idle_seconds} s or" if general.sleep_after_idle_seconds else "")
+    return Residency(slots, {e.endpoint: e for e in engines}, control,
+                     budget_gib={i: m * MAX_MEMORY_FRACTION_PER_DEVICE for i, m in memory.items()},
+                     sleep_after_s=general.sleep_after_idle_seconds, protect_s=general.wake_deadline_seconds,
+                     clock=clock)
+

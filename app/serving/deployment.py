@@ -1,0 +1,319 @@
+"""Serving a deployment: plan → build → start engines behind the gateway → serve → drain → stop.
+
+`Deployment.run()` is what `clearml-sglang run` does once the config is loaded: it resolves the models, lays them
+out and plans every command (`app.serving.plan`, pure), builds what the plan says (`app.serving.build`), then carries
+it out. Its collaborators (model registry, GPU detection, reporter, clock) are passed in; signals only set the stop
+request, which the loop observes. Teardown runs in reverse order of startup, in `finally`, with every wait bounded.
+
+Exit codes (`app.constants`): 0 after an idle shutdown, 3 when an engine failed to start or crashed beyond its
+restart budget, 128 + signal number after SIGINT/SIGTERM and a clean drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from app.config.types import DeploymentConfig
+from app.constants import EXIT_OK
+from app.gateway import Gateway, RequestStats
+from app.serving.build import Built, GatewayOptions, RoutedModel, build
+from app.serving.engine import Engine
+from app.serving.failures import EngineStartupError
+from app.serving.gpus import Gpu, detect_gpus
+from app.serving.idle import IdleDecision
+from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
+from app.serving.models import ModelRegistry, resolve
+from app.serving.network import access_tokens, curl_command, engine_key, free_ports, public_address
+from app.serving.plan import DeploymentPlan, layout, plan
+from app.serving.residency import Residency
+from app.serving.scale_out import RemoteWorkers, WorkerPool
+from app.sglang.api import SGLangClient
+from app.sglang.command import MultiNode, check_commands
+from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
+from app.sglang.router import RouterError, requests_per_worker
+from app.states import EngineState, ModelState, Status
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Deployment", "RunOptions"]  # (RunOptions lives with the lifecycle the instance and its nodes share)
+
+# How often the loop looks at the idle policy and the engines; reports go out every report interval.
+TICK_SECONDS = 1.0
+# How often worker tasks are looked at (each look is a few ClearML calls).
+SCALE_TICK_SECONDS = 10.0
+
+
+@dataclass
+class _Serving:
+    """What the serving loop keeps between its turns."""
+
+    started: float  # when run() began (the scalars' iteration is seconds since)
+    rate: TokenRate
+    tasks: set[asyncio.Task[object]]  # background work: sleeping idle models, worker tasks, router changes
+    sleeper: asyncio.Task[object] | None = None
+    scaler: asyncio.Task[object] | None = None
+    next_scale: float = 0.0
+    routing: bool = False  # the routers are up: worker deaths and returns are passed on to them
+    reporting: bool = False  # the serving loop has begun: a last report is owed at the end
+
+
+class Deployment(Lifecycle):
+    """Everything `run` serves. Constructing it starts nothing; `run()` does, and returns the exit code."""
+
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, *, options: RunOptions = RunOptions(),
+                 reporter: Reporter | None = None, detect: Callable[[], list[Gpu]] = detect_gpus,
+                 clock: Callable[[], float] = time.monotonic, environ: dict[str, str] | None = None,
+                 multi_node: MultiNode | None = None, worker_pool: WorkerPool | None = None):
+        """`multi_node`: rank 0 of a model spanning nodes (ClearML's multi-node launch started the others).
+        `worker_pool`: where replicas that do not fit on this machine's GPUs go (under an agent: worker tasks)."""
+        super().__init__(config, registry, reporter=reporter, options=options, detect=detect, clock=clock,
+                         environ=environ, multi_node=multi_node)
+        self.worker_pool = worker_pool
+        self.stats = RequestStats()
+        self.client = SGLangClient()
+        self.built: Built | None = None  # what run() builds from its plan, at once
+        self._serving = _Serving(clock(), TokenRate(), set())
+
+    # what was built, by name (None before run() has built it)
+    gateway = property(lambda self: self.built.gateway if self.built else None)
+    supervisor = property(lambda self: self.built.supervisor if self.built else None)
+    routers = property(lambda self: self.built.routers if self.built else None)
+    residency = property(lambda self: self.built.residency if self.built else None)
+    routed = property(lambda self: self.built.routed if self.built else {})
+    remote_workers = property(lambda self: self.built.remote_workers if self.built else {})
+
+    def plan(self, resolved: list) -> DeploymentPlan:
+        """Lay the models out on this machine and plan every command (pure, given the GPUs and free ports)."""
+        where = layout(self.config, self.detect() if self.config.general.device == "cuda" else [],
+                       can_spawn=self.worker_pool is not None)
+        for model, placement in zip(where.config.models, where.placements or (), strict=False):
+            logger.info("Model %s on GPU %s%s", model.endpoint, placement.cuda_visible_devices,
+                        f" (shared; memory fraction {placement.memory_fraction:g})" if placement.shared else "")
+        ports = free_ports(where.ports_needed, exclude=frozenset({self.options.port}))
+        planned = plan(where, resolved, ports, engine_key=engine_key(), launcher=self.options.launcher,
+                       multi_node=self.multi_node)
+        check_commands(list(planned.commands))  # SGLang's own parser, where it is installed
+        return planned
+
+    async def run(self) -> int:
+        self._serving.started = self.clock()
+        try:
+            return await self._run()
+        finally:
+            await self.client.close()
+            await self.tell(self.reporter.close)
+
+    async def _run(self) -> int:
+        await self.tell(self.reporter.status, Status.LOADING, "resolving models")
+        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
+        planned = self.plan(resolved)
+        tokens, generated = access_tokens(self.config, self.environ)
+        if generated:
+            await self.tell(self.reporter.access_token, tokens[0])
+        options = self.options
+        self.built = built = build(
+            planned, tokens, stats=self.stats, client=self.client, secrets=[*tokens, *self.config.secrets],
+            startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
+            gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
+                                           options.write_timeout_s),
+            on_change=self._engine_changed)
+        try:
+            await built.gateway.start(options.host, options.port)
+            await self.tell(self.reporter.status, Status.LOADING, "starting engines")
+            await self.tell(self.reporter.states, self.states())
+            try:
+                await self._until_started(built)
+            except EngineStartupError as exc:
+                return await self.fail(exc)
+            if self._stop.is_set():
+                return await self.signal_exit()
+            await self._announce(built.gateway)
+            built.tracker.reset(self.clock())
+            return await self._serve(built)
+        finally:
+            await self._shutdown(built)
+            await self.tell(self.reporter.states, self.states())
+
+    def _engine_changed(self, engine: Engine) -> None:
+        """The supervisor's news: the residency policy hears of crashes; a router stops sending requests to a worker
+        that died and takes it back once its restart is ready."""
+        if self.residency is not None:
+            self.residency.engine_changed(engine)
+        if not self._serving.routing:
+            return
+        for routed in self.routed.values():
+            if engine in routed.servers and engine.state in (EngineState.RESIDENT, EngineState.RESTARTING,
+                                                             EngineState.FAILED, EngineState.STOPPED):
+                control = routed.control
+                change = control.add(engine.url) if engine.state == EngineState.RESIDENT else control.remove(engine.url)
+                self._background(self._router_change(change, engine))
+
+    def _background(self, work: Awaitable[object], name: str | None = None) -> asyncio.Task[object]:
+        task = asyncio.ensure_future(work)
+        if name:
+            task.set_name(name)
+        self._serving.tasks.add(task)
+        task.add_done_callback(self._serving.tasks.discard)
+        return task
+
+    @staticmethod
+    async def _router_change(change: Awaitable[None], engine: Engine) -> None:
+        try:
+            await change
+        except RouterError as exc:
+            logger.warning("Could not tell the router about %s (%s): %s", engine.endpoint, engine.state, exc)
+
+    async def _start_all(self, built: Built) -> None:
+        """The engines, then the routers in front of replicas (each over workers that are ready)."""
+        await built.supervisor.start_all()
+        await built.routers.start_all()
+        self._serving.routing = True
+
+    async def _until_started(self, built: Built) -> None:
+        start = asyncio.create_task(self._start_all(built))
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            stop.cancel()
+            start.result()
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
+                await start
+
+    async def _announce(self, gateway: Gateway) -> None:
+        assert gateway.port is not None
+        host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
+                                            else self.options.host)
+        local = f"http://{host}:{gateway.port}"
+        base = await self.tell(self.reporter.base_url, gateway.port, local) or local
+        models = {name: f"{base}/{name}/v1" for name in gateway.routes}
+        await self.tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
+        await self.tell(self.reporter.states, self.states())
+
+    async def _serve(self, built: Built) -> int:
+        self._serving.reporting = True
+        interval = self.config.idle.report_interval_seconds
+        next_report = self.clock()
+        state = None
+        states = self.states()
+        while True:
+            now = self.clock()
+            decision = built.tracker.decide(now)
+            if decision.state != state:
+                state = decision.state
+                await self.tell(self.reporter.status, state)  # the idle policy's active or idle
+            if self.states() != states:
+                states = self.states()
+                await self.tell(self.reporter.states, states)
+            if now >= next_report:
+                await self._report(decision)
+                next_report = now + interval
+            self._housekeeping(built, now)
+            if decision.stop:
+                logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
+                            built.tracker.limit_seconds or 0)
+                await self.tell(self.reporter.status, Status.STOPPED, "idle time limit reached")
+                return EXIT_OK
+            for supervisor in (built.supervisor, built.routers):
+                if supervisor.failed.is_set() and supervisor.failure is not None:
+                    return await self.fail(supervisor.failure)
+            if self._stop.is_set():
+                return await self.signal_exit()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
+
+    def _housekeeping(self, built: Built, now: float) -> None:
+        """Idle models to sleep (models sharing GPUs); worker tasks kept at their count."""
+        serving = self._serving
+        if built.residency is not None and (serving.sleeper is None or serving.sleeper.done()):
+            serving.sleeper = self._background(built.residency.sleep_idle(), "sleep-idle-models")
+        if built.remote_workers and now >= serving.next_scale and (serving.scaler is None or serving.scaler.done()):
+            serving.next_scale = now + SCALE_TICK_SECONDS
+            serving.scaler = self._background(self._scale(built.remote_workers), "remote-workers")
+
+    def states(self) -> dict[str, str]:
+        """Each model's state, and each replica server's (`<endpoint>/<n>`, `<endpoint>/remote<n>`) where a router
+        spreads a model."""
+        if self.gateway is None:
+            return {}
+        states = self.gateway.states()
+        for routed in self.routed.values():
+            states.update({w.endpoint: w.state for w in routed.servers if w.endpoint not in states})
+        for remote in self.remote_workers.values():
+            states.update(remote.states())
+        if self.multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
+            for model in self.config.models:
+                if model.nodes > 1:
+                    state = states.get(model.endpoint, ModelState.LOADING)
+                    states.update({f"{model.endpoint}/node{r}": state for r in range(model.nodes)})
+        return states
+
+    @staticmethod
+    async def _scale(remote_workers: dict[str, RemoteWorkers]) -> None:
+        """Keep each model's worker tasks at their count, their URLs in its router."""
+        for remote in remote_workers.values():
+            try:
+                await remote.tick()
+            except Exception:
+                logger.exception("Managing the worker tasks of %s failed; trying again shortly", remote.endpoint)
+
+    async def _report(self, decision: IdleDecision) -> None:
+        now = self.clock()
+        engines = self.supervisor.engines if self.supervisor is not None else []
+        tokens = self._serving.rate.update(now, await scrape_tokens(self.client, engines))
+        residency: Residency | None = self.residency
+        await self.tell(self.reporter.report, now - self._serving.started, decision, self.stats.take_window(),
+                        self.stats, self.states(), tokens, residency.wake_stats() if residency else None,
+                        await replica_requests(self.client, self.routed) if self.routed else None)
+
+    async def _shutdown(self, built: Built) -> None:
+        serving = self._serving
+        for task in (serving.scaler, serving.sleeper):
+            if task is not None:
+                task.cancel()
+        for remote in built.remote_workers.values():
+            with contextlib.suppress(Exception):
+                await remote.stop()
+        if serving.sleeper is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving.sleeper
+        gateway = built.gateway
+        gateway.begin_drain()
+        if gateway.in_flight:
+            logger.info("Draining %d request(s) in flight (at most %.0f s)", gateway.in_flight,
+                        self.options.drain_deadline_s)
+        if not await gateway.wait_drained(self.options.drain_deadline_s):
+            logger.warning("%d request(s) still in flight after the drain deadline", gateway.in_flight)
+        if serving.reporting:  # the last word: what happened since the last report, drain included
+            await self._report(built.tracker.decide(self.clock()))
+        serving.routing = False
+        await built.routers.stop_all(self.options.engine_stop_grace_s)
+        await built.supervisor.stop_all(self.options.engine_stop_grace_s)
+        for task in list(serving.tasks):
+            task.cancel()
+        await gateway.close()
+        logger.info("Deployment stopped")
+
+
+async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:
+    """SGLang's own token counters, summed over every serving engine."""
+    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines if e.state == EngineState.RESIDENT))
+    total = ZERO
+    for text in texts:
+        total = total + TokenTotals.from_metrics(parse_prometheus(text))
+    return total
+
+
+async def replica_requests(client: SGLangClient, routed: dict[str, RoutedModel]) -> dict[str, float]:
+    """Requests each replica server has answered, as its router counts them."""
+    counts: dict[str, float] = {}
+    for model in routed.values():
+        answered = requests_per_worker(await client.metrics(model.metrics_url))
+        counts.update({w.endpoint: answered.get(w.url, 0.0) for w in model.servers})
+    return counts

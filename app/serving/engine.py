@@ -1,0 +1,333 @@
+"""One SGLang server process group, watched from start to stop; its state is written here only.
+
+`Engine` spawns the server in a new session (its own process group) through `app.sglang.launch`, pumps its output
+line by line to our log (prefixed by the endpoint name, secrets masked) and into a bounded tail, waits for readiness
+by probing SGLang's `/health` under one deadline while watching for the process dying, and stops it with SIGTERM to
+the launcher, a grace period, then SIGKILL to the whole group. (SGLang's launcher drains and stops its own children
+on SIGTERM; signalling the whole group makes it read its scheduler's exit as a crash: docs/sglang.md, "Stopping".)
+
+Once ready, every SGLang process of the engine (its scheduler, detokenizer and ranks, which SGLang names
+`sglang::...`) is watched too: when any of them dies the engine is taken down at once, rather than when SGLang's
+launcher gets round to it (its watchdog looks once a second, then it tears down), so streams end with their error
+within a second and the gateway holds new requests from that moment.
+
+Its supervisor (`app.serving.supervisor`) restarts it when it crashes (`restart_pending`, then `start`) or gives up
+(`give_up`); why it crashed is read from the evidence it leaves (`app.serving.failures`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import psutil
+
+from app.serving.failures import CrashEvidence, EngineStartupError, classify_failure, oom_kill_count
+from app.sglang.api import http_health_probe
+from app.sglang.command import EngineCommand
+from app.sglang.launch import SECRET_ARGS_ENV
+from app.states import EngineState
+
+logger = logging.getLogger(__name__)
+
+LOADING, RESIDENT, RESTARTING, FAILED, STOPPED = (EngineState.LOADING, EngineState.RESIDENT, EngineState.RESTARTING,
+                                                  EngineState.FAILED, EngineState.STOPPED)
+
+# How often readiness is probed; SGLang answers 503 quickly while it loads.
+READINESS_PROBE_INTERVAL_SECONDS = 0.5
+# Lines of engine output kept for error messages.
+LOG_TAIL_LINES = 200
+# Longest line read from an engine (SGLang prints its whole ServerArgs on one line).
+MAX_LOG_LINE_BYTES = 1 << 20
+# How often SGLang's processes are looked at where the kernel cannot tell at once (no pidfd).
+MEMBER_POLL_SECONDS = 0.25
+# SGLang names its processes `sglang::scheduler`, `sglang::detokenizer`, `sglang::scheduler_TP1`, ... (setproctitle).
+MEMBER_PREFIX = "sglang::"
+
+Probe = Callable[[str], Awaitable[bool]]
+
+
+
+class Engine:
+    """One SGLang server: `start`, `wait_ready`, `wait_exit`, `stop`. Constructing it starts nothing.
+
+    `state` is written by the engine (loading, resident, failed, stopped) and by its supervisor (restarting);
+    `wait_serving` lets the gateway hold a request until a restarting engine serves again."""
+
+    def __init__(
+        self,
+        command: EngineCommand,
+        *,
+        probe: Probe = http_health_probe,
+        secrets: Iterable[str] = (),
+        base_env: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.command = command
+        self.endpoint = command.endpoint
+        self.url = f"http://127.0.0.1:{command.port}"
+        self._state = STOPPED
+        self._changed = asyncio.Event()
+        self.exit_code: int | None = None
+        self.ready_at: float | None = None
+        self.restarts = 0
+        self.crashes: list[float] = []  # when it crashed (the supervisor's restart policy reads them)
+        self._probe = probe
+        self._secrets = [s for s in (*secrets, command.api_key or "", *command.secret_args.values()) if s]
+        self._base_env = base_env
+        self._clock = clock
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self._members: list[_Member] = []
+        self._stopping = False
+        self._died: str | None = None  # the SGLang process whose death ended the engine
+        self._oom_at_start: int | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            self._changed.set()  # wakes every waiter; they wait on a fresh event next time
+            self._changed = asyncio.Event()
+
+    async def wait_serving(self, deadline_s: float) -> bool:
+        """Wait until the engine is resident again (True), or has failed or stopped for good, or `deadline_s`
+        passed (False)."""
+        end = time.monotonic() + deadline_s
+        while self._state != RESIDENT:
+            remaining = end - time.monotonic()
+            if self._state in (FAILED, STOPPED) or remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def tail(self) -> list[str]:
+        return list(self._tail)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self._exited.is_set()
+
+    @property
+    def evidence(self) -> CrashEvidence:
+        """What is known of how the engine ended, besides its exit status and log."""
+        now = oom_kill_count()
+        before = self._oom_at_start
+        return CrashEvidence(self._died, None if now is None or before is None else now - before)
+
+    def restart_pending(self) -> None:
+        """It crashed and will be started again: restarting until it is ready."""
+        self.restarts += 1
+        self.state = RESTARTING
+
+    def give_up(self) -> None:
+        """It crashed once too often: failed for good."""
+        self.state = FAILED
+
+    async def start(self, restarting: bool = False) -> None:
+        """Launch the server: loading (or still restarting, after a crash) until it is ready."""
+        state = RESTARTING if restarting else LOADING
+        env = dict(self._base_env if self._base_env is not None else os.environ)
+        env.update(self.command.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.exit_code = None
+        self.ready_at = None
+        self._died = None
+        self._stopping = False
+        self._oom_at_start = oom_kill_count()
+        self._exited.clear()
+        self.state = state
+        argv = self._launch(env)
+        logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
+        self._process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
+        self._pump = asyncio.create_task(self._pump_output(self._process), name=f"pump-{self.endpoint}")
+
+    def _launch(self, env: dict[str, str]) -> list[str]:
+        """The command to exec, through `app.sglang.launch`: the secret flags (the engine's key) are handed over in
+        the environment, readable only by this user, instead of on the command line, readable by all; and the
+        engine dies with the app rather than outlive it."""
+        argv = list(self.command.argv)
+        if self.command.secret_args:
+            env[SECRET_ARGS_ENV] = json.dumps(dict(self.command.secret_args))
+        return [argv[0], "-m", "app.sglang.launch", *argv[1:]]
+
+    async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        engine_log = logging.getLogger("app.serving.engine." + self.endpoint)
+        while True:
+            try:
+                raw = await process.stdout.readline()
+            except ValueError:  # a line longer than the limit: keep going with what follows
+                continue
+            if not raw:
+                break
+            line = self._mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            self._tail.append(line)
+            engine_log.info("[%s] %s", self.endpoint, line)
+        self._crashed()  # its output ended: the launcher is going
+        self.exit_code = await process.wait()
+        self._unwatch_members()
+        self._exited.set()
+
+    def _mask(self, line: str) -> str:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
+
+    async def wait_ready(self, deadline: float) -> None:
+        """Probe until ready, the process dies (EngineStartupError) or the deadline passes (the same)."""
+        while True:
+            if self._exited.is_set():
+                raise self._failure("exited before it was ready")
+            if await self._probe(self.url):
+                self._watch_members()
+                self.state = RESIDENT
+                self.ready_at = self._clock()
+                logger.info("Engine %s is ready at %s", self.endpoint, self.url)
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise self._failure("was not ready before the startup deadline")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), min(READINESS_PROBE_INTERVAL_SECONDS, remaining))
+
+    def _failure(self, reason: str) -> EngineStartupError:
+        if self.state != RESTARTING:  # (a restart that fails is its supervisor's to judge)
+            self.state = FAILED
+        return EngineStartupError(self.endpoint, reason, classify_failure(self.exit_code, self._tail, self.evidence),
+                                  self.exit_code, self.tail)
+
+    # ----- SGLang's own processes -----
+
+    def _watch_members(self) -> None:
+        """Watch every SGLang process of the engine (`sglang::...`): the kernel tells at once when one ends (a
+        pidfd becomes readable), or a poll does where it cannot."""
+        self._unwatch_members()
+        if self._process is None:
+            return
+        loop = asyncio.get_running_loop()
+        for pid, name in sglang_processes(self._process.pid):
+            member = _Member(pid, name)
+            try:
+                member.fd = os.pidfd_open(pid)
+            except (AttributeError, OSError):  # no pidfd (not Linux, or an old kernel), or it is gone already
+                member.poll = loop.create_task(self._poll_member(member), name=f"watch-{self.endpoint}-{pid}")
+            else:
+                loop.add_reader(member.fd, self._member_died, member)
+            self._members.append(member)
+
+    async def _poll_member(self, member: _Member) -> None:
+        while _alive(member.pid):
+            await asyncio.sleep(MEMBER_POLL_SECONDS)
+        self._member_died(member)
+
+    def _member_died(self, member: _Member) -> None:
+        self._unwatch_members()
+        if self._stopping or self._exited.is_set() or self._process is None:
+            return
+        self._died = f"SGLang's {member.name} process (pid {member.pid})"
+        logger.error("Engine %s: %s ended; taking the engine down now (its launcher would only after a pause)",
+                     self.endpoint, self._died)
+        self._crashed()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+
+    def _crashed(self) -> None:
+        """A serving engine is going down unasked: from this moment it is restarting (its supervisor restarts it, or
+        marks it failed past its restart budget), so readiness says so and requests are held, not sent to it."""
+        if self._state not in (LOADING, RESTARTING, FAILED, STOPPED) and not self._stopping:  # (serving, or asleep)
+            self.state = RESTARTING
+
+    def _unwatch_members(self) -> None:
+        for member in self._members:
+            if member.fd is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(member.fd)
+                os.close(member.fd)
+            if member.poll is not None and member.poll is not asyncio.current_task():
+                member.poll.cancel()
+        self._members = []
+
+    async def wait_exit(self) -> int | None:
+        await self._exited.wait()
+        if self._pump is not None:
+            await self._pump
+        return self.exit_code
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to the launcher, then SIGKILL to the whole group after `grace_s`; reaps everything."""
+        await self.reap(grace_s)
+        self.state = STOPPED
+
+    async def reap(self, grace_s: float = 0.0) -> None:
+        """End the server's processes (SIGTERM to the launcher first when `grace_s`), leaving `state` as it is."""
+        process = self._process
+        self._stopping = True
+        self._unwatch_members()
+        if process is None:
+            return
+        if not self._exited.is_set() and grace_s > 0:
+            logger.info("Stopping engine %s (pid %s)", self.endpoint, process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._exited.wait(), grace_s)
+            except asyncio.TimeoutError:
+                logger.warning("Engine %s did not stop within %.0f s: killing its process group", self.endpoint,
+                               grace_s)
+        # children that outlived the launcher (or a launcher that ignored SIGTERM) go with the group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await self.wait_exit()
+
+
+@dataclass
+class _Member:
+    """One of an engine's SGLang processes, watched."""
+
+    pid: int
+    name: str
+    fd: int | None = None
+    poll: asyncio.Task[None] | None = None
+
+
+def sglang_processes(launcher: int) -> list[tuple[int, str]]:
+    """(pid, name) of the SGLang processes under a launcher: those SGLang names `sglang::...`."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(launcher).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                name = child.name()
+                if name.startswith(MEMBER_PREFIX):
+                    found.append((child.pid, name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

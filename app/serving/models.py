@@ -1,0 +1,128 @@
+"""Model resolution: what each configured model and LoRA adapter becomes on the engine's command line.
+
+A reference is one of three things, told apart by its shape:
+    ClearML Model ID   32 hex characters          -> the SDK's local copy (downloaded, with progress)
+    local path         /abs, ./rel, ~/x, or exists -> checked to exist, made absolute
+    HuggingFace name   org/name or name            -> handed to SGLang, which downloads it (HF_TOKEN in its env)
+
+`describe` does what `clearml-sglang args` needs: nothing is fetched, local paths are checked. `resolve` does
+what `run` needs: ClearML models are fetched through the registry it is given (the ClearML adapter, or a fake in
+tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule
+from app.errors import ModelResolutionError, Problem
+
+logger = logging.getLogger(__name__)
+
+CLEARML, HUGGINGFACE, LOCAL_PATH = "clearml", "huggingface", "path"
+
+# HuggingFace repo ids: `name` or `org/name`, letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
+_HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class ModelNotFound(LookupError):
+    """The registry has no model with this ID (or it cannot be looked up here)."""
+
+
+class ModelRegistry(Protocol):
+    """Where ClearML Model IDs are looked up and downloaded (`app.clearml.task.ClearMLModelRegistry`)."""
+
+    def get_local_copy(self, model_id: str) -> str:
+        """A local path holding the model's files; raises ModelNotFound or OSError."""
+        ...
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to be put on an engine's command line."""
+
+    endpoint: str
+    model_path: str
+    source: str
+    lora_modules: tuple[LoraModule, ...] = ()
+
+
+def classify(reference: str) -> str:
+    """Which kind of reference this is: CLEARML, LOCAL_PATH or HUGGINGFACE (raises ValueError if none)."""
+    if CLEARML_MODEL_ID.match(reference):
+        return CLEARML
+    if reference.startswith(("/", "./", "../", "~", ".\\")) or reference in (".", "..") or \
+            os.path.exists(os.path.expanduser(reference)):
+        return LOCAL_PATH
+    if _HF_REPO_RE.match(reference) and "--" not in reference and ".." not in reference:
+        return HUGGINGFACE
+    raise ValueError(reference)
+
+
+def describe(config: DeploymentConfig) -> list[ResolvedModel]:
+    """Resolve without fetching: ClearML IDs and HF names stay as given, local paths are checked."""
+    return _resolve_all(config, registry=None)
+
+
+def resolve(config: DeploymentConfig, registry: ModelRegistry) -> list[ResolvedModel]:
+    """Resolve for a launch: ClearML models are fetched to local copies through `registry`."""
+    return _resolve_all(config, registry=registry)
+
+
+def _resolve_all(config: DeploymentConfig, registry: ModelRegistry | None) -> list[ResolvedModel]:
+    problems: list[Problem] = []
+    resolved: list[ResolvedModel] = []
+    for i, model in enumerate(config.models):
+        where = f"models[{i}]"
+        path = _resolve_one(model.model, f"{where}.model", registry, problems)
+        modules = []
+        if model.lora.enable and not model.cli:
+            for j, module in enumerate(model.lora.modules):
+                module_path = _resolve_one(module.path, f"{where}.lora.modules[{j}]", registry, problems)
+                if module_path is not None:
+                    modules.append(LoraModule(module.name, module_path))
+        if path is not None:
+            resolved.append(ResolvedModel(model.endpoint, path, classify(model.model), tuple(modules)))
+    if problems:
+        raise ModelResolutionError(problems)
+    return resolved
+
+
+def _resolve_one(reference: str, where: str, registry: ModelRegistry | None, problems: list[Problem]) -> str | None:
+    try:
+        kind = classify(reference)
+    except ValueError:
+        problems.append(Problem(where, f"{reference[:60]!r} is neither a HuggingFace name, a ClearML Model ID "
+                                       "nor an existing path",
+                                "use org/name, 32 hex characters, or a path starting with / or ./"))
+        return None
+    if kind == HUGGINGFACE:
+        return reference
+    if kind == LOCAL_PATH:
+        path = Path(os.path.expanduser(reference)).absolute()
+        if not path.exists():
+            problems.append(Problem(where, f"path {str(path)[:200]!r} does not exist",
+                                    "check the path on the machine that runs the deployment"))
+            return None
+        return str(path)
+    model_id = reference.lower()
+    if registry is None:
+        return model_id
+    logger.info("Fetching ClearML model %s", model_id)
+    try:
+        local = registry.get_local_copy(model_id)
+    except ModelNotFound as exc:
+        problems.append(Problem(where, f"ClearML model {model_id} was not found ({exc})",
+                                "check the Model ID in the ClearML web UI (Models tab)"))
+        return None
+    except OSError as exc:
+        problems.append(Problem(where, f"ClearML model {model_id} could not be downloaded ({exc.strerror or exc})",
+                                "check the storage credentials in clearml.conf and the free disk space"))
+        return None
+    logger.info("ClearML model %s is at %s", model_id, local)
+    return local

@@ -1,0 +1,124 @@
+"""The package tree is the architecture: imports flow one way, no module grows past what a reader takes in.
+
+Layers (a package may import the ones listed for it, and `app/constants.py`, `app/errors.py`, `app/states.py`):
+config (the schema, its sources and SGLang's flag table) → sglang (its commands, API, router, CPU mode) → serving
+(plan, engines, residency, deployment), which wires the gateway (which imports none of them); clearml at the side;
+`app/run.py` composes them; `app/cli.py` on top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parent.parent.parent / "app"
+BASE = {"constants", "errors", "states", "__init__"}
+ALLOWED = {
+    "config": set(),
+    "sglang": {"config"},
+    "gateway": set(),
+    "serving": {"config", "sglang", "gateway"},
+    "clearml": {"config", "sglang", "gateway", "serving"},
+    "demo": {"config"},
+    "run": {"config", "sglang", "gateway", "serving", "clearml", "demo"},
+    "cli": {"config", "sglang", "gateway", "serving", "clearml", "demo", "run"},
+    "__main__": {"cli"},
+}
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES = 460, 60, 250
+
+
+def modules() -> list[Path]:
+    return [p for p in sorted(APP.rglob("*.py")) if "cpu_shim" not in p.parts]
+
+
+def layer(module: str) -> str:
+    """`app.serving.plan` -> serving; `app.constants` -> constants."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(path: Path) -> set[str]:
+    """The app modules a module imports when it runs (what `if TYPE_CHECKING:` guards aside)."""
+    tree = ast.parse(path.read_text())
+    guarded = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for child in node.body for n in ast.walk(child)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "app":
+            for alias in node.names:  # `from app.gateway import routes`: the submodule, where it is one
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _module_path(sub) is not None else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "app"}
+    return found
+
+
+def _module_path(module: str) -> Path | None:
+    base = APP.parent.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def name_of(path: Path) -> str:
+    return ".".join(path.relative_to(APP.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(APP)))
+def test_imports_flow_one_way(path):
+    source = layer(name_of(path))
+    for target in imports(path):
+        to = layer(target)
+        if to in BASE or to == source or source in BASE and to in BASE:
+            continue
+        assert to in ALLOWED.get(source, set()), f"{name_of(path)} imports {target}: {source} may not import {to}"
+
+
+def test_no_import_cycles():
+    graph = {name_of(p): {t for t in imports(p) if _module_path(t) is not None} for p in modules()}
+    for module in graph:  # importing a submodule runs its package's __init__ first, not the other way round
+        graph[module] = {t for t in graph[module] if not module.startswith(t + ".")}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in graph.get(module, ()):
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(target):], target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(APP)))
+def test_modules_functions_and_classes_stay_readable(path):
+    text = path.read_text()
+    assert text.count("\n") <= MAX_MODULE_LINES, f"{path.name}: {text.count(chr(10))} lines"
+    for node in ast.walk(ast.parse(text)):
+        size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert size <= MAX_FUNCTION_LINES, f"{path.name}: {node.name} is {size} lines"
+        elif isinstance(node, ast.ClassDef):
+            assert size <= MAX_CLASS_LINES, f"{path.name}: class {node.name} is {size} lines"
+
+
+def test_the_readme_maps_every_module():
+    readme = (APP.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Architecture"):]
+    for path in modules():
+        rel = path.relative_to(APP)
+        if rel.name == "__init__.py" and len(rel.parts) > 1:
+            assert f"`app/{rel.parent}/`" in section, f"README's Architecture does not name app/{rel.parent}/"
+        elif len(rel.parts) == 1:
+            assert f"app/{rel.name}" in section, f"README's Architecture does not name app/{rel.name}"
+        else:
+            assert f"`{rel.name}`" in section or f"`app/{rel}`" in section, f"README's Architecture: no {rel}"

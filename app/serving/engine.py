@@ -203,7 +203,8 @@ class Engine:
             if self._exited.is_set():
                 raise self._failure("exited before it was ready")
             if await self._probe(self.url):
-                self._watch_members()
+                if self._process is not None:  # (/proc is read off the loop: on a busy machine it takes a while)
+                    self._watch_members(await asyncio.to_thread(sglang_processes, self._process.pid))
                 self.state = RESIDENT
                 self.ready_at = self._clock()
                 logger.info("Engine %s is ready at %s", self.endpoint, self.url)
@@ -222,14 +223,12 @@ class Engine:
 
     # ----- SGLang's own processes -----
 
-    def _watch_members(self) -> None:
-        """Watch every SGLang process of the engine (`sglang::...`): the kernel tells at once when one ends (a
-        pidfd becomes readable), or a poll does where it cannot."""
+    def _watch_members(self, members: list[tuple[int, str]]) -> None:
+        """Watch every SGLang process of the engine (`sglang::...`, `sglang_processes`): the kernel tells at once
+        when one ends (a pidfd becomes readable), or a poll does where it cannot."""
         self._unwatch_members()
-        if self._process is None:
-            return
         loop = asyncio.get_running_loop()
-        for pid, name in sglang_processes(self._process.pid):
+        for pid, name in members:
             member = _Member(pid, name)
             try:
                 member.fd = os.pidfd_open(pid)

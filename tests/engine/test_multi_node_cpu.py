@@ -26,7 +26,7 @@ from app.serving.deployment import Deployment, RunOptions  # noqa: E402
 from app.serving.network import free_ports  # noqa: E402
 from app.serving.node import NodeDeployment  # noqa: E402
 from app.sglang.command import MultiNode  # noqa: E402
-from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN  # noqa: E402
+from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN, readyz  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -79,7 +79,7 @@ def _ready(master: Deployment) -> str:
         gateway = master.gateway
         if gateway is not None and gateway.port:
             base = f"http://127.0.0.1:{gateway.port}"
-            if requests.get(base + "/readyz", timeout=5).status_code == 200:
+            if readyz(base) == 200:
                 return base
         time.sleep(0.5)
     raise AssertionError("rank 0 was not ready in time")

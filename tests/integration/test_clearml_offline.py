@@ -59,7 +59,7 @@ def wait_ready(process: subprocess.Popen, base: str, deadline_s: float = 60) -> 
         try:
             if requests.get(base + "/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
             pass
         time.sleep(0.1)
     raise AssertionError("not ready in time")

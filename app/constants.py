@@ -54,3 +54,6 @@ CACHE_ENV = "CLEARML_SGLANG_CACHE"
 def cache_dir(environ: dict[str, str] | None = None) -> Path:
     environ = dict(os.environ) if environ is None else environ
     return Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "clearml-sglang")
+
+# The routes the app (and sglang-router) call on an engine on their own, every few seconds: never in the console.
+ENGINE_PROBE_PATHS = ("/health", "/metrics")

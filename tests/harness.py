@@ -39,6 +39,7 @@ class RecordingReporter:
     model_states: list[dict] = field(default_factory=list)
     closed: bool = False
     wakes: list = field(default_factory=list)  # (wake-ups per model, p50 ms, p95 ms) at each report
+    startups: list = field(default_factory=list)  # the startup summary, once ready
 
     def status(self, state: str, reason: str = "") -> None:
         self.statuses.append((state, reason))
@@ -59,6 +60,9 @@ class RecordingReporter:
 
     def states(self, states) -> None:
         self.model_states.append(dict(states))
+
+    def startup(self, summary) -> None:
+        self.startups.append(summary)
 
     def close(self) -> None:
         self.closed = True

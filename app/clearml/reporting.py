@@ -19,6 +19,7 @@ from typing import Any
 from app.gateway.stats import RequestStats, WindowSummary
 from app.serving.idle import IdleDecision
 from app.serving.residency import WakeStats
+from app.serving.startup import StartupSummary
 from app.sglang.metrics import TokenTotals
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class TaskReporter:
         if self.task.has_serving_api():
             for name, url in models.items():
                 self._telemetry[name] = self.task.start_endpoint_stats(name, self.models.get(name, name), url)
+
+    def startup(self, summary: StartupSummary) -> None:
+        self.task.set_properties(startup=summary.text(), startup_seconds=f"{summary.total_s:.1f}",
+                                 startup_own_seconds=f"{summary.own_s:.1f}")
 
     def states(self, states: dict[str, str]) -> None:
         """Each model's state; the table is written again only when one changed."""

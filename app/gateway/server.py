@@ -43,13 +43,14 @@ class ResponseWriter:
     """The writing side of a client connection: whole answers (`reply`, `respond`) and streamed ones (`start`,
     `write`, `end`), chunked when their length is not known; a HEAD answer without its body."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_response: Callable[[int], None] | None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_response: Callable[[int, str], None] | None):
         self._loop = loop
         self._on_response = on_response  # told the status of every response sent
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.keep_alive = True
         self._method = "GET"  # of the request being answered (HEAD: no body in the answer)
+        self._path = ""  # (and its path, for whoever counts answers)
         self._chunked = False
         self._pending_head: bytes | None = None
         self._writable = asyncio.Event()
@@ -64,7 +65,7 @@ class ResponseWriter:
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if self._on_response is not None:
-            self._on_response(status)
+            self._on_response(status, self._path)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         head.append(b"content-length: %d\r\n" % len(body))
@@ -78,7 +79,7 @@ class ResponseWriter:
         follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
         they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
         if self._on_response is not None:
-            self._on_response(status)
+            self._on_response(status, self._path)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
         if not self.keep_alive:
@@ -121,7 +122,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     (whole) or `start`/`write`/`end` (streamed)."""
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, limits: Limits, *,
-                 screen: Screen | None = None, on_response: Callable[[int], None] | None = None):
+                 screen: Screen | None = None, on_response: Callable[[int, str], None] | None = None):
         super().__init__(loop, on_response)
         self._handler = handler
         self._limits = limits
@@ -229,7 +230,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def _next(self) -> None:
         while self._pending and not self.closed:
             request = self._pending.popleft()
-            self._method = request.method
+            self._method, self._path = request.method, request.path
             self.keep_alive = request.keep_alive and request.refusal is None and not (
                 self.stopped and not self._pending)  # the last answer of a stopped connection closes it
             self._busy = True

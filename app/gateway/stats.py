@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from app.gateway.routes import OPEN
 
 # Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
 MAX_WINDOW_SAMPLES = 100_000
@@ -37,6 +39,20 @@ class WindowSummary:
     ttft_p50_ms: float | None
     prompt_tokens: int
     completion_tokens: int
+    answers: dict[int, int] = field(default_factory=dict)  # every response sent in the window, by status
+
+    def console_line(self, generated_per_s: float | None = None) -> str | None:
+        """The window in one console line (None when nothing was answered): what replaces a line per request."""
+        errors = {status: n for status, n in sorted(self.answers.items()) if status >= 400}
+        if not self.requests and not errors:
+            return None  # (health checks and metric scrapes alone say nothing worth a line)
+        parts = [f"{self.requests} request(s) served",
+                 "errors: " + ", ".join(f"{n} × {status}" for status, n in errors.items()) if errors else ""]
+        if generated_per_s is not None:
+            parts.append(f"{generated_per_s:.1f} tokens/s generated")
+        if self.latency_p50_ms is not None and self.latency_p95_ms is not None:
+            parts.append(f"latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms")
+        return "Traffic: " + "; ".join(p for p in parts if p)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -58,6 +74,7 @@ class RequestStats:
         self.latency_sum_s = collections.Counter[str]()
         self.answered = collections.Counter[int]()  # every response the endpoint sent, by status
         self._window: list[RequestRecord] = []
+        self._window_answers = collections.Counter[int]()
         self._window_count = 0
         self._sampler = random.Random(0)
 
@@ -77,17 +94,20 @@ class RequestStats:
             if slot < MAX_WINDOW_SAMPLES:
                 self._window[slot] = record
 
-    def count_response(self, status: int) -> None:
-        """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines."""
+    def count_response(self, status: int, path: str = "") -> None:
+        """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines; the
+        window's count leaves out the health and readiness checks (a 503 from `/readyz` is news, not an error)."""
         self.answered[status] += 1
+        if path not in OPEN:
+            self._window_answers[status] += 1
 
     @property
     def total_requests(self) -> int:
         return sum(self.requests.values())
 
     def take_window(self) -> WindowSummary:
-        window, count = self._window, self._window_count
-        self._window, self._window_count = [], 0
+        window, count, answers = self._window, self._window_count, self._window_answers
+        self._window, self._window_count, self._window_answers = [], 0, collections.Counter()
         latencies = [r.latency_s * 1000 for r in window]
         ttfts = [r.ttft_s * 1000 for r in window if r.ttft_s is not None]
         return WindowSummary(
@@ -99,6 +119,7 @@ class RequestStats:
             ttft_p50_ms=percentile(ttfts, 50),
             prompt_tokens=sum(r.prompt_tokens or 0 for r in window),
             completion_tokens=sum(r.completion_tokens or 0 for r in window),
+            answers=dict(answers),
         )
 
     def prometheus(self, in_flight: int, states: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from app.serving.idle import IdleTracker
 from app.serving.plan import DeploymentPlan
 from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
 from app.serving.scale_out import RemoteWorkers, WorkerPool
+from app.serving.startup import OnPhase
 from app.serving.supervisor import EngineSupervisor
 from app.sglang.api import SGLangClient
 from app.sglang.router import RouterWorkers
@@ -71,9 +72,10 @@ class Built:
 def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,
           secrets: list[str], startup_deadline_s: float, gateway_options: GatewayOptions = GatewayOptions(),
           worker_pool: WorkerPool | None = None, clock: Callable[[], float] = time.monotonic,
-          on_change: Callable[[Engine], None] | None = None) -> Built:
+          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None) -> Built:
     """The deployment's objects. `secrets` are masked in every engine's log; `on_change` hears every engine's news
-    (the deployment passes them on to the residency and the routers)."""
+    (the deployment passes them on to the residency and the routers); `on_phase` each SGLang server's startup
+    phases."""
     config = plan.config
     front: dict[str, Engine] = {}
     servers: list[Engine] = []
@@ -82,10 +84,10 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
     for command in plan.commands:
         route_plan = plan.routed.get(command.endpoint)
         if route_plan is None:
-            servers.append(engine := Engine(command, secrets=secrets, probe=client.healthy))
+            servers.append(engine := Engine(command, secrets=secrets, probe=client.healthy, on_phase=on_phase))
             front[command.endpoint] = engine
             continue
-        workers = [Engine(c, secrets=secrets, probe=client.healthy) for c in route_plan.servers]
+        workers = [Engine(c, secrets=secrets, probe=client.healthy, on_phase=on_phase) for c in route_plan.servers]
         control = RouterWorkers(f"http://127.0.0.1:{route_plan.router.port}", command.api_key, client=client)
         router = Engine(route_plan.router, secrets=secrets, probe=control.readiness(len(workers)))
         servers += workers

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
-from app.gateway import Gateway, RequestStats
+from app.gateway import RequestStats
 from app.serving.build import Built, GatewayOptions, RoutedModel, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
@@ -32,8 +32,10 @@ from app.serving.network import access_tokens, curl_command, engine_key, free_po
 from app.serving.plan import DeploymentPlan, layout, plan
 from app.serving.residency import Residency
 from app.serving.scale_out import RemoteWorkers, WorkerPool
+from app.serving.startup import Span, StartupTimeline
 from app.sglang.api import SGLangClient
-from app.sglang.command import MultiNode, check_commands
+from app.sglang.command import MultiNode
+from app.sglang.logs import Phase
 from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.sglang.router import RouterError, requests_per_worker
 from app.states import EngineState, ModelState, Status
@@ -78,6 +80,7 @@ class Deployment(Lifecycle):
         self.client = SGLangClient()
         self.built: Built | None = None  # what run() builds from its plan, at once
         self._serving = _Serving(clock(), TokenRate(), set())
+        self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior), options.prior_fetch_s)
 
     # what was built, by name (None before run() has built it)
     gateway = property(lambda self: self.built.gateway if self.built else None)
@@ -97,8 +100,7 @@ class Deployment(Lifecycle):
         ports = free_ports(where.ports_needed, exclude=frozenset({self.options.port}))
         planned = plan(where, resolved, ports, engine_key=engine_key(), launcher=self.options.launcher,
                        multi_node=self.multi_node)
-        check_commands(list(planned.commands))  # SGLang's own parser, where it is installed
-        return planned
+        return planned  # (SGLang's own parser checks them as each engine starts: importing it here costs seconds)
 
     async def run(self) -> int:
         self._serving.started = self.clock()
@@ -109,8 +111,10 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.close)
 
     async def _run(self) -> int:
-        await self.tell(self.reporter.status, Status.LOADING, "resolving models")
+        await self.tell(self.reporter.status, Status.LOADING, "fetching models")
+        fetching = self.clock()
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
+        self.timeline.fetched(self.clock() - fetching)
         planned = self.plan(resolved)
         tokens, generated = access_tokens(self.config, self.environ)
         if generated:
@@ -121,7 +125,7 @@ class Deployment(Lifecycle):
             startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s),
-            on_change=self._engine_changed)
+            on_change=self._engine_changed, on_phase=self._engine_phase)
         try:
             await built.gateway.start(options.host, options.port)
             await self.tell(self.reporter.status, Status.LOADING, "starting engines")
@@ -132,7 +136,7 @@ class Deployment(Lifecycle):
                 return await self.fail(exc)
             if self._stop.is_set():
                 return await self.signal_exit()
-            await self._announce(built.gateway)
+            await self._announce(built)
             built.tracker.reset(self.clock())
             return await self._serve(built)
         finally:
@@ -151,7 +155,13 @@ class Deployment(Lifecycle):
                                                              EngineState.FAILED, EngineState.STOPPED):
                 control = routed.control
                 change = control.add(engine.url) if engine.state == EngineState.RESIDENT else control.remove(engine.url)
-                self._background(self._router_change(change, engine))
+                self._background(_router_change(change, engine))
+
+    def _engine_phase(self, endpoint: str, phase: Phase, left: Span | None) -> None:
+        """An SGLang server moved on in its startup: a console line; the status reason while the deployment loads."""
+        logger.info("Engine %s: %s%s", endpoint, phase.value, f" ({left} done)" if left else "")
+        if not self._serving.reporting:
+            self._background(self.tell(self.reporter.status, Status.LOADING, f"{endpoint}: {phase.value}"))
 
     def _background(self, work: Awaitable[object], name: str | None = None) -> asyncio.Task[object]:
         task = asyncio.ensure_future(work)
@@ -160,13 +170,6 @@ class Deployment(Lifecycle):
         self._serving.tasks.add(task)
         task.add_done_callback(self._serving.tasks.discard)
         return task
-
-    @staticmethod
-    async def _router_change(change: Awaitable[None], engine: Engine) -> None:
-        try:
-            await change
-        except RouterError as exc:
-            logger.warning("Could not tell the router about %s (%s): %s", engine.endpoint, engine.state, exc)
 
     async def _start_all(self, built: Built) -> None:
         """The engines, then the routers in front of replicas (each over workers that are ready)."""
@@ -186,7 +189,12 @@ class Deployment(Lifecycle):
             with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
                 await start
 
-    async def _announce(self, gateway: Gateway) -> None:
+    async def _announce(self, built: Built) -> None:
+        """Every engine serves: how long each startup phase took, then where to send requests, and how."""
+        summary = self.timeline.all_ready(built.supervisor.engines, self.clock())
+        logger.info("%s", "\n".join(summary.lines()))
+        await self.tell(self.reporter.startup, summary)
+        gateway = built.gateway
         assert gateway.port is not None
         host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
                                             else self.options.host)
@@ -268,7 +276,10 @@ class Deployment(Lifecycle):
         engines = self.supervisor.engines if self.supervisor is not None else []
         tokens = self._serving.rate.update(now, await scrape_tokens(self.client, engines))
         residency: Residency | None = self.residency
-        await self.tell(self.reporter.report, now - self._serving.started, decision, self.stats.take_window(),
+        window = self.stats.take_window()
+        if line := window.console_line(tokens.generation if tokens else None):
+            logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
+        await self.tell(self.reporter.report, now - self._serving.started, decision, window,
                         self.stats, self.states(), tokens, residency.wake_stats() if residency else None,
                         await replica_requests(self.client, self.routed) if self.routed else None)
 
@@ -299,6 +310,13 @@ class Deployment(Lifecycle):
             task.cancel()
         await gateway.close()
         logger.info("Deployment stopped")
+
+
+async def _router_change(change: Awaitable[None], engine: Engine) -> None:
+    try:
+        await change
+    except RouterError as exc:
+        logger.warning("Could not tell the router about %s (%s): %s", engine.endpoint, engine.state, exc)
 
 
 async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import psutil
 
 from app.serving.failures import CrashEvidence, EngineStartupError, classify_failure, oom_kill_count
+from app.serving.startup import EnginePhases, OnPhase
 from app.sglang.api import http_health_probe
 from app.sglang.command import EngineCommand
 from app.sglang.launch import SECRET_ARGS_ENV
+from app.sglang.logs import Phase, is_batch_stats
 from app.states import EngineState
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ class Engine:
         secrets: Iterable[str] = (),
         base_env: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_phase: OnPhase | None = None,
     ):
+        """`on_phase(endpoint, phase)`: each startup phase as the engine's output shows it (`app.serving.startup`)."""
         self.command = command
         self.endpoint = command.endpoint
         self.url = f"http://127.0.0.1:{command.port}"
@@ -92,6 +96,8 @@ class Engine:
         self._stopping = False
         self._died: str | None = None  # the SGLang process whose death ended the engine
         self._oom_at_start: int | None = None
+        self.phases = EnginePhases(self.endpoint, clock, on_phase)
+        self._said_ready = asyncio.Event()  # SGLang printed "ready to roll", after its own warmup request
 
     @property
     def state(self) -> str:
@@ -156,12 +162,14 @@ class Engine:
         self._stopping = False
         self._oom_at_start = oom_kill_count()
         self._exited.clear()
+        self._said_ready.clear()
         self.state = state
         argv = self._launch(env)
         logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
         self._process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
+        self.phases.spawned()
         self._pump = asyncio.create_task(self._pump_output(self._process), name=f"pump-{self.endpoint}")
 
     def _launch(self, env: dict[str, str]) -> list[str]:
@@ -183,26 +191,23 @@ class Engine:
                 continue
             if not raw:
                 break
-            line = self._mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            line = masked(raw.decode("utf-8", "replace").rstrip("\r\n"), self._secrets)
             self._tail.append(line)
-            engine_log.info("[%s] %s", self.endpoint, line)
+            if self.phases.saw(line) == Phase.READY:
+                self._said_ready.set()
+            # SGLang's per-batch statistics: the console's in debug mode only (the task's scalars carry them)
+            engine_log.log(logging.DEBUG if is_batch_stats(line) else logging.INFO, "[%s] %s", self.endpoint, line)
         self._crashed()  # its output ended: the launcher is going
         self.exit_code = await process.wait()
         self._unwatch_members()
         self._exited.set()
-
-    def _mask(self, line: str) -> str:
-        for secret in self._secrets:
-            if secret in line:
-                line = line.replace(secret, "***")
-        return line
 
     async def wait_ready(self, deadline: float) -> None:
         """Probe until ready, the process dies (EngineStartupError) or the deadline passes (the same)."""
         while True:
             if self._exited.is_set():
                 raise self._failure("exited before it was ready")
-            if await self._probe(self.url):
+            if self._said_ready.is_set() or await self._probe(self.url):  # (SGLang's /health takes a second)
                 if self._process is not None:  # (/proc is read off the loop: on a busy machine it takes a while)
                     self._watch_members(await asyncio.to_thread(sglang_processes, self._process.pid))
                 self.state = RESIDENT
@@ -212,8 +217,7 @@ class Engine:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise self._failure("was not ready before the startup deadline")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), min(READINESS_PROBE_INTERVAL_SECONDS, remaining))
+            await first_of((self._exited, self._said_ready), min(READINESS_PROBE_INTERVAL_SECONDS, remaining))
 
     def _failure(self, reason: str) -> EngineStartupError:
         if self.state != RESTARTING:  # (a restart that fails is its supervisor's to judge)
@@ -311,6 +315,21 @@ class _Member:
     name: str
     fd: int | None = None
     poll: asyncio.Task[None] | None = None
+
+
+def masked(line: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret in line:
+            line = line.replace(secret, "***")
+    return line
+
+
+async def first_of(events: Iterable[asyncio.Event], timeout: float) -> None:
+    """Until one of the events is set, or `timeout` seconds."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in waits:
+        waiting.cancel()
 
 
 def sglang_processes(launcher: int) -> list[tuple[int, str]]:

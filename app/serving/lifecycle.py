@@ -30,6 +30,7 @@ from app.serving.gpus import Gpu
 from app.serving.idle import IdleDecision
 from app.serving.models import ModelRegistry
 from app.serving.residency import WakeStats
+from app.serving.startup import Span, StartupSummary
 from app.sglang.command import MultiNode
 from app.sglang.metrics import TokenTotals
 from app.states import Status
@@ -58,6 +59,9 @@ class RunOptions:
     launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
     request_receive_timeout_s: float | None = None  # a client has this long to send a whole request
     write_timeout_s: float | None = None  # a client that reads none of its answer this long is cut off
+    process_started: float | None = None  # on the monotonic clock: where "ready in N s" counts from
+    prior: tuple[Span, ...] = ()  # startup phases before run() (fetching the demo model)
+    prior_fetch_s: float = 0.0  # of which fetching over the network (not the app's own time)
 
 
 class Reporter(Protocol):
@@ -72,6 +76,8 @@ class Reporter(Protocol):
     def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
 
     def states(self, states: dict[str, str]) -> None: ...
+
+    def startup(self, summary: StartupSummary) -> None: ...
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
@@ -129,6 +135,9 @@ class ConsoleReporter:
     def states(self, states: dict[str, str]) -> None:
         logger.debug("Models: %s", states)
 
+    def startup(self, summary: StartupSummary) -> None:
+        pass  # (the deployment prints it)
+
     def close(self) -> None:
         pass
 
@@ -146,8 +155,8 @@ class ConsoleReporter:
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
                replicas: dict[str, float] | None = None) -> None:
-        logger.info("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests, decision.in_flight,
-                    decision.idle_for_s)
+        logger.debug("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests,
+                     decision.in_flight, decision.idle_for_s)  # (the deployment prints each window's traffic)
 
 
 class Lifecycle:

@@ -24,7 +24,7 @@ from app.serving.models import ModelRegistry, resolve
 from app.serving.network import engine_key, free_ports, public_address
 from app.serving.plan import demands
 from app.sglang.api import http_health_probe
-from app.sglang.command import Machine, MultiNode, build_engine_commands, check_commands
+from app.sglang.command import Machine, MultiNode, build_engine_commands
 from app.states import Status
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,6 @@ class NodeDeployment(Lifecycle):
         (command,) = build_engine_commands(self.config, resolved, free_ports(1, host="0.0.0.0"), machine=machine,
                                            placements=placements, engine_api_key=self.engine_api_key or engine_key(),
                                            launcher=self.options.launcher, multi_node=self.multi_node, host=host)
-        check_commands([command])  # SGLang's own parser, where it is installed
         probe = _always_ready if self.multi_node is not None else http_health_probe
         self.engine = engine = Engine(command, probe=probe,
                                       secrets=[*self.config.auth.tokens, *self.config.secrets,

@@ -4,7 +4,8 @@
 (model path, address, parallelism, the flags, environment and notes) and `EngineSpec.render()` makes its command
 line, last; `build_engine_command` does both. It reads nothing and starts nothing; the flags are checked against
 SGLang's argument table, so a bad command line is a `ConfigError` here rather than a crashed engine later. SGLang's
-own parser, where sglang is installed, checks the rendered commands at the edge (`check_commands`: `args`, `run`).
+own parser, where sglang is installed, checks the rendered commands at the edge (`check_commands`: `args`; under
+`run` each engine's own parser does, as it starts, without the seconds an import of SGLang costs the app).
 
 How the form becomes flags (the README's "Form fields and SGLang flags" section says the same to users):
     model -> --model-path, endpoint name -> --served-model-name, gpus -> --tp-size, replicas -> --dp-size,
@@ -226,6 +227,7 @@ def engine_spec(
     if placement is not None and placement.memory_fraction is not None and "mem_fraction_static" not in argv.dests:
         argv.add("mem-fraction-static", placement.memory_fraction)
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
+    _add_quiet_console(argv, config.general.debug)
     problems = table.check_argv(["--model-path", resolved.model_path, *argv.tokens])
     if problems:
         raise ConfigError([Problem(where, p, "fix the flag in the config") for p in problems])
@@ -251,7 +253,7 @@ def build_engine_command(config: DeploymentConfig, index: int, resolved: Resolve
 
 
 def check_commands(commands: list[EngineCommand], models: list[int] | None = None) -> None:
-    """SGLang's own parser, where sglang is installed, on every rendered command line (the edge: `args`, `run`);
+    """SGLang's own parser, where sglang is installed, on every rendered command line (the edge: `args`);
     one ConfigError naming each model it refuses."""
     problems = []
     for i, command in enumerate(commands):
@@ -380,6 +382,15 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
     for name in sorted(flags):
         argv.add(name, flags[name])
     return Parallelism(tp=tp, dp=dp, pp=int(flags.get("pp-size") or 1))
+
+
+def _add_quiet_console(argv: _Argv, debug: bool) -> None:
+    """No line per request in the console (the app prints a summary every report interval), but in debug mode; and
+    never one for the app's own probes (`/health`, `/metrics`), nor the router's. What the user set stays."""
+    if not debug and "log_level_http" not in argv.dests:
+        argv.add("log-level-http", "warning")  # uvicorn's access lines are INFO
+    if "uvicorn_access_log_exclude_prefixes" not in argv.dests:
+        argv.add("uvicorn-access-log-exclude-prefixes", list(constants.ENGINE_PROBE_PATHS))
 
 
 def _add_nodes(argv: _Argv, model: ModelConfig, parallel: Parallelism, multi_node: MultiNode | None,

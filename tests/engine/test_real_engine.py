@@ -23,6 +23,7 @@ import requests  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.demo.tiny_model import make_tiny_models  # noqa: E402
 from app.serving.deployment import Deployment, RunOptions  # noqa: E402
+from app.sglang.logs import Phase  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -110,6 +111,22 @@ def test_readiness_goes_from_503_to_200(served):
     assert served.readyz_codes[-1] == 200
     assert served.readyz_codes == [503, 200]  # the gateway listens (and says "loading") while the engine loads
     assert requests.get(served.base + "/readyz", timeout=30).json()["models"] == {"tiny": "resident"}
+
+
+def test_startup_phases_are_read_from_sglangs_own_lines_and_its_probes_stay_out_of_the_console(served):
+    engine = served.deployment.supervisor.engines[0]
+    assert [phase for phase, _ in engine.phases.began] == [
+        Phase.STARTING, Phase.LOADING_WEIGHTS, Phase.PREPARING, Phase.WARMING_UP, Phase.READY]
+    deadline = time.monotonic() + 30
+    while served.deployment.timeline.serving is None and time.monotonic() < deadline:  # (announced just after ready)
+        time.sleep(0.05)
+    summary = served.deployment.timeline.summary()
+    assert [s.name for s in summary.engines["tiny"]] == ["starting SGLang", "loading weights", "allocating memory",
+                                                         "warming up"]
+    assert summary.own_s < summary.total_s
+    # the app has probed /health and scraped /metrics every 2 s since: SGLang printed no access line for either
+    requests.get(served.base + "/metrics", headers=AUTH, timeout=30)
+    assert not [line for line in engine.tail if '"GET /health' in line or '"GET /metrics' in line]
 
 
 def test_models_lists_the_model_and_its_adapters(served):

@@ -210,6 +210,8 @@ class ServerConfig:
     enable_memory_saver: bool = False
     enable_weights_cpu_backup: bool = False
     mem_fraction_static: float | None = None
+    log_level_http: str | None = None  # uvicorn's level: at warning and above, no access lines
+    access_log_exclude_prefixes: tuple[str, ...] = ()  # no access line for a path starting with one of these
     argv: tuple[str, ...] = ()
 
 
@@ -306,6 +308,8 @@ def parse_cli(argv: Sequence[str]) -> ServerConfig:
         enable_memory_saver=bool(values.get("enable_memory_saver")),
         enable_weights_cpu_backup=bool(values.get("enable_weights_cpu_backup")),
         mem_fraction_static=values.get("mem_fraction_static"),
+        log_level_http=values.get("log_level_http") or values.get("log_level"),
+        access_log_exclude_prefixes=tuple(values.get("uvicorn_access_log_exclude_prefixes") or ()),
         argv=tuple(argv),
     )
 
@@ -931,6 +935,9 @@ class FakeSGLangServer:
     async def _inference_turn(self) -> AsyncIterator[None]:
         """One inference request from its arrival to its answer: it waits (queued) while the engine is busy."""
         self.pending += 1
+        # SGLang's scheduler prints a line per prefill batch (one request each, at this fake's pace)
+        logger.info("Prefill batch, #new-seq: 1, #new-token: 1, #cached-token: 0, token usage: 0.00, "
+                    "#running-req: %d, #queue-req: 0", self.pending - 1)
         try:
             if not self.engine_free.is_set():
                 self.metrics.queued += 1
@@ -1143,7 +1150,6 @@ class FakeSGLangServer:
 
     async def start_up(self, stop: asyncio.Event) -> int | None:
         """Wait the startup delay, then become ready, or crash (return 1) when told to."""
-        logger.info("Load weight begin. (fake server: no weights, startup delay %.3fs)", self.faults.startup_seconds)
         await asyncio.sleep(self.faults.startup_seconds)
         if self.faults.crash_at_startup is not None:
             logger.error("%s", self.faults.crash_at_startup)
@@ -1154,6 +1160,8 @@ class FakeSGLangServer:
             logger.error("%s", failure)
             stop.set()
             return 1
+        logger.info("Load weight end. elapsed=%.2f s, type=FakeForCausalLM", self.faults.startup_seconds)
+        logger.info("Engine startup timings (s): load_weight=%.2f", self.faults.startup_seconds)
         self.ready = True
         logger.info("%s", READY_LINE)
         return None
@@ -1195,6 +1203,7 @@ async def _json_body(request: web.Request) -> Any:
 async def serve(config: ServerConfig, faults: Faults, scheduler: int | None = None) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or a startup crash (exit 1); with a `scheduler` process, until it dies."""
     server = FakeSGLangServer(config, faults)
+    _configure_access_log(config)
     runner = web.AppRunner(
         server.build_app(),
         handler_cancellation=True,  # a client that goes away cancels its handler (how disconnects are seen)
@@ -1225,7 +1234,10 @@ async def serve(config: ServerConfig, faults: Faults, scheduler: int | None = No
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", config.host, config.port)
+    # (SGLang loads its weights before its HTTP server is up; this fake answers 503 meanwhile, as SGLang's warmup does)
+    logger.info("Load weight begin. (fake server: no weights, startup delay %.3fs)", faults.startup_seconds)
+    logging.getLogger("fake_sglang.uvicorn").info("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                  config.host, config.port)
     startup = asyncio.create_task(server.start_up(stop))
     watchdog = asyncio.create_task(_watch_scheduler(scheduler, faults, server)) if scheduler else None
     try:
@@ -1289,6 +1301,18 @@ def _configure_logging() -> None:
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     logging.getLogger("fake_sglang.access").setLevel(logging.INFO)
+
+
+def _configure_access_log(config: ServerConfig) -> None:
+    """As SGLang sets uvicorn's: `--log-level-http` (else `--log-level`) for the access lines, and
+    `--uvicorn-access-log-exclude-prefixes` filtering them by path (sglang/srt/utils/common.py)."""
+    access = logging.getLogger("fake_sglang.access")
+    access.setLevel((config.log_level_http or "info").upper())
+    logging.getLogger("fake_sglang.uvicorn").setLevel(access.level)  # (uvicorn's own lines: the same level)
+    prefixes = config.access_log_exclude_prefixes
+    if prefixes:
+        access.addFilter(lambda record: not any(f'"{method} {prefix}' in record.getMessage() for prefix in prefixes
+                                                for method in ("GET", "POST", "PUT", "DELETE", "HEAD")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,8 @@ setup(
     install_requires=_requirements(),
     extras_require={
         # The engine: pinned to the release the argument table and reference notes describe.
-        "engine": ["sglang==0.5.23", "sglang-router==0.3.2"],
+        # accelerate and gguf: transformers' GGUF loader, which makes the demo's model (app.demo.smollm).
+        "engine": ["sglang==0.5.23", "sglang-router==0.3.2", "accelerate>=1.0", "gguf>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyhocon>=0.3.60"],
     },
     entry_points={"console_scripts": ["clearml-sglang=app.cli:main"]},

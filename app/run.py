@@ -13,6 +13,10 @@ import logging
 import os
 import signal
 import threading
+import time
+from dataclasses import replace
+
+import psutil
 
 from app import constants
 from app.clearml.reporting import TaskReporter
@@ -20,9 +24,12 @@ from app.clearml.task import WORKER_KEY, WORKER_OF, WORKER_URL, ClearMLModelRegi
 from app.config import load_config, to_hyperparameters
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, EXIT_OK
+from app.demo import DEMO_NAME, demo_config
 from app.errors import ConfigError, Problem
 from app.serving.deployment import Deployment, RunOptions
 from app.serving.node import NodeDeployment
+from app.serving.startup import Span
+from app.states import Status
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +37,24 @@ logger = logging.getLogger(__name__)
 def run_service(*, config_path: str | None, overrides: list[str], host: str, port: int, offline: bool,
                 launcher: tuple[str, ...] | None = None, environ: dict[str, str] | None = None) -> int:
     """Serve until idle shutdown, a signal or abort; the exit code."""
+    started = _process_started()
     environ = dict(os.environ) if environ is None else environ
     config = None
-    if not environ.get("CLEARML_TASK_ID"):  # validate before anything is created: a bad config launches nothing
-        config = _local_config(config_path, overrides)
+    demo = not environ.get("CLEARML_TASK_ID") and config_path is None and not overrides
+    if not environ.get("CLEARML_TASK_ID") and not demo:  # validate before anything is created: a bad config
+        config = _local_config(config_path, overrides)  # launches nothing
     monitor_s = float(config.idle.report_interval_seconds) if config else 30.0
     task = DeploymentTask.start(project=config.instance.project if config else "", offline=offline,
-                                name=config.instance.name if config else "", monitor_interval_s=monitor_s,
-                                environ=environ)
+                                name=config.instance.name if config else DEMO_NAME if demo else "",
+                                monitor_interval_s=monitor_s, environ=environ)
     try:
+        options = RunOptions(host=host, port=port, launcher=launcher, process_started=started)
+        if demo:
+            config, options = _demo(task, options, environ)
         config = _task_config(task, config, overrides)
         if config.general.debug:
             logging.getLogger().setLevel(logging.DEBUG)
-        deployment = _deployment(config, task, RunOptions(host=host, port=port, launcher=launcher), environ)
+        deployment = _deployment(config, task, options, environ)
         code = event_loop_runner()(_serve(deployment, task))
     except ConfigError as exc:
         task.finish("failed", str(exc))
@@ -58,14 +70,26 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
 
 
 def _local_config(config_path: str | None, overrides: list[str]) -> DeploymentConfig:
-    if config_path is None and not overrides:
-        from app.demo import demo_config  # needs torch: only the engine install has it
-
-        config = demo_config()
-    else:
-        config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides)
     _refuse_local_multi_node(config)
     return config
+
+
+def _demo(task: DeploymentTask, options: RunOptions, environ: dict[str, str]) -> tuple[DeploymentConfig, RunOptions]:
+    """The embedded default: its model from the cache, or fetched now, each step a status reason and a console line
+    (`app.demo`); how long that took, the first of the startup phases."""
+    reporter = TaskReporter(task, models={})
+    reporter.status(Status.LOADING, "preparing the demo model")
+    demo = demo_config(lambda text: reporter.status(Status.LOADING, text), environ)
+    prior = [Span(name, s) for name, s in (("fetching the demo model", demo.fetch_s),
+                                           ("converting the demo model", demo.convert_s)) if s]
+    return demo.config, replace(options, prior=tuple(prior), prior_fetch_s=demo.fetch_s + demo.convert_s)
+
+
+def _process_started() -> float:
+    """When this process began, on the monotonic clock (the startup summary counts from it)."""
+    age = time.time() - psutil.Process().create_time()
+    return time.monotonic() - max(0.0, age)
 
 
 def _task_config(task: DeploymentTask, config: DeploymentConfig | None, overrides: list[str]) -> DeploymentConfig:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -149,25 +150,27 @@ def model_weights(vocab: int) -> dict[str, torch.Tensor]:
     return {name: tensor.to(DTYPE).contiguous() for name, tensor in weights.items()}
 
 
-def lora_weights(seed: int) -> dict[str, torch.Tensor]:
-    """PEFT-named LoRA A/B pairs; B is non-zero (unlike PEFT's init) so the adapter changes outputs."""
+def lora_weights(seed: int, *, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS,
+                 kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM, b_std: float = 0.2) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA A/B pairs for a Llama of these shapes; B is non-zero (unlike PEFT's init) so the adapter
+    changes outputs, by as much as `b_std` says."""
     gen = torch.Generator().manual_seed(seed)
-    out_dims = {"q_proj": HEADS * HEAD_DIM, "k_proj": KV_HEADS * HEAD_DIM, "v_proj": KV_HEADS * HEAD_DIM}
+    out_dims = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
     weights: dict[str, torch.Tensor] = {}
-    for layer in range(LAYERS):
+    for layer in range(layers):
         for target in LORA_TARGETS:
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
-            in_dim = HEADS * HEAD_DIM if target == "o_proj" else HIDDEN
+            in_dim = heads * head_dim if target == "o_proj" else hidden
             weights[f"{prefix}.lora_A.weight"] = _normal(gen, (LORA_RANK, in_dim), in_dim**-0.5)
-            weights[f"{prefix}.lora_B.weight"] = _normal(gen, (out_dims.get(target, HIDDEN), LORA_RANK), 0.2)
+            weights[f"{prefix}.lora_B.weight"] = _normal(gen, (out_dims.get(target, hidden), LORA_RANK), b_std)
     return {name: tensor.contiguous() for name, tensor in weights.items()}
 
 
-def lora_config() -> dict[str, object]:
+def lora_config(base: str = BASE_DIR) -> dict[str, object]:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": BASE_DIR,
+        "base_model_name_or_path": base,
         "r": LORA_RANK,
         "lora_alpha": LORA_ALPHA,
         "lora_dropout": 0.0,
@@ -200,10 +203,11 @@ def write_base(path: Path) -> None:
     _save(model_weights(config.vocab_size), path / "model.safetensors")
 
 
-def write_lora(path: Path, seed: int) -> None:
+def write_lora(path: Path, seed: int, base: str = BASE_DIR, **shape: Any) -> None:
+    """A LoRA adapter for the tiny model, or (`shape`: `lora_weights`' arguments) for another Llama."""
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps(lora_config(), indent=2) + "\n")
-    _save(lora_weights(seed), path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps(lora_config(base), indent=2) + "\n")
+    _save(lora_weights(seed, **shape), path / "adapter_model.safetensors")
 
 
 def is_complete(out_dir: Path) -> bool:

@@ -188,6 +188,20 @@ def test_status_sequence_and_properties(local_run):
     assert props["idle_since"]  # it ended idle
 
 
+def test_startup_phases_in_order_in_the_console_the_status_reasons_and_the_properties(local_run):
+    _, _, folder = local_run
+    lines = console(folder).splitlines()
+    phases = ["starting SGLang", "loading weights", "allocating memory", "warming up", "ready"]
+    said = [next(i for i, line in enumerate(lines) if f"Engine m: {phase}" in line) for phase in phases]
+    reasons = [next(i for i, line in enumerate(lines) if f"Status: loading (m: {phase})" in line) for phase in phases]
+    summary = next(i for i, line in enumerate(lines) if "Ready in " in line)
+    assert said == sorted(said) and reasons == sorted(reasons) and summary > said[-1]
+    assert "fetching models" in lines[summary + 1]  # the summary's phases follow its first line
+    props = properties(folder)
+    assert props["startup"].startswith("fetching models ") and "m: starting SGLang " in props["startup"]
+    assert 0 <= float(props["startup_own_seconds"]) < float(props["startup_seconds"])
+
+
 def test_deployed_models_table(local_run):
     _, _, folder = local_run
     tables = [json.loads(e["plot_str"]) for e in events(folder, "metrics.jsonl")

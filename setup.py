@@ -19,14 +19,15 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["app", "app.*"]),
-    package_data={"app.data": ["*.json"],
+    package_data={"app.data": ["*.json"], "app.gateway": ["ui/*"],
                   "app.sglang": ["cpu_shim/*.py", "cpu_shim/*.md", "cpu_shim/sgl_kernel/*.py"]},
     install_requires=_requirements(),
     extras_require={
         # The engine: pinned to the release the argument table and reference notes describe.
         # accelerate and gguf: transformers' GGUF loader, which makes the demo's model (app.demo.smollm).
         "engine": ["sglang==0.5.23", "sglang-router==0.3.2", "accelerate>=1.0", "gguf>=0.10"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyhocon>=0.3.60"],
+        # playwright drives Debian's chromium for the page's browser tests (tests/browser)
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyhocon>=0.3.60", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["clearml-sglang=app.cli:main"]},
 )

@@ -48,7 +48,8 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                                 name=config.instance.name if config else DEMO_NAME if demo else "",
                                 monitor_interval_s=monitor_s, environ=environ)
     try:
-        options = RunOptions(host=host, port=port, launcher=launcher, process_started=started)
+        options = RunOptions(host=host, port=port, launcher=launcher, process_started=started,
+                             task_url=task.web_url())
         if demo:
             config, options = _demo(task, options, environ)
         config = _task_config(task, config, overrides)

@@ -107,6 +107,15 @@ class DeploymentTask:
                     ", offline" if offline else "")
         return cls(task, remote=remote, offline=offline)
 
+    def web_url(self) -> str | None:
+        """The task's page in the ClearML web app (None offline: there is no server to show it)."""
+        if self.offline:
+            return None
+        try:
+            return self.task.get_output_log_web_page()
+        except Exception:  # the SDK's own errors: a link is not worth failing for
+            return None
+
     @property
     def id(self) -> str:
         return str(self.task.id)

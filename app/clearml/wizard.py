@@ -122,8 +122,9 @@ def dashboard_lines() -> list[dict[str, Any]]:
     status = ("<h3>" + prop % "status" + "</h3><p>" + prop % "status_reason" + "</p>"
               "<p>Idle since: " + prop % "idle_since" + "</p>"
               "<p>Generate a token in Settings &gt; AI Application Gateway, and use it as the Bearer token.</p>")
-    endpoint = ("<p>Endpoint: <code>" + prop % "endpoint" + "</code></p><p>Models: <code>" + prop % "models"
-                + "</code></p><pre>" + prop % "curl" + "</pre>")
+    endpoint = ("<p>Endpoint: <code>" + prop % "endpoint" + "</code> &middot; <a href=\"" + prop % "endpoint"
+                + "/\" target=\"_blank\" rel=\"noopener noreferrer\">its page</a> (status, request generator, "
+                "playground)</p><p>Models: <code>" + prop % "models" + "</code></p><pre>" + prop % "curl" + "</pre>")
     return [
         {"style": {"height": "160px"}, "contents": [{"type": "html", "title": "Status", "text": status},
                                                      {"type": "html", "title": "Endpoint", "text": endpoint}]},

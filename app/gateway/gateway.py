@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.auth import TokenChecker
 from app.gateway.errors import Reply, error_reply
@@ -156,8 +157,11 @@ class Gateway:
         request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
         write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        task_url: str | None = None,
     ):
+        """`task_url`: the ClearML task's page, which the endpoint's page links to."""
         self.routes = {r.endpoint: r for r in routes}
+        self.task_url = task_url
         self._endpoints = frozenset(self.routes)
         self.auth = auth
         self.stats = stats
@@ -219,7 +223,7 @@ class Gateway:
         """Judge a request on its head, before its body is read: the token first, then the route."""
         route = paths.classify(request.method, request.path, self._endpoints)
         request.context = route
-        if route.kind == "open":
+        if route.kind in ("open", "page"):
             if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
                 return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
             return None
@@ -319,6 +323,11 @@ class Gateway:
     def _own(self, route: paths.Route) -> Reply:
         if route.kind == "open":
             return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else self._readyz()
+        if route.kind == "page":
+            return page.asset(route.path)
+        if route.kind == "page_status":
+            return page.status(self._models(), {name: self.stats.live(name) for name in self.routes}, self.in_flight,
+                               self.task_url)
         if route.kind == "metrics":
             return Reply(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
                          content_type=b"text/plain; version=0.0.4; charset=utf-8")

@@ -28,8 +28,9 @@ SageMaker and Vertex AI, called by those platforms, not by clients), `/v1/system
 API), `/separate_reasoning` and `/parse_function_call` (parsing helpers, not inference), `/v1/loads` (the engine's
 load, an operator's view), the health and readiness routes (the gateway's `/healthz` and `/readyz` say more), and
 `/model_info` (it names the model's path on the server: the gateway's `/v1/models/{id}` does not).
-The gateway's own: `GET /v1/models`, `GET /v1/models/{id}` (also under `/<endpoint>/`), `GET /metrics`, and the
-open `GET /healthz`, `GET /readyz`.
+The gateway's own: `GET /v1/models`, `GET /v1/models/{id}` (also under `/<endpoint>/`), `GET /metrics`,
+`GET /ui/api/status` (the page's data), and the open `GET /healthz`, `GET /readyz`, and the page (`GET /`,
+`/ui/app.js`, `/ui/app.css`: static, the same for everyone, no data in them).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ BY_MODEL_FIELD = frozenset(p for p in INFERENCE if p.startswith("/v1/")) | {"/ap
 # Bodies that are not one JSON object (the gateway checks the others are).
 NOT_JSON = frozenset({"/v1/audio/transcriptions"})
 
-OPEN = frozenset({"/healthz", "/readyz"})  # the only routes answered without a token
+OPEN = frozenset({"/healthz", "/readyz"})  # answered without a token
+PAGE = frozenset({"/", "/ui/app.js", "/ui/app.css"})  # the endpoint's page: without a token too (it holds no data)
+PAGE_STATUS = "/ui/api/status"  # what the page shows: models, states, counters (with a token)
 MODELS = "/v1/models"
 METRICS = "/metrics"
 
@@ -86,7 +89,8 @@ _PARAM = re.compile(r"[A-Za-z0-9._:-]{1,256}\Z")
 class Route:
     """What to do with a request, judged on its method and path. `kind`:
 
-    - `open`: `/healthz`, `/readyz`;  `metrics`;  `models` (`model_id` set for one model);
+    - `open`: `/healthz`, `/readyz`;  `page`: the endpoint's page and its assets (no token either);
+      `page_status`: the page's data;  `metrics`;  `models` (`model_id` set for one model);
     - `relay`: to an engine — `endpoint` from the path, or None to route by the body's `model`; `target` the
       route's path as the engine spells it (`path` the allowlist entry);
     - `not_found`, `method_not_allowed` (`allowed`: the methods that are).
@@ -112,6 +116,10 @@ def classify(method: str, path: str, endpoints: frozenset[str]) -> Route:
     """The route of `method path` (the path as it arrived, undecoded) for a gateway serving `endpoints`."""
     if path in OPEN:
         return _only(method, Route("open", path=path), frozenset({GET}))
+    if path in PAGE:
+        return _only(method, Route("page", path=path), frozenset({GET}))
+    if path == PAGE_STATUS:
+        return _only(method, Route("page_status", path=path), frozenset({GET}))
     if path == METRICS:
         return _only(method, Route("metrics", path=path), frozenset({GET}))
     endpoint = None

@@ -16,6 +16,8 @@ from app.gateway.routes import OPEN
 
 # Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
 MAX_WINDOW_SAMPLES = 100_000
+# The latest requests of each endpoint the page's live percentiles are taken over.
+RECENT_PER_ENDPOINT = 256
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class RequestStats:
         self.answered = collections.Counter[int]()  # every response the endpoint sent, by status
         self._window: list[RequestRecord] = []
         self._window_answers = collections.Counter[int]()
+        self._recent: dict[str, collections.deque[RequestRecord]] = {}
         self._window_count = 0
         self._sampler = random.Random(0)
 
@@ -87,6 +90,7 @@ class RequestStats:
         if record.completion_tokens:
             self.completion_tokens[record.endpoint] += record.completion_tokens
         self._window_count += 1
+        self._recent.setdefault(record.endpoint, collections.deque(maxlen=RECENT_PER_ENDPOINT)).append(record)
         if len(self._window) < MAX_WINDOW_SAMPLES:
             self._window.append(record)
         else:  # keep a uniform sample of the window (reservoir sampling)
@@ -104,6 +108,15 @@ class RequestStats:
     @property
     def total_requests(self) -> int:
         return sum(self.requests.values())
+
+    def live(self, endpoint: str) -> dict[str, float | int | None]:
+        """An endpoint's counters as the page shows them: totals, and percentiles over its latest requests."""
+        recent = self._recent.get(endpoint, ())
+        latencies = [r.latency_s * 1000 for r in recent]
+        return {"requests": self.requests[endpoint], "completion_tokens": self.completion_tokens[endpoint],
+                "errors": sum(n for (e, status), n in self.responses.items() if e == endpoint and status >= 400),
+                "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+                "ttft_p50_ms": percentile([r.ttft_s * 1000 for r in recent if r.ttft_s is not None], 50)}
 
     def take_window(self) -> WindowSummary:
         window, count, answers = self._window, self._window_count, self._window_answers

@@ -45,13 +45,14 @@ class RoutedModel:
 
 @dataclass(frozen=True)
 class GatewayOptions:
-    """The gateway's timeouts, where a run changes them (None: the gateway's own default)."""
+    """The gateway's timeouts, where a run changes them (None: the gateway's own default), and its links."""
 
     upstream_read_timeout_s: float | None = None
     request_receive_timeout_s: float | None = None
     write_timeout_s: float | None = None
+    task_url: str | None = None  # the ClearML task's page (the endpoint's page links to it)
 
-    def kwargs(self) -> dict[str, float]:
+    def kwargs(self) -> dict[str, float | str]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 

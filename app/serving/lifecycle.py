@@ -62,6 +62,7 @@ class RunOptions:
     process_started: float | None = None  # on the monotonic clock: where "ready in N s" counts from
     prior: tuple[Span, ...] = ()  # startup phases before run() (fetching the demo model)
     prior_fetch_s: float = 0.0  # of which fetching over the network (not the app's own time)
+    task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
 
 
 class Reporter(Protocol):

@@ -59,6 +59,8 @@ def test_every_sglang_route_with_every_method_is_relayed_only_when_allowed(prefi
                 assert route.kind in ("models", "method_not_allowed")
             elif path == "/metrics" and not prefix:
                 assert route.kind in ("metrics", "method_not_allowed")  # the gateway's own metrics
+            elif path == "/" and not prefix:
+                assert route.kind in ("page", "method_not_allowed")  # the gateway's own page, not SGLang's
             else:
                 assert route.kind == "not_found", (method, prefix + path, route)
     expected = {(m, p) for p, ms in routes.INFERENCE.items() for m in ms
@@ -78,7 +80,8 @@ def test_operator_routes_are_never_relayed(path, method):
     "/tiny/./v1/chat/completions", "/tiny/v1/../server_info", "/tiny/../server_info", "/tiny", "/tiny/",
     "/nope/v1/chat/completions", "/TINY/v1/chat/completions", "/tiny/V1/chat/completions", "//v1/chat/completions",
     "/v1/chat/completions%2F", "/generate", "/api/tags", "/v1/responses/a/b", "/v1/responses/../../server_info",
-    "/v1/responses/%2e%2e", "/tiny/v1/responses/x%2Fcancel", "/v1", "/v1/", "/", "*",
+    "/v1/responses/%2e%2e", "/tiny/v1/responses/x%2Fcancel", "/v1", "/v1/", "*", "/ui", "/ui/", "/ui/../",
+    "/ui/app.js/", "/ui/%61pp.js", "/tiny/ui/app.js", "/ui/api/status/",
 ])
 def test_other_spellings_of_a_route_are_not_that_route(path):
     assert classify("POST", path, ENDPOINTS).kind == "not_found"
@@ -86,6 +89,9 @@ def test_other_spellings_of_a_route_are_not_that_route(path):
 
 
 def test_the_gateways_own_routes():
+    assert [classify("GET", p, ENDPOINTS).kind for p in ("/", "/ui/app.js", "/ui/app.css")] == ["page"] * 3
+    assert classify("GET", "/ui/api/status", ENDPOINTS).kind == "page_status"
+    assert classify("POST", "/", ENDPOINTS).kind == "method_not_allowed"
     assert classify("GET", "/healthz", ENDPOINTS).kind == "open"
     assert classify("HEAD", "/readyz", ENDPOINTS).kind == "open"
     assert classify("POST", "/healthz", ENDPOINTS).kind == "method_not_allowed"

@@ -1,0 +1,257 @@
+// The endpoint's page (app/gateway/page.py). No data without a token; the token lives in this tab's sessionStorage
+// only (never a URL, a cookie or a log). Everything shown comes from the gateway's own routes.
+"use strict";
+
+const KEY = "clearml-sglang-token";
+const $ = (id) => document.getElementById(id);
+let timer = null;
+let previous = {};  // endpoint -> [completion_tokens, time]: tokens per second between two refreshes
+let lang = "curl";
+let controller = null;
+
+function token() { return sessionStorage.getItem(KEY); }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {}, { Authorization: "Bearer " + token() });
+  return fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return response.status + ": " + body.error.message;
+  } catch (e) { /* not JSON */ }
+  return "HTTP " + response.status;
+}
+
+function show(signedIn) {
+  $("signin").hidden = signedIn;
+  $("deployment").hidden = !signedIn;
+  $("links").hidden = !signedIn;
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  if (timer) clearInterval(timer);
+  timer = null;
+  $("models").querySelector("tbody").replaceChildren();
+  $("model").replaceChildren();
+  show(false);
+  $("signin-error").hidden = !message;
+  $("signin-error").textContent = message || "";
+  $("token").focus();
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  if (className) {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    td.appendChild(span);
+  } else {
+    td.textContent = text;
+  }
+  return td;
+}
+
+function number(value) { return value === null || value === undefined ? "–" : String(Math.round(value)); }
+
+function render(status) {
+  const now = Date.now() / 1000;
+  const body = $("models").querySelector("tbody");
+  const rows = [];
+  for (const model of status.models) {
+    const tr = document.createElement("tr");
+    tr.dataset.model = model.id;
+    tr.appendChild(cell(model.id));
+    tr.appendChild(cell(model.state, "state state-" + model.state));
+    const counters = model.parent ? null : status.endpoints[model.id];
+    if (counters) {
+      const last = previous[model.id];
+      const rate = last && now > last[1] ? (counters.completion_tokens - last[0]) / (now - last[1]) : null;
+      previous[model.id] = [counters.completion_tokens, now];
+      for (const value of [counters.requests, rate === null ? null : Math.max(0, rate), counters.latency_p50_ms,
+                           counters.latency_p95_ms, counters.ttft_p50_ms]) tr.appendChild(cell(number(value)));
+    } else {
+      for (let i = 0; i < 5; i++) tr.appendChild(cell(model.parent ? "(" + model.parent + ")" : "–"));
+    }
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+  $("in-flight").textContent = String(status.in_flight);
+  const select = $("model");
+  const ids = status.models.map((m) => m.id);
+  if ([...select.options].map((o) => o.value).join() !== ids.join()) {
+    const chosen = select.value;
+    select.replaceChildren(...ids.map((id) => new Option(id, id)));
+    if (ids.includes(chosen)) select.value = chosen;
+    snippet();
+  }
+  const link = $("task-link");
+  link.hidden = !status.task_url;
+  if (status.task_url) link.href = status.task_url;
+}
+
+async function refresh() {
+  let response;
+  try {
+    response = await api("/ui/api/status");
+  } catch (e) {
+    return;  // the endpoint is unreachable for now: keep what is shown
+  }
+  if (response.status === 401) { signOut("That token was refused: " + (await errorText(response))); return; }
+  if (response.ok) render(await response.json());
+}
+
+async function signIn(value) {
+  sessionStorage.setItem(KEY, value);
+  const response = await api("/ui/api/status");
+  if (!response.ok) { signOut("That token was refused: " + (await errorText(response))); return; }
+  $("signin-error").hidden = true;
+  show(true);
+  render(await response.json());
+  timer = setInterval(refresh, 2000);
+}
+
+function request() {
+  return {
+    model: $("model").value,
+    messages: [{ role: "user", content: $("prompt").value }],
+    max_tokens: Number($("max-tokens").value) || 64,
+    temperature: Number($("temperature").value),
+    stream: $("stream").checked,
+  };
+}
+
+function snippet() {
+  const body = request();
+  const shown = $("include-token").checked ? token() : "YOUR_TOKEN";
+  const base = location.origin;
+  const json = JSON.stringify(body);
+  let text;
+  if (lang === "curl") {
+    text = "curl " + base + "/v1/chat/completions" + (body.stream ? " -N" : "") + " \\\n" +
+      "  -H 'Authorization: Bearer " + shown + "' -H 'Content-Type: application/json' \\\n" +
+      "  -d '" + json.replace(/'/g, "'\\''") + "'";
+  } else if (lang === "python") {
+    text = "from openai import OpenAI\n\nclient = OpenAI(base_url=" + JSON.stringify(base + "/v1") + ", api_key=" +
+      JSON.stringify(shown) + ")\nanswer = client.chat.completions.create(\n    model=" + JSON.stringify(body.model) +
+      ",\n    messages=" + JSON.stringify(body.messages) + ",\n    max_tokens=" + body.max_tokens +
+      ", temperature=" + body.temperature + ", stream=" + (body.stream ? "True" : "False") + ",\n)\n" +
+      (body.stream ? "for chunk in answer:\n    print(chunk.choices[0].delta.content or \"\", end=\"\")\n"
+                   : "print(answer.choices[0].message.content)\n");
+  } else {
+    text = "const response = await fetch(" + JSON.stringify(base + "/v1/chat/completions") + ", {\n" +
+      "  method: \"POST\",\n  headers: {Authorization: \"Bearer " + shown + "\", \"Content-Type\": \"application/json\"},\n" +
+      "  body: JSON.stringify(" + json + "),\n});\n" +
+      (body.stream ? "for await (const part of response.body.pipeThrough(new TextDecoderStream())) console.log(part);\n"
+                   : "console.log((await response.json()).choices[0].message.content);\n");
+  }
+  $("snippet").textContent = text;
+}
+
+function turn(who, text) {
+  const p = document.createElement("p");
+  p.className = "turn";
+  const b = document.createElement("b");
+  b.textContent = who;
+  const span = document.createElement("span");
+  span.textContent = text;
+  p.append(b, span);
+  $("chat").appendChild(p);
+  return span;
+}
+
+async function send() {
+  const body = request();
+  $("play-error").hidden = true;
+  turn("You:", body.messages[0].content);
+  const out = turn(body.model + ":", "");
+  out.dataset.answer = "";
+  controller = new AbortController();
+  $("send").disabled = true;
+  $("stop").disabled = false;
+  const started = performance.now();
+  let first = null;
+  let pieces = 0;
+  const stats = () => {
+    const now = performance.now();
+    const ttft = first === null ? "–" : Math.round(first - started) + " ms";
+    const rate = first !== null && now > first ? (pieces / ((now - first) / 1000)).toFixed(1) : "–";
+    $("answer-stats").textContent = "TTFT " + ttft + " · " + rate + " tokens/s";
+  };
+  try {
+    const response = await api("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorText(response));
+    if (!body.stream) {
+      const answer = await response.json();
+      first = performance.now();
+      out.textContent = answer.choices[0].message.content || "";
+      pieces = (answer.usage && answer.usage.completion_tokens) || 0;
+    } else {
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        const events = buffer.split("\n\n");
+        buffer = events.pop();
+        for (const event of events) {
+          const data = event.replace(/^data: /, "");
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new Error(chunk.error.message);
+          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+          if (delta && delta.content) {
+            if (first === null) first = performance.now();
+            pieces += 1;
+            out.textContent += delta.content;
+            stats();
+          }
+        }
+      }
+    }
+    stats();
+  } catch (e) {
+    if (e.name === "AbortError") {
+      turn("", "(stopped)");
+    } else {
+      $("play-error").textContent = String(e.message || e);
+      $("play-error").hidden = false;
+    }
+  } finally {
+    controller = null;
+    $("send").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("token").value.trim();
+    $("token").value = "";
+    if (value) signIn(value);
+  });
+  $("forget").addEventListener("click", () => signOut(""));
+  for (const id of ["model", "max-tokens", "temperature", "stream", "include-token", "prompt"]) {
+    $(id).addEventListener("input", snippet);
+    $(id).addEventListener("change", snippet);
+  }
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.addEventListener("click", () => {
+      lang = tab.dataset.lang;
+      for (const other of document.querySelectorAll("[role=tab]")) other.setAttribute("aria-selected", String(other === tab));
+      snippet();
+    });
+  }
+  $("copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("snippet").textContent));
+  $("send").addEventListener("click", send);
+  $("stop").addEventListener("click", () => controller && controller.abort());
+  if (token()) signIn(token()); else show(false);
+});

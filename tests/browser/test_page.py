@@ -1,0 +1,183 @@
+"""The endpoint's page in a real browser: Debian's chromium driven by Playwright, against `clearml-sglang run` with
+the stand-in engine (offline ClearML), as a user would use it.
+
+Skipped where Playwright or chromium is missing; CI installs both (`.ci/run`). `SCREENSHOTS=dir` keeps the
+screenshots (the README's are made so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+from tests.integration.test_clearml_offline import console, no_process_left, session, start, wait_ready  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+TOKEN = "page-token-" + "p" * 20
+ENDPOINT = "zephyr"  # a name that appears nowhere on the page unless the deployment is shown
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("page")
+    (cache / "sql").mkdir()  # (the stand-in engine reads no adapter; the app checks the path exists)
+    process, base = start(cache, "models.0.model=org/m", f"models.0.endpoint_name={ENDPOINT}", "general.device=cpu",
+                          "models.0.lora.enable=true", f"models.0.lora.modules=sql={cache / 'sql'}",
+                          f"auth.tokens={TOKEN}", "idle.time_limit_hours=1", "idle.report_interval_seconds=1",
+                          "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05")
+    try:
+        wait_ready(process, base)
+        yield base, cache
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    no_process_left()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def open_page(browser, base: str, width: int = 1280, height: int = 800):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(base + "/")
+    return context, page
+
+
+def sign_in(page, token: str = TOKEN) -> None:
+    page.get_by_label("Token", exact=True).fill(token)
+    page.get_by_label("Token", exact=True).press("Enter")  # the keyboard is enough
+
+
+def shoot(page, name: str, tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_nothing_of_the_deployment_shows_before_a_token_and_a_wrong_one_is_refused(endpoint, browser):
+    base, _ = endpoint
+    context, page = open_page(browser, base)
+    assert page.get_by_label("Token", exact=True).is_visible()
+    assert ENDPOINT not in page.content() and not page.locator("#deployment").is_visible()
+    sign_in(page, "wrong-token-0123456789")
+    sync_api.expect(page.locator("#signin-error")).to_contain_text("That token was refused: 401")
+    assert ENDPOINT not in page.locator("body").inner_text()
+    context.close()
+
+
+def test_the_page_carries_strict_security_headers(endpoint, browser):
+    base, _ = endpoint
+    context = browser.new_context()
+    response = context.request.get(base + "/")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert context.request.get(base + "/ui/api/status").status == 401  # the data needs the token
+    context.close()
+
+
+def test_models_states_and_a_snippet_whose_curl_works(endpoint, browser, tmp_path):
+    base, _ = endpoint
+    context, page = open_page(browser, base)
+    sign_in(page)
+    rows = page.locator("#models tbody tr")
+    sync_api.expect(rows).to_have_count(2)
+    assert rows.nth(0).inner_text().split("\t")[:2] == [ENDPOINT, "resident"]
+    assert rows.nth(1).inner_text().split("\t")[:2] == [f"{ENDPOINT}:sql", "resident"]
+    assert page.evaluate("sessionStorage.getItem('clearml-sglang-token')") == TOKEN
+    assert TOKEN not in page.url and not context.cookies()
+
+    page.get_by_label("Stream", exact=True).uncheck()
+    page.get_by_label("Max tokens", exact=True).fill("5")
+    curl = page.locator("#snippet").inner_text()
+    assert "YOUR_TOKEN" in curl and TOKEN not in curl
+    done = subprocess.run(["bash", "-c", curl.replace("YOUR_TOKEN", TOKEN)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and '"chat.completion"' in done.stdout, done.stdout + done.stderr
+    page.get_by_role("tab", name="Python").click()
+    assert "from openai import OpenAI" in page.locator("#snippet").inner_text()
+    sync_api.expect(rows.nth(0).locator("td").nth(2)).not_to_have_text("0")  # counted, without a reload
+    shoot(page, "page-desktop.png", tmp_path)
+    page.get_by_label("Put my token in the snippets").check()
+    assert TOKEN in page.locator("#snippet").inner_text()
+    context.close()
+
+
+def test_a_streamed_answer_arrives_token_by_token_and_stop_aborts_it(endpoint, browser):
+    base, cache = endpoint
+    context, page = open_page(browser, base)
+    sign_in(page)
+    sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)
+    page.get_by_label("Max tokens", exact=True).fill("400")  # 20 s at the stand-in's pace: long enough to stop
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator("#chat .turn").nth(1).locator("span")
+    sync_api.expect(answer).not_to_be_empty()
+    seen = {len(answer.inner_text())}
+    sync_api.expect(answer).to_have_text(re.compile(r"^.{40,}", re.S), timeout=15_000)  # (CSP: no eval'd waits)
+    seen.add(len(answer.inner_text()))
+    assert len(seen) == 2  # it grew while streaming
+    assert re.search(r"TTFT \d+ ms · [\d.]+ tokens/s", page.locator("#answer-stats").inner_text())
+    page.get_by_role("button", name="Stop").click()
+    sync_api.expect(page.locator("#chat")).to_contain_text("(stopped)")
+    context.close()
+    # the engine aborted the request: its console line, as the task's console log keeps it
+    deadline = time.monotonic() + 60
+    while "Client disconnected from" not in console(session(cache)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Client disconnected from" in console(session(cache))
+
+
+def test_an_engine_error_shows_in_the_playground_and_the_phone_layout_reads(endpoint, browser, tmp_path):
+    base, _ = endpoint
+    context, page = open_page(browser, base, 390, 844)
+    sign_in(page)
+    sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)
+    page.evaluate("document.getElementById('model').add(new Option('nosuch', 'nosuch', true, true))")
+    page.get_by_role("button", name="Send").click()  # a model the endpoint does not serve
+    sync_api.expect(page.locator("#play-error")).to_be_visible()
+    assert page.locator("#play-error").inner_text().startswith("404: ")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # nothing wider than the phone
+    shoot(page, "page-phone.png", tmp_path)
+    context.close()
+
+
+def test_the_keyboard_is_enough(endpoint, browser):
+    base, _ = endpoint
+    context, page = open_page(browser, base)
+    for _ in range(10):  # Tab from the top of the page reaches the token field
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "token":
+            break
+    assert page.evaluate("document.activeElement.id") == "token"
+    page.keyboard.type(TOKEN)
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)
+    page.get_by_label("Max tokens", exact=True).fill("3")
+    page.get_by_role("button", name="Send").focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s")
+    context.close()

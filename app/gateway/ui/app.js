@@ -89,8 +89,9 @@ function render(status) {
     snippet();
   }
   const link = $("task-link");
-  link.hidden = !status.task_url;
-  if (status.task_url) link.href = status.task_url;
+  const url = /^https?:\/\//.test(status.task_url || "") ? status.task_url : null;  // (a link, never a script)
+  link.hidden = !url;
+  if (url) link.href = url;
 }
 
 async function refresh() {

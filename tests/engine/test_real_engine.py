@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -219,6 +220,29 @@ def test_the_engines_identity_and_cors_grants_are_not_relayed(served):
     assert response.status_code == 200
     assert not any(h.lower().startswith("access-control-") for h in response.headers)
     assert "server" not in {h.lower() for h in response.headers}
+
+
+def test_the_endpoints_page_plays_with_the_real_engine(served):
+    """The page's playground against real SGLang (the browser tier covers the page with the stand-in)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on this machine")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(served.base + "/")
+        page.get_by_label("Token", exact=True).fill(TOKEN)
+        page.get_by_label("Token", exact=True).press("Enter")
+        sync_api.expect(page.locator("#models tbody tr")).to_have_count(3)  # tiny, tiny:a, tiny:b
+        page.get_by_label("Model").select_option("tiny:a")
+        page.get_by_label("Max tokens", exact=True).fill("16")
+        page.get_by_role("button", name="Send").click()
+        sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s", timeout=60_000)
+        sync_api.expect(page.locator("#send")).to_be_enabled(timeout=60_000)  # the stream ended
+        assert page.locator("#chat .turn span").nth(1).inner_text()  # the model's (random) words
+        assert not page.locator("#play-error").is_visible()
+        browser.close()
 
 
 def test_a_dead_scheduler_ends_streams_at_once_and_held_requests_are_served_after_the_restart(served, caplog):

@@ -235,7 +235,7 @@ def test_the_endpoints_page_plays_with_the_real_engine(served):
         page.get_by_label("Token", exact=True).fill(TOKEN)
         page.get_by_label("Token", exact=True).press("Enter")
         sync_api.expect(page.locator("#models tbody tr")).to_have_count(3)  # tiny, tiny:a, tiny:b
-        page.get_by_label("Model").select_option("tiny:a")
+        page.get_by_label("Model", exact=True).select_option("tiny:a")
         page.get_by_label("Max tokens", exact=True).fill("16")
         page.get_by_role("button", name="Send").click()
         sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s", timeout=60_000)

@@ -8,8 +8,10 @@ tiny random model instead (`app.demo.tiny_model`, made offline; its answers are 
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from app.config import parse_config
 from app.config.types import DeploymentConfig
 from app.constants import CACHE_ENV, cache_dir
 
-__all__ = ["CACHE_ENV", "DEMO_NAME", "Demo", "cache_dir", "demo_config", "demo_raw", "smollm_raw"]
+__all__ = ["CACHE_ENV", "DEMO_NAME", "Demo", "cache_dir", "demo_config", "demo_raw", "install", "made_by",
+           "smollm_raw"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,26 @@ def _raw(base: Path, adapters: tuple[Path, ...], endpoint: str, *, max_total_tok
         "general": {"device": "cpu"},
         "idle": {"time_limit_hours": 1, "report_interval_seconds": 10},
     }
+
+
+def made_by(out_dir: Path, marker: str, version: int, needed: Iterable[str]) -> bool:
+    """Whether `out_dir` holds a complete set made by this version of a recipe (its marker, and every needed file)."""
+    try:
+        if json.loads((out_dir / marker).read_text()).get("recipe_version") != version:
+            return False
+    except (OSError, ValueError):
+        return False
+    return all((out_dir / name).is_file() for name in needed)
+
+
+def install(scratch: Path, out_dir: Path, names: Iterable[str], marker: str, recipe: dict) -> None:
+    """Move a set made in `scratch` into `out_dir`, name by name, its marker last: a set cut short is never taken
+    for a complete one."""
+    (out_dir / marker).unlink(missing_ok=True)
+    for name in names:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+        (scratch / name).rename(out_dir / name)
+    (out_dir / marker).write_text(json.dumps(recipe) + "\n")
 
 
 @dataclass(frozen=True)

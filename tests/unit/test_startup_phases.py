@@ -41,8 +41,7 @@ def test_sglang_lines_move_an_engine_through_its_phases_in_order():
 def test_the_summary_names_each_phase_and_the_apps_own_time():
     clock, told = Clock(), []
     phases = EnginePhases("m", clock, on_phase=lambda endpoint, phase, left: told.append((endpoint, phase, left)))
-    timeline = StartupTimeline(process_started=99.5, app_spans=[Span("fetching the demo model", 30.0)],
-                               fetched_s=30.0)
+    timeline = StartupTimeline(process_started=99.5, app_spans=[Span("fetching the demo model", 30.0)])
     clock.now = 130.0
     timeline.fetched(0.2)
     clock.now = 130.5

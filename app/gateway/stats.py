@@ -90,7 +90,10 @@ class RequestStats:
         if record.completion_tokens:
             self.completion_tokens[record.endpoint] += record.completion_tokens
         self._window_count += 1
-        self._recent.setdefault(record.endpoint, collections.deque(maxlen=RECENT_PER_ENDPOINT)).append(record)
+        recent = self._recent.get(record.endpoint)
+        if recent is None:  # (not setdefault: that would build a deque for every request)
+            recent = self._recent[record.endpoint] = collections.deque(maxlen=RECENT_PER_ENDPOINT)
+        recent.append(record)
         if len(self._window) < MAX_WINDOW_SAMPLES:
             self._window.append(record)
         else:  # keep a uniform sample of the window (reservoir sampling)

@@ -1,8 +1,9 @@
 """One SGLang server process group, watched from start to stop; its state is written here only.
 
 `Engine` spawns the server in a new session (its own process group) through `app.sglang.launch`, pumps its output
-line by line to our log (prefixed by the endpoint name, secrets masked) and into a bounded tail, waits for readiness
-by probing SGLang's `/health` under one deadline while watching for the process dying, and stops it with SIGTERM to
+line by line to our log (prefixed by the endpoint name, secrets masked) and into a bounded tail, reads its startup
+phases from it (`app.serving.startup`), waits for readiness (SGLang's "ready to roll" line, or its `/health`) under
+one deadline while watching for the process dying, and stops it with SIGTERM to
 the launcher, a grace period, then SIGKILL to the whole group. (SGLang's launcher drains and stops its own children
 on SIGTERM; signalling the whole group makes it read its scheduler's exit as a crash: docs/sglang.md, "Stopping".)
 
@@ -74,7 +75,8 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         on_phase: OnPhase | None = None,
     ):
-        """`on_phase(endpoint, phase)`: each startup phase as the engine's output shows it (`app.serving.startup`)."""
+        """`on_phase(endpoint, phase, left)`: each startup phase as the engine's output shows it, and the one it left
+        with its time (`app.serving.startup`)."""
         self.command = command
         self.endpoint = command.endpoint
         self.url = f"http://127.0.0.1:{command.port}"

@@ -107,15 +107,20 @@ def properties(folder: Path) -> dict[str, str]:
 
 
 def wait_status(cache: Path, status: str, deadline_s: float = 30) -> None:
+    wait_property(cache, "status", lambda value: value == status, f"status never became {status!r}", deadline_s)
+
+
+def wait_property(cache: Path, name: str, holds, failure: str, deadline_s: float = 30) -> None:
+    """Until the task's property `name` holds (`holds(value)`, value None while it is unset)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
-            if properties(session(cache)).get("status") == status:
+            if holds(properties(session(cache)).get(name)):
                 return
         except (AssertionError, OSError, ValueError, KeyError):
             pass  # the session or its task.json is not there yet, or half written
         time.sleep(0.05)
-    raise AssertionError(f"status never became {status!r}")
+    raise AssertionError(failure)
 
 
 def no_process_left() -> None:

@@ -8,7 +8,6 @@ console is the process's output; the offline session's log is what the task's co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import time
@@ -22,9 +21,9 @@ from tests.integration.test_clearml_offline import (
     TOKEN,
     console,
     no_process_left,
-    properties,
     session,
     start,
+    wait_property,
     wait_ready,
 )
 
@@ -53,16 +52,6 @@ async def load(base: str) -> tuple[int, int, float, float]:
         return total, ok, started, time.time()
 
 
-def announced(cache, deadline_s: float = 60) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        with contextlib.suppress(AssertionError, OSError, ValueError, KeyError):
-            if properties(session(cache)).get("curl"):  # (set after the lines are printed)
-                return
-        time.sleep(0.05)
-    raise AssertionError("the endpoint was never announced")
-
-
 def stamped(lines: list[str], start: float, end: float) -> list[str]:
     """The lines the app logged between two wall-clock times (continuation lines belong to the line above)."""
     inside, keep = [], False
@@ -81,7 +70,8 @@ def test_the_console_stays_readable_at_200_requests_a_second(tmp_path):
                           f"idle.report_interval_seconds={REPORT_S}")
     try:
         wait_ready(process, base)
-        announced(tmp_path)  # (its summary, URLs and curl are printed just after it is ready: not the load's lines)
+        # its summary, URLs and curl are printed just after it is ready (then the curl property is set): not the load's
+        wait_property(tmp_path, "curl", bool, "the endpoint was never announced", 60)
         sent, ok, started, ended = asyncio.run(load(base))
         time.sleep(REPORT_S + 0.5)  # (let the last window's summary out: it is what the test reads)
     finally:

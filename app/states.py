@@ -5,6 +5,7 @@
   (`app.serving.residency`); the process is up all the while.
 - `ModelState`: a model as requests find it, read by the gateway and `/readyz`: its engine's state, or where models
   share GPUs the residency's (`app.serving.residency`), which adds sleeping and waking.
+- `AdapterState`: a LoRA adapter loaded on request, written by `app.serving.adapters.OnRequestAdapters`.
 - `Status`: the deployment as the dashboard shows it, written only by the deployment's lifecycle.
 """
 
@@ -39,6 +40,11 @@ class ModelState(_Text):
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+
+
+class AdapterState(_Text):
+    LOADING = "loading"
+    LOADED = "loaded"
 
 
 class Status(_Text):

@@ -47,7 +47,7 @@ def _entry_type(f: Field, table: FlagTable) -> dict[str, Any]:
         choices = spec.choices if spec is not None else None
     if f.type == "bool":
         return {"type": "checkbox"}
-    if choices:
+    if choices and f.type != "list":  # (a list of choices is typed, comma-separated: its help names them)
         return {"type": "dropdown", "choices": [str(c) for c in choices]}
     if f.key == "cli":
         return {"type": "multiline_text"}
@@ -63,6 +63,10 @@ def _entry(f: Field, table: FlagTable, target: dict[str, Any] | None, name: str 
         entry["default"] = default if not isinstance(default, tuple) else list(default)
     if f.key == "modules":
         entry["placeholder"] = "sql=org/sql-lora, chat=0123456789abcdef0123456789abcdef"
+    if f.key == "on_request":
+        entry["placeholder"] = "local, clearml"
+    if f.key == "on_request_dirs":
+        entry["placeholder"] = "/data/adapters"
     if f.key == "model":
         entry["placeholder"] = "openai-community/gpt2"
     if target is not None:

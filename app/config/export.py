@@ -57,7 +57,7 @@ def _model_mapping(model: ModelConfig) -> dict[str, Any]:
 
 
 def _lora_mapping(lora: LoraConfig) -> dict[str, Any]:
-    out = {f.key: getattr(lora, f.key) for f in schema.LORA_FIELDS}
+    out = {f.key: list(v) if isinstance(v := getattr(lora, f.key), tuple) else v for f in schema.LORA_FIELDS}
     out["modules"] = [str(m) for m in lora.modules]
     return out
 

@@ -22,6 +22,7 @@ from app.config.rules import (
     check_cli,
     check_endpoint_name,
     check_lora_limits,
+    check_on_request,
     check_text_fields,
     check_tokens,
 )
@@ -276,6 +277,8 @@ def _parse_model(item: Any, where: str, general: GeneralConfig, table: FlagTable
         check_cli(config, f"{where}.cli", table, problems, general)
     if lora.enable and not config.cli and modules_valid:
         check_lora_limits(lora, config, f"{where}.lora", problems)
+    if lora.on_request:
+        check_on_request(lora, config, f"{where}.lora", problems)
     return config
 
 

@@ -103,6 +103,33 @@ def check_lora_limits(lora: LoraConfig, model: ModelConfig, where: str, problems
                      "lora-target-modules, e.g. [all], for adapters loaded later")
 
 
+def check_on_request(lora: LoraConfig, model: ModelConfig, where: str, problems: Problems) -> None:
+    """Adapters on request: LoRA on, one copy of the model (SGLang 0.5.23 refuses runtime loads into data-parallel
+    replicas: docs/sglang.md, "LoRA"), room left beside the modules, and directories for the local source."""
+    at = f"{where}.on_request"
+    if model.cli:
+        problems.add(at, "cannot apply to a model given as a raw CLI", "set the LoRA fields instead of `cli`")
+        return
+    if not lora.enable:
+        problems.add(at, "is set but LoRA is off", "set lora.enable: true")
+    if model.replicas > 1:
+        problems.add(at, f"needs one copy of the model, not {model.replicas} replicas (SGLang cannot load an adapter "
+                     "into data-parallel replicas at runtime)", "set replicas: 1, or list the adapters in modules")
+    if lora.max_cpu_loras is not None and lora.max_cpu_loras <= len(lora.modules):
+        problems.add(f"{where}.max_cpu_loras", f"{lora.max_cpu_loras} leaves no room for adapters on request beside "
+                     f"the {len(lora.modules)} modules", f"set max_cpu_loras to {len(lora.modules) + 1} or more")
+    if "local" in lora.on_request and not lora.on_request_dirs:
+        problems.add(f"{where}.on_request_dirs", "is empty, so no local adapter could be loaded",
+                     "list the directories that hold adapters, e.g. [/data/adapters]")
+    for i, directory in enumerate(lora.on_request_dirs):
+        if not directory.startswith("/"):
+            problems.add(f"{where}.on_request_dirs[{i}]", f"{preview(directory)} is not an absolute path",
+                         "write the directory from the root, e.g. /data/adapters")
+        elif directory.rstrip("/") == "":
+            problems.add(f"{where}.on_request_dirs[{i}]", "is the root directory, which would allow any path",
+                         "name the directory that holds the adapters")
+
+
 def check_tokens(tokens: tuple[str, ...], problems: Problems) -> None:
     for i, token in enumerate(tokens):
         where = f"auth.tokens[{i}]"

@@ -61,6 +61,8 @@ DEFAULT_IDLE_HOURS = 24.0
 DEFAULT_REPORT_INTERVAL_SECONDS = 60
 # SGLang takes any string for its log levels and hands it to Python logging and uvicorn; these are the ones both know.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Where an adapter may be loaded from on request (`lora.on_request`).
+ADAPTER_SOURCES = ("clearml", "hf", "local")
 
 INSTANCE_FIELDS = (
     Field("instance", "name", "Instance name", "Name of the app instance; it appears in the instance list.",
@@ -119,8 +121,19 @@ LORA_FIELDS = (
           "Data type of the adapters. SGLang loads adapters in the model's dtype (set --dtype for the model): "
           "only auto is accepted.", CHOICE, "auto", choices=("auto", "float16", "bfloat16", "float32")),
     Field("lora", "max_cpu_loras", "Max CPU LoRAs",
-          "Maximum number of adapters held in CPU memory; at least Max LoRAs and the number of modules.",
+          "Maximum number of adapters held in CPU memory; at least Max LoRAs and the number of modules. With "
+          "adapters on request, the least recently used idle one is unloaded to make room (default then: Max "
+          "LoRAs, and at least one more than the modules; SGLang is given one slot more, so a new adapter loads "
+          "before the least recently used one is unloaded).",
           INT, None, sglang_flag="--max-loaded-loras", minimum=1, maximum=65536),
+    Field("lora", "on_request", "LoRA Adapters on Request",
+          "Sources an adapter may be loaded from on its first request, as model \"<endpoint>:<reference>\": "
+          "clearml (a ClearML Model ID), hf (a HuggingFace repo name), local (a path under LoRA Adapter "
+          "Directories). Empty: only the modules above are served.",
+          LIST, (), choices=ADAPTER_SOURCES),
+    Field("lora", "on_request_dirs", "LoRA Adapter Directories",
+          "Directories on the serving machine whose adapters may be loaded on request (the local source): an "
+          "absolute path inside one of them, or the name of an adapter folder directly in one.", LIST, ()),
 )
 
 GENERAL_FIELDS = (

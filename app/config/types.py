@@ -37,6 +37,16 @@ class LoraConfig:
     extra_vocab_size: int = field_default("lora", "extra_vocab_size")
     dtype: str = field_default("lora", "dtype")
     max_cpu_loras: int | None = field_default("lora", "max_cpu_loras")
+    on_request: tuple[str, ...] = field_default("lora", "on_request")
+    on_request_dirs: tuple[str, ...] = field_default("lora", "on_request_dirs")
+
+    @property
+    def loaded_cap(self) -> int:
+        """How many adapters stay loaded with adapters on request: max_cpu_loras, else max_loras (SGLang's default
+        8) and at least one more than the modules loaded at start."""
+        if self.max_cpu_loras is not None:
+            return self.max_cpu_loras
+        return max(self.max_loras if self.max_loras is not None else 8, len(self.modules) + 1)
 
 
 @dataclass(frozen=True)

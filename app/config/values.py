@@ -113,6 +113,10 @@ def coerce_field(f: Field, value: Any, where: str, problems: Problems) -> Any:
                     raise ValueProblem(f"takes a list of text, not of {type(item).__name__}")
                 check_text(item, allow_newlines=False)
             result = tuple(item.strip() for item in items if item.strip())
+            if f.choices:  # a set of choices: each at most once
+                if any(item not in f.choices for item in result):
+                    raise ValueProblem("is not a list of the choices")
+                result = tuple(dict.fromkeys(result))
         elif f.type == CHOICE:
             result = value.strip() if isinstance(value, str) else value
             if result not in (f.choices or ()):
@@ -159,6 +163,8 @@ def _field_fix(f: Field) -> str:
     if f.type == CHOICE:
         return "choose one of: " + ", ".join(str(c) for c in f.choices or ())
     if f.type == LIST:
+        if f.choices:
+            return "write some of: " + ", ".join(str(c) for c in f.choices)
         return "write a list, or items separated by commas"
     return "write plain UTF-8 text on one line"
 

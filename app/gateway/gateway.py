@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from app.gateway import page
 from app.gateway import routes as paths
+from app.gateway.adapters import AdapterLoader, AdapterRefused, LeasedTarget, requested_adapter
 from app.gateway.auth import TokenChecker
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import (
@@ -109,6 +110,7 @@ class ModelRoute:
     engine: EngineHandle
     api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
     adapters: tuple[str, ...] = ()
+    adapter_loader: AdapterLoader | None = field(default=None, repr=False)  # with adapters on request
     residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
     wake_deadline_s: float = 120.0
     restart_hold_s: float = RESTART_HOLD_SECONDS
@@ -253,23 +255,44 @@ class Gateway:
             conn.reply(model)
             return None
         path = route.target.encode() + (b"?" + request.query if request.query else b"")
+        loader = model.adapter_loader
+        adapter = requested_adapter(model_field(request.body), model.endpoint, loader) if loader else None
         residency = model.residency
         if residency is not None and residency.enter(model.endpoint):
-            return self._relay(request, conn, model, path)
+            return self._relay(request, conn, model, path, adapter)
         state = model.state
         if (residency is not None and state in _WAITS_FOR_WAKE) or state == ModelState.RESTARTING:
             if model.held >= MAX_HELD_REQUESTS:
                 conn.reply(_unavailable(model, state))
                 return None
-            return self._held(request, conn, model, path, state)
+            return self._held(request, conn, model, path, state, adapter)
         if residency is not None or state != ModelState.RESIDENT:  # (resident, not yet measured: loading)
             conn.reply(_unavailable(model, ModelState.LOADING if state == ModelState.RESIDENT else state))
             return None
-        return self._relay(request, conn, model, path)
+        return self._relay(request, conn, model, path, adapter)
 
-    def _relay(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes) -> Handled:
+    def _relay(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+               adapter: str | None = None) -> Handled:
         assert self._relays is not None
+        if adapter is not None:
+            return self._relay_with_adapter(request, conn, route, path, adapter)
         return Relay(self._relays, request, conn, route, path).start()
+
+    async def _relay_with_adapter(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+                                  adapter: str) -> Pending | None:
+        """Load the adapter the request names (or share a load under way), then relay it holding the adapter."""
+        assert self._relays is not None and route.adapter_loader is not None
+        try:
+            lease = await route.adapter_loader.acquire(adapter)
+        except AdapterRefused as refused:
+            route.leave(self.clock())
+            conn.reply(refused.reply())
+            return None
+        except BaseException:  # the client went away while the adapter loaded
+            route.leave(self.clock())
+            raise
+        started = Relay(self._relays, request, conn, LeasedTarget(route, lease), path).start()
+        return started if started is None or started is PENDING else await started
 
     def _model_route(self, request: Request, route: paths.Route) -> ModelRoute | Reply:
         """The model a relayed request goes to: the path's, or the one its JSON body names."""
@@ -291,7 +314,7 @@ class Gateway:
         return found
 
     async def _held(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
-                    state: str) -> Pending | None:
+                    state: str, adapter: str | None) -> Pending | None:
         """Hold a request for a model that is waking (one wake-up for all) or restarting after a crash, until it
         serves again, at most its deadline; then relay it, or 503 + Retry-After."""
         route.held += 1
@@ -315,7 +338,7 @@ class Gateway:
             else:  # it failed for good, or the deployment is stopping
                 conn.reply(_unavailable(route, route.state))
             return None
-        started = self._relay(request, conn, route, path)
+        started = self._relay(request, conn, route, path, adapter)
         return started if started is None or started is PENDING else await started
 
     # ----- answers of the gateway itself -----
@@ -364,8 +387,11 @@ class Gateway:
             state = route.state
             data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
                          "state": state})
+            adapters = [(adapter, state) for adapter in route.adapters]
+            if route.adapter_loader is not None:
+                adapters += route.adapter_loader.cards()
             data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                      "parent": name, "state": state} for adapter in route.adapters]
+                      "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
         return data
 
 

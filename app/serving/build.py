@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+from app.serving.adapters import AdapterStats, EngineAdapters, Fetcher, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
+from app.serving.models import ModelNotFound, ModelRegistry
 from app.serving.plan import DeploymentPlan
 from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
 from app.serving.scale_out import RemoteWorkers, WorkerPool
@@ -68,15 +70,18 @@ class Built:
     routed: dict[str, RoutedModel] = field(default_factory=dict)
     remote_workers: dict[str, RemoteWorkers] = field(default_factory=dict)
     residency: Residency | None = None
+    adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
+    adapter_stats: AdapterStats = field(default_factory=AdapterStats)
 
 
 def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,
           secrets: list[str], startup_deadline_s: float, gateway_options: GatewayOptions = GatewayOptions(),
           worker_pool: WorkerPool | None = None, clock: Callable[[], float] = time.monotonic,
-          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None) -> Built:
+          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None,
+          registry: ModelRegistry | None = None) -> Built:
     """The deployment's objects. `secrets` are masked in every engine's log; `on_change` hears every engine's news
     (the deployment passes them on to the residency and the routers); `on_phase` each SGLang server's startup
-    phases."""
+    phases; `registry` fetches the ClearML models adapters on request name."""
     config = plan.config
     front: dict[str, Engine] = {}
     servers: list[Engine] = []
@@ -104,8 +109,11 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
     residency = _residency(plan, [front[c.endpoint] for c in plan.commands], client, clock)
     tracker = IdleTracker(config.idle.time_limit_hours * 3600 if config.idle.shuts_down else None,
                           config.idle.report_interval_seconds, clock())
+    adapter_stats = AdapterStats()
+    adapters = _adapters_on_request(plan, front, client, registry, adapter_stats, clock)
     routes = [ModelRoute(c.endpoint, front[c.endpoint], api_key=c.api_key, adapters=plan.adapters[c.endpoint],
-                         residency=residency, wake_deadline_s=config.general.wake_deadline_seconds,
+                         adapter_loader=adapters.get(c.endpoint), residency=residency,
+                         wake_deadline_s=config.general.wake_deadline_seconds,
                          restart_hold_s=config.general.restart_hold_seconds)
               for c in plan.commands]
     gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock, **gateway_options.kwargs())
@@ -115,7 +123,32 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
         on_change=on_change)
     routers = EngineSupervisor([r.router for r in routed.values()], startup_deadline_s=startup_deadline_s,
                                clock=clock)
-    return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency)
+    return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency, adapters,
+                 adapter_stats)
+
+
+def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client: SGLangClient,
+                         registry: ModelRegistry | None, stats: AdapterStats,
+                         clock: Callable[[], float]) -> dict[str, OnRequestAdapters]:
+    """Each model that loads adapters on request (one SGLang server each: the config's rules see to it)."""
+    config = plan.config
+    fetch = Fetcher(registry if registry is not None else _NoRegistry(), config.general.hf_token)
+    adapters = {}
+    for model in config.models:
+        if model.lora.on_request and not model.cli:
+            engine = front[model.endpoint]
+            assert model.endpoint not in plan.routed, "adapters on request need one SGLang server"
+            adapters[model.endpoint] = OnRequestAdapters(
+                model.endpoint, model.lora, engine=EngineAdapters(client, engine.url, engine.command.api_key),
+                fetch=fetch, stats=stats, clock=clock)
+            logger.info("Model %s loads LoRA adapters on request from: %s (at most %d loaded)", model.endpoint,
+                        ", ".join(model.lora.on_request), model.lora.loaded_cap)
+    return adapters
+
+
+class _NoRegistry:
+    def get_local_copy(self, model_id: str) -> str:
+        raise ModelNotFound("no ClearML model registry is connected to this deployment")
 
 
 def _residency(plan: DeploymentPlan, engines: list[Engine], client: SGLangClient,

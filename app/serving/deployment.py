@@ -125,7 +125,7 @@ class Deployment(Lifecycle):
             startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s, options.task_url),
-            on_change=self._engine_changed, on_phase=self._engine_phase)
+            on_change=self._engine_changed, on_phase=self._engine_phase, registry=self.registry)
         try:
             await built.gateway.start(options.host, options.port)
             await self.tell(self.reporter.status, Status.LOADING, "starting engines")
@@ -148,6 +148,9 @@ class Deployment(Lifecycle):
         that died and takes it back once its restart is ready."""
         if self.residency is not None:
             self.residency.engine_changed(engine)
+        adapters = self.built.adapters.get(engine.endpoint) if self.built is not None else None
+        if adapters is not None and engine.state == EngineState.RESTARTING:
+            adapters.forget()
         if not self._serving.routing:
             return
         for routed in self.routed.values():

@@ -2,7 +2,8 @@
 
 One `SGLangClient` per deployment, on one long-lived connection pool: readiness (`/health`, open in SGLang),
 Prometheus text (`/metrics`, open), and the calls that need the engine's key (memory release/resume, weight
-reloads, sglang-router's worker list). SGLang 0.5.23's routes: `app/data/sglang_routes.json`.
+reloads, LoRA adapters loaded on request, sglang-router's worker list). SGLang 0.5.23's routes:
+`app/data/sglang_routes.json`.
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Container
 
 import aiohttp
@@ -23,6 +25,10 @@ import aiohttp
 # One readiness probe may take this long: SGLang's /health runs a one-token generation (its own limit is 20 s).
 HEALTH_TIMEOUT_SECONDS = 25.0
 METRICS_TIMEOUT_SECONDS = 5.0
+
+
+class AdapterCallError(Exception):
+    """A LoRA load or unload call that could not be made, or answered with something else than SGLang's result."""
 
 
 class SGLangClient:
@@ -68,6 +74,31 @@ class SGLangClient:
         if response.status not in accept:
             raise error(f"{method} {path} answered {response.status}: {text[:300]}")
         return text
+
+    async def load_lora_adapter(self, url: str, api_key: str | None, name: str, path: str,
+                                timeout_s: float) -> str | None:
+        """Load an adapter from a directory under a name (SGLang's `/load_lora_adapter`); None when it loaded, else
+        SGLang's reason. Raises AdapterCallError when the engine cannot be asked."""
+        return await self._lora_update(url, api_key, "/load_lora_adapter", {"lora_name": name, "lora_path": path},
+                                       timeout_s)
+
+    async def unload_lora_adapter(self, url: str, api_key: str | None, name: str, timeout_s: float) -> str | None:
+        """Unload an adapter by name (`/unload_lora_adapter`); None when it is gone, else SGLang's reason."""
+        return await self._lora_update(url, api_key, "/unload_lora_adapter", {"lora_name": name}, timeout_s)
+
+    async def _lora_update(self, url: str, api_key: str | None, path: str, body: dict, timeout_s: float) -> str | None:
+        # SGLang answers both with LoRAUpdateOutput {success, error_message, loaded_adapters}: 200, or 400 on failure
+        text = await self.call(url, "POST", path, api_key=api_key, timeout_s=timeout_s, error=AdapterCallError,
+                               body=body, accept=(200, 400))
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            raise AdapterCallError(f"POST {path} answered something that is not JSON: {text[:200]}") from None
+        if not isinstance(answer, dict):
+            raise AdapterCallError(f"POST {path} answered {text[:200]}")
+        if answer.get("success") is True:
+            return None
+        return str(answer.get("error_message") or answer.get("message") or text[:300])
 
     async def close(self) -> None:
         if self._session is not None:

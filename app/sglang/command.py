@@ -365,7 +365,11 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
         argv.add(schema.flag("lora", "modules"), [str(m) for m in resolved.lora_modules] or None)
         argv.add(schema.flag("lora", "max_loras"), lora.max_loras)
         argv.add(schema.flag("lora", "max_lora_rank"), lora.max_lora_rank)
-        argv.add(schema.flag("lora", "max_cpu_loras"), lora.max_cpu_loras)
+        if lora.on_request:  # one slot more than the app keeps loaded: a new adapter loads before one is unloaded
+            argv.add(schema.flag("lora", "max_cpu_loras"), lora.loaded_cap + 1)
+            notes.append(f"adapters on request from {', '.join(lora.on_request)}: at most {lora.loaded_cap} loaded")
+        else:
+            argv.add(schema.flag("lora", "max_cpu_loras"), lora.max_cpu_loras)
     elif lora.modules:
         notes.append(f"lora.enable is false, so its {len(lora.modules)} module(s) are not loaded")
 

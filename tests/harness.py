@@ -50,7 +50,8 @@ class RecordingReporter:
     def access_token(self, token: str) -> None:
         self.tokens.append(token)
 
-    def report(self, elapsed_s, decision, window, stats, states, tokens=None, wakes=None, replicas=None) -> None:
+    def report(self, elapsed_s, decision, window, stats, states, tokens=None, wakes=None, replicas=None,
+               adapters=None) -> None:
         self.reports.append((elapsed_s, decision, window, states, tokens))
         if wakes is not None:
             self.wakes.append((dict(wakes.wakeups), wakes.p(50), wakes.p(95)))

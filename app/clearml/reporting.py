@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.gateway.stats import RequestStats, WindowSummary
+from app.serving.adapters import AdapterReport
 from app.serving.idle import IdleDecision
 from app.serving.residency import WakeStats
 from app.serving.startup import StartupSummary
@@ -32,6 +33,8 @@ IDLE_TIME = "Idle Time (hours)"
 REPLICA_REQUESTS = "Replica Requests"
 WAKEUPS = "Model Wake-ups"
 WAKE_LATENCY = "Wake Latency (ms)"
+ADAPTER_LOADS = "Adapter Loads"
+ADAPTER_LOAD_TIME = "Adapter Load Time (ms)"
 TABLE = "Deployed Models"
 TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status", "Last wake-up"]
 
@@ -49,6 +52,7 @@ class TaskReporter:
         self._fed: dict[str, tuple[int, float]] = {}
         self._idle_since = ""
         self._last_wake: dict[str, float] = {}
+        self._adapters: dict[str, str] = {}  # adapters loaded on request -> their state
 
     # ----- Reporter -----
 
@@ -103,11 +107,13 @@ class TaskReporter:
         rows = [TABLE_HEADER] + [[self.models.get(name.split("/")[0], name), name, self._urls.get(name, ""), state,
                                   self._wall_iso(self._last_wake[name]) if name in self._last_wake else ""]
                                  for name, state in self._states.items()]
+        rows += [[name.split(":", 1)[1], name, self._urls.get(name.split(":", 1)[0], ""), state, ""]
+                 for name, state in self._adapters.items()]  # (an adapter's model is the reference it was asked by)
         self.task.report_table(TABLE, "models", rows, iteration=0)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None) -> None:
+               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
         iteration = int(elapsed_s)
         scalar = self.task.report_scalar
         for name in sorted(states):
@@ -140,8 +146,23 @@ class TaskReporter:
                 self._last_wake = dict(wakes.last_wake)
                 if states == self._states:
                     self._write_table()
+        if adapters is not None:
+            self._report_adapters(adapters, iteration, rewrite=states == self._states)
         self.states(states)
         self._feed_telemetry(stats)
+
+    def _report_adapters(self, adapters: AdapterReport, iteration: int, rewrite: bool) -> None:
+        """Adapters loaded on request: loads per model, load time, and their rows in the table."""
+        for name in sorted(adapters.endpoints):
+            self.task.report_scalar(ADAPTER_LOADS, name, float(adapters.stats.loads[name]), iteration)
+        for series, q in (("p50", 50), ("p95", 95)):
+            value = adapters.stats.p(q)
+            if value is not None:
+                self.task.report_scalar(ADAPTER_LOAD_TIME, series, value, iteration)
+        if adapters.states != self._adapters:
+            self._adapters = dict(adapters.states)
+            if rewrite:
+                self._write_table()
 
     def close(self) -> None:
         for telemetry in self._telemetry.values():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
-from app.serving.adapters import AdapterStats, EngineAdapters, Fetcher, OnRequestAdapters
+from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, Fetcher, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
@@ -72,6 +72,10 @@ class Built:
     residency: Residency | None = None
     adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
+
+    def adapter_report(self) -> AdapterReport | None:
+        """What the next report says of adapters on request (None where no model loads them)."""
+        return AdapterReport.of(self.adapters, self.adapter_stats) if self.adapters else None
 
 
 def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,

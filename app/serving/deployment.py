@@ -284,7 +284,8 @@ class Deployment(Lifecycle):
             logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
         await self.tell(self.reporter.report, now - self._serving.started, decision, window,
                         self.stats, self.states(), tokens, residency.wake_stats() if residency else None,
-                        await replica_requests(self.client, self.routed) if self.routed else None)
+                        await replica_requests(self.client, self.routed) if self.routed else None,
+                        self.built.adapter_report() if self.built is not None else None)
 
     async def _shutdown(self, built: Built) -> None:
         serving = self._serving

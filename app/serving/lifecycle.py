@@ -25,6 +25,7 @@ from app import constants
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, exit_after_signal
 from app.gateway.stats import RequestStats, WindowSummary
+from app.serving.adapters import AdapterReport
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu
 from app.serving.idle import IdleDecision
@@ -81,7 +82,7 @@ class Reporter(Protocol):
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None) -> None:
+               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
         ...
 
     def close(self) -> None: ...
@@ -154,7 +155,7 @@ class ConsoleReporter:
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None) -> None:
+               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
         logger.debug("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests,
                      decision.in_flight, decision.idle_for_s)  # (the deployment prints each window's traffic)
 

@@ -261,3 +261,31 @@ def test_server_configured(tmp_path):
     conf.write_text("api {}")
     assert server_configured({"CLEARML_CONFIG_FILE": str(conf)})
     assert not server_configured({"CLEARML_CONFIG_FILE": str(tmp_path / "missing.conf"), "HOME": str(tmp_path)})
+
+
+def test_adapters_loaded_on_request_get_their_loads_load_time_and_rows():
+    from app.serving.adapters import AdapterReport, AdapterStats
+
+    adapter, _, logger, _ = make_task()
+    reporter = TaskReporter(adapter, models={"m": "org/m"})
+    reporter.endpoints("http://h:8000", {"m": "http://h:8000/m/v1"}, "curl ...")
+    stats = AdapterStats()
+    stats.loads["m"] = 3
+    stats.load_ms.extend([120.0, 80.0, 900.0])
+    requests = RequestStats()
+    report = AdapterReport(stats, ("m",), {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loading"})
+    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), requests.take_window(), requests,
+                    {"m": "resident"}, adapters=report)
+    reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
+    assert reported[("Adapter Loads", "m")] == 3.0
+    assert reported[("Adapter Load Time (ms)", "p50")] == 120.0 and reported[("Adapter Load Time (ms)", "p95")] == 900.0
+    ((_, table),) = logger.named("report_table")
+    url = "http://h:8000/m/v1"
+    assert table["table_plot"][1:] == [["org/m", "m", url, "resident", ""],
+                                       ["/data/adapters/sql", "m:/data/adapters/sql", url, "loaded", ""],
+                                       ["org/chat-lora", "m:org/chat-lora", url, "loading", ""]]
+    loaded = AdapterReport(stats, ("m",), {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loaded"})
+    reporter.report(11, IdleDecision(False, 0.0, 0, "idle", 0.0), requests.take_window(), requests,
+                    {"m": "resident"}, adapters=loaded)
+    tables = logger.named("report_table")
+    assert len(tables) == 2 and tables[-1][1]["table_plot"][-1][3] == "loaded"  # rewritten: a state changed

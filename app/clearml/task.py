@@ -347,12 +347,16 @@ def map_host_port(mapping: str | None, port: int) -> int:
 
 
 class ClearMLModelRegistry:
-    """ClearML Model IDs -> local copies, through the SDK (which logs the download's progress)."""
+    """ClearML Model IDs -> local copies, through the SDK (which logs the download's progress). `model` and `offline`
+    are the SDK's `Model` and `Task.is_offline` (tests give what a server would answer)."""
+
+    def __init__(self, model: Callable[[str], Any] = Model, offline: Callable[[], bool] = Task.is_offline):
+        self._model, self._offline = model, offline
 
     def get_local_copy(self, model_id: str) -> str:
-        if Task.is_offline():
+        if self._offline():
             raise ModelNotFound("ClearML runs in offline mode here, so a Model ID cannot be looked up")
-        model = Model(model_id)
+        model = self._model(model_id)
         try:
             name = model.name
         except Exception as exc:  # the SDK raises its own request errors for unknown or unreadable IDs
@@ -360,7 +364,10 @@ class ClearMLModelRegistry:
         if name is None:
             raise ModelNotFound("the server returned no model")
         logger.info("Downloading ClearML model %s (%s)", model_id, name)
-        path = model.get_local_copy(raise_on_error=True)
+        try:  # an archive (a package, or a zip uploaded as the weights) unpacked: SGLang loads a directory
+            path = model.get_local_copy(extract_archive=True, raise_on_error=True)
+        except ValueError as exc:  # the SDK's word for a download that failed
+            raise OSError(f"the download failed: {exc}") from None
         if not path:
             raise OSError(f"the SDK returned no local copy of model {model_id}")
         return path

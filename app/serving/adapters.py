@@ -398,9 +398,10 @@ class Fetcher:
             return self.registry.get_local_copy(model_id)
         except ModelNotFound as exc:
             raise _refused(404, f"ClearML model {model_id} was not found ({exc})", "adapter_not_found") from None
-        except OSError as exc:
-            raise AdapterRefused(502, f"ClearML model {model_id} could not be downloaded ({exc.strerror or exc})",
-                                 "adapter_download_failed") from None
+        except OSError as exc:  # (the cause names storage the client need not see: it goes to the console)
+            logger.warning("ClearML model %s could not be downloaded: %s", model_id, exc.strerror or exc)
+            raise AdapterRefused(502, f"ClearML model {model_id} could not be downloaded; the deployment's console "
+                                 "says why", "adapter_download_failed") from None
 
     def _hf(self, repo: str) -> str:
         try:

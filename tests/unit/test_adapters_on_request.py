@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,7 +217,7 @@ def test_clearml_adapters_come_through_the_model_registry(tmp_path):
     assert (caught.value.status, caught.value.code) == (404, "adapter_not_found")
     with pytest.raises(AdapterRefused) as caught:
         fetch(Source(CLEARML, "1" * 32))
-    assert caught.value.status == 502 and "No space left on device" in caught.value.message
+    assert caught.value.status == 502 and caught.value.code == "adapter_download_failed"
 
 
 # ----- the policy -----
@@ -385,3 +388,51 @@ def test_a_client_that_leaves_while_its_adapter_loads_holds_it_no_more(model):
 
     lease = asyncio.run(scenario())
     assert lease.in_use == 1
+
+
+def test_the_clearml_source_is_the_real_sdk_s_model_registry(tmp_path):
+    """The SDK's Model.get_local_copy takes what the registry passes (archives extracted, errors raised), and in offline
+    mode an adapter's Model ID gets a 404 that says why."""
+    import inspect as signatures
+
+    from clearml import Model
+
+    parameters = signatures.signature(Model.get_local_copy).parameters
+    assert {"extract_archive", "raise_on_error"} <= set(parameters)
+    code = (
+        "from app.clearml.task import ClearMLModelRegistry\n"
+        "from app.gateway.adapters import AdapterRefused\n"
+        "from app.serving.adapters import CLEARML, Fetcher, Source\n"
+        "try:\n"
+        "    Fetcher(ClearMLModelRegistry())(Source(CLEARML, '0123456789abcdef0123456789abcdef'))\n"
+        "except AdapterRefused as refused:\n"
+        "    print(refused.status, refused.code, refused.message)\n"
+    )
+    env = {**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("404 adapter_not_found ClearML model 0123456789abcdef0123456789abcdef was not found "
+                                 "(ClearML runs in offline mode here")
+
+
+def test_a_registry_download_that_fails_is_a_502_not_a_crash(tmp_path, caplog):
+    """The SDK says a download failed with ValueError (`raise_on_error=True`): the registry turns it into OSError,
+    which a configured model reports as a problem and an adapter on request as a 502."""
+    from app.clearml.task import ClearMLModelRegistry
+
+    class ServerModel:  # what the SDK's Model answers for a known ID whose files cannot be fetched
+        name = "sql-adapter"
+
+        def __init__(self, model_id: str):
+            self.id = model_id
+
+        def get_local_copy(self, extract_archive=None, raise_on_error=False, force_download=False) -> str:
+            assert extract_archive is True and raise_on_error is True
+            raise ValueError("Could not retrieve a local copy of model weights s3://bucket/sql.zip")
+
+    fetch = Fetcher(ClearMLModelRegistry(ServerModel, offline=lambda: False))
+    with pytest.raises(AdapterRefused) as caught:
+        fetch(Source(CLEARML, "0" * 32))
+    assert (caught.value.status, caught.value.code) == (502, "adapter_download_failed")
+    assert "the download failed: Could not retrieve a local copy of model weights s3://bucket/sql.zip" in caplog.text
+    assert "s3://" not in caught.value.message and "the deployment's console says why" in caught.value.message

@@ -113,6 +113,12 @@ def wizard_entries(table: FlagTable | None = None) -> list[dict[str, Any]]:
                     "target": _target("env", WIZARD_ENV_KEY, "json")})
     entries.append({"name": "idle", "title": "Idle Options", "type": "group", "required": True,
                     "item_template": [_entry(f, table, _target("idle", f.key)) for f in schema.IDLE_FIELDS]})
+    bench_on = {"entries": [{"name": "enable", "value": True}]}
+    bench_items = [_entry(f, table, _target("benchmark", f.key)) for f in schema.BENCHMARK_FIELDS]
+    for item in bench_items[1:]:
+        item["conditional"] = bench_on
+    entries.append({"name": "benchmark", "title": "Benchmark at Ready", "type": "group", "collapsible": True,
+                    "item_template": bench_items})
     entries += [_entry(f, table, _target("auth", f.key)) for f in schema.AUTH_FIELDS]
     return entries
 

@@ -20,6 +20,7 @@ _SECTION_TITLES = {
     "lora": "LoRA (inside a model: `lora:`)",
     "general": "General",
     "idle": "Idle options",
+    "benchmark": "Benchmark at ready",
     "auth": "Access",
 }
 
@@ -39,7 +40,8 @@ def _hyperparameter(f: Field) -> str:
     if f.section in ("model", "lora"):
         sub = "lora/" if f.section == "lora" else ""
         return f"`Models/<n>/{sub}{f.key}`"
-    section = {"instance": "instance", "general": "general", "idle": "idle", "auth": "auth"}[f.section]
+    section = {"instance": "instance", "general": "general", "idle": "idle", "benchmark": "benchmark",
+               "auth": "auth"}[f.section]
     return f"`{HYPERPARAMETER_SECTIONS[section]}/{f.key}`"
 
 

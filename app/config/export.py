@@ -43,6 +43,8 @@ def to_mapping(config: DeploymentConfig, *, secrets: bool = False) -> dict[str, 
         "general": general,
         "env": dict(config.env),
         "idle": {f.key: getattr(config.idle, f.key) for f in schema.IDLE_FIELDS},
+        "benchmark": {f.key: list(v) if isinstance(v := getattr(config.benchmark, f.key), tuple) else v
+                      for f in schema.BENCHMARK_FIELDS},
     }
     if secrets:
         mapping["auth"] = {"tokens": list(config.auth.tokens)}
@@ -103,6 +105,8 @@ def to_hyperparameters(config: DeploymentConfig, flag_table: FlagTable | None = 
                                   "Environment variable for the engines"))
     for f in schema.IDLE_FIELDS:
         add("idle", f.key, getattr(config.idle, f.key), f)
+    for f in schema.BENCHMARK_FIELDS:
+        add("benchmark", f.key, getattr(config.benchmark, f.key), f)
     add("auth", "tokens", list(config.auth.tokens), schema.AUTH_FIELDS[0])
     return out
 

@@ -17,6 +17,7 @@ from app.config.problems import Problems, did_you_mean, key_text
 from app.config.rules import (
     ENV_NAME_RE,
     LORA_NAME_RE,
+    MAX_BENCHMARK_CONCURRENCY,
     MAX_ENV_VARS,
     MAX_MODELS,
     check_cli,
@@ -29,6 +30,7 @@ from app.config.rules import (
 from app.config.schema import Field
 from app.config.types import (
     AuthConfig,
+    BenchmarkConfig,
     DeploymentConfig,
     GeneralConfig,
     IdleConfig,
@@ -67,12 +69,13 @@ def parse_config(raw: Any, flag_table: FlagTable | None = None) -> DeploymentCon
     models = _parse_models(raw.get("models"), general, table, problems)
     env = _parse_env(raw.get("env"), problems)
     idle = IdleConfig(**_parse_fields(raw.get("idle"), "idle", schema.IDLE_FIELDS, problems))
+    benchmark = _parse_benchmark(raw.get("benchmark"), problems)
     auth_values = _parse_fields(raw.get("auth"), "auth", schema.AUTH_FIELDS, problems)
     check_tokens(auth_values.get("tokens", ()), problems)
     check_text_fields(instance, problems)
     problems.raise_if_any()
     return DeploymentConfig(models=tuple(models), instance=instance, general=general, env=env, idle=idle,
-                            auth=AuthConfig(**auth_values))
+                            benchmark=benchmark, auth=AuthConfig(**auth_values))
 
 
 def _section_mapping(value: Any, where: str, problems: Problems) -> Mapping[str, Any]:
@@ -309,6 +312,21 @@ def _parse_lora(section: Any, where: str, problems: Problems) -> tuple[LoraConfi
         problems.add(f"{where}.dtype", f"{values['dtype']!r} cannot be honoured: SGLang has no LoRA dtype option",
                      "leave it at auto: adapters take the model's dtype, which the model's `dtype` flag sets")
     return LoraConfig(**values), modules_valid
+
+
+def _parse_benchmark(section: Any, problems: Problems) -> BenchmarkConfig:
+    values = _parse_fields(section, "benchmark", schema.BENCHMARK_FIELDS, problems)
+    concurrencies = []
+    for i, text in enumerate(values["concurrencies"]):
+        if not text.isdigit() or not 1 <= int(text) <= MAX_BENCHMARK_CONCURRENCY:
+            problems.add(f"benchmark.concurrencies[{i}]", f"{preview(text)} is not a number of requests",
+                         f"write whole numbers from 1 to {MAX_BENCHMARK_CONCURRENCY}, e.g. [1, 8, 32]")
+        else:
+            concurrencies.append(int(text))
+    if not values["concurrencies"]:
+        problems.add("benchmark.concurrencies", "is empty", "list at least one, e.g. [1, 8, 32]")
+    values["concurrencies"] = tuple(sorted(set(concurrencies)))
+    return BenchmarkConfig(**values)
 
 
 def _parse_env(section: Any, problems: Problems) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,7 @@ Sections, as in the config file (README, "Configuration"):
     general   debug, device, memory options, HF token, the form's SGLang options, any SGLang flag
     env       environment variables for the engines (free-form names)
     idle      idle shutdown
+    benchmark SGLang's serving benchmark, run once every model is ready (opt-in)
     auth      access tokens for the endpoint
 
 A key written in kebab-case in `general` or in a model is an SGLang flag by its CLI name; the named SGLang fields
@@ -29,7 +30,7 @@ STR, INT, FLOAT, BOOL, LIST, CHOICE = "str", "int", "float", "bool", "list", "ch
 class Field:
     """One configuration knob and everything the app derives from it."""
 
-    section: str  # instance | model | lora | general | idle | auth
+    section: str  # instance | model | lora | general | idle | benchmark | auth
     key: str  # the config-file key: snake_case, or an SGLang flag's CLI name (kebab-case)
     title: str  # the form's label
     help: str
@@ -213,6 +214,25 @@ IDLE_FIELDS = (
           DEFAULT_REPORT_INTERVAL_SECONDS, minimum=1, maximum=86400),
 )
 
+BENCHMARK_FIELDS = (
+    Field("benchmark", "enable", "Benchmark at Ready",
+          "Once every model is ready, run SGLang's own benchmark (sglang.benchmark.serving) through the endpoint "
+          "with each model and report throughput, time to first token and inter-token latency as scalars and a "
+          "table, so clones that differ only in SGLang options compare side by side. Its requests are not counted "
+          "and do not reset the idle clock.", BOOL, False),
+    Field("benchmark", "concurrencies", "Benchmark Concurrencies",
+          "Requests in flight at once: one benchmark run at each.", LIST, ("1", "8", "32")),
+    Field("benchmark", "input_tokens", "Benchmark Input Tokens", "Prompt length of each request (random tokens).",
+          INT, 256, minimum=1, maximum=1_000_000),
+    Field("benchmark", "output_tokens", "Benchmark Output Tokens", "Tokens generated for each request.", INT, 128,
+          minimum=1, maximum=100_000),
+    Field("benchmark", "rounds", "Benchmark Rounds",
+          "Each run sends this many times its concurrency in requests.", INT, 4, minimum=1, maximum=1000),
+    Field("benchmark", "max_seconds", "Benchmark Time Limit (Seconds)",
+          "Longest one run may take; past it the run is stopped and reported as such.", INT, 300, minimum=10,
+          maximum=86400),
+)
+
 AUTH_FIELDS = (
     Field("auth", "tokens", "Access Tokens",
           "Bearer tokens accepted by the endpoint (also from CLEARML_SGLANG_API_TOKENS, comma-separated). "
@@ -225,13 +245,14 @@ SECTION_FIELDS: dict[str, tuple[Field, ...]] = {
     "lora": LORA_FIELDS,
     "general": GENERAL_FIELDS,
     "idle": IDLE_FIELDS,
+    "benchmark": BENCHMARK_FIELDS,
     "auth": AUTH_FIELDS,
 }
 
 ALL_FIELDS: tuple[Field, ...] = tuple(f for fields in SECTION_FIELDS.values() for f in fields)
 
 # Top-level keys of a config file, in order.
-TOP_LEVEL_KEYS = ("instance", "models", "general", "env", "idle", "auth")
+TOP_LEVEL_KEYS = ("instance", "models", "general", "env", "idle", "benchmark", "auth")
 
 # SGLang flags (by dest) that the app sets itself: where they would come from instead, for the error message.
 OWNED_FLAGS: dict[str, str] = {
@@ -285,6 +306,7 @@ HYPERPARAMETER_SECTIONS = {
     "general": "General",
     "env": "Environment",
     "idle": "Idle",
+    "benchmark": "Benchmark",
     "auth": "Auth",
 }
 # The app form's lists (wizard `list` entries) are one JSON hyperparameter each: Models/models, a list of models

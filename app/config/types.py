@@ -111,6 +111,16 @@ class IdleConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    enable: bool = field_default("benchmark", "enable")
+    concurrencies: tuple[int, ...] = tuple(int(c) for c in field_default("benchmark", "concurrencies"))
+    input_tokens: int = field_default("benchmark", "input_tokens")
+    output_tokens: int = field_default("benchmark", "output_tokens")
+    rounds: int = field_default("benchmark", "rounds")
+    max_seconds: int = field_default("benchmark", "max_seconds")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     tokens: tuple[str, ...] = field(default=field_default("auth", "tokens"), repr=False)
 
@@ -124,6 +134,7 @@ class DeploymentConfig:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     env: tuple[tuple[str, str], ...] = ()
     idle: IdleConfig = field(default_factory=IdleConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def without_secrets(self) -> DeploymentConfig:

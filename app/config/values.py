@@ -107,7 +107,7 @@ def coerce_field(f: Field, value: Any, where: str, problems: Problems) -> Any:
         elif f.type == FLOAT:
             result = parse_float(value)
         elif f.type == LIST:
-            items = parse_list(value)
+            items = [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in parse_list(value)]
             for item in items:
                 if not isinstance(item, str):
                     raise ValueProblem(f"takes a list of text, not of {type(item).__name__}")

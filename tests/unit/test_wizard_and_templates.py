@@ -48,7 +48,7 @@ def test_app_definition_parses_as_hocon_with_its_parts():
     assert conf["task"]["container"]["image"] == "lmsysorg/sglang:v0.5.23"
     assert conf["task"]["hyperparams"]["Models"]["models"] == "[]"
     assert [e["name"] for e in conf["wizard"]["entries"]] == [
-        "name", "project", "queue", "gateway_route", "models", "general", "env", "idle", "tokens"]
+        "name", "project", "queue", "gateway_route", "models", "general", "env", "idle", "benchmark", "tokens"]
 
 
 def _targets() -> dict[str, list[str]]:
@@ -83,7 +83,7 @@ def test_every_schema_field_is_in_the_form_once_with_its_target():
             assert where == "Models/models:" + (f"lora.{f.key}" if f.section == "lora" else f.key)
         else:
             assert where == {"instance": "Instance", "general": "General", "idle": "Idle",
-                             "auth": "Auth"}[f.section] + "/" + f.key
+                             "benchmark": "Benchmark", "auth": "Auth"}[f.section] + "/" + f.key
     assert set(found) == {f.path for f in schema.ALL_FIELDS}
 
 
@@ -110,6 +110,8 @@ def form_output(config) -> dict[str, str]:
                    for k, v in mapping["general"].items()})
     params["Environment/variables"] = json.dumps([{"name": k, "value": v} for k, v in mapping["env"].items()])
     params.update({f"Idle/{k}": str(v) for k, v in mapping["idle"].items()})
+    params.update({f"Benchmark/{k}": json.dumps(v) if isinstance(v, (list, bool)) else str(v)
+                   for k, v in mapping["benchmark"].items()})
     params["Auth/tokens"] = json.dumps(mapping["auth"]["tokens"])
     return params
 
@@ -117,6 +119,7 @@ def form_output(config) -> dict[str, str]:
 def test_what_the_form_writes_deploys_as_the_same_config():
     config = load_config(EXAMPLES / "lora.yaml", ["env.NCCL_DEBUG=WARN", "models.1.model=org/b",
                                                   "general.schedule-policy=lpm", f"general.hf_token={SECRET}",
+                                                  "benchmark.enable=true", "benchmark.concurrencies=2,16",
                                                   "auth.tokens=" + "t" * 20])
     assert load_config(hyperparameters=form_output(config)) == config
 

@@ -59,6 +59,16 @@ def _add_serving_commands(sub) -> None:
     run.add_argument("--host", default="0.0.0.0", help="address the gateway listens on (default: all)")
     run.add_argument("--offline", action="store_true", help="ClearML offline mode")
 
+    bench = sub.add_parser("bench", help="deploy, run SGLang's serving benchmark through the endpoint, report, stop",
+                           description="Deploy the configured models like `run`, run SGLang's own serving benchmark "
+                                       "(sglang.benchmark.serving) through the endpoint once they are ready, at each "
+                                       "of benchmark.concurrencies, report it to the task and the console, and stop "
+                                       "(exit 0).")
+    _config_options(bench)
+    bench.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
+    bench.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default: loopback)")
+    bench.add_argument("--offline", action="store_true", help="ClearML offline mode")
+
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
     _config_options(args)
     args.add_argument("--gpu-count", type=int, metavar="N",
@@ -184,6 +194,13 @@ def _cmd_run(options: argparse.Namespace, out: TextIO) -> int:
                        port=options.port, offline=options.offline)
 
 
+def _cmd_bench(options: argparse.Namespace, out: TextIO) -> int:
+    from app.run import run_service
+
+    return run_service(config_path=options.config, overrides=[*options.overrides, "benchmark.enable=true"],
+                       host=options.host, port=options.port, offline=options.offline, benchmark_only=True)
+
+
 def _cmd_launch(options: argparse.Namespace, out: TextIO, service=None) -> int:
     from app.clearml.templates import TaskDefinition
     from app.config import to_hyperparameters
@@ -283,5 +300,5 @@ def _require_source(options: argparse.Namespace) -> None:
                                   "pass --config FILE, or --set models.0.model=<HF name or ClearML Model ID>"))
 
 
-COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run, "launch": _cmd_launch,
+COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run, "bench": _cmd_bench, "launch": _cmd_launch,
             "clone": _cmd_clone, "template": _cmd_template, "wizard": _cmd_wizard}

@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def run_service(*, config_path: str | None, overrides: list[str], host: str, port: int, offline: bool,
-                launcher: tuple[str, ...] | None = None, environ: dict[str, str] | None = None) -> int:
-    """Serve until idle shutdown, a signal or abort; the exit code."""
+                launcher: tuple[str, ...] | None = None, environ: dict[str, str] | None = None,
+                benchmark_only: bool = False) -> int:
+    """Serve until idle shutdown, a signal or abort (`benchmark_only`: until the benchmark at ready is reported);
+    the exit code."""
     started = _process_started()
     environ = dict(os.environ) if environ is None else environ
     config = None
@@ -49,7 +51,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                                 monitor_interval_s=monitor_s, environ=environ)
     try:
         options = RunOptions(host=host, port=port, launcher=launcher, process_started=started,
-                             task_url=task.web_url())
+                             task_url=task.web_url(), exit_after_benchmark=benchmark_only)
         if demo:
             config, options = _demo(task, options, environ)
         config = _task_config(task, config, overrides)

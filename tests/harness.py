@@ -40,6 +40,7 @@ class RecordingReporter:
     closed: bool = False
     wakes: list = field(default_factory=list)  # (wake-ups per model, p50 ms, p95 ms) at each report
     startups: list = field(default_factory=list)  # the startup summary, once ready
+    benchmarks: list = field(default_factory=list)  # each benchmark at ready's results
 
     def status(self, state: str, reason: str = "") -> None:
         self.statuses.append((state, reason))
@@ -55,6 +56,9 @@ class RecordingReporter:
         self.reports.append((elapsed_s, decision, window, states, tokens))
         if wakes is not None:
             self.wakes.append((dict(wakes.wakeups), wakes.p(50), wakes.p(95)))
+
+    def benchmark(self, results) -> None:
+        self.benchmarks.append(results)
 
     def base_url(self, port, local_url) -> str:
         return local_url

@@ -18,6 +18,7 @@ from typing import Any
 
 from app.gateway.stats import RequestStats, WindowSummary
 from app.serving.adapters import AdapterReport
+from app.serving.benchmark import BENCH_MODULE, BenchmarkResult, table_rows, table_text
 from app.serving.idle import IdleDecision
 from app.serving.residency import WakeStats
 from app.serving.startup import StartupSummary
@@ -35,6 +36,12 @@ WAKEUPS = "Model Wake-ups"
 WAKE_LATENCY = "Wake Latency (ms)"
 ADAPTER_LOADS = "Adapter Loads"
 ADAPTER_LOAD_TIME = "Adapter Load Time (ms)"
+# The benchmark at ready: x (the iteration) is the concurrency, one series per model (and percentile).
+BENCH_OUTPUT = "Benchmark Output Throughput (tokens/s)"
+BENCH_REQUESTS = "Benchmark Request Throughput (requests/s)"
+BENCH_TTFT = "Benchmark Time to First Token (ms)"
+BENCH_ITL = "Benchmark Inter-Token Latency (ms)"
+BENCH_TABLE = "Benchmark"
 TABLE = "Deployed Models"
 TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status", "Last wake-up"]
 
@@ -96,6 +103,21 @@ class TaskReporter:
     def startup(self, summary: StartupSummary) -> None:
         self.task.set_properties(startup=summary.text(), startup_seconds=f"{summary.total_s:.1f}",
                                  startup_own_seconds=f"{summary.own_s:.1f}")
+
+    def benchmark(self, results: list[BenchmarkResult]) -> None:
+        """The benchmark at ready: scalars against concurrency (what ClearML's comparison lines up across clones),
+        the whole table, and the console's."""
+        logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
+        for r in results:
+            for title, series, value in ((BENCH_OUTPUT, r.endpoint, r.output_throughput),
+                                         (BENCH_REQUESTS, r.endpoint, r.request_throughput),
+                                         (BENCH_TTFT, f"{r.endpoint} p50", r.ttft_p50_ms),
+                                         (BENCH_TTFT, f"{r.endpoint} p99", r.ttft_p99_ms),
+                                         (BENCH_ITL, f"{r.endpoint} p50", r.itl_p50_ms),
+                                         (BENCH_ITL, f"{r.endpoint} p99", r.itl_p99_ms)):
+                if value is not None:
+                    self.task.report_scalar(title, series, value, r.concurrency)
+        self.task.report_table(BENCH_TABLE, "runs", table_rows(results), iteration=0)
 
     def states(self, states: dict[str, str]) -> None:
         """Each model's state; the table is written again only when one changed."""

@@ -160,8 +160,12 @@ class Gateway:
         write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
         task_url: str | None = None,
+        quiet_auth: TokenChecker | None = None,
     ):
-        """`task_url`: the ClearML task's page, which the endpoint's page links to."""
+        """`task_url`: the ClearML task's page, which the endpoint's page links to. `quiet_auth`: the deployment's
+        own token for its benchmark, whose requests are served like any other but counted nowhere and are no
+        activity (the idle clock runs on)."""
+        self.quiet_auth = quiet_auth
         self.routes = {r.endpoint: r for r in routes}
         self.task_url = task_url
         self._endpoints = frozenset(self.routes)
@@ -229,8 +233,11 @@ class Gateway:
             if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
                 return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
             return None
-        authorization = request.header(b"authorization")
-        if not self.auth.check(authorization.decode("latin-1") if authorization is not None else None):
+        header = request.header(b"authorization")
+        authorization = header.decode("latin-1") if header is not None else None
+        if self.quiet_auth is not None and self.quiet_auth.check(authorization):
+            request.counted = False
+        elif not self.auth.check(authorization):
             return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
                                "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
         if route.kind == "not_found":
@@ -349,12 +356,12 @@ class Gateway:
         if route.kind == "page":
             return page.asset(route.path)
         if route.kind == "page_status":
-            return page.status(self._models(), {name: self.stats.live(name) for name in self.routes}, self.in_flight,
-                               self.task_url)
+            live = {name: self.stats.live(name) for name in self.routes}
+            return page.status(model_cards(self.routes), live, self.in_flight, self.task_url)
         if route.kind == "metrics":
             return Reply(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
                          content_type=b"text/plain; version=0.0.4; charset=utf-8")
-        cards = self._models(route.endpoint)
+        cards = model_cards(self.routes, route.endpoint)
         if route.model_id is None:
             return Reply(200, json.dumps({"object": "list", "data": cards}).encode())
         for card in cards:
@@ -377,22 +384,23 @@ class Gateway:
             body["residency"] = described
         return Reply(200 if ready else 503, json.dumps(body).encode())
 
-    def _models(self, endpoint: str | None = None) -> list[dict[str, Any]]:
-        """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
-        created = int(time.time())
-        data = []
-        for name, route in self.routes.items():
-            if endpoint is not None and name != endpoint:
-                continue
-            state = route.state
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
-                         "state": state})
-            adapters = [(adapter, state) for adapter in route.adapters]
-            if route.adapter_loader is not None:
-                adapters += route.adapter_loader.cards()
-            data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                      "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
-        return data
+
+def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> list[dict[str, Any]]:
+    """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
+    created = int(time.time())
+    data = []
+    for name, route in routes.items():
+        if endpoint is not None and name != endpoint:
+            continue
+        state = route.state
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
+                     "state": state})
+        adapters = [(adapter, state) for adapter in route.adapters]
+        if route.adapter_loader is not None:
+            adapters += route.adapter_loader.cards()
+        data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
+                  "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
+    return data
 
 
 def raise_open_file_limit(connections: int) -> int:

@@ -47,6 +47,7 @@ class Request:
     keep_alive: bool = True
     refusal: Reply | None = None  # answered with this, its body unread, and the connection closes after it
     context: object = None  # what the screen found out about it, for the handler
+    counted: bool = True  # False for the deployment's own benchmark: in no counter, and not activity
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

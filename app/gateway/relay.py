@@ -62,15 +62,15 @@ class InFlight:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def enter(self, now: float) -> None:
+    def enter(self, now: float, activity: bool = True) -> None:
         self.count += 1
         self.idle.clear()
-        if self._activity is not None:
+        if self._activity is not None and activity:
             self._activity.request_started(now)
 
-    def leave(self, now: float) -> None:
+    def leave(self, now: float, activity: bool = True) -> None:
         self.count -= 1
-        if self._activity is not None:
+        if self._activity is not None and activity:
             self._activity.request_finished(now)
         if self.count == 0:
             self.idle.set()
@@ -117,7 +117,7 @@ class Relay:
         self.attempt, self.reused = 0, False
         self.error_body: list[bytes] | None = None  # an engine's error response, read to be re-shaped
         self.sent_at = ctx.loop.time()  # the exchange's clock, for the time to the first chunk
-        ctx.flight.enter(self.started)
+        ctx.flight.enter(self.started, request.counted)
         conn.on_lost = self._lost
 
     def start(self) -> Handled:
@@ -228,15 +228,17 @@ class Relay:
             return  # recorded already
         ctx, exchange = self.ctx, self.exchange
         ended = ctx.clock()
-        ctx.flight.leave(ended)
+        counted = self.request.counted
+        ctx.flight.leave(ended, counted)
         self.conn.on_lost = None
         first = exchange.first_byte_at if exchange is not None else None
         ttft = first - self.sent_at if self.streamed and first is not None else None
         found = self.usage.result()
-        ctx.stats.record(RequestRecord(
-            endpoint=self.target.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
-            prompt_tokens=(found or {}).get("prompt_tokens"),
-            completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
+        if counted:
+            ctx.stats.record(RequestRecord(
+                endpoint=self.target.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
+                prompt_tokens=(found or {}).get("prompt_tokens"),
+                completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
         self.started = None
         self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
         self.target.leave(ended)

@@ -51,6 +51,7 @@ class ResponseWriter:
         self.keep_alive = True
         self._method = "GET"  # of the request being answered (HEAD: no body in the answer)
         self._path = ""  # (and its path, for whoever counts answers)
+        self._counted = True  # (and whether it is counted at all)
         self._chunked = False
         self._pending_head: bytes | None = None
         self._writable = asyncio.Event()
@@ -64,7 +65,7 @@ class ResponseWriter:
         self.respond(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self._on_response is not None:
+        if self._on_response is not None and self._counted:
             self._on_response(status, self._path)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
@@ -78,7 +79,7 @@ class ResponseWriter:
         """Send a response head built by the caller (status line and headers, without the blank line); the body
         follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
         they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
-        if self._on_response is not None:
+        if self._on_response is not None and self._counted:
             self._on_response(status, self._path)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
@@ -230,7 +231,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def _next(self) -> None:
         while self._pending and not self.closed:
             request = self._pending.popleft()
-            self._method, self._path = request.method, request.path
+            self._method, self._path, self._counted = request.method, request.path, request.counted
             self.keep_alive = request.keep_alive and request.refusal is None and not (
                 self.stopped and not self._pending)  # the last answer of a stopped connection closes it
             self._busy = True

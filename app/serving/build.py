@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+from app.gateway.auth import generate_token
 from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, Fetcher, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
@@ -72,6 +73,7 @@ class Built:
     residency: Residency | None = None
     adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
+    quiet_token: str = field(default="", repr=False)  # the benchmark's: served, counted nowhere
 
     def adapter_report(self) -> AdapterReport | None:
         """What the next report says of adapters on request (None where no model loads them)."""
@@ -120,7 +122,9 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
                          wake_deadline_s=config.general.wake_deadline_seconds,
                          restart_hold_s=config.general.restart_hold_seconds)
               for c in plan.commands]
-    gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock, **gateway_options.kwargs())
+    quiet_token = generate_token() if config.benchmark.enable else ""
+    gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock,
+                      quiet_auth=TokenChecker([quiet_token]) if quiet_token else None, **gateway_options.kwargs())
     supervisor = EngineSupervisor(
         servers, startup_deadline_s=startup_deadline_s, clock=clock,
         admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
@@ -128,7 +132,7 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
     routers = EngineSupervisor([r.router for r in routed.values()], startup_deadline_s=startup_deadline_s,
                                clock=clock)
     return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency, adapters,
-                 adapter_stats)
+                 adapter_stats, quiet_token)
 
 
 def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client: SGLangClient,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
 from app.gateway import RequestStats
+from app.serving.benchmark import benchmark_deployment
 from app.serving.build import Built, GatewayOptions, RoutedModel, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
@@ -206,6 +207,15 @@ class Deployment(Lifecycle):
         models = {name: f"{base}/{name}/v1" for name in gateway.routes}
         await self.tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
         await self.tell(self.reporter.states, self.states())
+        if self.config.benchmark.enable:
+            self._background(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))
+
+    async def _benchmark(self, built: Built, base: str) -> None:
+        """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0)."""
+        results = await benchmark_deployment(self.config, list(built.plan.commands), base, built.quiet_token)
+        await self.tell(self.reporter.benchmark, results)
+        if self.options.exit_after_benchmark:
+            self.request_stop(0, "benchmark finished")
 
     async def _serve(self, built: Built) -> int:
         self._serving.reporting = True
@@ -246,7 +256,7 @@ class Deployment(Lifecycle):
             serving.sleeper = self._background(built.residency.sleep_idle(), "sleep-idle-models")
         if built.remote_workers and now >= serving.next_scale and (serving.scaler is None or serving.scaler.done()):
             serving.next_scale = now + SCALE_TICK_SECONDS
-            serving.scaler = self._background(self._scale(built.remote_workers), "remote-workers")
+            serving.scaler = self._background(scale(built.remote_workers), "remote-workers")
 
     def states(self) -> dict[str, str]:
         """Each model's state, and each replica server's (`<endpoint>/<n>`, `<endpoint>/remote<n>`) where a router
@@ -264,15 +274,6 @@ class Deployment(Lifecycle):
                     state = states.get(model.endpoint, ModelState.LOADING)
                     states.update({f"{model.endpoint}/node{r}": state for r in range(model.nodes)})
         return states
-
-    @staticmethod
-    async def _scale(remote_workers: dict[str, RemoteWorkers]) -> None:
-        """Keep each model's worker tasks at their count, their URLs in its router."""
-        for remote in remote_workers.values():
-            try:
-                await remote.tick()
-            except Exception:
-                logger.exception("Managing the worker tasks of %s failed; trying again shortly", remote.endpoint)
 
     async def _report(self, decision: IdleDecision) -> None:
         now = self.clock()
@@ -321,6 +322,20 @@ async def _router_change(change: Awaitable[None], engine: Engine) -> None:
         await change
     except RouterError as exc:
         logger.warning("Could not tell the router about %s (%s): %s", engine.endpoint, engine.state, exc)
+
+
+async def scale(remote_workers: dict[str, RemoteWorkers]) -> None:
+    """Keep each model's worker tasks at their count, their URLs in its router."""
+    for remote in remote_workers.values():
+        try:
+            await remote.tick()
+        except Exception:
+            logger.exception("Managing the worker tasks of %s failed; trying again shortly", remote.endpoint)
+
+
+def _loopback(host: str) -> str:
+    """Where this machine reaches a gateway listening on `host`."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:

@@ -23,9 +23,10 @@ from typing import Protocol
 
 from app import constants
 from app.config.types import DeploymentConfig
-from app.constants import EXIT_ENGINE, exit_after_signal
+from app.constants import EXIT_ENGINE, EXIT_OK, exit_after_signal
 from app.gateway.stats import RequestStats, WindowSummary
 from app.serving.adapters import AdapterReport
+from app.serving.benchmark import BENCH_MODULE, BenchmarkResult, table_text
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu
 from app.serving.idle import IdleDecision
@@ -63,6 +64,7 @@ class RunOptions:
     process_started: float | None = None  # on the monotonic clock: where "ready in N s" counts from
     prior: tuple[Span, ...] = ()  # startup phases before run(): fetching and converting the demo model
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
+    exit_after_benchmark: bool = False  # `bench`: stop (exit 0) once the benchmark at ready has been reported
 
 
 class Reporter(Protocol):
@@ -79,6 +81,8 @@ class Reporter(Protocol):
     def states(self, states: dict[str, str]) -> None: ...
 
     def startup(self, summary: StartupSummary) -> None: ...
+
+    def benchmark(self, results: list[BenchmarkResult]) -> None: ...
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
                states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
@@ -139,6 +143,9 @@ class ConsoleReporter:
     def startup(self, summary: StartupSummary) -> None:
         pass  # (the deployment prints it)
 
+    def benchmark(self, results: list[BenchmarkResult]) -> None:
+        logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
+
     def close(self) -> None:
         pass
 
@@ -182,7 +189,8 @@ class Lifecycle:
         self._reports = ReportWorker()
 
     def request_stop(self, signum: int, reason: str = "") -> None:
-        """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum."""
+        """Called from a signal handler (or the abort callback, on the loop): drain and stop, exit 128 + signum
+        (signal 0: the work asked for is done, exit 0)."""
         self.stop_signal = signum
         self.stop_reason = reason
         self._stop.set()
@@ -207,6 +215,6 @@ class Lifecycle:
         return EXIT_ENGINE
 
     async def signal_exit(self) -> int:
-        signum = self.stop_signal or 15
+        signum = 15 if self.stop_signal is None else self.stop_signal
         await self.tell(self.reporter.status, Status.STOPPED, self.stop_reason or f"stopped by signal {signum}")
-        return exit_after_signal(signum)
+        return exit_after_signal(signum) if signum else EXIT_OK

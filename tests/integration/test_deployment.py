@@ -278,3 +278,21 @@ def test_an_app_killed_outright_leaves_no_engine_running(tmp_path):
         for child in children:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+
+def test_the_benchmarks_requests_are_served_but_counted_nowhere_and_are_no_activity():
+    async def scenario():
+        async with running("benchmark.enable=true", "benchmark.concurrencies=1", "benchmark.max_seconds=10") as run:
+            deployment = run.deployment
+            quiet = {"Authorization": f"Bearer {deployment.built.quiet_token}"}
+            answered = dict(deployment.stats.answered)  # (the readiness polls: /readyz is counted)
+            response = await run.chat(headers=quiet)
+            assert response.status == 200 and (await response.json())["usage"]["completion_tokens"] == 4
+            missing = await run.chat(model="nope", headers=quiet)
+            assert missing.status == 404
+            assert deployment.stats.total_requests == 0 and deployment.stats.answered == answered
+            assert deployment.built.tracker.decide(time.monotonic()).state == "idle"
+            counted = await run.chat()  # the same request with a user's token counts, and is activity
+            assert counted.status == 200 and deployment.stats.total_requests == 1
+            assert deployment.built.tracker.decide(time.monotonic()).state == "active"
+    run_async(scenario())

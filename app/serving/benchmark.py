@@ -1,0 +1,190 @@
+"""The deployment benchmarked at ready (`benchmark.enable`): SGLang's own serving benchmark, through the endpoint.
+
+Once every model is ready, `sglang.benchmark.serving` (SGLang's `bench_serving`; no load generator of ours) runs
+against each model through the gateway, once per concurrency in `benchmark.concurrencies`: random prompts of
+`input_tokens`, `output_tokens` generated each, `rounds` x concurrency requests, at most `max_seconds` per run.
+Its requests carry the deployment's own quiet token, so the gateway counts them nowhere and the idle clock runs on
+(`app.gateway.gateway.Gateway`, `quiet_auth`). Each run's result (the benchmark's own JSON line) becomes a
+`BenchmarkResult`: throughput, time to first token and inter-token latency (p50, p99), which the task reports as
+scalars (x = concurrency) and a table, so clones that differ only in SGLang options compare side by side.
+
+`plan_runs` is pure; `run_all` carries the runs out, one at a time.
+
+Example::
+
+    runs = plan_runs(config, "http://127.0.0.1:8000", {"qwen": "/models/qwen"}, out_dir)
+    results = await run_all(runs, quiet_token, deadline_s=config.benchmark.max_seconds)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config.types import DeploymentConfig
+
+logger = logging.getLogger(__name__)
+
+# The benchmark's own module in SGLang 0.5.23 (`sglang.bench_serving` is its deprecated alias).
+BENCH_MODULE = "sglang.benchmark.serving"
+# Its backend for OpenAI chat completions: the route every model serves, the way users call it.
+BENCH_BACKEND = "sglang-oai-chat"
+# Past its time limit a run is stopped; it then has this long to go before it is killed.
+STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class BenchmarkRun:
+    endpoint: str
+    concurrency: int
+    argv: tuple[str, ...]
+    output_file: str
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """One run, as the benchmark measured it (None: it did not finish)."""
+
+    endpoint: str
+    concurrency: int
+    completed: int = 0
+    duration_s: float | None = None
+    request_throughput: float | None = None  # requests/s
+    output_throughput: float | None = None  # generated tokens/s
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    error: str = ""
+
+    def line(self) -> str:
+        if self.error:
+            return f"Benchmark {self.endpoint} at concurrency {self.concurrency}: {self.error}"
+        return (f"Benchmark {self.endpoint} at concurrency {self.concurrency}: {self.output_throughput:.1f} output "
+                f"tokens/s, {self.request_throughput:.2f} requests/s; time to first token p50 {self.ttft_p50_ms:.0f} "
+                f"ms, p99 {self.ttft_p99_ms:.0f} ms; inter-token latency p50 {self.itl_p50_ms:.1f} ms, p99 "
+                f"{self.itl_p99_ms:.1f} ms ({self.completed} requests in {self.duration_s:.1f} s)")
+
+
+TABLE_HEADER = ["Model", "Concurrency", "Requests", "Duration (s)", "Requests/s", "Output tokens/s",
+                "TTFT p50 (ms)", "TTFT p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)", "Note"]
+
+
+def table_rows(results: list[BenchmarkResult]) -> list[list[object]]:
+    def number(value: float | None, digits: int) -> object:
+        return "" if value is None else round(value, digits)
+
+    return [TABLE_HEADER] + [[r.endpoint, r.concurrency, r.completed, number(r.duration_s, 1),
+                              number(r.request_throughput, 2), number(r.output_throughput, 1),
+                              number(r.ttft_p50_ms, 1), number(r.ttft_p99_ms, 1), number(r.itl_p50_ms, 2),
+                              number(r.itl_p99_ms, 2), r.error] for r in results]
+
+
+def table_text(results: list[BenchmarkResult]) -> str:
+    """The results as an aligned text table, for the console."""
+    rows = [[str(cell) for cell in row] for row in table_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def plan_runs(config: DeploymentConfig, base_url: str, tokenizers: Mapping[str, str], out_dir: Path,
+              python: str = sys.executable) -> list[BenchmarkRun]:
+    """Every run: each model (its tokenizer: the model's own path or name), each concurrency, in order."""
+    bench = config.benchmark
+    runs = []
+    for model in config.models:
+        for concurrency in bench.concurrencies:
+            output = str(out_dir / f"{model.endpoint}-c{concurrency}.jsonl")
+            argv = (python, "-m", BENCH_MODULE, "--backend", BENCH_BACKEND,
+                    "--base-url", f"{base_url}/{model.endpoint}", "--model", model.endpoint,
+                    "--tokenizer", tokenizers[model.endpoint], "--dataset-name", "random-ids",
+                    "--random-input-len", str(bench.input_tokens), "--random-output-len", str(bench.output_tokens),
+                    "--random-range-ratio", "1.0", "--num-prompts", str(concurrency * bench.rounds),
+                    "--max-concurrency", str(concurrency), "--ready-check-timeout-sec", "0",
+                    "--warmup-requests", "1", "--seed", "1", "--disable-tqdm", "--output-file", output)
+            runs.append(BenchmarkRun(model.endpoint, concurrency, argv, output))
+    return runs
+
+
+def read_result(run: BenchmarkRun) -> BenchmarkResult:
+    """The benchmark's JSON line for a run (the last line of its output file), or why there is none."""
+    try:
+        lines = Path(run.output_file).read_text().splitlines()
+        data = json.loads(lines[-1])
+    except (OSError, IndexError, ValueError):
+        return BenchmarkResult(run.endpoint, run.concurrency, error="no result: the benchmark's console says why")
+    if not data.get("completed"):
+        return BenchmarkResult(run.endpoint, run.concurrency, error="no request completed")
+
+    def value(key: str) -> float | None:
+        number = data.get(key)
+        return float(number) if isinstance(number, (int, float)) else None
+
+    return BenchmarkResult(run.endpoint, run.concurrency, int(data["completed"]), value("duration"),
+                           value("request_throughput"), value("output_throughput"), value("median_ttft_ms"),
+                           value("p99_ttft_ms"), value("median_itl_ms"), value("p99_itl_ms"))
+
+
+async def benchmark_deployment(config: DeploymentConfig, commands: list, base_url: str,
+                               token: str) -> list[BenchmarkResult]:
+    """Every model's runs, through the endpoint at `base_url`, each model's tokenizer its own files (or name)."""
+    tokenizers = {c.endpoint: c.model_path or c.endpoint for c in commands}
+    with tempfile.TemporaryDirectory(prefix="clearml-sglang-benchmark-") as out:
+        runs = plan_runs(config, base_url, tokenizers, Path(out))
+        return await run_all(runs, token, deadline_s=config.benchmark.max_seconds)
+
+
+async def run_all(runs: list[BenchmarkRun], token: str, *, deadline_s: float,
+                  environ: Mapping[str, str] | None = None) -> list[BenchmarkResult]:
+    """Each run in turn; the token reaches the benchmark in its environment (`OPENAI_API_KEY`, which it sends as a
+    Bearer token), never on its command line."""
+    env = {**(environ if environ is not None else os.environ), "OPENAI_API_KEY": token}
+    results = []
+    for run in runs:
+        logger.info("Benchmark: %s at concurrency %d (%s requests)", run.endpoint, run.concurrency,
+                    run.argv[run.argv.index("--num-prompts") + 1])
+        finished = await _run_one(run, env, deadline_s)
+        result = read_result(run) if finished else BenchmarkResult(
+            run.endpoint, run.concurrency, error=f"stopped after its time limit ({deadline_s:g} s)")
+        logger.info("%s", result.line())
+        results.append(result)
+    return results
+
+
+async def _run_one(run: BenchmarkRun, env: dict[str, str], deadline_s: float) -> bool:
+    """Run the benchmark, its output to this process's log at debug level; False when it ran past its deadline."""
+    process = await asyncio.create_subprocess_exec(*run.argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    assert process.stdout is not None
+
+    async def relay() -> None:
+        async for line in process.stdout:  # type: ignore[union-attr]
+            logger.debug("[benchmark] %s", line.decode(errors="replace").rstrip())
+
+    relaying = asyncio.create_task(relay())
+    try:
+        await asyncio.wait_for(process.wait(), deadline_s)
+        return True
+    except asyncio.TimeoutError:
+        return False
+    finally:  # (also when the deployment stops meanwhile: the benchmark goes with it)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        relaying.cancel()

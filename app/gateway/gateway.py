@@ -15,7 +15,9 @@ upstream (`app.gateway.relay`). Every error, the engine's included, is answered 
 400 not a JSON object, 404 unknown model or route, 413 body too large, 502 engine unreachable or crashed (an SSE
 error event when a stream was already under way), 503 loading, restarting or waking past its deadline, or draining
 (`Retry-After`), 504 engine silent too long. A request for a model that is restarting or waking is held until it
-serves again, up to a deadline.
+serves again, up to a deadline. A request for `"<endpoint>:<reference>"` where the model loads adapters on request
+waits for its adapter to load (`app.gateway.adapters`). The deployment's own benchmark sends its own token
+(`quiet_auth`): served like any other, counted nowhere, and no activity for the idle clock.
 
 Example::
 

@@ -1,7 +1,7 @@
 """The benchmark at ready, with the real SGLang on this CPU: `clearml-sglang bench` deploys the tiny model, runs
 SGLang's own `sglang.benchmark.serving` through the endpoint at two concurrencies, reports it, and stops; what it
-reported is read back from ClearML's offline session. Its traffic counts in no request counter and never makes the deployment
-active."""
+reported is read back from ClearML's offline session. Its traffic counts in no request counter and never makes the
+deployment active."""
 
 from __future__ import annotations
 

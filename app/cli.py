@@ -48,26 +48,28 @@ def _config_options(p: argparse.ArgumentParser) -> None:
                         "repeatable")
 
 
+def _gateway_options(p: argparse.ArgumentParser, host: str, host_text: str) -> None:
+    """A command that serves: its config, the gateway's port and address, ClearML offline."""
+    _config_options(p)
+    p.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
+    p.add_argument("--host", default=host, help=f"address the gateway listens on (default: {host_text})")
+    p.add_argument("--offline", action="store_true", help="ClearML offline mode")
+
+
 def _add_serving_commands(sub) -> None:
     """`run` and `args`: serving here, and what serving would run."""
     run = sub.add_parser("run", help="deploy the configured models and serve them until idle",
                          description="Deploy the configured models and serve them through one authenticated "
                                      "endpoint until idle shutdown, SIGTERM/SIGINT or abort. Without --config or "
                                      "--set: the embedded default, a tiny model on the CPU (development mode).")
-    _config_options(run)
-    run.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
-    run.add_argument("--host", default="0.0.0.0", help="address the gateway listens on (default: all)")
-    run.add_argument("--offline", action="store_true", help="ClearML offline mode")
+    _gateway_options(run, "0.0.0.0", "all")
 
     bench = sub.add_parser("bench", help="deploy, run SGLang's serving benchmark through the endpoint, report, stop",
                            description="Deploy the configured models like `run`, run SGLang's own serving benchmark "
                                        "(sglang.benchmark.serving) through the endpoint once they are ready, at each "
                                        "of benchmark.concurrencies, report it to the task and the console, and stop "
                                        "(exit 0).")
-    _config_options(bench)
-    bench.add_argument("--port", type=int, default=constants.GATEWAY_DEFAULT_PORT, help="gateway port")
-    bench.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default: loopback)")
-    bench.add_argument("--offline", action="store_true", help="ClearML offline mode")
+    _gateway_options(bench, "127.0.0.1", "loopback")
 
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
     _config_options(args)

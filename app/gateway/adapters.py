@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from app.gateway.errors import Reply, error_reply
-from app.gateway.upstream import Upstream
+from app.gateway.relay import Target
 
 
 class AdapterRefused(Exception):
@@ -48,16 +48,6 @@ class AdapterLoader(Protocol):
     def cards(self) -> list[tuple[str, str]]:
         """Each adapter loaded or loading on request, with its state, least recently used first."""
         ...
-
-
-class Target(Protocol):
-    endpoint: str
-    upstream: Upstream | None
-    host: bytes
-    authorization: bytes | None
-    api_key: str | None
-
-    def leave(self, now: float) -> None: ...
 
 
 class LeasedTarget:

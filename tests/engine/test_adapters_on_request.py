@@ -16,14 +16,11 @@ import pytest
 
 pytest.importorskip("sglang")
 
-import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from app.config import load_config  # noqa: E402
 from app.demo.tiny_model import make_tiny_models  # noqa: E402
-from app.serving.deployment import Deployment, RunOptions  # noqa: E402
-from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN, Served  # noqa: E402
-from tests.fakes.registry import NoRegistry  # noqa: E402
+from tests.engine.test_real_engine import AUTH, TOKEN, Served  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -65,13 +62,8 @@ def served(adapters, tmp_path_factory):
         "models.1.lora-target-modules=q_proj,k_proj,v_proj,o_proj", *[f"models.1.{o}" for o in common],
         "general.device=cpu", f"auth.tokens={TOKEN}", "idle.report_interval_seconds=2",
     ])
-    options = RunOptions(host="127.0.0.1", port=0, public_host="127.0.0.1", startup_deadline_s=STARTUP_DEADLINE_S,
-                         drain_deadline_s=120)
-    server = Served(Deployment(config, NoRegistry(), options=options))
-    server.start()
-    yield server
-    server.stop()
-    assert not psutil.Process().children(recursive=True)
+    with Served.serving(config) as server:
+        yield server
 
 
 def chat(served: Served, model: str) -> requests.Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import threading
@@ -75,6 +76,18 @@ class Served:
             time.sleep(0.25)
         raise AssertionError(f"not ready in {STARTUP_DEADLINE_S} s (exit code {self.exit_code})")
 
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, config):
+        """A started deployment of `config` on the CPU, stopped afterwards, leaving no process behind."""
+        options = RunOptions(host="127.0.0.1", port=0, public_host="127.0.0.1",
+                             startup_deadline_s=STARTUP_DEADLINE_S, drain_deadline_s=120)
+        server = cls(Deployment(config, NoRegistry(), options=options))
+        server.start()
+        yield server
+        server.stop()
+        assert not psutil.Process().children(recursive=True)
+
     def stop(self, signum: int = 15) -> int | None:
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.deployment.request_stop, signum)
@@ -91,13 +104,8 @@ def served(tmp_path_factory):
         "models.0.lora.max_loras=2", "models.0.lora.max_lora_rank=8",
         "general.device=cpu", f"auth.tokens={TOKEN}", "idle.report_interval_seconds=2",
     ])
-    options = RunOptions(host="127.0.0.1", port=0, public_host="127.0.0.1", startup_deadline_s=STARTUP_DEADLINE_S,
-                         drain_deadline_s=120)
-    server = Served(Deployment(config, NoRegistry(), options=options))
-    server.start()
-    yield server
-    server.stop()
-    assert not psutil.Process().children(recursive=True)
+    with Served.serving(config) as server:
+        yield server
 
 
 def chat(served: Served, model: str, stream: bool = False, max_tokens: int = 12, headers_extra=None,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterLoader, AdapterRefused, LeasedTarget, requested_adapter
 from app.gateway.auth import TokenChecker
+from app.gateway.connections import TrackedConnection, raise_open_file_limit
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import (
     PENDING,
@@ -198,7 +198,7 @@ class Gateway:
             route.connect(loop)
         self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
         self.max_connections = raise_open_file_limit(self.max_connections)
-        self._server = await loop.create_server(lambda: _TrackedConnection(self, loop), host, port,
+        self._server = await loop.create_server(lambda: TrackedConnection(self, loop), host, port,
                                                 reuse_address=True, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("Gateway listening on %s:%s", host, self.port)
@@ -403,52 +403,3 @@ def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> l
         data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
                   "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
     return data
-
-
-def raise_open_file_limit(connections: int) -> int:
-    """Raise this process's open-file limit to what `connections` client connections need (each with one to an
-    engine, and room for the rest), as far as the hard limit allows; the connections that fit."""
-    needed = 2 * connections + 1024
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            logger.warning("Could not raise the open-file limit to %d: %s", target, exc)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        fitting = max(1, (soft - 1024) // 2)
-        logger.warning("The open-file limit (%d) allows %d client connections, not %d: raise `ulimit -n` for more",
-                       soft, fitting, connections)
-        return fitting
-    return connections
-
-
-class _TrackedConnection(ServerConnection):
-    """A server connection the gateway can find again (to close them all when it stops), within its cap."""
-
-    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop):
-        super().__init__(gateway.handle, loop, gateway.limits, screen=gateway.screen,
-                         on_response=gateway.stats.count_response)
-        self._gateway = gateway
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        gateway = self._gateway
-        if len(gateway.connections) >= gateway.max_connections:
-            if gateway.refused_connections % 1000 == 0:
-                logger.warning("%d client connections are open (the most allowed): new ones get 503",
-                               len(gateway.connections))
-            gateway.refused_connections += 1
-            super().connection_made(transport)
-            self.keep_alive = False
-            self.reply(error_reply(503, "Too many connections are open; retry shortly", "too_many_connections",
-                                   retry_after_s=RETRY_AFTER_SECONDS))
-            self.stop_reading()
-            return
-        gateway.connections.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._gateway.connections.discard(self)
-        super().connection_lost(exc)

@@ -40,7 +40,7 @@ from app.config.types import CLEARML_MODEL_ID, LoraConfig
 from app.gateway.adapters import AdapterRefused
 from app.gateway.relay import RETRY_AFTER_SECONDS
 from app.gateway.stats import percentile
-from app.serving.models import ModelNotFound, ModelRegistry
+from app.serving.models import ModelNotFound, ModelRegistry, is_hf_repo
 from app.sglang.api import AdapterCallError, SGLangClient
 from app.states import AdapterState
 
@@ -49,9 +49,8 @@ logger = logging.getLogger(__name__)
 CLEARML, HF, LOCAL = "clearml", "hf", "local"
 _SOURCE_TEXT = {CLEARML: "ClearML Model IDs", HF: "HuggingFace repos", LOCAL: "the adapter directories"}
 MAX_REFERENCE_CHARS = 1024
-# An adapter's own name inside an adapter directory; an HF repo name (the hub's rules: docs/sglang.md).
+# An adapter's own name inside an adapter directory.
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_CONFIG_BYTES = 1024 * 1024
 # SGLang's load and unload calls: reading an adapter's weights to the device can take a while on a busy machine.
@@ -65,38 +64,40 @@ class Source:
     location: str  # the Model ID, the repo name, or the adapter's directory (resolved, inside an allowed one)
 
 
-def _refused(status: int, message: str, code: str) -> AdapterRefused:
-    return AdapterRefused(status, message, code)
-
-
 def source_of(reference: str, endpoint: str, lora: LoraConfig) -> Source:
     """Where an adapter reference is loaded from, or AdapterRefused saying why it is not: not a reference, a source
     this model does not load on request, a path outside the adapter directories, or no such adapter there."""
     shown = reference[:200]
-    if not reference or len(reference) > MAX_REFERENCE_CHARS or reference != reference.strip() or \
-            any(c.isspace() or not c.isprintable() for c in reference):
-        raise _refused(400, f"{shown!r} is not an adapter reference: use a ClearML Model ID, an HF repo (org/name) "
-                       "or an adapter directory's path", "invalid_adapter_reference")
-    if CLEARML_MODEL_ID.match(reference):
-        kind = CLEARML
-    elif reference.startswith("/") or _FOLDER_RE.match(reference):
-        kind = LOCAL
-    elif _HF_REPO_RE.match(reference) and "--" not in reference and ".." not in reference:
-        kind = HF
-    else:
-        raise _refused(400, f"{shown!r} is not an adapter reference: use a ClearML Model ID, an HF repo (org/name) "
-                       "or an adapter directory's path", "invalid_adapter_reference")
+    kind = _kind(reference)
+    if kind is None:
+        raise AdapterRefused(400, f"{shown!r} is not an adapter reference: use a ClearML Model ID, an HF repo "
+                             "(org/name) or an adapter directory's path", "invalid_adapter_reference")
     allowed = lora.on_request
     if kind not in allowed:
         named = ", ".join(m.name for m in lora.modules) or "none"
         if kind == LOCAL and not reference.startswith("/"):  # a bare name: most likely a configured adapter mistyped
-            raise _refused(404, f"The model {endpoint}:{shown} does not exist: {endpoint!r} has the adapters {named}",
-                           "model_not_found")
-        raise _refused(403, f"{endpoint!r} does not load adapters from {_SOURCE_TEXT[kind]} on request (it loads "
-                       f"from: {', '.join(_SOURCE_TEXT[k] for k in allowed)})", "adapter_source_not_allowed")
+            raise AdapterRefused(404, f"The model {endpoint}:{shown} does not exist: {endpoint!r} has the adapters "
+                                 f"{named}", "model_not_found")
+        raise AdapterRefused(403, f"{endpoint!r} does not load adapters from {_SOURCE_TEXT[kind]} on request (it "
+                             f"loads from: {', '.join(_SOURCE_TEXT[k] for k in allowed)})",
+                             "adapter_source_not_allowed")
     if kind == LOCAL:
         return Source(LOCAL, _local_directory(reference, lora.on_request_dirs))
     return Source(kind, reference.lower() if kind == CLEARML else reference)
+
+
+def _kind(reference: str) -> str | None:
+    """The source a reference names by its shape, or None when it is no reference at all."""
+    if not reference or len(reference) > MAX_REFERENCE_CHARS or reference != reference.strip() or \
+            any(c.isspace() or not c.isprintable() for c in reference):
+        return None
+    if CLEARML_MODEL_ID.match(reference):
+        return CLEARML
+    if reference.startswith("/") or _FOLDER_RE.match(reference):
+        return LOCAL
+    if "/" in reference and is_hf_repo(reference):  # (an adapter's repo always has its owner: org/name)
+        return HF
+    return None
 
 
 def _local_directory(reference: str, directories: Iterable[str]) -> str:
@@ -110,15 +111,15 @@ def _local_directory(reference: str, directories: Iterable[str]) -> str:
     if reference.startswith("/"):
         real = os.path.realpath(reference)
         if not inside(real):
-            raise _refused(403, f"{reference[:200]!r} is outside the adapter directories this model loads from "
-                           "(lora.on_request_dirs)", "adapter_path_not_allowed")
+            raise AdapterRefused(403, f"{reference[:200]!r} is outside the adapter directories this model loads "
+                                 "from (lora.on_request_dirs)", "adapter_path_not_allowed")
         candidates = [real]
     else:
         candidates = [real for root in roots if inside(real := os.path.realpath(os.path.join(root, reference)))]
     for path in candidates:
         if os.path.isdir(path):
             return path
-    raise _refused(404, f"No adapter {reference[:200]!r} in the adapter directories", "adapter_not_found")
+    raise AdapterRefused(404, f"No adapter {reference[:200]!r} in the adapter directories", "adapter_not_found")
 
 
 def inspect(path: str, reference: str, max_rank: int | None) -> None:
@@ -127,7 +128,7 @@ def inspect(path: str, reference: str, max_rank: int | None) -> None:
     shown = reference[:200]
 
     def bad(reason: str, code: str = "invalid_adapter") -> AdapterRefused:
-        return _refused(400, f"The adapter {shown!r} {reason}", code)
+        return AdapterRefused(400, f"The adapter {shown!r} {reason}", code)
 
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -301,8 +302,9 @@ class OnRequestAdapters:
                         self.endpoint, len(self._entries))
         for entry in self._entries.values():
             if entry.ready is not None and not entry.ready.done():
-                entry.ready.set_exception(_refused(503, f"Model {self.endpoint!r} restarted while the adapter "
-                                                   "loaded; retry shortly", "engine_restarted"))
+                entry.ready.set_exception(AdapterRefused(
+                    503, f"Model {self.endpoint!r} restarted while the adapter loaded; retry shortly",
+                    "engine_restarted"))
         self._entries.clear()
 
     async def _load(self, entry: Entry, source: Source) -> None:
@@ -316,8 +318,8 @@ class OnRequestAdapters:
                 self._check_room(entry)
                 reason = await self.engine.load(entry.name, path)
                 if reason is not None:
-                    raise _refused(400, f"The engine could not load the adapter {entry.name[:200]!r}: "
-                                   f"{_first_line(reason)}", "adapter_load_failed")
+                    raise AdapterRefused(400, f"The engine could not load the adapter {entry.name[:200]!r}: "
+                                         f"{_first_line(reason)}", "adapter_load_failed")
                 entry.state = AdapterState.LOADED
                 await self._make_room(entry)
         except AdapterRefused as refused:
@@ -397,7 +399,7 @@ class Fetcher:
         try:
             return self.registry.get_local_copy(model_id)
         except ModelNotFound as exc:
-            raise _refused(404, f"ClearML model {model_id} was not found ({exc})", "adapter_not_found") from None
+            raise AdapterRefused(404, f"ClearML model {model_id} was not found ({exc})", "adapter_not_found") from None
         except OSError as exc:  # (the cause names storage the client need not see: it goes to the console)
             logger.warning("ClearML model %s could not be downloaded: %s", model_id, exc.strerror or exc)
             raise AdapterRefused(502, f"ClearML model {model_id} could not be downloaded; the deployment's console "
@@ -413,11 +415,11 @@ class Fetcher:
         try:
             return huggingface_hub.snapshot_download(repo, token=self._hf_token or None)
         except errors.GatedRepoError:
-            raise _refused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
-                           "adapter_not_allowed") from None
+            raise AdapterRefused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
+                                 "adapter_not_allowed") from None
         except errors.RepositoryNotFoundError:
-            raise _refused(404, f"The HuggingFace repo {repo} was not found (or is private: set general.hf_token)",
-                           "adapter_not_found") from None
+            raise AdapterRefused(404, f"The HuggingFace repo {repo} was not found (or is private: set "
+                                 "general.hf_token)", "adapter_not_found") from None
         except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
             raise AdapterRefused(502, f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})",
                                  "adapter_download_failed") from None

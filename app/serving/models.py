@@ -59,9 +59,14 @@ def classify(reference: str) -> str:
     if reference.startswith(("/", "./", "../", "~", ".\\")) or reference in (".", "..") or \
             os.path.exists(os.path.expanduser(reference)):
         return LOCAL_PATH
-    if _HF_REPO_RE.match(reference) and "--" not in reference and ".." not in reference:
+    if is_hf_repo(reference):
         return HUGGINGFACE
     raise ValueError(reference)
+
+
+def is_hf_repo(reference: str) -> bool:
+    """A HuggingFace repo id by the hub's rules: `name` or `org/name`, no `--` or `..`."""
+    return bool(_HF_REPO_RE.match(reference)) and "--" not in reference and ".." not in reference
 
 
 def describe(config: DeploymentConfig) -> list[ResolvedModel]:

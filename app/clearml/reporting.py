@@ -18,7 +18,7 @@ from typing import Any
 
 from app.gateway.stats import RequestStats, WindowSummary
 from app.serving.adapters import AdapterReport
-from app.serving.benchmark import BENCH_MODULE, BenchmarkResult, table_rows, table_text
+from app.serving.benchmark import BenchmarkResult, table_rows
 from app.serving.idle import IdleDecision
 from app.serving.residency import WakeStats
 from app.serving.startup import StartupSummary
@@ -105,9 +105,8 @@ class TaskReporter:
                                  startup_own_seconds=f"{summary.own_s:.1f}")
 
     def benchmark(self, results: list[BenchmarkResult]) -> None:
-        """The benchmark at ready: scalars against concurrency (what ClearML's comparison lines up across clones),
-        the whole table, and the console's."""
-        logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
+        """The benchmark at ready: scalars against concurrency (what ClearML's comparison lines up across clones)
+        and the whole table (the deployment prints it on the console)."""
         for r in results:
             for title, series, value in ((BENCH_OUTPUT, r.endpoint, r.output_throughput),
                                          (BENCH_REQUESTS, r.endpoint, r.request_throughput),

@@ -26,11 +26,12 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.config.types import DeploymentConfig
+from app.sglang.command import EngineCommand
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +136,15 @@ def read_result(run: BenchmarkRun) -> BenchmarkResult:
                            value("p99_ttft_ms"), value("median_itl_ms"), value("p99_itl_ms"))
 
 
-async def benchmark_deployment(config: DeploymentConfig, commands: list, base_url: str,
+async def benchmark_deployment(config: DeploymentConfig, commands: Sequence[EngineCommand], base_url: str,
                                token: str) -> list[BenchmarkResult]:
     """Every model's runs, through the endpoint at `base_url`, each model's tokenizer its own files (or name)."""
     tokenizers = {c.endpoint: c.model_path or c.endpoint for c in commands}
     with tempfile.TemporaryDirectory(prefix="clearml-sglang-benchmark-") as out:
         runs = plan_runs(config, base_url, tokenizers, Path(out))
-        return await run_all(runs, token, deadline_s=config.benchmark.max_seconds)
+        results = await run_all(runs, token, deadline_s=config.benchmark.max_seconds)
+    logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
+    return results
 
 
 async def run_all(runs: list[BenchmarkRun], token: str, *, deadline_s: float,

@@ -19,7 +19,7 @@ from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, Fe
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
-from app.serving.models import ModelNotFound, ModelRegistry
+from app.serving.models import ModelRegistry
 from app.serving.plan import DeploymentPlan
 from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
 from app.serving.scale_out import RemoteWorkers, WorkerPool
@@ -81,14 +81,15 @@ class Built:
 
 
 def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,
-          secrets: list[str], startup_deadline_s: float, gateway_options: GatewayOptions = GatewayOptions(),
-          worker_pool: WorkerPool | None = None, clock: Callable[[], float] = time.monotonic,
-          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None,
-          registry: ModelRegistry | None = None) -> Built:
-    """The deployment's objects. `secrets` are masked in every engine's log; `on_change` hears every engine's news
-    (the deployment passes them on to the residency and the routers); `on_phase` each SGLang server's startup
-    phases; `registry` fetches the ClearML models adapters on request name."""
+          registry: ModelRegistry, startup_deadline_s: float,
+          gateway_options: GatewayOptions = GatewayOptions(), worker_pool: WorkerPool | None = None,
+          clock: Callable[[], float] = time.monotonic,
+          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None) -> Built:
+    """The deployment's objects. The tokens and the config's secrets are masked in every engine's log; `on_change`
+    hears every engine's news (the deployment passes them on to the residency and the routers); `on_phase` each
+    SGLang server's startup phases; `registry` fetches the ClearML models adapters on request name."""
     config = plan.config
+    secrets = [*tokens, *config.secrets]
     front: dict[str, Engine] = {}
     servers: list[Engine] = []
     routed: dict[str, RoutedModel] = {}
@@ -136,11 +137,11 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
 
 
 def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client: SGLangClient,
-                         registry: ModelRegistry | None, stats: AdapterStats,
+                         registry: ModelRegistry, stats: AdapterStats,
                          clock: Callable[[], float]) -> dict[str, OnRequestAdapters]:
     """Each model that loads adapters on request (one SGLang server each: the config's rules see to it)."""
     config = plan.config
-    fetch = Fetcher(registry if registry is not None else _NoRegistry(), config.general.hf_token)
+    fetch = Fetcher(registry, config.general.hf_token)
     adapters = {}
     for model in config.models:
         if model.lora.on_request and not model.cli:
@@ -152,11 +153,6 @@ def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client:
             logger.info("Model %s loads LoRA adapters on request from: %s (at most %d loaded)", model.endpoint,
                         ", ".join(model.lora.on_request), model.lora.loaded_cap)
     return adapters
-
-
-class _NoRegistry:
-    def get_local_copy(self, model_id: str) -> str:
-        raise ModelNotFound("no ClearML model registry is connected to this deployment")
 
 
 def _residency(plan: DeploymentPlan, engines: list[Engine], client: SGLangClient,

@@ -122,11 +122,11 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.access_token, tokens[0])
         options = self.options
         self.built = built = build(
-            planned, tokens, stats=self.stats, client=self.client, secrets=[*tokens, *self.config.secrets],
+            planned, tokens, stats=self.stats, client=self.client, registry=self.registry,
             startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s, options.task_url),
-            on_change=self._engine_changed, on_phase=self._engine_phase, registry=self.registry)
+            on_change=self._engine_changed, on_phase=self._engine_phase)
         try:
             await built.gateway.start(options.host, options.port)
             await self.tell(self.reporter.status, Status.LOADING, "starting engines")
@@ -212,7 +212,7 @@ class Deployment(Lifecycle):
 
     async def _benchmark(self, built: Built, base: str) -> None:
         """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0)."""
-        results = await benchmark_deployment(self.config, list(built.plan.commands), base, built.quiet_token)
+        results = await benchmark_deployment(self.config, built.plan.commands, base, built.quiet_token)
         await self.tell(self.reporter.benchmark, results)
         if self.options.exit_after_benchmark:
             self.request_stop(0, "benchmark finished")

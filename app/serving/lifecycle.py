@@ -26,7 +26,7 @@ from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, EXIT_OK, exit_after_signal
 from app.gateway.stats import RequestStats, WindowSummary
 from app.serving.adapters import AdapterReport
-from app.serving.benchmark import BENCH_MODULE, BenchmarkResult, table_text
+from app.serving.benchmark import BenchmarkResult
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu
 from app.serving.idle import IdleDecision
@@ -144,7 +144,7 @@ class ConsoleReporter:
         pass  # (the deployment prints it)
 
     def benchmark(self, results: list[BenchmarkResult]) -> None:
-        logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
+        pass  # (the deployment prints it)
 
     def close(self) -> None:
         pass

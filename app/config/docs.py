@@ -40,9 +40,7 @@ def _hyperparameter(f: Field) -> str:
     if f.section in ("model", "lora"):
         sub = "lora/" if f.section == "lora" else ""
         return f"`Models/<n>/{sub}{f.key}`"
-    section = {"instance": "instance", "general": "general", "idle": "idle", "benchmark": "benchmark",
-               "auth": "auth"}[f.section]
-    return f"`{HYPERPARAMETER_SECTIONS[section]}/{f.key}`"
+    return f"`{HYPERPARAMETER_SECTIONS[f.section]}/{f.key}`"
 
 
 def render_config_table() -> str:

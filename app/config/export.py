@@ -38,17 +38,21 @@ def to_mapping(config: DeploymentConfig, *, secrets: bool = False) -> dict[str, 
                if not f.is_flag and (secrets or not f.secret)}
     general.update(dict(config.general.flags))
     mapping: dict[str, Any] = {
-        "instance": {f.key: getattr(config.instance, f.key) for f in schema.INSTANCE_FIELDS},
+        "instance": _fields(config.instance, schema.INSTANCE_FIELDS),
         "models": [_model_mapping(m) for m in config.models],
         "general": general,
         "env": dict(config.env),
-        "idle": {f.key: getattr(config.idle, f.key) for f in schema.IDLE_FIELDS},
-        "benchmark": {f.key: list(v) if isinstance(v := getattr(config.benchmark, f.key), tuple) else v
-                      for f in schema.BENCHMARK_FIELDS},
+        "idle": _fields(config.idle, schema.IDLE_FIELDS),
+        "benchmark": _fields(config.benchmark, schema.BENCHMARK_FIELDS),
     }
     if secrets:
         mapping["auth"] = {"tokens": list(config.auth.tokens)}
     return mapping
+
+
+def _fields(section: object, fields: tuple[Field, ...]) -> dict[str, Any]:
+    """A section's fields as the file has them (lists, where the config holds tuples)."""
+    return {f.key: list(v) if isinstance(v := getattr(section, f.key), tuple) else v for f in fields}
 
 
 def _model_mapping(model: ModelConfig) -> dict[str, Any]:
@@ -59,7 +63,7 @@ def _model_mapping(model: ModelConfig) -> dict[str, Any]:
 
 
 def _lora_mapping(lora: LoraConfig) -> dict[str, Any]:
-    out = {f.key: list(v) if isinstance(v := getattr(lora, f.key), tuple) else v for f in schema.LORA_FIELDS}
+    out = _fields(lora, schema.LORA_FIELDS)
     out["modules"] = [str(m) for m in lora.modules]
     return out
 

@@ -145,14 +145,19 @@ def wait_http(url: str, deadline_s: float = 60, expect=(200,)) -> None:
 def start_plain_upstream(workdir: Path) -> Proc:
     """nginx answering every request at once with a fixed chat completion."""
     port = free_port()
-    conf = workdir / f"upstream-{port}.conf"
-    conf.write_text(UPSTREAM_CONF.format(port=port, prefix=workdir, body=json.dumps(COMPLETION),
-                                         workers=len(UPSTREAM_CORES)))
-    popen = subprocess.Popen(pinned(["nginx", "-c", str(conf), "-p", str(workdir)], UPSTREAM_CORES),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    popen = start_nginx(UPSTREAM_CONF.format(port=port, prefix=workdir, body=json.dumps(COMPLETION),
+                                             workers=len(UPSTREAM_CORES)), f"upstream-{port}", workdir, UPSTREAM_CORES)
     proc = Proc(popen, f"http://127.0.0.1:{port}")
     wait_http(proc.url + "/health")
     return proc
+
+
+def start_nginx(conf_text: str, name: str, workdir: Path, cores: list[int]) -> subprocess.Popen:
+    """Debian's nginx with this configuration, pinned to `cores`."""
+    conf = workdir / f"{name}.conf"
+    conf.write_text(conf_text)
+    return subprocess.Popen(pinned(["nginx", "-c", str(conf), "-p", str(workdir)], cores),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_stream_upstream(pace_s: float) -> Proc:
@@ -190,11 +195,8 @@ http {{
 def start_proxy(kind: str, upstream: str, workdir: Path) -> Proc:
     port = free_port()
     if kind == "nginx":
-        conf = workdir / f"nginx-{port}.conf"
-        conf.write_text(NGINX_CONF.format(port=port, upstream=upstream.removeprefix("http://"), token=TOKEN,
-                                          prefix=workdir))
-        popen = subprocess.Popen(pinned(["nginx", "-c", str(conf), "-p", str(workdir)], PROXY_CORES),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        popen = start_nginx(NGINX_CONF.format(port=port, upstream=upstream.removeprefix("http://"), token=TOKEN,
+                                              prefix=workdir), f"nginx-{port}", workdir, PROXY_CORES)
     else:
         argv = pinned([sys.executable, __file__, f"--serve-{kind}", str(port), upstream], PROXY_CORES)
         popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,

@@ -32,7 +32,11 @@ pytestmark = pytest.mark.engine
 
 TOKEN = "engine-tier-token-" + "z" * 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-STARTUP_DEADLINE_S = 300
+# The deployment's own startup deadline. A start takes 40-80 s here; CI's shared two cores have taken longer.
+STARTUP_DEADLINE_S = 600
+# How long a test waits: past the deployment's deadline, so that a start that fails ends with the app's own
+# failure (its classification and the engine's last lines), not with the test giving up first.
+STARTUP_WAIT_S = STARTUP_DEADLINE_S + 60
 
 
 
@@ -64,7 +68,7 @@ class Served:
 
     def start(self) -> None:
         self.thread.start()
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        deadline = time.monotonic() + STARTUP_WAIT_S
         while time.monotonic() < deadline and self.thread.is_alive():
             gateway = self.deployment.gateway
             code = readyz(self.base) if gateway is not None and gateway.port else None
@@ -74,7 +78,21 @@ class Served:
                 if code == 200:
                     return
             time.sleep(0.25)
-        raise AssertionError(f"not ready in {STARTUP_DEADLINE_S} s (exit code {self.exit_code})")
+        # read before stopping: the stop changes every state
+        ended = f"still not after {STARTUP_WAIT_S} s" if self.exit_code is None else f"it exited with {self.exit_code}"
+        where = self.engines_at()
+        self.stop()
+        raise AssertionError(f"not ready: {ended}; {where}")
+
+    def engines_at(self) -> str:
+        """Where each engine's startup got to and its last console lines: the one line of a failed start that a
+        CI log's summary keeps."""
+        supervisor = self.deployment.supervisor
+        if supervisor is None:
+            return "no engine was started"
+        return "; ".join(
+            f"{e.endpoint}: {e.state}, phase {e.phases.current.value if e.phases.current else 'none'}, "
+            f"restarts {e.restarts}, last lines {e.tail[-3:]!r}" for e in supervisor.engines)
 
     @classmethod
     @contextlib.contextmanager
@@ -83,9 +101,11 @@ class Served:
         options = RunOptions(host="127.0.0.1", port=0, public_host="127.0.0.1",
                              startup_deadline_s=STARTUP_DEADLINE_S, drain_deadline_s=120)
         server = cls(Deployment(config, NoRegistry(), options=options))
-        server.start()
-        yield server
-        server.stop()
+        server.start()  # (stops the deployment itself when it fails)
+        try:
+            yield server
+        finally:
+            server.stop()
         assert not psutil.Process().children(recursive=True)
 
     def stop(self, signum: int = 15) -> int | None:

@@ -230,6 +230,9 @@ class Exchange:
 
     def send(self, connection: UpstreamConnection, data: bytes) -> None:
         self.connection = connection
+        if connection.closed:  # lost after it was opened, before this request went out: nothing else will end it
+            self.loop.call_soon(self.failed, UpstreamError("the engine closed the connection"))
+            return
         connection.exchange = self
         self.client.on_writable = connection.resume
         connection.transport.write(data)  # type: ignore[union-attr]

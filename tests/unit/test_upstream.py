@@ -1,0 +1,55 @@
+"""The engine side of the gateway's proxy at the socket level: an exchange always ends, however its connection goes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.gateway.upstream import Exchange, Upstream
+
+# Bounds the waits below; a broken exchange would otherwise be ended only by its idle timeout (ten minutes).
+ANSWER_WITHIN_S = 2.0
+
+
+class _Client:
+    """What an exchange writes the response to (the client's side of the gateway)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.writable = True
+        self.on_writable = None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+async def _closing_engine() -> asyncio.Server:
+    """An engine that takes each connection and closes it at once, as one does when it is killed."""
+    def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+    return await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+
+
+async def _lost(connection) -> None:
+    while not connection.closed:
+        await asyncio.sleep(0.01)
+
+
+def test_a_connection_lost_before_the_request_was_sent_ends_the_exchange_at_once():
+    # the race behind clients hanging after an engine crash: a new connection is lost between being opened and the
+    # request being written on it, so no callback of that connection is left to end the exchange
+    async def scenario() -> None:
+        engine = await _closing_engine()
+        loop = asyncio.get_running_loop()
+        upstream = Upstream("127.0.0.1", engine.sockets[0].getsockname()[1], connect_timeout_s=5, loop=loop)
+        connection = await upstream.acquire()
+        await asyncio.wait_for(_lost(connection), ANSWER_WITHIN_S)
+        done: asyncio.Future[Exchange] = loop.create_future()
+        exchange = Exchange(_Client(), loop, 600.0, lambda chunk: None, lambda head: None, done.set_result)
+        exchange.send(connection, b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
+        ended = await asyncio.wait_for(done, ANSWER_WITHIN_S)
+        assert ended.error is not None and ended.head is None and not ended.timed_out
+        assert not upstream.active and upstream.open == 0
+        upstream.close()
+        engine.close()
+        await engine.wait_closed()
+    asyncio.run(scenario())

@@ -81,12 +81,15 @@ async def _disconnects_seen(log, count: int) -> bool:
 
 
 def test_engine_killed_under_load_every_client_hears_at_once_and_held_requests_ride_through():
+    streaming: list[int] = []  # clients whose stream has begun (status 200 and its headers received)
+
     async def client(run: Running) -> tuple[str, float]:
         try:
             async with run.session.post(run.url("/v1/chat/completions"), headers=AUTH,
                                         json={**STREAM, "max_tokens": 200}) as response:
                 if response.status != 200:
                     return f"status {response.status}", time.monotonic()
+                streaming.append(response.status)
                 body = await asyncio.wait_for(response.read(), 15)
         except asyncio.TimeoutError:
             return "hung", time.monotonic()
@@ -96,7 +99,9 @@ def test_engine_killed_under_load_every_client_hears_at_once_and_held_requests_r
     async def scenario():
         async with running("env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05", "env.FAKE_SGLANG_STARTUP_SECONDS=1") as run:
             clients = [asyncio.create_task(client(run)) for _ in range(30)]
-            await _until(lambda: _in_flight(run, 30), "30 streams to be open", 10)
+            # the gateway counts a request as in flight before SGLang has answered it; the scenario is streams
+            # already begun, so it waits for every client to hold its 200 (a slow machine can lag a long way)
+            await _until(lambda: _at_least(streaming, 30), "30 streams to be open", 30)
             engine = run.deployment.supervisor.engines[0]
             # SGLang's scheduler dies; its launcher would notice a second later and then pause before tearing down
             scheduler = [p for p in psutil.Process(engine.pid).children() if p.name().startswith("sglang::")]
@@ -115,6 +120,10 @@ def test_engine_killed_under_load_every_client_hears_at_once_and_held_requests_r
 
 async def _restarting(run: Running) -> bool:
     return run.deployment.gateway.states()["m"] == "restarting"
+
+
+async def _at_least(items: list, count: int) -> bool:
+    return len(items) >= count
 
 
 async def _in_flight(run: Running, count: int) -> bool:

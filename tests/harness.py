@@ -164,3 +164,12 @@ def run_async(coro):
 
 async def gateway_idle(run: Running) -> bool:
     return run.deployment.gateway.in_flight == 0
+
+
+async def in_flight(run: Running, count: int) -> bool:
+    """At least `count` requests taken by the gateway (answered by the engine or not yet)."""
+    return run.deployment.gateway.in_flight >= count
+
+
+async def at_least(items: list, count: int) -> bool:
+    return len(items) >= count

@@ -17,7 +17,19 @@ import time
 
 import psutil
 
-from tests.harness import AUTH, TOKEN, Running, _ready, _until, gateway_idle, requests_logged, run_async, running
+from tests.harness import (
+    AUTH,
+    TOKEN,
+    Running,
+    _ready,
+    _until,
+    at_least,
+    gateway_idle,
+    in_flight,
+    requests_logged,
+    run_async,
+    running,
+)
 
 STREAM = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "stream": True}
 
@@ -101,7 +113,7 @@ def test_engine_killed_under_load_every_client_hears_at_once_and_held_requests_r
             clients = [asyncio.create_task(client(run)) for _ in range(30)]
             # the gateway counts a request as in flight before SGLang has answered it; the scenario is streams
             # already begun, so it waits for every client to hold its 200 (a slow machine can lag a long way)
-            await _until(lambda: _at_least(streaming, 30), "30 streams to be open", 30)
+            await _until(lambda: at_least(streaming, 30), "30 streams to be open", 30)
             engine = run.deployment.supervisor.engines[0]
             # SGLang's scheduler dies; its launcher would notice a second later and then pause before tearing down
             scheduler = [p for p in psutil.Process(engine.pid).children() if p.name().startswith("sglang::")]
@@ -122,14 +134,6 @@ async def _restarting(run: Running) -> bool:
     return run.deployment.gateway.states()["m"] == "restarting"
 
 
-async def _at_least(items: list, count: int) -> bool:
-    return len(items) >= count
-
-
-async def _in_flight(run: Running, count: int) -> bool:
-    return run.deployment.gateway.in_flight >= count
-
-
 async def _restarted(run: Running, engine) -> bool:
     return engine.restarts == 1 and await _ready(run)
 
@@ -138,7 +142,7 @@ def test_sigterm_with_200_streams_open_lets_all_finish():
     async def scenario():
         async with running("env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.02") as run:
             streams = [asyncio.create_task(stream_events(run, 100)) for _ in range(200)]
-            await _until(lambda: _in_flight(run, 200), "200 streams to be open", 15)
+            await _until(lambda: in_flight(run, 200), "200 streams to be open", 15)
             run.deployment.request_stop(signal.SIGTERM)
             results = await asyncio.gather(*streams)
             assert all(r[-1] == b"data: [DONE]" and content_events(r) == 100 for r in results)

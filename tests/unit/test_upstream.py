@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from app.gateway.upstream import Exchange, Upstream
+from app.gateway.upstream import Exchange, Upstream, UpstreamConnection
+from tests.harness import _until
 
 # Bounds the waits below; a broken exchange would otherwise be ended only by its idle timeout (ten minutes).
 ANSWER_WITHIN_S = 2.0
@@ -29,9 +30,8 @@ async def _closing_engine() -> asyncio.Server:
     return await asyncio.start_server(close_at_once, "127.0.0.1", 0)
 
 
-async def _lost(connection) -> None:
-    while not connection.closed:
-        await asyncio.sleep(0.01)
+async def _lost(connection: UpstreamConnection) -> bool:
+    return connection.closed
 
 
 def test_a_connection_lost_before_the_request_was_sent_ends_the_exchange_at_once():
@@ -42,7 +42,7 @@ def test_a_connection_lost_before_the_request_was_sent_ends_the_exchange_at_once
         loop = asyncio.get_running_loop()
         upstream = Upstream("127.0.0.1", engine.sockets[0].getsockname()[1], connect_timeout_s=5, loop=loop)
         connection = await upstream.acquire()
-        await asyncio.wait_for(_lost(connection), ANSWER_WITHIN_S)
+        await _until(lambda: _lost(connection), "the engine to close the connection", ANSWER_WITHIN_S)
         done: asyncio.Future[Exchange] = loop.create_future()
         exchange = Exchange(_Client(), loop, 600.0, lambda chunk: None, lambda head: None, done.set_result)
         exchange.send(connection, b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 0\r\n\r\n")

@@ -168,6 +168,16 @@ GENERAL_FIELDS = (
     Field("general", "restart_hold_seconds", "Restart Hold (Seconds)",
           "Longest a request waits while its model restarts after a crash; past it the answer is 503 with "
           "Retry-After (the model goes on restarting). 0: answer 503 at once.", INT, 180, minimum=0, maximum=3600),
+    Field("general", "max_request_body_mib", "Max Request Body (MiB)",
+          "Largest request body a token holder may send (413 past it, before it is read): chat traffic is a few "
+          "KiB, a full 128k-token prompt a few hundred, an inline image a few MiB. A prompt that cannot fit its "
+          "model's context is refused before the engine reads it, whatever this says.", FLOAT, 4.0, minimum=0.01,
+          maximum=1024),
+    Field("general", "max_connections_per_address", "Max Connections per Client Address",
+          "Client connections one address may hold (an IPv6 /64 is one address); past it its own connection "
+          "longest without an authenticated request is closed for the new one. Behind a proxy or a NAT every "
+          "client shares one address: raise it, or 0 for no cap per address.", INT, 1024, minimum=0,
+          maximum=1_000_000),
     # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
     Field("general", "trust-remote-code", "Trust Remote Code",
           "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),

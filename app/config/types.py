@@ -89,6 +89,8 @@ class GeneralConfig:
     sleep_after_idle_seconds: int = field_default("general", "sleep_after_idle_seconds")
     wake_deadline_seconds: int = field_default("general", "wake_deadline_seconds")
     restart_hold_seconds: int = field_default("general", "restart_hold_seconds")
+    max_request_body_mib: float = field_default("general", "max_request_body_mib")
+    max_connections_per_address: int = field_default("general", "max_connections_per_address")
     flags: Flags = ()
 
     @property

@@ -15,9 +15,12 @@ class TokenChecker:
         self._tokens = [t.encode() for t in tokens]
 
     def check(self, authorization: str | None) -> bool:
-        if not authorization or not authorization.startswith("Bearer "):
+        if not authorization:
             return False
-        offered = authorization[7:].strip().encode("utf-8", "replace")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() != "bearer":  # (an authentication scheme is case-insensitive: RFC 9110 11.1)
+            return False
+        offered = credentials.strip().encode("utf-8", "replace")
         ok = False
         for token in self._tokens:  # compare with every token, so timing does not tell which one matched
             ok |= hmac.compare_digest(offered, token)

@@ -1,11 +1,23 @@
-"""Client connections: at most a cap of them (past it a new one gets 503 and is closed), each findable again so all
-can be closed when the gateway stops, and the open-file limit raised to what the cap needs."""
+"""Client connections: a table with a cap in all and a cap per client address, where a token holder always gets in;
+each connection findable again so all can be closed when the gateway stops; the open-file limit raised to what the
+cap needs.
+
+When the table (or one address's share of it) is full, a new connection is not refused: the connection that has
+gone longest without an authenticated request is closed to make room (Envoy's overload manager and nginx's
+`limit_conn`, with the order the other way round: strangers go first). One that never sent one goes before any that
+did, oldest first; then an idle one of a token holder, longest idle first; never one with a request under way. Only
+when every candidate is busy does the newcomer get 503. So 8,000 idle connections from one address hold at most
+that address's share, and when they hold the whole table each new one of them closes the oldest of its kind.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ipaddress
 import logging
 import resource
+from collections.abc import Iterator
 from typing import Protocol
 
 from app.gateway.errors import Reply, error_reply
@@ -16,19 +28,147 @@ from app.gateway.stats import RequestStats
 
 logger = logging.getLogger(__name__)
 
+# Client connections at most (each proxied one also holds a connection to an engine); the open-file limit is
+# raised to what this needs, where the hard limit allows.
+MAX_CONNECTIONS = 8192
+# Connections from one client address at most (an IPv6 client's /64 is one address: it holds them all), an eighth of
+# the table: a stranger's flood from one place takes that share and no more. Behind a proxy or a NAT every client
+# has one address: raise it, or 0 for no cap per address (the table's own order still lets token holders in).
+MAX_CONNECTIONS_PER_ADDRESS = 1024
+# Token holders' connections looked at for an idle one to close, when the table holds no stranger's: past these the
+# newcomer gets 503 (a table of busy token holders is full for real).
+MEMBER_CANDIDATES = 64
+
 
 class ConnectionOwner(Protocol):
     """What a connection needs of its gateway (`app.gateway.gateway.Gateway`)."""
 
     limits: Limits
     stats: RequestStats
-    connections: set[ServerConnection]
-    max_connections: int
-    refused_connections: int
+    connections: ConnectionTable
 
     def handle(self, request: Request, conn: ServerConnection) -> Handled: ...
 
     def screen(self, request: Request) -> Reply | None: ...
+
+
+def client_address(peer: object) -> str:
+    """What the cap per address counts by: the IPv4 address, or an IPv6 address's /64 (one client holds a whole
+    /64); an IPv4-mapped IPv6 address is its IPv4 address."""
+    host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class _Order:
+    """Connections in the order they are closed to make room: strangers (never authenticated) oldest first, then
+    token holders' by their last authenticated request."""
+
+    __slots__ = ("strangers", "members")
+
+    def __init__(self) -> None:
+        self.strangers: collections.OrderedDict[ServerConnection, None] = collections.OrderedDict()
+        self.members: collections.OrderedDict[ServerConnection, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.strangers) + len(self.members)
+
+    def authenticated(self, conn: ServerConnection) -> None:
+        if conn in self.strangers:
+            del self.strangers[conn]
+        elif conn not in self.members:
+            return
+        self.members[conn] = None
+        self.members.move_to_end(conn)
+
+    def discard(self, conn: ServerConnection) -> None:
+        self.strangers.pop(conn, None)
+        self.members.pop(conn, None)
+
+    def victim(self) -> ServerConnection | None:
+        if self.strangers:
+            return next(iter(self.strangers))
+        for i, conn in enumerate(self.members):
+            if i >= MEMBER_CANDIDATES:
+                break
+            if conn.idle:
+                return conn
+        return None
+
+
+class ConnectionTable:
+    """The open client connections, within `capacity` in all and `per_address` from one client address (0: no cap
+    per address). `admit` makes room or says there is none; `authenticated` moves a connection back in the order."""
+
+    def __init__(self, capacity: int = MAX_CONNECTIONS, per_address: int = MAX_CONNECTIONS_PER_ADDRESS):
+        self.capacity = capacity
+        self.per_address = per_address
+        self._all = _Order()
+        self._by_address: dict[str, _Order] = {}
+        self._address: dict[ServerConnection, str] = {}
+        self.closed_to_make_room = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._address)
+
+    def __iter__(self) -> Iterator[ServerConnection]:
+        return iter(list(self._address))
+
+    def admit(self, conn: ServerConnection, address: str) -> bool:
+        """Take `conn` in, closing the connection longest without an authenticated request where the table or its
+        address's share is full; False when every candidate is busy (nothing was closed)."""
+        mine = self._by_address.get(address)
+        if self.per_address and mine is not None and len(mine) >= self.per_address:
+            if not self._make_room(mine, "from one address"):
+                return False
+        if len(self._address) >= self.capacity and not self._make_room(self._all, "in all"):
+            return False
+        self._address[conn] = address
+        self._all.strangers[conn] = None
+        self._by_address.setdefault(address, _Order()).strangers[conn] = None
+        return True
+
+    def authenticated(self, conn: ServerConnection) -> None:
+        address = self._address.get(conn)
+        if address is not None:
+            self._all.authenticated(conn)
+            self._by_address[address].authenticated(conn)
+
+    def discard(self, conn: ServerConnection) -> None:
+        address = self._address.pop(conn, None)
+        if address is None:
+            return
+        self._all.discard(conn)
+        mine = self._by_address[address]
+        mine.discard(conn)
+        if not len(mine):
+            del self._by_address[address]
+
+    def _make_room(self, order: _Order, where: str) -> bool:
+        victim = order.victim()
+        if victim is None:
+            self.refused += 1
+            if self.refused % 1000 == 1:
+                logger.warning("%d client connections are open %s, all busy: new ones get 503 (%d so far)",
+                               len(order), where, self.refused)
+            return False
+        stranger = not victim.authenticated_once
+        self.discard(victim)
+        victim.evict(stranger)
+        self.closed_to_make_room += 1
+        if self.closed_to_make_room % 1000 == 1:
+            logger.warning("The most client connections allowed %s are open (%d): the one longest without an "
+                           "authenticated request is closed for each new one (%d so far)", where, len(order) + 1,
+                           self.closed_to_make_room)
+        return True
 
 
 def raise_open_file_limit(connections: int) -> int:
@@ -52,29 +192,26 @@ def raise_open_file_limit(connections: int) -> int:
 
 
 class TrackedConnection(ServerConnection):
-    """A server connection the gateway can find again (to close them all when it stops), within its cap."""
+    """A server connection in its gateway's table: admitted (making room) when it opens, moved back in the table's
+    order by each authenticated request, taken out when it closes."""
 
     def __init__(self, gateway: ConnectionOwner, loop: asyncio.AbstractEventLoop):
         super().__init__(gateway.handle, loop, gateway.limits, screen=gateway.screen,
                          on_response=gateway.stats.count_response)
-        self._gateway = gateway
+        self._table = gateway.connections
+        self.on_authenticated = self._moved
+
+    def _moved(self) -> None:
+        self._table.authenticated(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        gateway = self._gateway
-        if len(gateway.connections) >= gateway.max_connections:
-            if gateway.refused_connections % 1000 == 0:
-                logger.warning("%d client connections are open (the most allowed): new ones get 503",
-                               len(gateway.connections))
-            gateway.refused_connections += 1
-            super().connection_made(transport)
+        super().connection_made(transport)
+        if not self._table.admit(self, client_address(transport.get_extra_info("peername"))):
             self.keep_alive = False
             self.reply(error_reply(503, "Too many connections are open; retry shortly", "too_many_connections",
                                    retry_after_s=RETRY_AFTER_SECONDS))
             self.stop_reading()
-            return
-        gateway.connections.add(self)
-        super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gateway.connections.discard(self)
+        self._table.discard(self)
         super().connection_lost(exc)

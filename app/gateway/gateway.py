@@ -42,7 +42,13 @@ from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterLoader, AdapterRefused, LeasedTarget, requested_adapter
 from app.gateway.auth import TokenChecker
-from app.gateway.connections import TrackedConnection, raise_open_file_limit
+from app.gateway.connections import (
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    ConnectionTable,
+    TrackedConnection,
+    raise_open_file_limit,
+)
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import (
     PENDING,
@@ -53,7 +59,16 @@ from app.gateway.messages import (
     Pending,
     Request,
 )
-from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext, json_object, model_field
+from app.gateway.relay import (
+    RETRY_AFTER_SECONDS,
+    Activity,
+    InFlight,
+    Relay,
+    RelayContext,
+    json_object,
+    model_field,
+    text_bytes,
+)
 from app.gateway.server import ServerConnection
 from app.gateway.stats import RequestStats
 from app.gateway.upstream import Upstream
@@ -61,14 +76,18 @@ from app.states import ModelState
 
 logger = logging.getLogger(__name__)
 
-# Largest request body accepted (base64 images make multimodal requests large; text requests are tiny).
-MAX_BODY_BYTES = 32 * 1024 * 1024
+# Largest request body accepted by default (`general.max_request_body_mib`): chat traffic is a few KiB, a prompt that
+# fills a 128k context a few hundred, an image sent inline (base64) a few MiB. A body is held whole before it is
+# relayed, so this is also what one token holder's request may hold in memory.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 # Waiting this long for the engine's next byte means it hangs: 504 before headers, an SSE error event after.
 UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
-# Client connections at most (each proxied one also holds a connection to an engine): past it a new connection
-# gets 503 and is closed. The open-file limit is raised to what this needs, where the hard limit allows.
-MAX_CONNECTIONS = 8192
+# A prompt's text takes at least one token per this many bytes of its JSON (the densest real text: a long word, a run
+# of spaces or dashes, an emoji escaped as two \\u escapes in 12 bytes). A body whose text is longer than its model's
+# context at this rate cannot fit, and is refused before the engine tokenizes it: SGLang tokenizes a whole prompt
+# before it checks its length, and meanwhile serves nobody (30 MB took it 125 s).
+MAX_PROMPT_BYTES_PER_TOKEN = 32
 # Requests held at most per model while it restarts or wakes; past it they get 503 at once.
 MAX_HELD_REQUESTS = 4096
 # How long a request for a restarting model is held before 503 (the deployment's config sets it).
@@ -117,6 +136,7 @@ class ModelRoute:
     wake_deadline_s: float = 120.0
     restart_hold_s: float = RESTART_HOLD_SECONDS
     upstream: Upstream | None = field(default=None, repr=False)
+    context_tokens: int | None = None  # its context length, once its engine has said (the deployment asks it)
     held: int = 0  # requests waiting for it to wake or come back
     host: bytes = field(default=b"", repr=False)
     authorization: bytes | None = field(default=None, repr=False)
@@ -161,6 +181,7 @@ class Gateway:
         request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
         write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
         task_url: str | None = None,
         quiet_auth: TokenChecker | None = None,
     ):
@@ -177,13 +198,11 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.upstream_read_timeout_s = upstream_read_timeout_s
         self.limits = Limits(lambda: self.max_body_bytes, request_receive_timeout_s, write_timeout_s)
-        self.max_connections = max_connections
         self.draining = False
         self._flight = InFlight(activity)
         self._relays: RelayContext | None = None
         self._server: asyncio.base_events.Server | None = None
-        self.connections: set[ServerConnection] = set()
-        self.refused_connections = 0
+        self.connections = ConnectionTable(max_connections, max_connections_per_address)
         self.port: int | None = None
 
     @property
@@ -197,7 +216,7 @@ class Gateway:
         for route in self.routes.values():
             route.connect(loop)
         self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
-        self.max_connections = raise_open_file_limit(self.max_connections)
+        self.connections.capacity = raise_open_file_limit(self.connections.capacity)
         self._server = await loop.create_server(lambda: TrackedConnection(self, loop), host, port,
                                                 reuse_address=True, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -218,7 +237,7 @@ class Gateway:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for conn in list(self.connections):
+            for conn in self.connections:
                 conn.abort()
             await self._server.wait_closed()
         for route in self.routes.values():
@@ -242,6 +261,7 @@ class Gateway:
         elif not self.auth.check(authorization):
             return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
                                "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+        request.authenticated = True
         if route.kind == "not_found":
             return error_reply(404, f"No route {request.path[:200]!r}: the endpoint serves the inference routes of "
                                "/v1/... and /<endpoint>/... (see GET /v1/models for the endpoints)", "not_found")
@@ -262,6 +282,10 @@ class Gateway:
         model = self._model_route(request, route)
         if isinstance(model, Reply):
             conn.reply(model)
+            return None
+        too_long = prompt_too_long(model, route, request)
+        if too_long is not None:
+            conn.reply(too_long)
             return None
         path = route.target.encode() + (b"?" + request.query if request.query else b"")
         loader = model.adapter_loader
@@ -385,6 +409,22 @@ class Gateway:
         if described:
             body["residency"] = described
         return Reply(200 if ready else 503, json.dumps(body).encode())
+
+
+def prompt_too_long(model: ModelRoute, route: paths.Route, request: Request) -> Reply | None:
+    """413 for a body whose text cannot fit the model's context (`MAX_PROMPT_BYTES_PER_TOKEN`): all of it where the
+    body is one prompt, any one text where it may hold several. Looked at only when the body is long enough."""
+    limit = model.context_tokens * MAX_PROMPT_BYTES_PER_TOKEN if model.context_tokens else None
+    if limit is None or len(request.body) <= limit or not route.takes_json(request.method):
+        return None
+    total, longest = text_bytes(request.body)
+    size = total if route.one_prompt else longest
+    if size <= limit:
+        return None
+    return error_reply(413, f"The prompt is too long for model {model.endpoint!r}: {size} bytes of text, where its "
+                       f"context of {model.context_tokens} tokens holds at most {limit} (at "
+                       f"{MAX_PROMPT_BYTES_PER_TOKEN} bytes a token); shorten it", "context_length_exceeded",
+                       param="messages" if route.one_prompt else None)
 
 
 def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> list[dict[str, Any]]:

@@ -15,11 +15,21 @@ from app.gateway.errors import Reply
 if TYPE_CHECKING:
     from app.gateway.server import ServerConnection
 
-# Largest request head (request line + headers) accepted; nginx's default large_client_header_buffers is 32 KiB.
-MAX_HEAD_BYTES = 64 * 1024
+# Largest request head: every byte of the request line and the header block as received, separators, line ends and
+# blank lines before it included (nginx's default large_client_header_buffers: 4 x 8 KiB = 32 KiB). A head is held
+# as bytes until it is whole, and parsed only then: a head that never ends costs at most this much.
+MAX_HEAD_BYTES = 32 * 1024
+# Header fields in one head at most (and trailer fields after a chunked body): real clients send 5 to 20, and each
+# becomes a Python object once the head is parsed (Envoy's default max_headers_count is 100).
+MAX_HEADER_FIELDS = 100
+# A connection that has not sent an authenticated request must start its next request within this long (of opening,
+# or of its last answer) and send its whole head within `HEAD_TIMEOUT_SECONDS` of its first byte: a stranger's idle
+# or slow connection holds its slot for seconds, not for the 30 s a token holder's request may take to arrive.
+FIRST_BYTE_TIMEOUT_SECONDS = 5.0
+HEAD_TIMEOUT_SECONDS = 10.0
 # A request must arrive whole within this long once it has started (slow-loris clients are cut off).
 REQUEST_RECEIVE_TIMEOUT_SECONDS = 30.0
-# A keep-alive connection with no request for this long is closed.
+# A keep-alive connection that has sent an authenticated request is closed after this long without another.
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # A client that reads none of its answer for this long is cut off (nginx's send_timeout).
 WRITE_TIMEOUT_SECONDS = 60.0
@@ -48,6 +58,7 @@ class Request:
     refusal: Reply | None = None  # answered with this, its body unread, and the connection closes after it
     context: object = None  # what the screen found out about it, for the handler
     counted: bool = True  # False for the deployment's own benchmark: in no counter, and not activity
+    authenticated: bool = False  # the screen verified its token: its answer is private (never cached)
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -63,6 +74,8 @@ class Limits:
     max_body_bytes: Callable[[], int]  # read when needed: the gateway's limit may change while it serves
     receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS
     write_timeout_s: float = WRITE_TIMEOUT_SECONDS
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_SECONDS  # (until a request is authenticated)
+    head_timeout_s: float = HEAD_TIMEOUT_SECONDS  # (likewise)
 
 
 class Pending(enum.Enum):

@@ -1,22 +1,46 @@
-"""Reading a client connection: its bytes parsed into requests, each judged on its head, and its deadlines."""
+"""Reading a client connection: its bytes parsed into requests, each judged on its head, and its deadlines.
+
+What a head costs is counted in the bytes that arrive, not in what the parser hands back: a head is held as raw
+bytes (at most `MAX_HEAD_BYTES`, every byte counted) until its blank line has arrived, and only then parsed, in one
+go, with at most `MAX_HEADER_FIELDS` fields. So a head that never ends, or one of 60,000 empty fields, costs at most
+32 KiB and no Python object per field. The parser is then fed exactly what it may take: a `Content-Length` body to
+its last byte (so the next pipelined head starts a new count), a chunked body while it lasts, within the body limit
+with room for its framing. After a chunked body the parser alone knows where the next request begins; a request
+pipelined behind one in the same read is not taken (the connection closes after its answers; RFC 9112 9.3.2: the
+client sends it again).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
 
 from app.gateway.errors import Reply, error_reply
-from app.gateway.messages import MAX_HEAD_BYTES, MAX_PIPELINED, Limits, Request, Screen
+from app.gateway.messages import MAX_HEAD_BYTES, MAX_HEADER_FIELDS, MAX_PIPELINED, Limits, Request, Screen
 
 if TYPE_CHECKING:
     from app.gateway.server import ServerConnection
 
+_END_OF_HEAD = b"\r\n\r\n"
+
 
 class _Stop(httptools.HttpParserError):
     """Raised in a parser callback: nothing more is parsed from this connection."""
+
+
+class _Reading(enum.Enum):
+    HEAD = "head"  # the bytes are a request head (or the blank lines before one)
+    LENGTH = "length"  # a body of `Content-Length` bytes
+    CHUNKED = "chunked"  # a chunked body: the parser finds its end
+
+
+def _head_too_large() -> Reply:
+    return error_reply(431, f"Request header fields too large (at most {MAX_HEAD_BYTES} bytes and "
+                       f"{MAX_HEADER_FIELDS} fields)", "request_header_fields_too_large")
 
 
 class RequestReader:
@@ -28,9 +52,15 @@ class RequestReader:
         self._screen = screen
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
+        self._reading = _Reading.HEAD
+        self._held = bytearray()  # the part of a head that has arrived, until its blank line does
+        self._skipped = 0  # blank lines before the request line (RFC 9112 2.2), counted against the head's budget
+        self._parsing_head = False  # the parser is being fed a whole head
+        self._left = 0  # bytes of a Content-Length body still to come
+        self._chunked_bytes = 0  # raw bytes of a chunked body so far, framing and trailers included
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._fields = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._in_trailers = False
@@ -39,15 +69,62 @@ class RequestReader:
 
     def feed(self, data: bytes) -> None:
         try:
-            self._parser.feed_data(data)
+            while data and not self._conn.stopped:
+                if self._reading is _Reading.HEAD:
+                    data = self._take_head(data)
+                elif self._reading is _Reading.LENGTH:
+                    piece, data = (data, b"") if len(data) <= self._left else (data[:self._left], data[self._left:])
+                    self._left -= len(piece)
+                    self._parser.feed_data(piece)
+                else:
+                    self._chunked_bytes += len(data)
+                    if self._chunked_bytes > 2 * self._limits.max_body_bytes() + MAX_HEAD_BYTES:
+                        self.refuse(self._too_large())  # (its framing and trailers cost as much as a body)
+                        return
+                    self._parser.feed_data(data)
+                    data = b""
         except httptools.HttpParserUpgrade:
             # the request has been taken, to be answered as plain HTTP; what follows it is another protocol
             self._conn.stop_reading()
         except httptools.HttpParserError:
             if not self._conn.stopped:  # (else a callback stopped the parser on purpose)
-                too_large = self._head_bytes > MAX_HEAD_BYTES
-                self.refuse(error_reply(431 if too_large else 400, "Request header fields too large"
-                                        if too_large else "Malformed HTTP request", "malformed_request"))
+                self.refuse(error_reply(400, "Malformed HTTP request", "malformed_request"))
+
+    def _take_head(self, data: bytes) -> bytes:
+        """Hold the bytes of a head until its blank line has arrived, then parse it whole; what follows it."""
+        held = len(self._held)
+        if not held:
+            start = data.lstrip(b"\r\n")
+            self._skipped += len(data) - len(start)
+            data = start
+            if self._skipped > MAX_HEAD_BYTES:
+                self.refuse(_head_too_large())
+                return b""
+            if not data:
+                return b""
+            self.receiving = True
+            self._conn.request_began()
+        budget = MAX_HEAD_BYTES - self._skipped - held  # what this head may still take
+        tail = bytes(self._held[-3:])  # (its blank line may have begun in the bytes held)
+        found = (tail + data[:budget]).find(_END_OF_HEAD) if tail else data.find(_END_OF_HEAD, 0, budget)
+        if found < 0:
+            if len(data) >= budget:
+                self.refuse(_head_too_large())
+                return b""
+            self._held += data
+            return b""
+        end = found + len(_END_OF_HEAD) - len(tail)  # in `data`, just past the head
+        head = bytes(self._held) + data[:end] if held else data[:end]
+        self._held = bytearray()
+        self._skipped = 0
+        self._parsing_head = True
+        try:
+            self._parser.feed_data(head)
+        finally:
+            self._parsing_head = False
+        if self.request is None and self.receiving and not self._conn.stopped:
+            raise httptools.HttpParserError("the head ended where the parser did not")
+        return data[end:]
 
     def refuse(self, reply: Reply) -> None:
         """The request being received is refused (a placeholder when its head is not whole yet)."""
@@ -60,29 +137,30 @@ class RequestReader:
     # ----- httptools callbacks -----
 
     def on_message_begin(self) -> None:
+        if not self._parsing_head:
+            # a request pipelined behind a chunked one, in the same read: where its head began is the parser's
+            # secret, so its size cannot be counted; the client sends it again once the connection closes
+            self._conn.stop_reading()
+            raise _Stop
         self._url, self._headers, self._body, self._body_size = b"", [], [], 0
-        self._head_bytes = 0
+        self._fields = 0
         self._in_trailers = False
         self.request = None
-        self.receiving = True
-        self._conn.request_began()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
+        self._fields += 1
+        if self._fields > MAX_HEADER_FIELDS:
+            self.refuse(_head_too_large())
+            raise _Stop
         if not self._in_trailers:  # trailer fields arrive after the request was judged: counted and dropped
             self._headers.append((name.lower(), value))
 
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("head too large")
-
     def on_headers_complete(self) -> None:
         self._in_trailers = True
+        self._fields = 0
         parsed = httptools.parse_url(self._url)
         request = self.request = Request(
             method=self._parser.get_method().decode("ascii", "replace"),
@@ -91,17 +169,38 @@ class RequestReader:
             headers=self._headers,
             keep_alive=self._parser.should_keep_alive(),
         )
-        refusal = self._screen(request) if self._screen is not None else None
+        refusal = self._framing(request)
+        if refusal is None and self._screen is not None:
+            refusal = self._screen(request)
         if refusal is None:
             length = request.header(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes():
+            if length is not None and int(length) > self._limits.max_body_bytes():
                 refusal = self._too_large()
         if refusal is not None:
             self.refuse(refusal)
             raise _Stop  # its body is never read
+        if request.authenticated:
+            self._conn.authenticated()
+        length = request.header(b"content-length")
+        if request.header(b"transfer-encoding") is not None:
+            self._reading, self._chunked_bytes = _Reading.CHUNKED, 0
+        else:
+            self._reading, self._left = _Reading.LENGTH, int(length) if length is not None else 0
         expect = request.header(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
             self._conn.invite_body()
+
+    def _framing(self, request: Request) -> Reply | None:
+        """What HTTP/1.1 itself refuses in a head the parser took: no Host, or more than one (RFC 9112 3.2); a
+        transfer coding other than chunked alone (RFC 9112 6.1: 501)."""
+        if self._parser.get_http_version() == "1.1" and sum(1 for name, _ in request.headers if name == b"host") != 1:
+            return error_reply(400, "An HTTP/1.1 request needs exactly one Host header", "malformed_request")
+        codings = [value for name, value in request.headers if name == b"transfer-encoding"]
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            shown = b", ".join(codings)[:100].decode("latin-1")
+            return error_reply(501, f"Transfer-Encoding {shown!r} is not supported: send the body with "
+                               "Content-Length, or chunked alone", "unsupported_transfer_encoding")
+        return None
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -113,6 +212,7 @@ class RequestReader:
     def on_message_complete(self) -> None:
         request, self.request = self.request, None
         self.receiving = False
+        self._reading = _Reading.HEAD
         if request is None:  # pragma: no cover - llhttp completes only messages whose head it read
             return
         request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
@@ -123,7 +223,8 @@ class RequestReader:
 
     def _too_large(self) -> Reply:
         limit = self._limits.max_body_bytes()
-        return error_reply(413, f"Request body is larger than {limit} bytes", "request_too_large")
+        return error_reply(413, f"Request body is larger than {limit} bytes (the endpoint's limit: "
+                           "general.max_request_body_mib)", "request_too_large")
 
 
 class Deadlines:
@@ -163,5 +264,3 @@ class Deadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-

@@ -292,6 +292,17 @@ def json_object(body: bytes) -> bool:
     return body.lstrip(b" \t\r\n")[:1] == b"{"
 
 
+def text_bytes(body: bytes) -> tuple[int, int]:
+    """The bytes of a JSON body's strings, all of them together and the longest, without inline data (a `data:`
+    URI: an image or a sound, which the engine does not tokenize as text). Read by splitting at quotes once escaped
+    ones are gone, in a few passes of C: a body of megabytes takes milliseconds, not a parse."""
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = plain.split(b'"')[1::2]
+    if b'"data:' in plain:
+        strings = [text for text in strings if not text.startswith(b"data:")]
+    return sum(map(len, strings)), max(map(len, strings), default=0)
+
+
 def _usage_from_json(data: bytes) -> dict[str, int] | None:
     """The token counts of a usage block."""
     at = data.find(b'"usage"')

@@ -74,6 +74,10 @@ BY_MODEL_FIELD = frozenset(p for p in INFERENCE if p.startswith("/v1/")) | {"/ap
                                                                             "/api/show"}
 # Bodies that are not one JSON object (the gateway checks the others are).
 NOT_JSON = frozenset({"/v1/audio/transcriptions"})
+# Bodies that hold one prompt (one conversation), every text in them part of it; the others may hold several (a list
+# of prompts or inputs), each of which must fit the context on its own.
+ONE_PROMPT = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+                        "/api/chat", "/api/generate"})
 
 OPEN = frozenset({"/healthz", "/readyz"})  # answered without a token
 PAGE = frozenset({"/", "/ui/app.js", "/ui/app.css"})  # the endpoint's page: without a token too (it holds no data)
@@ -106,6 +110,11 @@ class Route:
     def takes_json(self, method: str) -> bool:
         """A relayed request whose body must be one JSON object."""
         return self.kind == "relay" and method != GET and self.path not in NOT_JSON
+
+    @property
+    def one_prompt(self) -> bool:
+        """Every text of its body is one prompt's (not a batch of them)."""
+        return self.path in ONE_PROMPT
 
 
 NOT_FOUND = Route("not_found")
@@ -149,16 +158,15 @@ def _only(method: str, route: Route, methods: frozenset[str]) -> Route:
 def _models_route(path: str) -> Route | None:
     if path == MODELS:
         return Route("models", path=MODELS)
-    if path.startswith(MODELS + "/"):
-        model_id = _decode_model_id(path[len(MODELS) + 1:])
-        return Route("models", path=MODELS + "/{model}", model_id=model_id) if model_id is not None else NOT_FOUND
+    if path.startswith(MODELS + "/"):  # (an id no model can have is one that does not exist: 404 model_not_found)
+        return Route("models", path=MODELS + "/{model}", model_id=_decode_model_id(path[len(MODELS) + 1:]))
     return None
 
 
-def _decode_model_id(raw: str) -> str | None:
+def _decode_model_id(raw: str) -> str:
     """A model id in the path; clients encode the `:` of `endpoint:adapter` (`%3A`) or not."""
     text = raw.replace("%3A", ":").replace("%3a", ":")
-    return text if _PARAM.match(text) else None
+    return text if _PARAM.match(text) else raw[:200]
 
 
 def _match(path: str) -> tuple[str, str] | None:

@@ -7,12 +7,14 @@ one transport to the other in the event loop's callbacks, and only the request's
 
 Every request is judged on its head first (`screen`: the token, the route, the size): one that is refused is
 answered when its turn comes, its body is never read, and the connection closes after it. What a connection can
-cost before anyone is authenticated is bounded: a head of at most `MAX_HEAD_BYTES`, one read of the socket, the
-receive deadline. Backpressure: a client is not read while it does not read its answers (and is cut off past the
-write deadline), nor while a request of its own waits behind the one being answered; trailer fields are dropped;
-`Upgrade` is answered as plain HTTP and the connection closes (RFC 9110 7.8: a server may ignore it); `Expect:
-100-continue` is honoured only for a request that passed the screen (RFC 9110 10.1.1). A client that goes away
-cancels its request's task.
+cost before anyone is authenticated is bounded: a head of at most `MAX_HEAD_BYTES` and `MAX_HEADER_FIELDS`
+(`app.gateway.reader`), one read of the socket, and seconds: its first byte within `FIRST_BYTE_TIMEOUT_SECONDS`, its
+head within `HEAD_TIMEOUT_SECONDS` (a connection that has sent an authenticated request gets the receive deadline
+and keep-alive's). Every answer to an authenticated request is `Cache-Control: no-store`. Backpressure: a client is
+not read while it does not read its answers (and is cut off past the write deadline), nor while a request of its own
+waits behind the one being answered; trailer fields are dropped; `Upgrade` is answered as plain HTTP and the
+connection closes (RFC 9110 7.8: a server may ignore it); `Expect: 100-continue` is honoured only for a request that
+passed the screen (RFC 9110 10.1.1). A client that goes away cancels its request's task.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ResponseWriter:
         self._method = "GET"  # of the request being answered (HEAD: no body in the answer)
         self._path = ""  # (and its path, for whoever counts answers)
         self._counted = True  # (and whether it is counted at all)
+        self._private = False  # (and whether it was authenticated: its answer is never cached)
         self._chunked = False
         self._pending_head: bytes | None = None
         self._writable = asyncio.Event()
@@ -69,6 +72,8 @@ class ResponseWriter:
             self._on_response(status, self._path)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
+        if self._private and all(name != b"cache-control" for name, _ in headers):
+            head.append(b"cache-control: no-store\r\n")
         head.append(b"content-length: %d\r\n" % len(body))
         if not self.keep_alive:
             head.append(b"connection: close\r\n")
@@ -83,6 +88,8 @@ class ResponseWriter:
             self._on_response(status, self._path)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
+        if self._private:
+            extra += b"cache-control: no-store\r\n"
         if not self.keep_alive:
             extra += b"connection: close\r\n"
         self._pending_head = head + extra + b"\r\n"
@@ -106,6 +113,17 @@ class ResponseWriter:
             tail, self._pending_head = self._pending_head + tail, None
         if tail:
             self._write(tail)
+
+    def evict(self, stranger: bool) -> None:
+        """Closed to make room for a new connection: a stranger's at once (a reset), an idle one of a token holder
+        as a keep-alive connection is closed."""
+        if self.transport is None or self.closed:
+            return
+        if stranger:
+            self.transport.abort()
+        else:
+            self.keep_alive = False
+            self.transport.close()
 
     def abort(self) -> None:
         """Cut the connection (a response that cannot be finished properly)."""
@@ -135,6 +153,9 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None  # the relay of the request being answered
         self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
         self.stopped = False  # nothing more is taken from this connection: it closes once its answers are out
+        self.on_authenticated: Callable[[], None] | None = None  # the connection table hears of each one
+        self.authenticated_once = False  # it has sent a request with a valid token: the longer deadlines apply
+        self._began_at = 0.0  # (the loop's clock) when the request being received began
         self._reading = True
         self._write_paused = False
 
@@ -142,8 +163,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # a new connection must send its first request within the receive deadline (then keep-alive's)
-        self._deadlines.idle_by = self._deadlines.after(min(KEEPALIVE_TIMEOUT_SECONDS, self._limits.receive_timeout_s))
+        self._deadlines.idle_by = self._deadlines.after(self._limits.first_byte_timeout_s)
         self._deadlines.schedule()
 
     def data_received(self, data: bytes) -> None:
@@ -176,12 +196,31 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         if self.on_writable is not None:
             self.on_writable()
 
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing being received, answered or waiting to be (closing it loses nothing)."""
+        return not self._busy and not self._pending and not self._reader.receiving
+
     # ----- from the reader -----
 
     def request_began(self) -> None:
-        self._deadlines.idle_by = None
-        self._deadlines.receive_by = self._deadlines.after(self._limits.receive_timeout_s)
-        self._deadlines.schedule()
+        """A request's first byte: its head (or, once the connection is authenticated, all of it) must follow in
+        time."""
+        deadlines = self._deadlines
+        deadlines.idle_by = None
+        self._began_at = deadlines.after(0)
+        limit = self._limits.receive_timeout_s if self.authenticated_once else self._limits.head_timeout_s
+        deadlines.receive_by = self._began_at + limit
+        deadlines.schedule()
+
+    def authenticated(self) -> None:
+        """The request being received has a valid token: it has the whole receive deadline, and the connection
+        keep-alive's from now on."""
+        if not self.authenticated_once:
+            self.authenticated_once = True
+            self._deadlines.receive_by = self._began_at + self._limits.receive_timeout_s
+        if self.on_authenticated is not None:
+            self.on_authenticated()
 
     def invite_body(self) -> None:
         """`Expect: 100-continue`, for a request that passed the screen; not while answering another (the
@@ -232,6 +271,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         while self._pending and not self.closed:
             request = self._pending.popleft()
             self._method, self._path, self._counted = request.method, request.path, request.counted
+            self._private = request.authenticated
             self.keep_alive = request.keep_alive and request.refusal is None and not (
                 self.stopped and not self._pending)  # the last answer of a stopped connection closes it
             self._busy = True
@@ -246,7 +286,8 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         self._busy = False
         if not self.closed:
             if not self._reader.receiving:
-                self._deadlines.idle_by = self._deadlines.after(KEEPALIVE_TIMEOUT_SECONDS)
+                self._deadlines.idle_by = self._deadlines.after(
+                    KEEPALIVE_TIMEOUT_SECONDS if self.authenticated_once else self._limits.first_byte_timeout_s)
                 self._deadlines.schedule()
             self._sync_reading()
 

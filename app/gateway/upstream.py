@@ -28,9 +28,11 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"trailers",
     b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization", b"expect",
 })
-# Response headers not relayed: framing (the gateway frames its own), the engine's identity, and its CORS answers
-# (SGLang allows every origin with credentials; the gateway answers no preflight, so it grants no origin either).
+# Response headers not relayed: framing (the gateway frames its own), the engine's identity, its caching (every answer
+# to a token holder is `no-store`: `app.gateway.server`) and its CORS answers (SGLang allows every origin with
+# credentials; the gateway answers no preflight, so it grants no origin either).
 _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"server",
+                            b"cache-control",
                             b"trailer", b"access-control-allow-origin", b"access-control-allow-credentials",
                             b"access-control-allow-methods", b"access-control-allow-headers",
                             b"access-control-expose-headers", b"access-control-max-age"})

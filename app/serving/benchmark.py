@@ -32,6 +32,7 @@ from pathlib import Path
 
 from app.config.types import DeploymentConfig
 from app.sglang.command import EngineCommand
+from app.sglang.launch import engine_environment
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ async def benchmark_deployment(config: DeploymentConfig, commands: Sequence[Engi
 async def run_all(runs: list[BenchmarkRun], token: str, *, deadline_s: float,
                   environ: Mapping[str, str] | None = None) -> list[BenchmarkResult]:
     """Each run in turn; the token reaches the benchmark in its environment (`OPENAI_API_KEY`, which it sends as a
-    Bearer token), never on its command line."""
-    env = {**(environ if environ is not None else os.environ), "OPENAI_API_KEY": token}
+    Bearer token), never on its command line, and no secret of the app's does (`engine_environment`)."""
+    env = engine_environment(environ if environ is not None else os.environ, {"OPENAI_API_KEY": token})
     results = []
     for run in runs:
         logger.info("Benchmark: %s at concurrency %d (%s requests)", run.endpoint, run.concurrency,

@@ -125,7 +125,10 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
               for c in plan.commands]
     quiet_token = generate_token() if config.benchmark.enable else ""
     gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock,
-                      quiet_auth=TokenChecker([quiet_token]) if quiet_token else None, **gateway_options.kwargs())
+                      quiet_auth=TokenChecker([quiet_token]) if quiet_token else None,
+                      max_body_bytes=int(config.general.max_request_body_mib * 2**20),
+                      max_connections_per_address=config.general.max_connections_per_address,
+                      **gateway_options.kwargs())
     supervisor = EngineSupervisor(
         servers, startup_deadline_s=startup_deadline_s, clock=clock,
         admit=residency.admit if residency else None, on_ready=residency.started if residency else None,

@@ -137,6 +137,7 @@ class Deployment(Lifecycle):
                 return await self.fail(exc)
             if self._stop.is_set():
                 return await self.signal_exit()
+            await learn_context_lengths(built, self.client)
             await self._announce(built)
             built.tracker.reset(self.clock())
             return await self._serve(built)
@@ -259,8 +260,7 @@ class Deployment(Lifecycle):
             serving.scaler = self._background(scale(built.remote_workers), "remote-workers")
 
     def states(self) -> dict[str, str]:
-        """Each model's state, and each replica server's (`<endpoint>/<n>`, `<endpoint>/remote<n>`) where a router
-        spreads a model."""
+        """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
         if self.gateway is None:
             return {}
         states = self.gateway.states()
@@ -315,6 +315,16 @@ class Deployment(Lifecycle):
             task.cancel()
         await gateway.close()
         logger.info("Deployment stopped")
+
+
+async def learn_context_lengths(built: Built, client: SGLangClient) -> None:
+    """Each model's context length, as its engine (or router) says: the gateway refuses a prompt far longer than it
+    before the engine spends its time tokenizing it."""
+    for route in built.gateway.routes.values():
+        route.context_tokens = await client.context_length(route.engine.url, route.api_key)
+        if route.context_tokens is None:
+            logger.warning("Model %s did not say its context length: prompts are bounded by the body limit only",
+                           route.endpoint)
 
 
 async def _router_change(change: Awaitable[None], engine: Engine) -> None:

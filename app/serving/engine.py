@@ -35,7 +35,7 @@ from app.serving.failures import CrashEvidence, EngineStartupError, classify_fai
 from app.serving.startup import EnginePhases, OnPhase
 from app.sglang.api import http_health_probe
 from app.sglang.command import EngineCommand
-from app.sglang.launch import SECRET_ARGS_ENV
+from app.sglang.launch import SECRET_ARGS_ENV, engine_environment
 from app.sglang.logs import Phase, is_batch_stats
 from app.states import EngineState
 
@@ -155,8 +155,7 @@ class Engine:
     async def start(self, restarting: bool = False) -> None:
         """Launch the server: loading (or still restarting, after a crash) until it is ready."""
         state = RESTARTING if restarting else LOADING
-        env = dict(self._base_env if self._base_env is not None else os.environ)
-        env.update(self.command.env)
+        env = engine_environment(self._base_env if self._base_env is not None else os.environ, self.command.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.exit_code = None
         self.ready_at = None

@@ -60,6 +60,17 @@ class SGLangClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return ""
 
+    async def context_length(self, url: str, api_key: str | None) -> int | None:
+        """The served model's context length in tokens, as SGLang's `/v1/models` gives it (`max_model_len`: the
+        model's own, or `--context-length`); None when it does not say."""
+        try:
+            text = await self.call(url, "GET", "/v1/models", api_key=api_key, timeout_s=METRICS_TIMEOUT_SECONDS,
+                                   error=OSError)
+            length = json.loads(text)["data"][0]["max_model_len"]
+        except (OSError, ValueError, LookupError, TypeError):
+            return None
+        return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
     async def call(self, url: str, method: str, path: str, *, api_key: str | None, timeout_s: float,
                    error: type[Exception], body: dict | None = None, accept: Container[int] = (200,)) -> str:
         """One call to an engine's (or its router's) own API with its key; the answer's text. `error`, naming the

@@ -14,7 +14,7 @@ Every engine (SGLang's server, sglang-router) is started as
   launcher the same way.
 
 Then it runs the module (`-m NAME`) or script (`PATH`) as `__main__`. `app.serving.engine.Engine` launches every
-engine so.
+engine so, in the environment `engine_environment` makes: the machine's, less what is the app's alone.
 """
 
 from __future__ import annotations
@@ -22,12 +22,31 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import runpy
 import signal
 import sys
+from collections.abc import Mapping
 
 SECRET_ARGS_ENV = "CLEARML_SGLANG_SECRET_ARGS"
 _PR_SET_PDEATHSIG = 1
+# What an engine's environment never holds, though the app's may: the app's access tokens, ClearML's credentials and
+# every other ClearML or agent setting (an engine calls no ClearML server), and whatever is named like a credential.
+# An engine reads none of them, and any user who can read its process (or a dump of it) could read them there.
+_NOT_FOR_ENGINES = re.compile(r"^(CLEARML|TRAINS)_|(^|_)(TOKENS?|SECRETS?|PASSWORD|PASSWD|PASS|KEY|API_?KEY|"
+                              r"ACCESS_KEY_ID|CREDENTIALS?|AUTH)$", re.IGNORECASE)
+# ... except HuggingFace's token: SGLang downloads models with it.
+_ENGINES_NEED = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+
+
+def engine_environment(machine: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
+    """An engine's environment: the machine's (`os.environ`), less the app's secrets and settings and anything named
+    like a credential, then the engine's own variables (the config's `env`, its GPUs, the HF token), which win. A
+    variable an engine needs that this drops is given in the config's `env`."""
+    env = {name: value for name, value in machine.items()
+           if name in _ENGINES_NEED or not _NOT_FOR_ENGINES.search(name)}
+    env.update(own)
+    return env
 
 
 def secret_argv(environ: dict[str, str] | os._Environ[str]) -> list[str]:

@@ -23,8 +23,10 @@ BEARER = f"Authorization: Bearer {TOKEN}\r\n".encode()
 
 
 def relayed(log) -> list[dict]:
-    """The requests the gateway relayed to the engine (they carry the engine's key; the app's own probes do not)."""
-    return [r for r in requests_logged(log) if "authorization" in r["headers"]]
+    """The requests the gateway relayed to the engine (they carry the engine's key; the app's own probes do not, but
+    for its one question at ready, the context length, on `GET /v1/models`: a client's is the gateway's to answer)."""
+    return [r for r in requests_logged(log) if "authorization" in r["headers"]
+            and (r["method"], r["path"]) != ("GET", "/v1/models")]
 
 
 async def exchange(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:

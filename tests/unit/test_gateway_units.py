@@ -8,15 +8,60 @@ import pytest
 
 from app.gateway.auth import TokenChecker, generate_token
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
+from app.gateway.gateway import MAX_PROMPT_BYTES_PER_TOKEN, ModelRoute, prompt_too_long
+from app.gateway.messages import Request
 from app.gateway.relay import UsageScanner as _UsageScanner
+from app.gateway.relay import text_bytes
+from app.gateway.routes import classify
 from app.gateway.stats import RequestRecord, RequestStats, percentile
 
 
 def test_token_checker():
     checker = TokenChecker(["a" * 20, "b" * 20])
     assert checker.check("Bearer " + "a" * 20) and checker.check("Bearer " + "b" * 20)
-    for bad in (None, "", "Bearer", "Bearer " + "c" * 20, "Basic " + "a" * 20, "a" * 20, "Bearer " + "a" * 19):
+    # the scheme is case-insensitive (RFC 9110 11.1), and spaces before the token do not matter
+    assert checker.check("bearer " + "a" * 20) and checker.check("BEARER   " + "b" * 20)
+    for bad in (None, "", "Bearer", "Bearer " + "c" * 20, "Basic " + "a" * 20, "a" * 20, "Bearer " + "a" * 19,
+                "Bearer" + "a" * 20, "Bearerx " + "a" * 20):
         assert not checker.check(bad)
+
+
+def test_text_bytes_counts_a_bodys_strings_without_inline_data():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 5000}}
+    body = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 'say "hi" \\ ' + "x" * 100}, image]},
+    ]}).encode()
+    total, longest = text_bytes(body)
+    strings = ["model", "m", "messages", "role", "user", "content", "type", "text", "text", "type", "image_url",
+               "image_url", "url"]
+    escaped = len('say "hi" \\ ' + "x" * 100) - 3  # (its escaped characters are not counted: two quotes, a backslash)
+    assert longest == escaped and total == escaped + sum(map(len, strings))
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_before_the_engine():
+    model = ModelRoute("m", engine=None, context_tokens=100)  # type: ignore[arg-type]
+    chat, embeddings = (classify("POST", path, frozenset({"m"})) for path in ("/v1/chat/completions", "/v1/embeddings"))
+
+    def request(body: dict) -> Request:
+        return Request("POST", "/v1/x", b"", [], json.dumps(body).encode())
+
+    limit = 100 * MAX_PROMPT_BYTES_PER_TOKEN
+    fits = request({"model": "m", "messages": [{"role": "user", "content": "w" * (limit - 100)}]})
+    assert prompt_too_long(model, chat, fits) is None
+    spread = request({"model": "m", "messages": [{"role": "user", "content": "w" * (limit // 2)}] * 3})
+    refused = prompt_too_long(model, chat, spread)
+    assert refused is not None and refused.status == 413
+    error = json.loads(refused.body)["error"]
+    assert error["code"] == "context_length_exceeded" and str(limit) in error["message"]
+    # a batch: each input must fit on its own, all of them need not
+    batch = request({"model": "m", "input": ["w" * (limit // 2)] * 3})
+    assert prompt_too_long(model, embeddings, batch) is None
+    assert prompt_too_long(model, embeddings, request({"model": "m", "input": ["w" * (limit + 1)]})) is not None
+    # an image inline is not text; a model whose context is not known is bounded by the body limit only
+    image = request({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10 * limit}}]}]})
+    assert prompt_too_long(model, chat, image) is None
+    assert prompt_too_long(ModelRoute("m", engine=None), chat, spread) is None  # type: ignore[arg-type]
 
 
 def test_generated_tokens_are_long_and_distinct():

@@ -34,13 +34,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
 from app.gateway import page
 from app.gateway import routes as paths
-from app.gateway.adapters import AdapterLoader, AdapterRefused, LeasedTarget, requested_adapter
+from app.gateway.adapters import AdapterRefused, LeasedTarget, lease_adapters, requested_adapter
 from app.gateway.auth import TokenChecker
 from app.gateway.connections import (
     MAX_CONNECTIONS,
@@ -59,6 +57,13 @@ from app.gateway.messages import (
     Pending,
     Request,
 )
+from app.gateway.model_routes import (
+    WAITS_FOR_WAKE,
+    ModelRoute,
+    model_cards,
+    prompt_too_long,
+    unavailable,
+)
 from app.gateway.relay import (
     RETRY_AFTER_SECONDS,
     Activity,
@@ -67,11 +72,9 @@ from app.gateway.relay import (
     RelayContext,
     json_object,
     model_field,
-    text_bytes,
 )
 from app.gateway.server import ServerConnection
 from app.gateway.stats import RequestStats
-from app.gateway.upstream import Upstream
 from app.states import ModelState
 
 logger = logging.getLogger(__name__)
@@ -82,87 +85,8 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Waiting this long for the engine's next byte means it hangs: 504 before headers, an SSE error event after.
 UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
-UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
-# A prompt's text takes at least one token per this many bytes of its JSON (the densest real text: a long word, a run
-# of spaces or dashes, an emoji escaped as two \\u escapes in 12 bytes). A body whose text is longer than its model's
-# context at this rate cannot fit, and is refused before the engine tokenizes it: SGLang tokenizes a whole prompt
-# before it checks its length, and meanwhile serves nobody (30 MB took it 125 s).
-MAX_PROMPT_BYTES_PER_TOKEN = 32
 # Requests held at most per model while it restarts or wakes; past it they get 503 at once.
 MAX_HELD_REQUESTS = 4096
-# How long a request for a restarting model is held before 503 (the deployment's config sets it).
-RESTART_HOLD_SECONDS = 120.0
-
-_WAITS_FOR_WAKE = frozenset({ModelState.SLEEPING, ModelState.WAKING})
-
-
-class EngineHandle(Protocol):
-    """What the gateway needs of an engine (`app.serving.engine.Engine` has it; tests pass simple objects)."""
-
-    url: str
-    state: str
-
-    async def wait_serving(self, deadline_s: float) -> bool:
-        """Until the engine serves again after a crash (True), it failed for good, or the deadline passed."""
-        ...
-
-
-class Residency(Protocol):
-    """Models sharing GPUs (`app.serving.residency.Residency`): a request enters a resident model at once, or
-    waits while it wakes; the model cannot sleep until every request that entered has left."""
-
-    def enter(self, endpoint: str) -> bool: ...
-
-    async def wait_resident(self, endpoint: str, deadline_s: float) -> bool: ...
-
-    def leave(self, endpoint: str, now: float) -> None: ...
-
-    def describe(self) -> dict[str, dict[str, object]]: ...
-
-    def state(self, endpoint: str) -> str: ...
-
-
-@dataclass
-class ModelRoute:
-    """One model behind the gateway: its engine (or router), the engine's own key, its adapters, and how requests
-    wait for it. `connect` (when the gateway starts) opens its pool of connections to the engine."""
-
-    endpoint: str
-    engine: EngineHandle
-    api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
-    adapters: tuple[str, ...] = ()
-    adapter_loader: AdapterLoader | None = field(default=None, repr=False)  # with adapters on request
-    residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
-    wake_deadline_s: float = 120.0
-    restart_hold_s: float = RESTART_HOLD_SECONDS
-    upstream: Upstream | None = field(default=None, repr=False)
-    context_tokens: int | None = None  # its context length, once its engine has said (the deployment asks it)
-    held: int = 0  # requests waiting for it to wake or come back
-    host: bytes = field(default=b"", repr=False)
-    authorization: bytes | None = field(default=None, repr=False)
-
-    def connect(self, loop: asyncio.AbstractEventLoop) -> None:
-        parts = urlsplit(self.engine.url)
-        self.upstream = Upstream(parts.hostname or "127.0.0.1", parts.port or 80,
-                                 connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_SECONDS, loop=loop)
-        self.host = parts.netloc.encode()
-        self.authorization = f"Bearer {self.api_key}".encode() if self.api_key else None
-
-    @property
-    def state(self) -> str:
-        """The model's availability: the residency's where models share GPUs (an engine just up is `loading`
-        until it has been measured and can take requests), else its engine's."""
-        return self.residency.state(self.endpoint) if self.residency is not None else self.engine.state
-
-    def leave(self, now: float) -> None:
-        if self.residency is not None:
-            self.residency.leave(self.endpoint, now)
-
-
-def _unavailable(route: ModelRoute, state: str, waited_s: float | None = None) -> Reply:
-    message = (f"Model {route.endpoint!r} is still {state} after {waited_s:g} s; retry shortly"
-               if waited_s is not None else f"Model {route.endpoint!r} is {state}; retry shortly")
-    return error_reply(503, message, str(state), retry_after_s=RETRY_AFTER_SECONDS)
 
 
 class Gateway:
@@ -294,37 +218,36 @@ class Gateway:
         if residency is not None and residency.enter(model.endpoint):
             return self._relay(request, conn, model, path, adapter)
         state = model.state
-        if (residency is not None and state in _WAITS_FOR_WAKE) or state == ModelState.RESTARTING:
+        if (residency is not None and state in WAITS_FOR_WAKE) or state == ModelState.RESTARTING:
             if model.held >= MAX_HELD_REQUESTS:
-                conn.reply(_unavailable(model, state))
+                conn.reply(unavailable(model, state))
                 return None
             return self._held(request, conn, model, path, state, adapter)
         if residency is not None or state != ModelState.RESIDENT:  # (resident, not yet measured: loading)
-            conn.reply(_unavailable(model, ModelState.LOADING if state == ModelState.RESIDENT else state))
+            conn.reply(unavailable(model, ModelState.LOADING if state == ModelState.RESIDENT else state))
             return None
         return self._relay(request, conn, model, path, adapter)
 
     def _relay(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
                adapter: str | None = None) -> Handled:
         assert self._relays is not None
-        if adapter is not None:
-            return self._relay_with_adapter(request, conn, route, path, adapter)
+        if adapter is not None or b'"lora_path"' in request.body:
+            return self._relay_with_adapters(request, conn, route, path, adapter)
         return Relay(self._relays, request, conn, route, path).start()
 
-    async def _relay_with_adapter(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
-                                  adapter: str) -> Pending | None:
-        """Load the adapter the request names (or share a load under way), then relay it holding the adapter."""
-        assert self._relays is not None and route.adapter_loader is not None
+    async def _relay_with_adapters(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+                                   adapter: str | None) -> Pending | None:
+        """Relay a request holding every adapter it names (`lease_adapters`: loading the one its model names)."""
+        assert self._relays is not None
         try:
-            lease = await route.adapter_loader.acquire(adapter)
-        except AdapterRefused as refused:
+            leases = await lease_adapters(request, route, adapter, self.clock)
+        except BaseException as failed:  # a refusal, or the client went away while its adapter loaded
             route.leave(self.clock())
-            conn.reply(refused.reply())
+            if not isinstance(failed, AdapterRefused):
+                raise
+            conn.reply(failed.reply())
             return None
-        except BaseException:  # the client went away while the adapter loaded
-            route.leave(self.clock())
-            raise
-        started = Relay(self._relays, request, conn, LeasedTarget(route, lease), path).start()
+        started = Relay(self._relays, request, conn, LeasedTarget(route, tuple(leases)), path).start()
         return started if started is None or started is PENDING else await started
 
     def _model_route(self, request: Request, route: paths.Route) -> ModelRoute | Reply:
@@ -365,11 +288,11 @@ class Gateway:
             route.held -= 1
         if not ready:
             if state != ModelState.RESTARTING:
-                conn.reply(_unavailable(route, ModelState.WAKING, waited_s=deadline))
+                conn.reply(unavailable(route, ModelState.WAKING, waited_s=deadline))
             elif route.state == ModelState.RESTARTING:
-                conn.reply(_unavailable(route, ModelState.RESTARTING, waited_s=deadline))
+                conn.reply(unavailable(route, ModelState.RESTARTING, waited_s=deadline))
             else:  # it failed for good, or the deployment is stopping
-                conn.reply(_unavailable(route, route.state))
+                conn.reply(unavailable(route, route.state))
             return None
         started = self._relay(request, conn, route, path, adapter)
         return started if started is None or started is PENDING else await started
@@ -403,43 +326,9 @@ class Gateway:
     def _readyz(self) -> Reply:
         """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
         states = self.states()
-        ready = all(s == ModelState.RESIDENT or s in _WAITS_FOR_WAKE for s in states.values()) and not self.draining
+        ready = all(s == ModelState.RESIDENT or s in WAITS_FOR_WAKE for s in states.values()) and not self.draining
         body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": states}
         described = next((r.residency.describe() for r in self.routes.values() if r.residency is not None), {})
         if described:
             body["residency"] = described
         return Reply(200 if ready else 503, json.dumps(body).encode())
-
-
-def prompt_too_long(model: ModelRoute, route: paths.Route, request: Request) -> Reply | None:
-    """413 for a body whose text cannot fit the model's context (`MAX_PROMPT_BYTES_PER_TOKEN`): all of it where the
-    body is one prompt, any one text where it may hold several. Looked at only when the body is long enough."""
-    limit = model.context_tokens * MAX_PROMPT_BYTES_PER_TOKEN if model.context_tokens else None
-    if limit is None or len(request.body) <= limit or not route.takes_json(request.method):
-        return None
-    total, longest = text_bytes(request.body)
-    size = total if route.one_prompt else longest
-    if size <= limit:
-        return None
-    return error_reply(413, f"The prompt is too long for model {model.endpoint!r}: {size} bytes of text, where its "
-                       f"context of {model.context_tokens} tokens holds at most {limit} (at "
-                       f"{MAX_PROMPT_BYTES_PER_TOKEN} bytes a token); shorten it", "context_length_exceeded",
-                       param="messages" if route.one_prompt else None)
-
-
-def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> list[dict[str, Any]]:
-    """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
-    created = int(time.time())
-    data = []
-    for name, route in routes.items():
-        if endpoint is not None and name != endpoint:
-            continue
-        state = route.state
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
-                     "state": state})
-        adapters = [(adapter, state) for adapter in route.adapters]
-        if route.adapter_loader is not None:
-            adapters += route.adapter_loader.cards()
-        data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                  "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
-    return data

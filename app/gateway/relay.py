@@ -286,6 +286,32 @@ def model_field(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with its `model` set to `model` (an adapter asked for under another spelling of its name)."""
+    match = _MODEL_RE.search(body)
+    if match is not None and body.count(b'"model"') == 1:
+        return body[:match.start(1)] + json.dumps(model)[1:-1].encode() + body[match.end(1):]
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data).encode()
+
+
+def lora_paths(body: bytes) -> list[str] | None:
+    """The adapters a body's `lora_path` names (SGLang's own field: a name, or one per prompt of a batch), None when it
+    names none; ValueError when it holds something else."""
+    if b'"lora_path"' not in body:
+        return None
+    try:
+        value = json.loads(body).get("lora_path")
+    except (ValueError, AttributeError, RecursionError):  # (not a JSON object: the engine's to refuse)
+        return None
+    if value is None or isinstance(value, str):
+        return [value] if value else None
+    if isinstance(value, list) and all(name is None or isinstance(name, str) for name in value):
+        return [name for name in value if name] or None
+    raise ValueError("lora_path is neither an adapter's name nor a list of them")
+
+
 def json_object(body: bytes) -> bool:
     """Whether a body is (at least at its start) one JSON object; arrays, strings and empty bodies are not. The
     engine parses it whole; this only keeps what no inference route takes from reaching it."""

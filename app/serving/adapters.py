@@ -1,25 +1,24 @@
 """LoRA adapters loaded on request (`lora.on_request`): any adapter from an allowed source, served on its first
 request as `"model": "<endpoint>:<reference>"`.
 
-A reference names its source by its shape (`source_of`, checked before anything is fetched or loaded):
-    clearml   32 hex characters              a ClearML Model ID, fetched through the model registry
-    hf        org/name                       a HuggingFace repo, fetched into the HF cache (general.hf_token)
-    local     /abs/path, or a folder's name  a directory inside one of `lora.on_request_dirs` (symlinks resolved)
+A reference names its source by its shape, and is refused before anything is looked up if it names no allowed one
+(`app.serving.adapter_references`); an adapter is one adapter however it is spelled (`/dir/one`, `/dir//one/` and
+`one` are one load, listed and loaded in the engine under one name), and a request that spells it otherwise is
+relayed with that name.
 
-`OnRequestAdapters` (one per model) resolves the reference the way configured adapters are resolved
-(`app.serving.models`), checks the adapter's files (`inspect`: a PEFT LoRA config, weights, a rank within
-`max_lora_rank`), makes room, and asks the engine to load it (SGLang's `/load_lora_adapter`, which clients can never
-call: `app.gateway.routes`). Every request that arrives while it loads waits for that one load. At most `loaded_cap`
-adapters are loaded, configured ones included: to load another, the least recently used idle one is unloaded
-(`room`, a pure policy); one with a request in flight or waiting is never unloaded, and configured adapters never
-are. The adapter's name in SGLang is the reference as the request wrote it, so the request is relayed unchanged:
-SGLang reads `<endpoint>:<reference>` as the served model and its adapter (docs/sglang.md, "LoRA").
+`OnRequestAdapters` (one per model) identifies the reference, fetches and checks the adapter's files off the event
+loop, within their budgets (`app.serving.adapter_files`), makes room, and asks the engine to load it (SGLang's
+`/load_lora_adapter`, which clients can never call: `app.gateway.routes`). Every request that arrives while it loads
+waits for that one load, at most `ADAPTER_LOAD_DEADLINE_SECONDS` (504 past it). Whatever goes wrong in a load ends
+it with a refusal and leaves nothing behind. At most `loaded_cap` adapters are loaded, configured ones included: to
+load another, the least recently used idle one is unloaded (`room`, a pure policy); one with a request in flight or
+waiting is never unloaded, and configured adapters never are.
 
 Example::
 
     adapters = OnRequestAdapters("qwen", lora, engine=EngineAdapters(client, engine), fetch=Fetcher(registry, token))
     lease = await adapters.acquire("/data/adapters/sql-v2")  # loaded, or AdapterRefused saying why not
-    ...  # relay the request
+    ...  # relay the request (as `lease.name`)
     lease.release(now)
 """
 
@@ -27,159 +26,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.config.types import CLEARML_MODEL_ID, LoraConfig
+from app.config.types import LoraConfig
 from app.gateway.adapters import AdapterRefused
 from app.gateway.relay import RETRY_AFTER_SECONDS
 from app.gateway.stats import percentile
-from app.serving.models import ModelNotFound, ModelRegistry, is_hf_repo
+from app.serving.adapter_files import Fetched, base_config, inspect, max_weight_bytes
+from app.serving.adapter_references import LOCAL, Identity, Source, identify, source_of
 from app.sglang.api import AdapterCallError, SGLangClient
 from app.states import AdapterState
 
 logger = logging.getLogger(__name__)
 
-CLEARML, HF, LOCAL = "clearml", "hf", "local"
-_SOURCE_TEXT = {CLEARML: "ClearML Model IDs", HF: "HuggingFace repos", LOCAL: "the adapter directories"}
-MAX_REFERENCE_CHARS = 1024
-# An adapter's own name inside an adapter directory.
-_FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_CONFIG_BYTES = 1024 * 1024
-# SGLang's load and unload calls: reading an adapter's weights to the device can take a while on a busy machine.
+# A load (fetching, the checks, the engine's own load) that takes longer is given up: its requests get 504, and
+# the engine is told to drop the adapter if it was asked for it. Time enough to download a large adapter.
+ADAPTER_LOAD_DEADLINE_SECONDS = 300.0
+# SGLang's unload call (a load is within the deadline above).
 ENGINE_CALL_TIMEOUT_SECONDS = 600.0
+# Spellings remembered to find their adapter without looking at the disk again; past this many they are forgotten.
+MAX_SPELLINGS = 4096
 LOAD_SAMPLES = 1000
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # clearml | hf | local
-    location: str  # the Model ID, the repo name, or the adapter's directory (resolved, inside an allowed one)
-
-
-def source_of(reference: str, endpoint: str, lora: LoraConfig) -> Source:
-    """Where an adapter reference is loaded from, or AdapterRefused saying why it is not: not a reference, a source
-    this model does not load on request, a path outside the adapter directories, or no such adapter there."""
-    shown = reference[:200]
-    kind = _kind(reference)
-    if kind is None:
-        raise AdapterRefused(400, f"{shown!r} is not an adapter reference: use a ClearML Model ID, an HF repo "
-                             "(org/name) or an adapter directory's path", "invalid_adapter_reference")
-    allowed = lora.on_request
-    if kind not in allowed:
-        named = ", ".join(m.name for m in lora.modules) or "none"
-        if kind == LOCAL and not reference.startswith("/"):  # a bare name: most likely a configured adapter mistyped
-            raise AdapterRefused(404, f"The model {endpoint}:{shown} does not exist: {endpoint!r} has the adapters "
-                                 f"{named}", "model_not_found")
-        raise AdapterRefused(403, f"{endpoint!r} does not load adapters from {_SOURCE_TEXT[kind]} on request (it "
-                             f"loads from: {', '.join(_SOURCE_TEXT[k] for k in allowed)})",
-                             "adapter_source_not_allowed")
-    if kind == LOCAL:
-        return Source(LOCAL, _local_directory(reference, lora.on_request_dirs))
-    return Source(kind, reference.lower() if kind == CLEARML else reference)
-
-
-def _kind(reference: str) -> str | None:
-    """The source a reference names by its shape, or None when it is no reference at all."""
-    if not reference or len(reference) > MAX_REFERENCE_CHARS or reference != reference.strip() or \
-            any(c.isspace() or not c.isprintable() for c in reference):
-        return None
-    if CLEARML_MODEL_ID.match(reference):
-        return CLEARML
-    if reference.startswith("/") or _FOLDER_RE.match(reference):
-        return LOCAL
-    if "/" in reference and is_hf_repo(reference):  # (an adapter's repo always has its owner: org/name)
-        return HF
-    return None
-
-
-def _local_directory(reference: str, directories: Iterable[str]) -> str:
-    """The adapter's directory, symlinks resolved, strictly inside one of the allowed directories: an absolute path
-    is judged before its existence is looked at (nothing is said of paths outside); a name is looked up in each."""
-    roots = [os.path.realpath(d) for d in directories]
-
-    def inside(path: str) -> bool:
-        return any(path != root and os.path.commonpath([path, root]) == root for root in roots)
-
-    if reference.startswith("/"):
-        real = os.path.realpath(reference)
-        if not inside(real):
-            raise AdapterRefused(403, f"{reference[:200]!r} is outside the adapter directories this model loads "
-                                 "from (lora.on_request_dirs)", "adapter_path_not_allowed")
-        candidates = [real]
-    else:
-        candidates = [real for root in roots if inside(real := os.path.realpath(os.path.join(root, reference)))]
-    for path in candidates:
-        if os.path.isdir(path):
-            return path
-    raise AdapterRefused(404, f"No adapter {reference[:200]!r} in the adapter directories", "adapter_not_found")
-
-
-def inspect(path: str, reference: str, max_rank: int | None) -> None:
-    """Check an adapter's directory before the engine is asked: a PEFT LoRA config with a rank and target modules,
-    its weights, and a rank the engine reserved memory for. AdapterRefused (400) says what is wrong."""
-    shown = reference[:200]
-
-    def bad(reason: str, code: str = "invalid_adapter") -> AdapterRefused:
-        return AdapterRefused(400, f"The adapter {shown!r} {reason}", code)
-
-    config_path = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise bad("has no adapter_config.json: it is not a PEFT LoRA adapter directory")
-    try:
-        if os.path.getsize(config_path) > MAX_CONFIG_BYTES:
-            raise bad("has an adapter_config.json over 1 MiB")
-        with open(config_path, encoding="utf-8") as file:
-            config: Any = json.load(file)
-    except (OSError, ValueError) as exc:
-        raise bad(f"has an unreadable adapter_config.json ({type(exc).__name__})") from None
-    if not isinstance(config, dict):
-        raise bad("has an adapter_config.json that is not a JSON object")
-    rank, targets = config.get("r"), config.get("target_modules")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise bad(f"is a {str(config.get('peft_type'))[:40]} adapter; only LoRA adapters are served")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not targets:
-        raise bad("has an adapter_config.json without a rank (r) and target_modules")
-    weights = [os.path.join(path, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
-    if not weights:
-        raise bad("has no weights (adapter_model.safetensors or adapter_model.bin)")
-    if weights[0].endswith(".safetensors") and not _safetensors_intact(weights[0]):
-        raise bad("has corrupt weights: adapter_model.safetensors is not a whole safetensors file")
-    if max_rank is not None and rank > max_rank:
-        raise bad(f"has rank {rank}, above this model's max_lora_rank {max_rank}: the engine reserved memory for "
-                  f"ranks up to {max_rank} (raise lora.max_lora_rank and restart to serve it)", "adapter_incompatible")
-
-
-def _safetensors_intact(path: str) -> bool:
-    """The file is what the safetensors format says: an 8-byte little-endian header length, a JSON header, and
-    every tensor's data within the file (github.com/huggingface/safetensors, "Format")."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            if length < 2 or 8 + length > size or length > MAX_CONFIG_BYTES * 100:
-                return False
-            header = json.loads(file.read(length))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(header, dict):
-        return False
-    data = size - 8 - length
-    for name, tensor in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data):
-            return False
-    return True
 
 
 @dataclass(eq=False)
@@ -191,6 +62,7 @@ class Entry:
     last_used: float
     in_use: int = 0  # requests waiting for it or in flight with it
     ready: asyncio.Future[None] | None = field(default=None, repr=False)
+    key: str = ""  # (Identity.key)
 
     def release(self, now: float) -> None:
         self.in_use -= 1
@@ -256,15 +128,22 @@ class EngineAdapters:
 class OnRequestAdapters:
     """One model's adapters on request; see the module's docstring. Lives on the gateway's event loop."""
 
-    def __init__(self, endpoint: str, lora: LoraConfig, *, engine: AdapterEngine, fetch: Callable[[Source], str],
-                 stats: AdapterStats | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, endpoint: str, lora: LoraConfig, *, engine: AdapterEngine, fetch: Callable[..., Fetched],
+                 base_model: str = "", stats: AdapterStats | None = None, clock: Callable[[], float] = time.monotonic,
+                 load_deadline_s: float = ADAPTER_LOAD_DEADLINE_SECONDS):
+        """`base_model`: the model's path or repo, whose config.json bounds what an adapter's weights may weigh."""
         self.endpoint, self.lora, self.engine, self.fetch = endpoint, lora, engine, fetch
+        self.base_model = base_model
         self.stats = stats if stats is not None else AdapterStats()
         self.clock = clock
+        self.load_deadline_s = load_deadline_s
         self._configured = frozenset(m.name for m in lora.modules)
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry] = {}  # by Identity.key
+        self._spellings: dict[str, Entry] = {}  # a reference as written -> its adapter
         self._engine_lock = asyncio.Lock()  # one load or unload at a time (SGLang serialises them too)
-        self._loads: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._base: dict[str, Any] | None = None
+        self._base_read = False
 
     def configured(self, name: str) -> bool:
         return name in self._configured
@@ -272,28 +151,56 @@ class OnRequestAdapters:
     def cards(self) -> list[tuple[str, str]]:
         return [(e.name, str(e.state)) for e in sorted(self._entries.values(), key=lambda e: e.last_used)]
 
+    def loaded(self, name: str) -> bool:
+        return any(e.name == name and e.state == AdapterState.LOADED for e in self._entries.values())
+
+    def hold(self, name: str) -> Entry | None:
+        """A lease on the adapter loaded on request under `name`, for a request that names it otherwise than by its
+        model (SGLang's `lora_path`); None when none is loaded under it (nothing is loaded for such a request)."""
+        entry = next((e for e in self._entries.values() if e.name == name and e.state == AdapterState.LOADED), None)
+        if entry is not None:
+            entry.in_use += 1
+            entry.last_used = self.clock()
+        return entry
+
     async def acquire(self, reference: str) -> Entry:
-        entry = self._entries.get(reference)
-        if entry is None:
+        entry = self._spellings.get(reference)
+        if entry is None or self._entries.get(entry.key) is not entry:
             source = source_of(reference, self.endpoint, self.lora)
-            entry = Entry(reference, AdapterState.LOADING, self.clock(),
-                          ready=asyncio.get_running_loop().create_future())
-            entry.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even if none waits
-            self._entries[reference] = entry
-            task = asyncio.create_task(self._load(entry, source), name=f"load-adapter-{self.endpoint}")
-            self._loads.add(task)
-            task.add_done_callback(self._loads.discard)
+            identity = await asyncio.to_thread(identify, source, self.lora) if source.kind == LOCAL else \
+                identify(source, self.lora)
+            entry = self._entries.get(identity.key) or self._start(identity, source)
+            if len(self._spellings) >= MAX_SPELLINGS:
+                self._spellings.clear()
+            self._spellings[reference] = entry
         entry.in_use += 1
         try:
-            if entry.ready is not None and not entry.ready.done():
-                await asyncio.shield(entry.ready)
-            elif entry.ready is not None:
-                entry.ready.result()  # a load that failed: its refusal
+            assert entry.ready is not None
+            if not entry.ready.done():  # (the load ends it, whatever happens; the bound is a second line)
+                await asyncio.wait_for(asyncio.shield(entry.ready), self.load_deadline_s + 10)
+            entry.ready.result()  # a load that failed: its refusal
+        except asyncio.TimeoutError:
+            entry.in_use -= 1
+            raise self._timed_out(entry) from None
         except BaseException:
             entry.in_use -= 1
             raise
         entry.last_used = self.clock()
         return entry
+
+    def _start(self, identity: Identity, source: Source) -> Entry:
+        entry = Entry(identity.name, AdapterState.LOADING, self.clock(), key=identity.key,
+                      ready=asyncio.get_running_loop().create_future())
+        entry.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even if none waits
+        self._entries[identity.key] = entry
+        self._background(self._load(entry, source, identity), f"load-adapter-{self.endpoint}")
+        return entry
+
+    def _background(self, work: Any, name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def forget(self) -> None:
         """The engine restarted with its configured adapters only: every adapter loaded on request is gone."""
@@ -306,24 +213,40 @@ class OnRequestAdapters:
                     503, f"Model {self.endpoint!r} restarted while the adapter loaded; retry shortly",
                     "engine_restarted"))
         self._entries.clear()
+        self._spellings.clear()
 
-    async def _load(self, entry: Entry, source: Source) -> None:
+    async def _load(self, entry: Entry, source: Source, identity: Identity) -> None:
         started = self.clock()
         assert entry.ready is not None
+        asked = False  # the engine was asked to load it: it may hold it, whatever became of the call
         try:
-            logger.info("Loading adapter %s:%s on request (%s)", self.endpoint, entry.name, source.kind)
-            path = await asyncio.to_thread(self.fetch, source)
-            inspect(path, entry.name, self.lora.max_lora_rank)
+            async with asyncio.timeout(self.load_deadline_s):
+                logger.info("Loading adapter %s:%s on request (%s)", self.endpoint, entry.name, source.kind)
+                base = await self._base_config()
+                path, roots = identity.path, self.lora.on_request_dirs
+                if path is None:
+                    bound = max_weight_bytes(base, self.lora.max_lora_rank) if base and self.lora.max_lora_rank \
+                        else None
+                    fetched = await asyncio.to_thread(self.fetch, source.kind, source.location, bound)
+                    path, roots = fetched.path, (fetched.root,)
+                await asyncio.to_thread(inspect, path, entry.name, self.lora.max_lora_rank, roots, base)
+                async with self._engine_lock:
+                    self._check_room(entry)
+                    asked = True
+                    reason = await self.engine.load(entry.name, path)
+                    if reason is not None:
+                        raise AdapterRefused(400, f"The engine could not load the adapter {entry.name[:200]!r}: "
+                                             f"{_first_line(reason)}", "adapter_load_failed")
+                    entry.state = AdapterState.LOADED
             async with self._engine_lock:
-                self._check_room(entry)
-                reason = await self.engine.load(entry.name, path)
-                if reason is not None:
-                    raise AdapterRefused(400, f"The engine could not load the adapter {entry.name[:200]!r}: "
-                                         f"{_first_line(reason)}", "adapter_load_failed")
-                entry.state = AdapterState.LOADED
                 await self._make_room(entry)
         except AdapterRefused as refused:
             self._failed(entry, refused)
+            return
+        except TimeoutError:
+            if asked and entry.state != AdapterState.LOADED:  # (it may load after all: the engine is told to drop it)
+                self._background(self._unload(entry.name, "its load was given up"), f"unload-adapter-{self.endpoint}")
+            self._failed(entry, self._timed_out(entry))
             return
         except (AdapterCallError, OSError) as exc:
             logger.warning("Loading adapter %s:%s failed: %s", self.endpoint, entry.name, exc)
@@ -331,7 +254,12 @@ class OnRequestAdapters:
                 503, f"Model {self.endpoint!r} could not be asked to load the adapter; retry shortly",
                 "engine_unavailable", retry_after_s=RETRY_AFTER_SECONDS))
             return
-        if self._entries.get(entry.name) is not entry or entry.ready.done():
+        except Exception:  # (a load always ends, and says so: never a request left waiting)
+            logger.exception("Loading adapter %s:%s failed", self.endpoint, entry.name)
+            self._failed(entry, AdapterRefused(502, f"The adapter {entry.name[:200]!r} could not be loaded; the "
+                                               "deployment's console says why", "adapter_load_failed"))
+            return
+        if self._entries.get(entry.key) is not entry or entry.ready.done():
             return  # forgotten meanwhile (the engine restarted)
         took_ms = (self.clock() - started) * 1000
         self.stats.loads[self.endpoint] += 1
@@ -339,10 +267,20 @@ class OnRequestAdapters:
         logger.info("Adapter %s:%s loaded in %.0f ms", self.endpoint, entry.name, took_ms)
         entry.ready.set_result(None)
 
+    async def _base_config(self) -> dict[str, Any] | None:
+        if not self._base_read and self.base_model:
+            self._base = await asyncio.to_thread(base_config, self.base_model)
+            self._base_read = True
+        return self._base
+
+    def _timed_out(self, entry: Entry) -> AdapterRefused:
+        return AdapterRefused(504, f"The adapter {entry.name[:200]!r} did not load within {self.load_deadline_s:g} s",
+                              "adapter_load_timeout")
+
     def _failed(self, entry: Entry, refused: AdapterRefused) -> None:
         logger.info("Adapter %s:%s not loaded: %s", self.endpoint, entry.name, refused.message)
-        if self._entries.get(entry.name) is entry:
-            del self._entries[entry.name]
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
         assert entry.ready is not None
         if not entry.ready.done():
             entry.ready.set_exception(refused)
@@ -365,71 +303,20 @@ class OnRequestAdapters:
         busy meanwhile stay, one over the cap at most, until the next load)."""
         now = self.clock()
         for victim in self._room(entry)[1]:
-            del self._entries[victim.name]
-            reason = await self.engine.unload(victim.name)
-            if reason is not None:
-                logger.warning("Unloading adapter %s:%s failed: %s", self.endpoint, victim.name, _first_line(reason))
-            else:
-                logger.info("Unloaded adapter %s:%s (least recently used, idle %.0f s) to make room for %s",
-                            self.endpoint, victim.name, now - victim.last_used, entry.name)
+            del self._entries[victim.key]
+            await self._unload(victim.name, f"least recently used, idle {now - victim.last_used:.0f} s, to make room "
+                               f"for {entry.name}", locked=True)
+
+    async def _unload(self, name: str, why: str, locked: bool = False) -> None:
+        if not locked:
+            async with self._engine_lock:
+                return await self._unload(name, why, locked=True)
+        reason = await self.engine.unload(name)
+        if reason is not None:
+            logger.warning("Unloading adapter %s:%s failed: %s", self.endpoint, name, _first_line(reason))
+        else:
+            logger.info("Unloaded adapter %s:%s (%s)", self.endpoint, name, why)
 
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else "no reason given"
-
-
-class Fetcher:
-    """Adapter sources to local directories, the way configured adapters are fetched: ClearML Model IDs through the
-    model registry (the SDK logs its download), HF repos into the HF cache with the deployment's token. Blocking:
-    `OnRequestAdapters` runs it in a thread."""
-
-    def __init__(self, registry: ModelRegistry, hf_token: str = ""):
-        self.registry = registry
-        self._hf_token = hf_token
-
-    def __call__(self, source: Source) -> str:
-        if source.kind == LOCAL:
-            return source.location
-        started = time.monotonic()
-        path = self._clearml(source.location) if source.kind == CLEARML else self._hf(source.location)
-        logger.info("Fetched adapter %s in %.1f s", source.location, time.monotonic() - started)
-        return adapter_root(path)
-
-    def _clearml(self, model_id: str) -> str:
-        try:
-            return self.registry.get_local_copy(model_id)
-        except ModelNotFound as exc:
-            raise AdapterRefused(404, f"ClearML model {model_id} was not found ({exc})", "adapter_not_found") from None
-        except OSError as exc:  # (the cause names storage the client need not see: it goes to the console)
-            logger.warning("ClearML model %s could not be downloaded: %s", model_id, exc.strerror or exc)
-            raise AdapterRefused(502, f"ClearML model {model_id} could not be downloaded; the deployment's console "
-                                 "says why", "adapter_download_failed") from None
-
-    def _hf(self, repo: str) -> str:
-        try:
-            import huggingface_hub
-            from huggingface_hub import errors
-        except ImportError:  # (the engine install has it: SGLang needs it)
-            raise AdapterRefused(502, "huggingface_hub is not installed here", "adapter_download_failed") from None
-        logger.info("Fetching adapter %s from HuggingFace", repo)
-        try:
-            return huggingface_hub.snapshot_download(repo, token=self._hf_token or None)
-        except errors.GatedRepoError:
-            raise AdapterRefused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
-                                 "adapter_not_allowed") from None
-        except errors.RepositoryNotFoundError:
-            raise AdapterRefused(404, f"The HuggingFace repo {repo} was not found (or is private: set "
-                                 "general.hf_token)", "adapter_not_found") from None
-        except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
-            raise AdapterRefused(502, f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})",
-                                 "adapter_download_failed") from None
-
-
-def adapter_root(path: str) -> str:
-    """The directory holding adapter_config.json: the path itself, or the one folder a registry's archive unpacked
-    into."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        inner = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
-        if len(inner) == 1 and os.path.isfile(os.path.join(inner[0], "adapter_config.json")):
-            return inner[0]
-    return path

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
 from app.gateway.auth import generate_token
-from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, Fetcher, OnRequestAdapters
+from app.serving.adapter_files import Fetcher
+from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
@@ -152,7 +153,7 @@ def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client:
             assert model.endpoint not in plan.routed, "adapters on request need one SGLang server"
             adapters[model.endpoint] = OnRequestAdapters(
                 model.endpoint, model.lora, engine=EngineAdapters(client, engine.url, engine.command.api_key),
-                fetch=fetch, stats=stats, clock=clock)
+                fetch=fetch, base_model=engine.command.model_path or "", stats=stats, clock=clock)
             logger.info("Model %s loads LoRA adapters on request from: %s (at most %d loaded)", model.endpoint,
                         ", ".join(model.lora.on_request), model.lora.loaded_cap)
     return adapters

@@ -18,19 +18,9 @@ from app.config import load_config
 from app.config.types import LoraConfig, LoraModule
 from app.errors import ConfigError
 from app.gateway.adapters import AdapterRefused, requested_adapter
-from app.serving.adapters import (
-    CLEARML,
-    HF,
-    LOCAL,
-    Entry,
-    Fetcher,
-    OnRequestAdapters,
-    Source,
-    adapter_root,
-    inspect,
-    room,
-    source_of,
-)
+from app.serving.adapter_files import Fetcher, adapter_root, inspect
+from app.serving.adapter_references import CLEARML, HF, LOCAL, Identity, Source, identify, source_of
+from app.serving.adapters import Entry, OnRequestAdapters, room
 from app.serving.models import ModelNotFound, describe
 from app.sglang.api import AdapterCallError
 from app.sglang.command import build_engine_commands
@@ -113,17 +103,40 @@ def lora(allowed: Path, *sources: str) -> LoraConfig:
 
 def refusal(reference: str, config: LoraConfig) -> AdapterRefused:
     with pytest.raises(AdapterRefused) as caught:
-        source_of(reference, "m", config)
+        identify(source_of(reference, "m", config), config)
     return caught.value
 
 
 def test_references_name_their_source_by_shape(allowed):
     config = lora(allowed, CLEARML, HF, LOCAL)
-    assert source_of(str(allowed / "sql"), "m", config) == Source(LOCAL, str((allowed / "sql").resolve()))
-    assert source_of("sql", "m", config) == Source(LOCAL, str((allowed / "sql").resolve()))  # a folder's name
+    assert source_of(str(allowed / "sql"), "m", config) == Source(LOCAL, str(allowed / "sql"))
+    assert source_of("sql", "m", config) == Source(LOCAL, "sql")  # a folder's name
     assert source_of("org/sql-lora", "m", config) == Source(HF, "org/sql-lora")
     assert source_of("0123456789ABCDEF0123456789abcdef", "m", config) == Source(
         CLEARML, "0123456789abcdef0123456789abcdef")
+
+
+def test_every_spelling_of_a_folder_is_one_adapter_under_one_name(allowed):
+    config = lora(allowed, LOCAL)
+    real = str((allowed / "sql").resolve())
+    spellings = ["sql", f"{allowed}/sql", f"{allowed}//sql", f"{allowed}/./sql", f"{allowed}/sql/",
+                 f"{allowed}/../adapters/sql", f"{allowed}/escape/../sql"]
+    assert {identify(source_of(s, "m", config), config) for s in spellings} == {Identity(f"local:{real}", "sql", real)}
+    nested = allowed / "team" / "sql"  # not found by its folder's name: listed by its path
+    write_adapter(nested)
+    found = identify(source_of(f"{allowed}/team//sql", "m", config), config)
+    assert found.name == f"{allowed}/team/sql" and found.path == str(nested.resolve())
+
+
+def test_a_path_written_outside_is_refused_before_anything_is_looked_up(allowed):
+    # the oracle: /proc/self/cwd/.. led to 200 or 403 depending on where the process ran; written outside, it is 403
+    # without a look at the disk, and so is every other path that only resolves inside
+    config = lora(allowed, LOCAL)
+    for reference in ("/proc/self/cwd/../adapters/sql", "/proc/self/root" + str(allowed / "sql"),
+                      f"{allowed}/../elsewhere", "/etc/passwd", f"{allowed}x/sql"):
+        with pytest.raises(AdapterRefused) as caught:
+            source_of(reference, "m", config)
+        assert (caught.value.status, caught.value.code) == (403, "adapter_path_not_allowed"), reference
 
 
 @pytest.mark.parametrize(("reference", "status", "code"), [
@@ -188,10 +201,10 @@ def test_the_gateway_asks_only_for_references_that_are_not_configured_adapters()
 ])
 def test_an_adapter_s_files_are_checked_before_the_engine_is_asked(tmp_path, damage, says, code):
     path = write_adapter(tmp_path / "x")
-    inspect(str(path), "x", 8)
+    inspect(str(path), "x", 8, [str(tmp_path)])
     damage(path)
     with pytest.raises(AdapterRefused) as caught:
-        inspect(str(path), "x", 8)
+        inspect(str(path), "x", 8, [str(tmp_path)])
     assert caught.value.status == 400 and caught.value.code == code and says in caught.value.message
 
 
@@ -211,12 +224,12 @@ def test_clearml_adapters_come_through_the_model_registry(tmp_path):
             raise ModelNotFound("the server does not know it")
 
     fetch = Fetcher(Registry())
-    assert fetch(Source(CLEARML, "0" * 32)) == str(tmp_path / "copy")
+    assert fetch(CLEARML, "0" * 32).path == str(tmp_path / "copy")
     with pytest.raises(AdapterRefused) as caught:
-        fetch(Source(CLEARML, "2" * 32))
+        fetch(CLEARML, "2" * 32)
     assert (caught.value.status, caught.value.code) == (404, "adapter_not_found")
     with pytest.raises(AdapterRefused) as caught:
-        fetch(Source(CLEARML, "1" * 32))
+        fetch(CLEARML, "1" * 32)
     assert caught.value.status == 502 and caught.value.code == "adapter_download_failed"
 
 
@@ -402,9 +415,9 @@ def test_the_clearml_source_is_the_real_sdk_s_model_registry(tmp_path):
     code = (
         "from app.clearml.task import ClearMLModelRegistry\n"
         "from app.gateway.adapters import AdapterRefused\n"
-        "from app.serving.adapters import CLEARML, Fetcher, Source\n"
+        "from app.serving.adapter_files import Fetcher\n"
         "try:\n"
-        "    Fetcher(ClearMLModelRegistry())(Source(CLEARML, '0123456789abcdef0123456789abcdef'))\n"
+        "    Fetcher(ClearMLModelRegistry())('clearml', '0123456789abcdef0123456789abcdef')\n"
         "except AdapterRefused as refused:\n"
         "    print(refused.status, refused.code, refused.message)\n"
     )
@@ -432,7 +445,7 @@ def test_a_registry_download_that_fails_is_a_502_not_a_crash(tmp_path, caplog):
 
     fetch = Fetcher(ClearMLModelRegistry(ServerModel, offline=lambda: False))
     with pytest.raises(AdapterRefused) as caught:
-        fetch(Source(CLEARML, "0" * 32))
+        fetch(CLEARML, "0" * 32)
     assert (caught.value.status, caught.value.code) == (502, "adapter_download_failed")
     assert "the download failed: Could not retrieve a local copy of model weights s3://bucket/sql.zip" in caplog.text
     assert "s3://" not in caught.value.message and "the deployment's console says why" in caught.value.message

@@ -8,8 +8,8 @@ import pytest
 
 from app.gateway.auth import TokenChecker, generate_token
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
-from app.gateway.gateway import MAX_PROMPT_BYTES_PER_TOKEN, ModelRoute, prompt_too_long
 from app.gateway.messages import Request
+from app.gateway.model_routes import MAX_PROMPT_BYTES_PER_TOKEN, ModelRoute, prompt_too_long
 from app.gateway.relay import UsageScanner as _UsageScanner
 from app.gateway.relay import text_bytes
 from app.gateway.routes import classify

@@ -1,0 +1,133 @@
+"""One model behind the gateway (`ModelRoute`): its engine (or router), the engine's own key and connections, its
+adapters, how requests wait for it, and what it can take; with the gateway's answers about models that need no
+engine: a prompt too long for the model's context, a model that cannot answer yet, the model cards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from app.gateway import routes as paths
+from app.gateway.adapters import AdapterLoader
+from app.gateway.errors import Reply, error_reply
+from app.gateway.messages import Request
+from app.gateway.relay import RETRY_AFTER_SECONDS, text_bytes
+from app.gateway.upstream import Upstream
+from app.states import ModelState
+
+UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
+# How long a request for a restarting model is held before 503 (the deployment's config sets it).
+RESTART_HOLD_SECONDS = 120.0
+# A prompt's text takes at least one token per this many bytes of its JSON (the densest real text: a long word, a run
+# of spaces or dashes, an emoji escaped as two \\u escapes in 12 bytes). A body whose text is longer than its model's
+# context at this rate cannot fit, and is refused before the engine tokenizes it: SGLang tokenizes a whole prompt
+# before it checks its length, and meanwhile serves nobody (30 MB took it 125 s).
+MAX_PROMPT_BYTES_PER_TOKEN = 32
+# A request for a model in these states waits for it to wake.
+WAITS_FOR_WAKE = frozenset({ModelState.SLEEPING, ModelState.WAKING})
+
+
+class EngineHandle(Protocol):
+    """What the gateway needs of an engine (`app.serving.engine.Engine` has it; tests pass simple objects)."""
+
+    url: str
+    state: str
+
+    async def wait_serving(self, deadline_s: float) -> bool:
+        """Until the engine serves again after a crash (True), it failed for good, or the deadline passed."""
+        ...
+
+
+class Residency(Protocol):
+    """Models sharing GPUs (`app.serving.residency.Residency`): a request enters a resident model at once, or
+    waits while it wakes; the model cannot sleep until every request that entered has left."""
+
+    def enter(self, endpoint: str) -> bool: ...
+
+    async def wait_resident(self, endpoint: str, deadline_s: float) -> bool: ...
+
+    def leave(self, endpoint: str, now: float) -> None: ...
+
+    def describe(self) -> dict[str, dict[str, object]]: ...
+
+    def state(self, endpoint: str) -> str: ...
+
+
+@dataclass
+class ModelRoute:
+    """One model behind the gateway: its engine (or router), the engine's own key, its adapters, and how requests
+    wait for it. `connect` (when the gateway starts) opens its pool of connections to the engine."""
+
+    endpoint: str
+    engine: EngineHandle
+    api_key: str | None = None  # the engine's own key, sent upstream instead of the client's token
+    adapters: tuple[str, ...] = ()
+    adapter_loader: AdapterLoader | None = field(default=None, repr=False)  # with adapters on request
+    residency: Residency | None = field(default=None, repr=False)  # when models share GPUs by sleeping
+    wake_deadline_s: float = 120.0
+    restart_hold_s: float = RESTART_HOLD_SECONDS
+    upstream: Upstream | None = field(default=None, repr=False)
+    context_tokens: int | None = None  # its context length, once its engine has said (the deployment asks it)
+    held: int = 0  # requests waiting for it to wake or come back
+    host: bytes = field(default=b"", repr=False)
+    authorization: bytes | None = field(default=None, repr=False)
+
+    def connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        parts = urlsplit(self.engine.url)
+        self.upstream = Upstream(parts.hostname or "127.0.0.1", parts.port or 80,
+                                 connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_SECONDS, loop=loop)
+        self.host = parts.netloc.encode()
+        self.authorization = f"Bearer {self.api_key}".encode() if self.api_key else None
+
+    @property
+    def state(self) -> str:
+        """The model's availability: the residency's where models share GPUs (an engine just up is `loading`
+        until it has been measured and can take requests), else its engine's."""
+        return self.residency.state(self.endpoint) if self.residency is not None else self.engine.state
+
+    def leave(self, now: float) -> None:
+        if self.residency is not None:
+            self.residency.leave(self.endpoint, now)
+
+
+def unavailable(route: ModelRoute, state: str, waited_s: float | None = None) -> Reply:
+    message = (f"Model {route.endpoint!r} is still {state} after {waited_s:g} s; retry shortly"
+               if waited_s is not None else f"Model {route.endpoint!r} is {state}; retry shortly")
+    return error_reply(503, message, str(state), retry_after_s=RETRY_AFTER_SECONDS)
+
+
+def prompt_too_long(model: ModelRoute, route: paths.Route, request: Request) -> Reply | None:
+    """413 for a body whose text cannot fit the model's context (`MAX_PROMPT_BYTES_PER_TOKEN`): all of it where the
+    body is one prompt, any one text where it may hold several. Looked at only when the body is long enough."""
+    limit = model.context_tokens * MAX_PROMPT_BYTES_PER_TOKEN if model.context_tokens else None
+    if limit is None or len(request.body) <= limit or not route.takes_json(request.method):
+        return None
+    total, longest = text_bytes(request.body)
+    size = total if route.one_prompt else longest
+    if size <= limit:
+        return None
+    return error_reply(413, f"The prompt is too long for model {model.endpoint!r}: {size} bytes of text, where its "
+                       f"context of {model.context_tokens} tokens holds at most {limit} (at "
+                       f"{MAX_PROMPT_BYTES_PER_TOKEN} bytes a token); shorten it", "context_length_exceeded",
+                       param="messages" if route.one_prompt else None)
+
+
+def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> list[dict[str, Any]]:
+    """Model cards: every model and adapter (or one endpoint's), with its state and no file path."""
+    created = int(time.time())
+    data = []
+    for name, route in routes.items():
+        if endpoint is not None and name != endpoint:
+            continue
+        state = route.state
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
+                     "state": state})
+        adapters = [(adapter, state) for adapter in route.adapters]
+        if route.adapter_loader is not None:
+            adapters += route.adapter_loader.cards()
+        data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
+                  "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
+    return data

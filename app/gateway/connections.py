@@ -17,7 +17,8 @@ import collections
 import ipaddress
 import logging
 import resource
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from app.gateway.errors import Reply, error_reply
@@ -38,6 +39,8 @@ MAX_CONNECTIONS_PER_ADDRESS = 1024
 # Token holders' connections looked at for an idle one to close, when the table holds no stranger's: past these the
 # newcomer gets 503 (a table of busy token holders is full for real).
 MEMBER_CANDIDATES = 64
+# A flood closes thousands of connections a second: the console says so once, then once a minute with the count.
+WARNING_INTERVAL_SECONDS = 60.0
 
 
 class ConnectionOwner(Protocol):
@@ -107,7 +110,8 @@ class ConnectionTable:
     """The open client connections, within `capacity` in all and `per_address` from one client address (0: no cap
     per address). `admit` makes room or says there is none; `authenticated` moves a connection back in the order."""
 
-    def __init__(self, capacity: int = MAX_CONNECTIONS, per_address: int = MAX_CONNECTIONS_PER_ADDRESS):
+    def __init__(self, capacity: int = MAX_CONNECTIONS, per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+                 clock: Callable[[], float] = time.monotonic):
         self.capacity = capacity
         self.per_address = per_address
         self._all = _Order()
@@ -115,6 +119,8 @@ class ConnectionTable:
         self._address: dict[ServerConnection, str] = {}
         self.closed_to_make_room = 0
         self.refused = 0
+        self._clock = clock
+        self._warned: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._address)
@@ -156,7 +162,7 @@ class ConnectionTable:
         victim = order.victim()
         if victim is None:
             self.refused += 1
-            if self.refused % 1000 == 1:
+            if self._time_to_warn("refused"):
                 logger.warning("%d client connections are open %s, all busy: new ones get 503 (%d so far)",
                                len(order), where, self.refused)
             return False
@@ -164,10 +170,17 @@ class ConnectionTable:
         self.discard(victim)
         victim.evict(stranger)
         self.closed_to_make_room += 1
-        if self.closed_to_make_room % 1000 == 1:
+        if self._time_to_warn(where):
             logger.warning("The most client connections allowed %s are open (%d): the one longest without an "
                            "authenticated request is closed for each new one (%d so far)", where, len(order) + 1,
                            self.closed_to_make_room)
+        return True
+
+    def _time_to_warn(self, what: str) -> bool:
+        now = self._clock()
+        if now - self._warned.get(what, -WARNING_INTERVAL_SECONDS) < WARNING_INTERVAL_SECONDS:
+            return False
+        self._warned[what] = now
         return True
 
 

@@ -87,6 +87,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
 # Requests held at most per model while it restarts or wakes; past it they get 503 at once.
 MAX_HELD_REQUESTS = 4096
+# Connections the kernel queues for the gateway to take (nginx's default too): the event loop takes at most this many
+# in one turn, so a flood of new connections delays everyone else's requests by one short turn, not a long one;
+# past it the kernel drops new connections' first packets, and their clients try again a second later.
+LISTEN_BACKLOG = 511
 
 
 class Gateway:
@@ -142,7 +146,7 @@ class Gateway:
         self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
         self.connections.capacity = raise_open_file_limit(self.connections.capacity)
         self._server = await loop.create_server(lambda: TrackedConnection(self, loop), host, port,
-                                                reuse_address=True, backlog=2048)
+                                                reuse_address=True, backlog=LISTEN_BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("Gateway listening on %s:%s", host, self.port)
 

@@ -55,6 +55,7 @@ class GatewayOptions:
     request_receive_timeout_s: float | None = None
     write_timeout_s: float | None = None
     task_url: str | None = None  # the ClearML task's page (the endpoint's page links to it)
+    max_connections: int | None = None  # the connection table's size
 
     def kwargs(self) -> dict[str, float | str]:
         return {k: v for k, v in vars(self).items() if v is not None}

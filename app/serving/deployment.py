@@ -125,7 +125,7 @@ class Deployment(Lifecycle):
             planned, tokens, stats=self.stats, client=self.client, registry=self.registry,
             startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
-                                           options.write_timeout_s, options.task_url),
+                                           options.write_timeout_s, options.task_url, options.max_connections),
             on_change=self._engine_changed, on_phase=self._engine_phase)
         try:
             await built.gateway.start(options.host, options.port)

@@ -61,6 +61,7 @@ class RunOptions:
     launcher: tuple[str, ...] | None = None  # instead of `python -m sglang.launch_server` (tests' stand-in)
     request_receive_timeout_s: float | None = None  # a client has this long to send a whole request
     write_timeout_s: float | None = None  # a client that reads none of its answer this long is cut off
+    max_connections: int | None = None  # client connections at most (default: the gateway's MAX_CONNECTIONS)
     process_started: float | None = None  # on the monotonic clock: where "ready in N s" counts from
     prior: tuple[Span, ...] = ()  # startup phases before run(): fetching and converting the demo model
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import requests  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.demo.tiny_model import make_tiny_models  # noqa: E402
 from tests.engine.test_real_engine import AUTH, TOKEN, Served  # noqa: E402
+from tests.floods import health_sampler  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -46,7 +49,29 @@ def adapters(tmp_path_factory) -> Path:
     shutil.copytree(models.adapters[0], root / "outside")
     (allowed / "link").symlink_to(root / "outside")
     (allowed / "base").symlink_to(models.base)
+    make_traps(allowed, root / "outside")
     return allowed
+
+
+def make_traps(allowed: Path, outside: Path) -> None:
+    """Adapters built to hurt (issue 21): each looks like an adapter, and each once cost a hang, the event loop or
+    memory."""
+    config = (allowed / "one" / "adapter_config.json").read_text()
+    for name in ("nested-config", "deep-config", "nested-header", "huge-header", "sparse", "linked-weights"):
+        shutil.copytree(allowed / "one", allowed / name)
+    (allowed / "nested-config" / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    (allowed / "deep-config" / "adapter_config.json").write_text("[" * 30_000 + "]" * 30_000)
+    header = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (allowed / "nested-header" / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with open(allowed / "huge-header" / "adapter_model.safetensors", "wb") as file:  # an 89 MB header (sparse)
+        file.write(struct.pack("<Q", 89 * 2**20))
+        file.truncate(8 + 89 * 2**20)
+    with open(allowed / "sparse" / "adapter_model.safetensors", "r+b") as file:  # 2 GB of holes after its tensors
+        file.truncate(2 * 1024**3)
+    weights = allowed / "linked-weights" / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside / "adapter_model.safetensors")
+    assert json.loads(config)
 
 
 @pytest.fixture(scope="module")
@@ -148,4 +173,56 @@ def test_a_reference_that_cannot_be_served_gets_a_4xx_that_says_why_and_the_engi
     assert error["code"] == code and error["param"] == "model" and says in error["message"]
     assert held_by_sglang(served) == held
     assert answer(served, "dyn")
+    assert engine(served, "dyn").restarts == 0
+
+
+def listed(served: Served) -> set[str]:
+    """The adapters the gateway lists as loaded on request for `dyn`."""
+    cards = requests.get(served.base + "/v1/models", headers=AUTH, timeout=10).json()["data"]
+    return {c["id"].split(":", 1)[1] for c in cards if c.get("parent") == "dyn" and c["state"] == "loaded"}
+
+
+def test_adapter_traps_are_refused_in_seconds_with_the_event_loop_never_held(served, adapters):
+    """Each trap of the flood review, against the real SGLang: answered in the one error shape within 5 s, a 20 Hz
+    /healthz never waiting 250 ms, one load per folder whatever its spelling, and after every step SGLang holds
+    exactly what the gateway lists."""
+    sampler = health_sampler(served.deployment.gateway.port)
+    sampler.start()
+    traps = [
+        ("nested-config", 400, "invalid_adapter", "over 64 KiB"),
+        ("deep-config", 400, "invalid_adapter", "nested too deeply"),
+        ("nested-header", 400, "invalid_adapter", "nested too deeply"),
+        ("huge-header", 400, "invalid_adapter", "more than a rank-8 LoRA of this model can have"),
+        ("sparse", 400, "invalid_adapter", "more than a rank-8 LoRA of this model can have"),
+        ("linked-weights", 403, "adapter_path_not_allowed", "leads outside"),
+        ("/proc/self/cwd/../" + adapters.name + "/one", 403, "adapter_path_not_allowed", "outside"),
+        (f"{adapters}/../{adapters.name}/link", 403, "adapter_path_not_allowed", "outside"),
+    ]
+    for reference, status, code, says in traps:
+        started = time.monotonic()
+        response = chat(served, "dyn:" + reference)
+        assert time.monotonic() - started <= 5.0, reference
+        assert response.status_code == status, (reference, response.text)
+        error = response.json()["error"]
+        assert error["code"] == code and says in error["message"], (reference, error)
+        assert held_by_sglang(served) == listed(served), reference
+    loads = served.deployment.built.adapter_stats.loads["dyn"]
+    spellings = ["three", f"{adapters}/three", f"{adapters}//three", f"{adapters}/./three", f"{adapters}/three/",
+                 f"{adapters}/../{adapters.name}/three"]
+    answers = {answer(served, "dyn:" + spelling) for spelling in spellings * 2}
+    assert len(answers) == 1 and served.deployment.built.adapter_stats.loads["dyn"] <= loads + 1
+    assert "three" in held_by_sglang(served) == listed(served)
+    # lora_path: only for an adapter loaded now (SGLang would reload one it once had, behind the gateway's back)
+    body = {"model": "dyn", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4,
+            "temperature": 0}
+    held = requests.post(served.base + "/v1/chat/completions", json={**body, "lora_path": "three"}, headers=AUTH,
+                         timeout=300)
+    assert held.status_code == 200, held.text
+    for name in ("never-loaded", f"{adapters}/three"):
+        refused = requests.post(served.base + "/v1/chat/completions", json={**body, "lora_path": name},
+                                headers=AUTH, timeout=300)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_not_loaded", refused.text
+    assert held_by_sglang(served) == listed(served)
+    timings = sampler.stop()
+    assert not timings.failures and timings.worst < 0.25, timings.summary()
     assert engine(served, "dyn").restarts == 0

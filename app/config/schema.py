@@ -174,10 +174,10 @@ GENERAL_FIELDS = (
           "model's context is refused before the engine reads it, whatever this says.", FLOAT, 4.0, minimum=0.01,
           maximum=1024),
     Field("general", "max_connections_per_address", "Max Connections per Client Address",
-          "Client connections one address may hold (an IPv6 /64 is one address); past it its own connection "
-          "longest without an authenticated request is closed for the new one. Behind a proxy or a NAT every "
-          "client shares one address: raise it, or 0 for no cap per address.", INT, 1024, minimum=0,
-          maximum=1_000_000),
+          "Client connections one address may keep once the endpoint's connection table is full (an IPv6 /64 is one "
+          "address): past it, a new one from that address closes that address's own connection longest without an "
+          "authenticated request. Behind a proxy or a NAT every client shares one address: raise it, or 0 for no "
+          "share per address.", INT, 1024, minimum=0, maximum=1_000_000),
     # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
     Field("general", "trust-remote-code", "Trust Remote Code",
           "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),

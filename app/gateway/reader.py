@@ -51,8 +51,8 @@ class RequestReader:
         self._conn = conn
         self._screen = screen
         self._limits = limits
-        self._parser = httptools.HttpRequestParser(self)
-        self._reading = _Reading.HEAD
+        self._parser: httptools.HttpRequestParser | None = None  # made for the first whole head (a stranger that
+        self._reading = _Reading.HEAD  # sends none costs no parser)
         self._held = bytearray()  # the part of a head that has arrived, until its blank line does
         self._skipped = 0  # blank lines before the request line (RFC 9112 2.2), counted against the head's budget
         self._parsing_head = False  # the parser is being fed a whole head
@@ -75,13 +75,13 @@ class RequestReader:
                 elif self._reading is _Reading.LENGTH:
                     piece, data = (data, b"") if len(data) <= self._left else (data[:self._left], data[self._left:])
                     self._left -= len(piece)
-                    self._parser.feed_data(piece)
+                    self._parser.feed_data(piece)  # type: ignore[union-attr]
                 else:
                     self._chunked_bytes += len(data)
                     if self._chunked_bytes > 2 * self._limits.max_body_bytes() + MAX_HEAD_BYTES:
                         self.refuse(self._too_large())  # (its framing and trailers cost as much as a body)
                         return
-                    self._parser.feed_data(data)
+                    self._parser.feed_data(data)  # type: ignore[union-attr]
                     data = b""
         except httptools.HttpParserUpgrade:
             # the request has been taken, to be answered as plain HTTP; what follows it is another protocol
@@ -117,6 +117,8 @@ class RequestReader:
         head = bytes(self._held) + data[:end] if held else data[:end]
         self._held = bytearray()
         self._skipped = 0
+        if self._parser is None:
+            self._parser = httptools.HttpRequestParser(self)
         self._parsing_head = True
         try:
             self._parser.feed_data(head)
@@ -161,15 +163,17 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         self._in_trailers = True
         self._fields = 0
+        parser = self._parser
+        assert parser is not None
         parsed = httptools.parse_url(self._url)
         request = self.request = Request(
-            method=self._parser.get_method().decode("ascii", "replace"),
+            method=parser.get_method().decode("ascii", "replace"),
             path=parsed.path.decode("utf-8", "replace") if parsed.path else "/",
             query=parsed.query or b"",
             headers=self._headers,
-            keep_alive=self._parser.should_keep_alive(),
+            keep_alive=parser.should_keep_alive(),
         )
-        refusal = self._framing(request)
+        refusal = self._framing(request, parser.get_http_version())
         if refusal is None and self._screen is not None:
             refusal = self._screen(request)
         if refusal is None:
@@ -190,10 +194,11 @@ class RequestReader:
         if expect is not None and expect.lower() == b"100-continue":
             self._conn.invite_body()
 
-    def _framing(self, request: Request) -> Reply | None:
+    @staticmethod
+    def _framing(request: Request, version: str) -> Reply | None:
         """What HTTP/1.1 itself refuses in a head the parser took: no Host, or more than one (RFC 9112 3.2); a
         transfer coding other than chunked alone (RFC 9112 6.1: 501)."""
-        if self._parser.get_http_version() == "1.1" and sum(1 for name, _ in request.headers if name == b"host") != 1:
+        if version == "1.1" and sum(1 for name, _ in request.headers if name == b"host") != 1:
             return error_reply(400, "An HTTP/1.1 request needs exactly one Host header", "malformed_request")
         codings = [value for name, value in request.headers if name == b"transfer-encoding"]
         if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):

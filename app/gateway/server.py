@@ -57,8 +57,7 @@ class ResponseWriter:
         self._private = False  # (and whether it was authenticated: its answer is never cached)
         self._chunked = False
         self._pending_head: bytes | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._write_paused = False
 
     def _write(self, data: bytes) -> None:
         if not self.closed:
@@ -133,7 +132,7 @@ class ResponseWriter:
 
     @property
     def writable(self) -> bool:
-        return self._writable.is_set()
+        return not self._write_paused or self.closed
 
 
 class ServerConnection(ResponseWriter, asyncio.Protocol):
@@ -157,7 +156,6 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         self.authenticated_once = False  # it has sent a request with a valid token: the longer deadlines apply
         self._began_at = 0.0  # (the loop's clock) when the request being received began
         self._reading = True
-        self._write_paused = False
 
     # ----- asyncio.Protocol -----
 
@@ -173,7 +171,6 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._deadlines.cancel()
-        self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: its request is abandoned, upstream included
         if self.on_lost is not None:
@@ -183,14 +180,12 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def pause_writing(self) -> None:
         """The client is not reading: stop reading it too, and cut it off if it stays that way."""
         self._write_paused = True
-        self._writable.clear()
         self._deadlines.write_by = self._deadlines.after(self._limits.write_timeout_s)
         self._deadlines.schedule()
         self._sync_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._writable.set()
         self._deadlines.write_by = None
         self._sync_reading()
         if self.on_writable is not None:

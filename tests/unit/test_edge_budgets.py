@@ -288,16 +288,19 @@ def _member(table: ConnectionTable, conn: _Conn) -> None:
     table.authenticated(conn)
 
 
-def test_a_full_address_makes_room_from_its_own_strangers():
-    table = ConnectionTable(capacity=100, per_address=3)
+def test_an_address_over_its_share_of_a_full_table_makes_room_from_its_own_connections():
+    table = ConnectionTable(capacity=4, per_address=2)
     flood = [_Conn(f"s{i}") for i in range(3)]
-    for conn in flood:
+    for conn in flood:  # (room in the table: an address may hold more than its share meanwhile)
         assert table.admit(conn, "10.0.0.2")
     other = _Conn("other")
-    assert table.admit(other, "10.0.0.3")
+    assert table.admit(other, "10.0.0.3") and all(c.evicted is None for c in flood)
     newcomer = _Conn("s3")
-    assert table.admit(newcomer, "10.0.0.2")
-    assert flood[0].evicted is True and other.evicted is None and len(table) == 4  # the oldest of its own
+    assert table.admit(newcomer, "10.0.0.2")  # full: the flood's own oldest goes, though `other` is older
+    assert flood[0].evicted is True and other.evicted is None and len(table) == 4
+    late = _Conn("late")
+    assert table.admit(late, "10.0.0.4")  # an address within its share: the table's oldest stranger
+    assert flood[1].evicted is True and other.evicted is None
 
 
 def test_a_full_table_closes_the_connection_longest_without_an_authenticated_request():

@@ -11,12 +11,13 @@ tensors cover its data with no hole, each as long as its dtype and shape say (gi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -216,7 +217,8 @@ def _hf_cached(repo: str) -> str | None:
 
 
 class AdapterHub(Protocol):
-    """The HF Hub as adapters on request use it (`HuggingFaceHub`; tests pass a recording stand-in)."""
+    """The HF Hub as adapters on request use it (`HuggingFaceHub`; tests pass a recording stand-in). Each call raises
+    AdapterRefused saying why it failed."""
 
     def files(self, repo: str, token: str | None) -> dict[str, int]:
         """The repo's files and their sizes in bytes."""
@@ -231,15 +233,34 @@ class HuggingFaceHub:
     """`huggingface_hub` (installed with SGLang): a repo's file list with sizes, then only the files asked for."""
 
     def files(self, repo: str, token: str | None) -> dict[str, int]:
-        from huggingface_hub import HfApi
-
-        info = HfApi().model_info(repo, files_metadata=True, token=token)
-        return {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
+        with _hub_errors(repo) as hub:
+            info = hub.HfApi().model_info(repo, files_metadata=True, token=token)
+            return {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
 
     def download(self, repo: str, names: list[str], token: str | None) -> str:
-        from huggingface_hub import snapshot_download
+        with _hub_errors(repo) as hub:
+            return hub.snapshot_download(repo, allow_patterns=names, token=token)
 
-        return snapshot_download(repo, allow_patterns=names, token=token)
+
+@contextlib.contextmanager
+def _hub_errors(repo: str) -> Iterator[Any]:
+    """`huggingface_hub`, its failures said as refusals."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:  # (the engine install has it: SGLang needs it)
+        raise AdapterRefused(502, "huggingface_hub is not installed here", "adapter_download_failed") from None
+    try:
+        yield huggingface_hub
+    except errors.GatedRepoError:
+        raise AdapterRefused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
+                             "adapter_not_allowed") from None
+    except errors.RepositoryNotFoundError:
+        raise AdapterRefused(404, f"The HuggingFace repo {repo} was not found (or is private: set general.hf_token)",
+                             "adapter_not_found") from None
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise AdapterRefused(502, f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})",
+                             "adapter_download_failed") from None
 
 
 @dataclass(frozen=True)
@@ -286,32 +307,18 @@ class Fetcher:
                                  "says why", "adapter_download_failed") from None
 
     def _hf(self, repo: str, max_bytes: int) -> str:
-        try:
-            from huggingface_hub import errors
-        except ImportError:  # (the engine install has it: SGLang needs it)
-            raise AdapterRefused(502, "huggingface_hub is not installed here", "adapter_download_failed") from None
         logger.info("Fetching adapter %s from HuggingFace", repo)
         token = self._hf_token or None
-        try:
-            files = self.hub.files(repo, token)
-            weights = next((name for name in WEIGHT_FILES if name in files), None)
-            if "adapter_config.json" not in files or weights is None:
-                raise AdapterRefused(400, f"The HuggingFace repo {repo} holds no PEFT LoRA adapter "
-                                     "(adapter_config.json and its weights at its top)", "invalid_adapter")
-            size = files[weights]
-            if size > max_bytes + MAX_SAFETENSORS_HEADER_BYTES or files["adapter_config.json"] > MAX_CONFIG_BYTES:
-                raise AdapterRefused(400, f"The HuggingFace repo {repo}'s adapter weighs {size} bytes, more than an "
-                                     f"adapter of this model can ({max_bytes})", "invalid_adapter")
-            return self.hub.download(repo, ["adapter_config.json", weights], token)
-        except errors.GatedRepoError:
-            raise AdapterRefused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
-                                 "adapter_not_allowed") from None
-        except errors.RepositoryNotFoundError:
-            raise AdapterRefused(404, f"The HuggingFace repo {repo} was not found (or is private: set "
-                                 "general.hf_token)", "adapter_not_found") from None
-        except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
-            raise AdapterRefused(502, f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})",
-                                 "adapter_download_failed") from None
+        files = self.hub.files(repo, token)
+        weights = next((name for name in WEIGHT_FILES if name in files), None)
+        if "adapter_config.json" not in files or weights is None:
+            raise AdapterRefused(400, f"The HuggingFace repo {repo} holds no PEFT LoRA adapter (adapter_config.json "
+                                 "and its weights at its top)", "invalid_adapter")
+        size = files[weights]
+        if size > max_bytes + MAX_SAFETENSORS_HEADER_BYTES or files["adapter_config.json"] > MAX_CONFIG_BYTES:
+            raise AdapterRefused(400, f"The HuggingFace repo {repo}'s adapter weighs {size} bytes, more than an "
+                                 f"adapter of this model can ({max_bytes})", "invalid_adapter")
+        return self.hub.download(repo, ["adapter_config.json", weights], token)
 
 
 def adapter_root(path: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 
@@ -36,6 +36,38 @@ class _Reading(enum.Enum):
     HEAD = "head"  # the bytes are a request head (or the blank lines before one)
     LENGTH = "length"  # a body of `Content-Length` bytes
     CHUNKED = "chunked"  # a chunked body: the parser finds its end
+
+
+_FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+
+
+class _Framing(NamedTuple):
+    length: int  # of a Content-Length body (0 for none)
+    chunked: bool
+    expects_continue: bool
+
+
+def _framing(fields: list[tuple[bytes, bytes]], version: str) -> _Framing | Reply:
+    """How a request's body is framed, from its head's framing fields (which the parser has checked: one
+    Content-Length of digits, not beside Transfer-Encoding), or what HTTP/1.1 itself refuses: no Host, or more than
+    one (RFC 9112 3.2); a transfer coding other than chunked alone (RFC 9112 6.1: 501)."""
+    hosts, length, codings, expect = 0, 0, [], False
+    for name, value in fields:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        else:
+            expect = value.lower() == b"100-continue"
+    if hosts != 1 and version == "1.1":
+        return error_reply(400, "An HTTP/1.1 request needs exactly one Host header", "malformed_request")
+    if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+        shown = b", ".join(codings)[:100].decode("latin-1")
+        return error_reply(501, f"Transfer-Encoding {shown!r} is not supported: send the body with Content-Length, "
+                           "or chunked alone", "unsupported_transfer_encoding")
+    return _Framing(length, bool(codings), expect)
 
 
 def _head_too_large() -> Reply:
@@ -60,6 +92,7 @@ class RequestReader:
         self._chunked_bytes = 0  # raw bytes of a chunked body so far, framing and trailers included
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._framing_fields: list[tuple[bytes, bytes]] = []  # (those of them `_framing` reads)
         self._fields = 0
         self._body: list[bytes] = []
         self._body_size = 0
@@ -94,27 +127,32 @@ class RequestReader:
         """Hold the bytes of a head until its blank line has arrived, then parse it whole; what follows it."""
         held = len(self._held)
         if not held:
-            start = data.lstrip(b"\r\n")
-            self._skipped += len(data) - len(start)
-            data = start
-            if self._skipped > MAX_HEAD_BYTES:
-                self.refuse(_head_too_large())
-                return b""
-            if not data:
-                return b""
+            if data[:1] in b"\r\n":  # (blank lines before a request line: rare, so only then a copy)
+                start = data.lstrip(b"\r\n")
+                self._skipped += len(data) - len(start)
+                data = start
+                if self._skipped > MAX_HEAD_BYTES:
+                    self.refuse(_head_too_large())
+                    return b""
+                if not data:
+                    return b""
             self.receiving = True
             self._conn.request_began()
         budget = MAX_HEAD_BYTES - self._skipped - held  # what this head may still take
-        tail = bytes(self._held[-3:])  # (its blank line may have begun in the bytes held)
-        found = (tail + data[:budget]).find(_END_OF_HEAD) if tail else data.find(_END_OF_HEAD, 0, budget)
-        if found < 0:
+        if held:  # (its blank line may have begun in the bytes held)
+            tail = bytes(self._held[-3:])
+            found = (tail + data[:budget]).find(_END_OF_HEAD)
+            end = found + len(_END_OF_HEAD) - len(tail) if found >= 0 else -1  # in `data`, just past the head
+        else:
+            found = data.find(_END_OF_HEAD, 0, budget)
+            end = found + len(_END_OF_HEAD) if found >= 0 else -1
+        if end < 0:
             if len(data) >= budget:
                 self.refuse(_head_too_large())
                 return b""
             self._held += data
             return b""
-        end = found + len(_END_OF_HEAD) - len(tail)  # in `data`, just past the head
-        head = bytes(self._held) + data[:end] if held else data[:end]
+        head = bytes(self._held) + data[:end] if held else (data if end == len(data) else data[:end])
         self._held = bytearray()
         self._skipped = 0
         if self._parser is None:
@@ -126,7 +164,7 @@ class RequestReader:
             self._parsing_head = False
         if self.request is None and self.receiving and not self._conn.stopped:
             raise httptools.HttpParserError("the head ended where the parser did not")
-        return data[end:]
+        return data[end:] if end < len(data) else b""
 
     def refuse(self, reply: Reply) -> None:
         """The request being received is refused (a placeholder when its head is not whole yet)."""
@@ -145,6 +183,7 @@ class RequestReader:
             self._conn.stop_reading()
             raise _Stop
         self._url, self._headers, self._body, self._body_size = b"", [], [], 0
+        self._framing_fields = []
         self._fields = 0
         self._in_trailers = False
         self.request = None
@@ -158,7 +197,10 @@ class RequestReader:
             self.refuse(_head_too_large())
             raise _Stop
         if not self._in_trailers:  # trailer fields arrive after the request was judged: counted and dropped
-            self._headers.append((name.lower(), value))
+            name = name.lower()
+            self._headers.append((name, value))
+            if name in _FRAMING_FIELDS:
+                self._framing_fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True
@@ -173,39 +215,24 @@ class RequestReader:
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
         )
-        refusal = self._framing(request, parser.get_http_version())
+        framing = _framing(self._framing_fields, parser.get_http_version())
+        refusal = framing if isinstance(framing, Reply) else None
         if refusal is None and self._screen is not None:
             refusal = self._screen(request)
-        if refusal is None:
-            length = request.header(b"content-length")
-            if length is not None and int(length) > self._limits.max_body_bytes():
-                refusal = self._too_large()
+        if refusal is None and framing.length > self._limits.max_body_bytes():  # type: ignore[union-attr]
+            refusal = self._too_large()
         if refusal is not None:
             self.refuse(refusal)
             raise _Stop  # its body is never read
+        assert isinstance(framing, _Framing)
         if request.authenticated:
             self._conn.authenticated()
-        length = request.header(b"content-length")
-        if request.header(b"transfer-encoding") is not None:
+        if framing.chunked:
             self._reading, self._chunked_bytes = _Reading.CHUNKED, 0
         else:
-            self._reading, self._left = _Reading.LENGTH, int(length) if length is not None else 0
-        expect = request.header(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
+            self._reading, self._left = _Reading.LENGTH, framing.length
+        if framing.expects_continue:
             self._conn.invite_body()
-
-    @staticmethod
-    def _framing(request: Request, version: str) -> Reply | None:
-        """What HTTP/1.1 itself refuses in a head the parser took: no Host, or more than one (RFC 9112 3.2); a
-        transfer coding other than chunked alone (RFC 9112 6.1: 501)."""
-        if version == "1.1" and sum(1 for name, _ in request.headers if name == b"host") != 1:
-            return error_reply(400, "An HTTP/1.1 request needs exactly one Host header", "malformed_request")
-        codings = [value for name, value in request.headers if name == b"transfer-encoding"]
-        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
-            shown = b", ".join(codings)[:100].decode("latin-1")
-            return error_reply(501, f"Transfer-Encoding {shown!r} is not supported: send the body with "
-                               "Content-Length, or chunked alone", "unsupported_transfer_encoding")
-        return None
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)

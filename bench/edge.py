@@ -9,15 +9,18 @@ Scenarios (issue 21's findings, each run against the same deployment):
     heads    400 connections sending 240 KB of one-byte header fields without ending the head; then 400 holding
              31 KB each; the gateway's memory (peak growth, and how soon it is back) and /healthz at 20 Hz
     idle     8,000 idle connections from 127.0.0.2, opened again as they are closed, for --flood-seconds; a token
-             holder on 127.0.0.3 asks for one token every 100 ms, and for the model list (the gateway's own answer)
-             on 127.0.0.4; the engine's own HTTP server is asked directly on 127.0.0.5 (what the machine's CPU
-             leaves it, gateway aside): each answer's time
+             holder on 127.0.0.3 asks for one token every 100 ms on a kept-alive connection, another on 127.0.0.6 on
+             a new connection each time, a third for the model list (the gateway's own answer) on 127.0.0.4; the
+             engine's own HTTP server is asked directly on 127.0.0.5 (what the machine's CPU leaves it, gateway
+             aside): each answer's time
+    full     the same with 9,000: more than the whole table (8,192)
     prompts  a 30 MB prompt and a one-token request sent beside it; a 1 MB prompt (within the body limit, far beyond
              the model's context)
     bodies   20 token holders sending 31 MiB bodies at once: the gateway's memory
 
 With --baseline REV the same scenarios run first against that revision of the app (a git worktree, this venv), side
-by side: bench/results/edge.json holds both and the ratios. Results are written after every scenario.
+by side: bench/results/edge.json holds both. Results are written after every scenario; a run of some scenarios
+(--scenarios full,prompts) replaces theirs and keeps the others'.
 """
 
 from __future__ import annotations
@@ -134,8 +137,8 @@ def heads(deployment: Deployment, _: argparse.Namespace) -> dict[str, object]:
     return {"endless": endless, "held": held, "memory": memory.stop(), "healthz": prober.stop().summary()}
 
 
-def idle(deployment: Deployment, args: argparse.Namespace) -> dict[str, object]:
-    flood = start_idle_flood(deployment.port, "127.0.0.2", 8000, args.flood_seconds)
+def idle(deployment: Deployment, args: argparse.Namespace, connections: int = 8000) -> dict[str, object]:
+    flood = start_idle_flood(deployment.port, "127.0.0.2", connections, args.flood_seconds)
     time.sleep(2)  # (the flood's first connections are in before the token holder starts measuring)
     engine_port = next(int(p.cmdline()[p.cmdline().index("--port") + 1])
                        for p in psutil.Process(deployment.process.pid).children() if "--port" in p.cmdline())
@@ -144,6 +147,9 @@ def idle(deployment: Deployment, args: argparse.Namespace) -> dict[str, object]:
                                       source="127.0.0.3", timeout_s=60),
         "token_holder_model_list": Observer(deployment.port, "/v1/models", every_s=0.1, headers=AUTH,
                                             source="127.0.0.4", timeout_s=60),
+        "token_holder_chat_new_connections": Observer(deployment.port, CHAT, every_s=0.1, headers=AUTH,
+                                                      body=chat_body("Hi"), fresh=True, source="127.0.0.6",
+                                                      timeout_s=60),
         # (answered 401 without the engine's key: only its time is read)
         "engine_directly": Observer(engine_port, "/metrics", every_s=0.1, source="127.0.0.5", timeout_s=60),
     }
@@ -154,17 +160,17 @@ def idle(deployment: Deployment, args: argparse.Namespace) -> dict[str, object]:
 
 
 def prompts(deployment: Deployment, _: argparse.Namespace) -> dict[str, object]:
+    """Each big prompt with a token holder asking for one token every 250 ms meanwhile (from before it is sent to
+    after it is answered): how long the big one took, and the token holder's worst answer."""
     results: dict[str, object] = {}
-    small: list[tuple[int, float, bytes]] = []
-    beside = threading.Thread(target=lambda: (time.sleep(0.05), small.append(
-        post_raw(deployment.port, CHAT, TOKEN, chat_body("Hi"), 300))))
-    beside.start()
-    status, took, _ = post_raw(deployment.port, CHAT, TOKEN, chat_body("x" * 30_000_000), 300)
-    beside.join()
-    results["30_mb_prompt"] = {"status": status, "seconds": round(took, 3)}
-    results["one_token_beside_it"] = {"status": small[0][0], "seconds": round(small[0][1], 3)}
-    status, took, _ = post_raw(deployment.port, CHAT, TOKEN, chat_body("x" * 1_000_000), 300)
-    results["1_mb_prompt"] = {"status": status, "seconds": round(took, 3)}
+    for name, size in (("30_mb_prompt", 30_000_000), ("1_mb_prompt", 1_000_000)):
+        holder = Observer(deployment.port, CHAT, every_s=0.25, headers=AUTH, body=chat_body("Hi"),
+                          source="127.0.0.3", timeout_s=300)
+        holder.start()
+        time.sleep(0.5)
+        status, took, _ = post_raw(deployment.port, CHAT, TOKEN, chat_body("x" * size), 300)
+        time.sleep(0.5)
+        results[name] = {"status": status, "seconds": round(took, 3), "token_holder_meanwhile": holder.stop().summary()}
     return results
 
 
@@ -182,7 +188,46 @@ def bodies(deployment: Deployment, _: argparse.Namespace) -> dict[str, object]:
             "memory": memory.stop()}
 
 
-SCENARIOS = {"heads": heads, "idle": idle, "prompts": prompts, "bodies": bodies}
+def full(deployment: Deployment, args: argparse.Namespace) -> dict[str, object]:
+    return idle(deployment, args, 9000)
+
+
+SCENARIOS = {"heads": heads, "idle": idle, "full": full, "prompts": prompts, "bodies": bodies}
+
+
+# The figures compared side by side: (scenario, path to the figure), lower is better.
+FIGURES = {
+    "heads: peak memory growth (MB)": ("heads", "memory", "peak_growth_mb"),
+    "heads: worst /healthz (ms)": ("heads", "healthz", "worst_ms"),
+    "idle 8,000: token holder's worst chat (ms)": ("idle", "token_holder_chat", "worst_ms"),
+    "full 9,000: token holder's worst chat (ms)": ("full", "token_holder_chat", "worst_ms"),
+    "full 9,000: token holder's failed chats": ("full", "token_holder_chat", "failures"),
+    "full 9,000: new-connection token holder's failed chats": ("full", "token_holder_chat_new_connections",
+                                                               "failures"),
+    "full 9,000: new-connection token holder's worst chat (ms)": ("full", "token_holder_chat_new_connections",
+                                                                  "worst_ms"),
+    "30 MB prompt: seconds to its answer": ("prompts", "30_mb_prompt", "seconds"),
+    "30 MB prompt: token holder's worst chat meanwhile (ms)": ("prompts", "30_mb_prompt", "token_holder_meanwhile",
+                                                               "worst_ms"),
+    "20 bodies of 31 MiB: peak memory growth (MB)": ("bodies", "memory", "peak_growth_mb"),
+    "20 bodies of 31 MiB: worst answer (s)": ("bodies", "worst_s"),
+}
+
+
+def side_by_side(out: dict) -> dict[str, dict[str, object]]:
+    """Each figure for the baseline and the current tree, and current / baseline where both have it."""
+    def figure(run: object, path: tuple[str, ...]) -> object:
+        for key in path:
+            run = run.get(key) if isinstance(run, dict) else None
+        return run
+
+    table = {}
+    for label, path in FIGURES.items():
+        base, current = figure(out.get("baseline"), path), figure(out.get("current"), path)
+        ratio = round(current / base, 4) if isinstance(base, (int, float)) and isinstance(current, (int, float)) \
+            and base else None
+        table[label] = {"baseline": base, "current": current, "current_over_baseline": ratio}
+    return table
 
 
 def measure(name: str, tree: Path, config: Path, scratch: Path, args: argparse.Namespace, out: dict) -> None:
@@ -208,9 +253,10 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total
-                                                                                      / 2**30, 1)},
-                              "flood_seconds": args.flood_seconds}
+    # (a run of some scenarios updates theirs and keeps the others' last figures)
+    out: dict[str, object] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out.update({"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+                "flood_seconds": args.flood_seconds})
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         scratch = Path(tmp)
         config = model_config(scratch)
@@ -224,7 +270,9 @@ def main() -> None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
         measure("current", ROOT, config, scratch, args, out)
         shutil.rmtree(scratch / "clearml", ignore_errors=True)
-    print(json.dumps(out, indent=2))
+    out["side_by_side"] = side_by_side(out)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["side_by_side"], indent=2))
 
 
 if __name__ == "__main__":

@@ -167,6 +167,19 @@ class ConnectionTable:
         if not len(mine):
             del self._by_address[address]
 
+    def prometheus(self) -> str:
+        """The table in Prometheus text: what an operator watches while a flood goes on."""
+        return "\n".join((
+            "# HELP clearml_sglang_connections_open Client connections open now.",
+            "# TYPE clearml_sglang_connections_open gauge", f"clearml_sglang_connections_open {len(self)}",
+            "# HELP clearml_sglang_connections_closed_to_make_room_total Connections closed for a new one: the table "
+            "(or the address's share of it) was full.",
+            "# TYPE clearml_sglang_connections_closed_to_make_room_total counter",
+            f"clearml_sglang_connections_closed_to_make_room_total {self.closed_to_make_room}",
+            "# HELP clearml_sglang_connections_refused_total New connections answered 503: every candidate was busy.",
+            "# TYPE clearml_sglang_connections_refused_total counter",
+            f"clearml_sglang_connections_refused_total {self.refused}")) + "\n"
+
     def _make_room(self, order: _Order, where: str) -> bool:
         victim = order.victim()
         if victim is None:

@@ -312,8 +312,8 @@ class Gateway:
             live = {name: self.stats.live(name) for name in self.routes}
             return page.status(model_cards(self.routes), live, self.in_flight, self.task_url)
         if route.kind == "metrics":
-            return Reply(200, self.stats.prometheus(self.in_flight, self.states()).encode(),
-                         content_type=b"text/plain; version=0.0.4; charset=utf-8")
+            text = self.stats.prometheus(self.in_flight, self.states()) + self.connections.prometheus()
+            return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
         cards = model_cards(self.routes, route.endpoint)
         if route.model_id is None:
             return Reply(200, json.dumps({"object": "list", "data": cards}).encode())

@@ -83,8 +83,9 @@ class RequestReader:
         self._conn = conn
         self._screen = screen
         self._limits = limits
-        self._parser: httptools.HttpRequestParser | None = None  # made for the first whole head (a stranger that
-        self._reading = _Reading.HEAD  # sends none costs no parser)
+        # made for the first whole head: a stranger that sends none costs no parser
+        self._parser: httptools.HttpRequestParser | None = None
+        self._reading = _Reading.HEAD
         self._held = bytearray()  # the part of a head that has arrived, until its blank line does
         self._skipped = 0  # blank lines before the request line (RFC 9112 2.2), counted against the head's budget
         self._parsing_head = False  # the parser is being fed a whole head

@@ -329,6 +329,8 @@ def test_busy_connections_are_never_closed_to_make_room():
         _member(table, conn)
     assert not table.admit(_Conn("late"), "10.0.0.3") and table.refused == 1
     assert all(conn.evicted is None for conn in busy) and len(table) == len(busy)
+    assert f"clearml_sglang_connections_open {len(busy)}\n" in table.prometheus()
+    assert "clearml_sglang_connections_refused_total 1\n" in table.prometheus()
 
 
 def test_client_addresses_group_an_ipv6_64():

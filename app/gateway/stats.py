@@ -1,18 +1,18 @@
 """Per-request statistics of the gateway: cumulative counts, and windows of latencies for the dashboard.
 
 `record` is called once per proxied request, when it ends (for a stream: after its last chunk). `take_window`
-returns what happened since the previous call and starts a new window: the reporter calls it every report
-interval. Pure bookkeeping: no clock, no I/O.
+returns what happened since the previous call and starts a new window: each report takes one, every report interval
+(`app.serving.readings`). Pure bookkeeping: no clock, no I/O; the statistics themselves are `app.statistics`'.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from app.gateway.routes import OPEN
+from app.statistics import WindowSummary, percentile
 
 # Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
 MAX_WINDOW_SAMPLES = 100_000
@@ -29,42 +29,6 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     stream: bool = False
-
-
-@dataclass(frozen=True)
-class WindowSummary:
-    requests: int
-    errors: int
-    latency_mean_ms: float | None
-    latency_p50_ms: float | None
-    latency_p95_ms: float | None
-    ttft_p50_ms: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    answers: dict[int, int] = field(default_factory=dict)  # every response sent in the window, by status
-
-    def console_line(self, generated_per_s: float | None = None) -> str | None:
-        """The window in one console line (None when nothing was answered): what replaces a line per request."""
-        errors = {status: n for status, n in sorted(self.answers.items()) if status >= 400}
-        if not self.requests and not errors:
-            return None  # (health checks and metric scrapes alone say nothing worth a line)
-        parts = [f"{self.requests} request(s) served",
-                 "errors: " + ", ".join(f"{n} × {status}" for status, n in errors.items()) if errors else ""]
-        if generated_per_s is not None:
-            parts.append(f"{generated_per_s:.1f} tokens/s generated")
-        if self.latency_p50_ms is not None and self.latency_p95_ms is not None:
-            parts.append(f"latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms")
-        return "Traffic: " + "; ".join(p for p in parts if p)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of unsorted values, one of the values itself; None when empty. Every
-    percentile the dashboard shows (latencies, time to first token, wake-ups) is this one."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 class RequestStats:

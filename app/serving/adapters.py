@@ -35,11 +35,11 @@ from typing import Any, Protocol
 from app.config.types import LoraConfig
 from app.gateway.adapters import AdapterRefused
 from app.gateway.relay import RETRY_AFTER_SECONDS
-from app.gateway.stats import percentile
 from app.serving.adapter_files import Fetched, base_config, inspect, max_weight_bytes
 from app.serving.adapter_references import LOCAL, Identity, Source, identify, source_of
 from app.sglang.api import AdapterCallError, SGLangClient
 from app.states import AdapterState
+from app.statistics import percentile
 
 logger = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.gateway.stats import percentile
 from app.sglang.api import SGLangClient
 from app.sglang.metrics import parse_prometheus, parse_prometheus_samples
 from app.states import EngineState, ModelState
+from app.statistics import percentile
 
 logger = logging.getLogger(__name__)
 

@@ -36,5 +36,9 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+class ModelNotFound(LookupError):
+    """The registry has no model with this ID (or it cannot be looked up here)."""
+
+
 class ModelResolutionError(ConfigError):
     """A model or LoRA adapter that does not resolve (unknown ClearML ID, missing path)."""

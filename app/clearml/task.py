@@ -22,8 +22,8 @@ from clearml import Model, Task
 from clearml.backend_api.session import Session
 
 from app.config.export import Hyperparameter
-from app.serving.models import ModelNotFound
-from app.sglang.command import MultiNode
+from app.config.types import MultiNode
+from app.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
 

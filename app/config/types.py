@@ -151,6 +151,22 @@ class DeploymentConfig:
         return tuple(v for v in values if v)
 
 
+@dataclass(frozen=True)
+class MultiNode:
+    """Where this machine stands in a model spanning nodes: not in the file but given by ClearML's multi-node
+    launch (`app.clearml.task.DeploymentTask.launch_multi_node`), every node its rank and the master's (rank 0's)
+    address; SGLang's ranks meet at `master_addr:master_port` (`app.sglang.command`)."""
+
+    nodes: int
+    rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def dist_init_addr(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+
 def derive_endpoint_name(model: str) -> str:
     """A readable endpoint name from a model reference.
 

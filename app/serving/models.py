@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule
-from app.errors import ModelResolutionError, Problem
+from app.errors import ModelNotFound, ModelResolutionError, Problem
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ CLEARML, HUGGINGFACE, LOCAL_PATH = "clearml", "huggingface", "path"
 
 # HuggingFace repo ids: `name` or `org/name`, letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
 _HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-class ModelNotFound(LookupError):
-    """The registry has no model with this ID (or it cannot be looked up here)."""
 
 
 class ModelRegistry(Protocol):

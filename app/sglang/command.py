@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from app import constants
 from app.config import schema
 from app.config.flags import FlagTable, check_with_real_parser
-from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig
+from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig, MultiNode
 from app.errors import ConfigError, Problem
 from app.sglang.cpu import cpu_engine_env
 
@@ -157,21 +157,6 @@ class EngineCommand:
     def shell_line(self) -> str:
         """The command for a log line, its secrets masked."""
         return shlex.join(self.masked_argv())
-
-
-@dataclass(frozen=True)
-class MultiNode:
-    """Where this machine stands in a model spanning nodes: ClearML's multi-node launch gives every node its rank
-    and the master's (rank 0's) address; SGLang's ranks meet at `master_addr:master_port`."""
-
-    nodes: int
-    rank: int
-    master_addr: str
-    master_port: int
-
-    @property
-    def dist_init_addr(self) -> str:
-        return f"{self.master_addr}:{self.master_port}"
 
 
 @dataclass

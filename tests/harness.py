@@ -51,11 +51,10 @@ class RecordingReporter:
     def access_token(self, token: str) -> None:
         self.tokens.append(token)
 
-    def report(self, elapsed_s, decision, window, stats, states, tokens=None, wakes=None, replicas=None,
-               adapters=None) -> None:
-        self.reports.append((elapsed_s, decision, window, states, tokens))
-        if wakes is not None:
-            self.wakes.append((dict(wakes.wakeups), wakes.p(50), wakes.p(95)))
+    def report(self, report) -> None:
+        self.reports.append(report)
+        if report.wakes is not None:
+            self.wakes.append((dict(report.wakes.wakeups), report.wakes.p50_ms, report.wakes.p95_ms))
 
     def benchmark(self, results) -> None:
         self.benchmarks.append(results)

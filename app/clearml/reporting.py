@@ -4,7 +4,8 @@ records").
 `TaskReporter` turns the deployment's events into task properties (status, status_reason, idle_since, endpoint,
 models, curl, and a generated access token), scalars (iteration = seconds since start), the `Deployed Models`
 table, and Model Endpoints telemetry; it also logs status changes to the console. It talks to the task only
-through `app.clearml.task.DeploymentTask`'s methods, so tests give it a recording stand-in.
+through `app.clearml.task.DeploymentTask`'s methods, so tests give it a recording stand-in. What it reports comes
+as the frozen values of `app.serving.report`, the one part of serving it reads.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from app.gateway.stats import RequestStats, WindowSummary
-from app.serving.adapters import AdapterReport
-from app.serving.benchmark import BenchmarkResult, table_rows
-from app.serving.idle import IdleDecision
-from app.serving.residency import WakeStats
-from app.serving.startup import StartupSummary
-from app.sglang.metrics import TokenTotals
+from app.serving.report import AdapterLoads, BenchmarkResult, Report, StartupSummary, Wakes, table_rows
+from app.states import Status
 
 logger = logging.getLogger(__name__)
 
@@ -132,52 +128,55 @@ class TaskReporter:
                  for name, state in self._adapters.items()]  # (an adapter's model is the reference it was asked by)
         self.task.report_table(TABLE, "models", rows, iteration=0)
 
-    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
-        iteration = int(elapsed_s)
+    def report(self, report: Report) -> None:
+        iteration = int(report.elapsed_s)
         scalar = self.task.report_scalar
-        for name in sorted(states):
+        for name in sorted(report.states):
             if "/" not in name:  # replica servers are counted below, by their router
-                scalar(REQUESTS, name, float(stats.requests[name]), iteration)
-        for name in sorted(replicas or {}):
+                scalar(REQUESTS, name, float(report.requests.get(name, 0)), iteration)
+        replicas = report.replica_requests or {}
+        for name in sorted(replicas):
             scalar(REPLICA_REQUESTS, name, float(replicas[name]), iteration)
-        scalar(REQUESTS, "total", float(stats.total_requests), iteration)
-        if tokens is not None:
-            scalar(TOKENS, "generation", tokens.generation, iteration)
-            scalar(TOKENS, "prompt", tokens.prompt, iteration)
+        scalar(REQUESTS, "total", float(report.total_requests), iteration)
+        for series, rate in (("generation", report.generation_per_s), ("prompt", report.prompt_per_s)):
+            if rate is not None:
+                scalar(TOKENS, series, rate, iteration)
+        window = report.window
         for series, value in (("mean", window.latency_mean_ms), ("p50", window.latency_p50_ms),
                               ("p95", window.latency_p95_ms), ("time to first token p50", window.ttft_p50_ms)):
             if value is not None:  # no request in the window: no point, rather than a false 0
                 scalar(LATENCY, series, value, iteration)
-        scalar(IN_FLIGHT, "total", float(decision.in_flight), iteration)
-        scalar(IDLE_TIME, "idle", decision.idle_for_s / 3600, iteration)
-        idle_since = "" if decision.in_flight or decision.state == "active" else self._iso(decision.idle_for_s)
+        scalar(IN_FLIGHT, "total", float(report.in_flight), iteration)
+        scalar(IDLE_TIME, "idle", report.idle_for_s / 3600, iteration)
+        idle_since = "" if report.in_flight or report.status == Status.ACTIVE else self._iso(report.idle_for_s)
         if idle_since != self._idle_since:
             self._idle_since = idle_since
             self.task.set_properties(idle_since=idle_since)
-        if wakes is not None:  # models sharing GPUs: how often they woke, and how long waking took
-            for name in sorted(wakes.wakeups):
-                scalar(WAKEUPS, name, float(wakes.wakeups[name]), iteration)
-            for series, q in (("p50", 50), ("p95", 95)):
-                value = wakes.p(q)
-                if value is not None:
-                    scalar(WAKE_LATENCY, series, value, iteration)
-            if wakes.last_wake != self._last_wake:
-                self._last_wake = dict(wakes.last_wake)
-                if states == self._states:
-                    self._write_table()
-        if adapters is not None:
-            self._report_adapters(adapters, iteration, rewrite=states == self._states)
-        self.states(states)
-        self._feed_telemetry(stats)
+        rewrite = report.states == self._states  # (else the table is written below, with the new states)
+        if report.wakes is not None:  # models sharing GPUs: how often they woke, and how long waking took
+            self._report_wakes(report.wakes, iteration, rewrite)
+        if report.adapters is not None:
+            self._report_adapters(report.adapters, iteration, rewrite)
+        self.states(report.states)
+        self._feed_telemetry(report)
 
-    def _report_adapters(self, adapters: AdapterReport, iteration: int, rewrite: bool) -> None:
+    def _report_wakes(self, wakes: Wakes, iteration: int, rewrite: bool) -> None:
+        """Models sharing GPUs: wake-ups per model, wake latency, and each model's last wake-up in the table."""
+        for name in sorted(wakes.wakeups):
+            self.task.report_scalar(WAKEUPS, name, float(wakes.wakeups[name]), iteration)
+        for series, value in (("p50", wakes.p50_ms), ("p95", wakes.p95_ms)):
+            if value is not None:
+                self.task.report_scalar(WAKE_LATENCY, series, value, iteration)
+        if wakes.last_wake != self._last_wake:
+            self._last_wake = dict(wakes.last_wake)
+            if rewrite:
+                self._write_table()
+
+    def _report_adapters(self, adapters: AdapterLoads, iteration: int, rewrite: bool) -> None:
         """Adapters loaded on request: loads per model, load time, and their rows in the table."""
-        for name in sorted(adapters.endpoints):
-            self.task.report_scalar(ADAPTER_LOADS, name, float(adapters.stats.loads[name]), iteration)
-        for series, q in (("p50", 50), ("p95", 95)):
-            value = adapters.stats.p(q)
+        for name in sorted(adapters.loads):
+            self.task.report_scalar(ADAPTER_LOADS, name, float(adapters.loads[name]), iteration)
+        for series, value in (("p50", adapters.p50_ms), ("p95", adapters.p95_ms)):
             if value is not None:
                 self.task.report_scalar(ADAPTER_LOAD_TIME, series, value, iteration)
         if adapters.states != self._adapters:
@@ -198,9 +197,9 @@ class TaskReporter:
     def _wall_iso(seconds: float) -> str:
         return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
 
-    def _feed_telemetry(self, stats: RequestStats) -> None:
+    def _feed_telemetry(self, report: Report) -> None:
         for name, telemetry in self._telemetry.items():
-            count, latency_s = stats.requests[name], stats.latency_sum_s[name]
+            count, latency_s = report.requests.get(name, 0), report.latency_sum_s.get(name, 0.0)
             fed_count, fed_latency = self._fed.get(name, (0, 0.0))
             if count > fed_count:
                 telemetry.feed(count - fed_count, (latency_s - fed_latency) * 1000)

@@ -89,21 +89,6 @@ class AdapterStats:
         return percentile(list(self.load_ms), q) if self.load_ms else None
 
 
-@dataclass(frozen=True)
-class AdapterReport:
-    """What one report says of adapters on request: the loads so far, and each adapter loaded or loading now
-    (`<endpoint>:<reference>` -> its state)."""
-
-    stats: AdapterStats
-    endpoints: tuple[str, ...]  # the models that load adapters on request
-    states: dict[str, str]
-
-    @classmethod
-    def of(cls, adapters: dict[str, OnRequestAdapters], stats: AdapterStats) -> AdapterReport:
-        states = {f"{endpoint}:{name}": state for endpoint, model in adapters.items() for name, state in model.cards()}
-        return cls(stats, tuple(adapters), states)
-
-
 class AdapterEngine(Protocol):
     """The engine's LoRA API: None when done, else the engine's reason; AdapterCallError when it cannot be asked."""
 

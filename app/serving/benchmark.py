@@ -5,8 +5,9 @@ against each model through the gateway, once per concurrency in `benchmark.concu
 `input_tokens`, `output_tokens` generated each, `rounds` x concurrency requests, at most `max_seconds` per run.
 Its requests carry the deployment's own quiet token, so the gateway counts them nowhere and the idle clock runs on
 (`app.gateway.gateway.Gateway`, `quiet_auth`). Each run's result (the benchmark's own JSON line) becomes a
-`BenchmarkResult`: throughput, time to first token and inter-token latency (p50, p99), which the task reports as
-scalars (x = concurrency) and a table, so clones that differ only in SGLang options compare side by side.
+`BenchmarkResult` (`app.serving.report`): throughput, time to first token and inter-token latency (p50, p99),
+which the task reports as scalars (x = concurrency) and a table, so clones that differ only in SGLang options
+compare side by side.
 
 `plan_runs` is pure; `run_all` carries the runs out, one at a time.
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config.types import DeploymentConfig
+from app.serving.report import BenchmarkResult, table_rows
 from app.sglang.command import EngineCommand
 from app.sglang.launch import engine_environment
 
@@ -50,45 +52,6 @@ class BenchmarkRun:
     concurrency: int
     argv: tuple[str, ...]
     output_file: str
-
-
-@dataclass(frozen=True)
-class BenchmarkResult:
-    """One run, as the benchmark measured it (None: it did not finish)."""
-
-    endpoint: str
-    concurrency: int
-    completed: int = 0
-    duration_s: float | None = None
-    request_throughput: float | None = None  # requests/s
-    output_throughput: float | None = None  # generated tokens/s
-    ttft_p50_ms: float | None = None
-    ttft_p99_ms: float | None = None
-    itl_p50_ms: float | None = None
-    itl_p99_ms: float | None = None
-    error: str = ""
-
-    def line(self) -> str:
-        if self.error:
-            return f"Benchmark {self.endpoint} at concurrency {self.concurrency}: {self.error}"
-        return (f"Benchmark {self.endpoint} at concurrency {self.concurrency}: {self.output_throughput:.1f} output "
-                f"tokens/s, {self.request_throughput:.2f} requests/s; time to first token p50 {self.ttft_p50_ms:.0f} "
-                f"ms, p99 {self.ttft_p99_ms:.0f} ms; inter-token latency p50 {self.itl_p50_ms:.1f} ms, p99 "
-                f"{self.itl_p99_ms:.1f} ms ({self.completed} requests in {self.duration_s:.1f} s)")
-
-
-TABLE_HEADER = ["Model", "Concurrency", "Requests", "Duration (s)", "Requests/s", "Output tokens/s",
-                "TTFT p50 (ms)", "TTFT p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)", "Note"]
-
-
-def table_rows(results: list[BenchmarkResult]) -> list[list[object]]:
-    def number(value: float | None, digits: int) -> object:
-        return "" if value is None else round(value, digits)
-
-    return [TABLE_HEADER] + [[r.endpoint, r.concurrency, r.completed, number(r.duration_s, 1),
-                              number(r.request_throughput, 2), number(r.output_throughput, 1),
-                              number(r.ttft_p50_ms, 1), number(r.ttft_p99_ms, 1), number(r.itl_p50_ms, 2),
-                              number(r.itl_p99_ms, 2), r.error] for r in results]
 
 
 def table_text(results: list[BenchmarkResult]) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
 from app.gateway.auth import generate_token
 from app.serving.adapter_files import Fetcher
-from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, OnRequestAdapters
+from app.serving.adapters import AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
@@ -76,10 +76,6 @@ class Built:
     adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
     quiet_token: str = field(default="", repr=False)  # the benchmark's: served, counted nowhere
-
-    def adapter_report(self) -> AdapterReport | None:
-        """What the next report says of adapters on request (None where no model loads them)."""
-        return AdapterReport.of(self.adapters, self.adapter_stats) if self.adapters else None
 
 
 def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,

@@ -2,7 +2,8 @@
 
 `Deployment.run()` is what `clearml-sglang run` does once the config is loaded: it resolves the models, lays them
 out and plans every command (`app.serving.plan`, pure), builds what the plan says (`app.serving.build`), then carries
-it out. Its collaborators (model registry, GPU detection, reporter, clock) are passed in; signals only set the stop
+it out; every report interval its report is read off what was built (`app.serving.readings`) and handed to its
+reporter. Its collaborators (model registry, GPU detection, reporter, clock) are passed in; signals only set the stop
 request, which the loop observes. Teardown runs in reverse order of startup, in `finally`, with every wait bounded.
 
 Exit codes (`app.constants`): 0 after an idle shutdown, 3 when an engine failed to start or crashed beyond its
@@ -22,7 +23,7 @@ from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
 from app.gateway import RequestStats
 from app.serving.benchmark import benchmark_deployment
-from app.serving.build import Built, GatewayOptions, RoutedModel, build
+from app.serving.build import Built, GatewayOptions, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu, detect_gpus
@@ -31,15 +32,15 @@ from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
 from app.serving.models import ModelRegistry, resolve
 from app.serving.network import access_tokens, curl_command, engine_key, free_ports, public_address
 from app.serving.plan import DeploymentPlan, layout, plan
-from app.serving.residency import Residency
+from app.serving.readings import Readings, model_states
+from app.serving.report import Span
 from app.serving.scale_out import RemoteWorkers, WorkerPool
-from app.serving.startup import Span, StartupTimeline
+from app.serving.startup import StartupTimeline
 from app.sglang.api import SGLangClient
 from app.sglang.command import MultiNode
 from app.sglang.logs import Phase
-from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
-from app.sglang.router import RouterError, requests_per_worker
-from app.states import EngineState, ModelState, Status
+from app.sglang.router import RouterError
+from app.states import EngineState, Status
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ SCALE_TICK_SECONDS = 10.0
 class _Serving:
     """What the serving loop keeps between its turns."""
 
-    started: float  # when run() began (the scalars' iteration is seconds since)
-    rate: TokenRate
     tasks: set[asyncio.Task[object]]  # background work: sleeping idle models, worker tasks, router changes
     sleeper: asyncio.Task[object] | None = None
     scaler: asyncio.Task[object] | None = None
@@ -80,7 +79,8 @@ class Deployment(Lifecycle):
         self.stats = RequestStats()
         self.client = SGLangClient()
         self.built: Built | None = None  # what run() builds from its plan, at once
-        self._serving = _Serving(clock(), TokenRate(), set())
+        self.readings = Readings(self.stats, self.client, clock)  # what each report says
+        self._serving = _Serving(set())
         self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior))
 
     # what was built, by name (None before run() has built it)
@@ -104,7 +104,7 @@ class Deployment(Lifecycle):
         return planned  # (SGLang's own parser checks them as each engine starts: importing it here costs seconds)
 
     async def run(self) -> int:
-        self._serving.started = self.clock()
+        self.readings.begin()
         try:
             return await self._run()
         finally:
@@ -234,7 +234,7 @@ class Deployment(Lifecycle):
                 states = self.states()
                 await self.tell(self.reporter.states, states)
             if now >= next_report:
-                await self._report(decision)
+                await self._report(built, decision)
                 next_report = now + interval
             self._housekeeping(built, now)
             if decision.stop:
@@ -261,32 +261,10 @@ class Deployment(Lifecycle):
 
     def states(self) -> dict[str, str]:
         """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
-        if self.gateway is None:
-            return {}
-        states = self.gateway.states()
-        for routed in self.routed.values():
-            states.update({w.endpoint: w.state for w in routed.servers if w.endpoint not in states})
-        for remote in self.remote_workers.values():
-            states.update(remote.states())
-        if self.multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
-            for model in self.config.models:
-                if model.nodes > 1:
-                    state = states.get(model.endpoint, ModelState.LOADING)
-                    states.update({f"{model.endpoint}/node{r}": state for r in range(model.nodes)})
-        return states
+        return model_states(self.built, self.config, self.multi_node) if self.built is not None else {}
 
-    async def _report(self, decision: IdleDecision) -> None:
-        now = self.clock()
-        engines = self.supervisor.engines if self.supervisor is not None else []
-        tokens = self._serving.rate.update(now, await scrape_tokens(self.client, engines))
-        residency: Residency | None = self.residency
-        window = self.stats.take_window()
-        if line := window.console_line(tokens.generation if tokens else None):
-            logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
-        await self.tell(self.reporter.report, now - self._serving.started, decision, window,
-                        self.stats, self.states(), tokens, residency.wake_stats() if residency else None,
-                        await replica_requests(self.client, self.routed) if self.routed else None,
-                        self.built.adapter_report() if self.built is not None else None)
+    async def _report(self, built: Built, decision: IdleDecision) -> None:
+        await self.tell(self.reporter.report, await self.readings.take(built, decision, self.states()))
 
     async def _shutdown(self, built: Built) -> None:
         serving = self._serving
@@ -307,7 +285,7 @@ class Deployment(Lifecycle):
         if not await gateway.wait_drained(self.options.drain_deadline_s):
             logger.warning("%d request(s) still in flight after the drain deadline", gateway.in_flight)
         if serving.reporting:  # the last word: what happened since the last report, drain included
-            await self._report(built.tracker.decide(self.clock()))
+            await self._report(built, built.tracker.decide(self.clock()))
         serving.routing = False
         await built.routers.stop_all(self.options.engine_stop_grace_s)
         await built.supervisor.stop_all(self.options.engine_stop_grace_s)
@@ -346,21 +324,3 @@ async def scale(remote_workers: dict[str, RemoteWorkers]) -> None:
 def _loopback(host: str) -> str:
     """Where this machine reaches a gateway listening on `host`."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-
-
-async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:
-    """SGLang's own token counters, summed over every serving engine."""
-    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines if e.state == EngineState.RESIDENT))
-    total = ZERO
-    for text in texts:
-        total = total + TokenTotals.from_metrics(parse_prometheus(text))
-    return total
-
-
-async def replica_requests(client: SGLangClient, routed: dict[str, RoutedModel]) -> dict[str, float]:
-    """Requests each replica server has answered, as its router counts them."""
-    counts: dict[str, float] = {}
-    for model in routed.values():
-        answered = requests_per_worker(await client.metrics(model.metrics_url))
-        counts.update({w.endpoint: answered.get(w.url, 0.0) for w in model.servers})
-    return counts

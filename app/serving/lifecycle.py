@@ -1,11 +1,11 @@
 """What every deployment process shares: where it reports, how it is stopped, how it ends.
 
 `Reporter` is where a deployment says what it does: its ClearML task (`app.clearml.reporting.TaskReporter`) or the
-console (`ConsoleReporter`). Reports may wait on the network, so `Lifecycle.tell` makes each call on a daemon
-thread (`ReportWorker`), one at a time, bounded in time: a report that fails or hangs never stops serving, nor holds
-up the exit. `Lifecycle` is the part the instance (`app.serving.deployment.Deployment`) and its other machines
-(`app.serving.node.NodeDeployment`) have in common: the stop request a signal or the UI makes, the status it
-reports, and its exit code (`app.constants`).
+console (`ConsoleReporter`), in the frozen values of `app.serving.report` (all a reporter needs of serving). Reports
+may wait on the network, so `Lifecycle.tell` makes each call on a daemon thread (`ReportWorker`), one at a time,
+bounded in time: a report that fails or hangs never stops serving, nor holds up the exit. `Lifecycle` is the part
+the instance (`app.serving.deployment.Deployment`) and its other machines (`app.serving.node.NodeDeployment`) have
+in common: the stop request a signal or the UI makes, the status it reports, and its exit code (`app.constants`).
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ from typing import Protocol
 from app import constants
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, EXIT_OK, exit_after_signal
-from app.gateway.stats import RequestStats, WindowSummary
-from app.serving.adapters import AdapterReport
-from app.serving.benchmark import BenchmarkResult
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu
-from app.serving.idle import IdleDecision
 from app.serving.models import ModelRegistry
-from app.serving.residency import WakeStats
-from app.serving.startup import Span, StartupSummary
+from app.serving.report import BenchmarkResult, Report, Span, StartupSummary
 from app.sglang.command import MultiNode
-from app.sglang.metrics import TokenTotals
 from app.states import Status
 
 logger = logging.getLogger(__name__)
@@ -85,10 +79,7 @@ class Reporter(Protocol):
 
     def benchmark(self, results: list[BenchmarkResult]) -> None: ...
 
-    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
-        ...
+    def report(self, report: Report) -> None: ...
 
     def close(self) -> None: ...
 
@@ -161,11 +152,9 @@ class ConsoleReporter:
         logger.info("No access token was configured: one was generated and saved to %s (readable by you only). "
                     "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
-    def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
-               replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
-        logger.debug("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests,
-                     decision.in_flight, decision.idle_for_s)  # (the deployment prints each window's traffic)
+    def report(self, report: Report) -> None:
+        logger.debug("%d requests in total, %d in flight, idle for %.0f s", report.total_requests,
+                     report.in_flight, report.idle_for_s)  # (the deployment prints each window's traffic)
 
 
 class Lifecycle:

@@ -3,9 +3,9 @@ console shows them (`app.sglang.logs`).
 
 `EnginePhases` is one engine's startup, written by that engine's output pump only; `StartupTimeline` is the whole
 deployment's, written by the deployment; `summary()` makes what the console prints at ready and the task keeps as
-properties. "Ours" is the time the app itself adds: from the process start to the first engine spawned (less the
-time spent fetching models, which is the models' size over the network), and from an engine's "ready to roll" to
-the gateway serving it.
+properties (`app.serving.report.StartupSummary`). "Ours" is the time the app itself adds: from the process start to
+the first engine spawned (less the time spent fetching models, which is the models' size over the network), and
+from an engine's "ready to roll" to the gateway serving it.
 """
 
 from __future__ import annotations
@@ -14,21 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.serving.report import Span, StartupSummary
 from app.sglang.logs import Phase, later, startup_phase
 
 # (endpoint, the phase it entered, the phase it left and how long that took)
 OnPhase = Callable[[str, Phase, "Span | None"], None]
-
-
-@dataclass(frozen=True)
-class Span:
-    """One phase and how long it took."""
-
-    name: str
-    seconds: float
-
-    def __str__(self) -> str:
-        return f"{self.name} {self.seconds:.1f} s"
 
 
 class EnginePhases:
@@ -123,25 +113,3 @@ class StartupTimeline:
         fetching = sum(span.seconds for span in self.app_spans)
         return StartupSummary(total_s=end - self.process_started, own_s=max(0.0, before - fetching) + handover,
                               app=list(self.app_spans), engines={k: v[0] for k, v in self.engines.items()})
-
-
-@dataclass(frozen=True)
-class StartupSummary:
-    """What the console prints at ready, and the task keeps (`startup`, `startup_seconds`, `startup_own_seconds`)."""
-
-    total_s: float
-    own_s: float
-    app: list[Span]
-    engines: dict[str, list[Span]]
-
-    def lines(self) -> list[str]:
-        lines = [f"Ready in {self.total_s:.1f} s, of which the app's own {self.own_s:.1f} s:"]
-        lines += [f"  {span}" for span in self.app]
-        lines += [f"  {name}: " + ", ".join(str(s) for s in spans) for name, spans in self.engines.items()]
-        return lines
-
-    def text(self) -> str:
-        """One line, for a task property."""
-        parts = [str(s) for s in self.app] + [f"{name}: " + ", ".join(str(s) for s in spans)
-                                               for name, spans in self.engines.items()]
-        return "; ".join(parts + [f"ours {self.own_s:.1f} s"])

@@ -80,6 +80,24 @@ def test_imports_flow_one_way(path):
         assert to in ALLOWED.get(source, set()), f"{name_of(path)} imports {target}: {source} may not import {to}"
 
 
+# What the ClearML side reads of serving: the report's frozen values, nothing that runs.
+CLEARML_READS = {"app.serving.report"}
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if layer(name_of(p)) == "clearml"],
+                         ids=lambda p: str(p.relative_to(APP)))
+def test_clearml_reads_only_the_report_and_the_config(path):
+    for target in imports(path):
+        if layer(target) in ("serving", "sglang", "gateway"):
+            assert target in CLEARML_READS, f"{name_of(path)} imports {target}: clearml reads only {CLEARML_READS}"
+
+
+def test_the_report_is_made_of_plain_values():
+    """`app.serving.report` imports only the base modules: a reporter that reads it pulls in nothing of serving."""
+    path = APP / "serving" / "report.py"
+    assert all(layer(target) in BASE for target in imports(path)), imports(path)
+
+
 def test_no_import_cycles():
     graph = {name_of(p): {t for t in imports(p) if _module_path(t) is not None} for p in modules()}
     for module in graph:  # importing a submodule runs its package's __init__ first, not the other way round

@@ -17,7 +17,13 @@ from app.config import load_config, to_hyperparameters
 from app.gateway.stats import RequestRecord, RequestStats
 from app.serving.idle import IdleDecision
 from app.serving.network import curl_command
-from app.sglang.metrics import TokenTotals
+from app.serving.report import Report
+
+
+def snapshot(elapsed_s, decision, stats, states, **rest) -> Report:
+    """What the deployment's readings make of its parts (`app.serving.readings.Readings.take`)."""
+    return Report(elapsed_s, decision.state, decision.in_flight, decision.idle_for_s, dict(states),
+                  dict(stats.requests), dict(stats.latency_sum_s), stats.take_window(), **rest)
 
 
 class Recorder:
@@ -120,8 +126,8 @@ def test_model_endpoints_telemetry_is_registered_and_fed_with_the_gateways_count
     for latency in (0.1, 0.3):
         stats.record(RequestRecord("m", 200, latency_s=latency))
     decision = IdleDecision(False, 0.0, 0, "active", 0.0)
-    reporter.report(10, decision, stats.take_window(), stats, {"m": "resident"}, TokenTotals(5, 1))
-    reporter.report(20, decision, stats.take_window(), stats, {"m": "resident"}, TokenTotals(5, 1))
+    reporter.report(snapshot(10, decision, stats, {"m": "resident"}, generation_per_s=5, prompt_per_s=1))
+    reporter.report(snapshot(20, decision, stats, {"m": "resident"}, generation_per_s=5, prompt_per_s=1))
     assert record["requests_num"] == 2 and record["requests_num_window"] == 2
     assert record["latency_sum_window"] == pytest.approx(400.0)
     reporter.close()
@@ -141,8 +147,8 @@ def test_scalars_properties_and_table_under_the_dashboards_names():
     reporter.endpoints("http://h:8000", {"m": "http://h:8000/m/v1"}, "curl ...")
     stats = RequestStats()
     stats.record(RequestRecord("m", 200, latency_s=0.2, ttft_s=0.05, stream=True))
-    reporter.report(42.7, IdleDecision(False, 7200.0, 0, "idle", 0.0), stats.take_window(), stats,
-                    {"m": "resident"}, TokenTotals(12.5, 3.0))
+    reporter.report(snapshot(42.7, IdleDecision(False, 7200.0, 0, "idle", 0.0), stats, {"m": "resident"},
+                             generation_per_s=12.5, prompt_per_s=3.0))
     reported = {(k["title"], k["series"]): (k["value"], k["iteration"]) for _, k in logger.named("report_scalar")}
     assert reported == {
         ("Total Number of Requests", "m"): (1.0, 42), ("Total Number of Requests", "total"): (1.0, 42),
@@ -157,12 +163,13 @@ def test_scalars_properties_and_table_under_the_dashboards_names():
     assert table["title"] == "Deployed Models" and table["iteration"] == 0
     assert table["table_plot"] == [["Model", "Endpoint name", "URL", "Status", "Last wake-up"],
                                    ["org/m", "m", "http://h:8000/m/v1", "resident", ""]]
-    reporter.report(43, IdleDecision(False, 0.0, 1, "active", 0.0), stats.take_window(), stats, {"m": "resident"})
+    reporter.report(snapshot(43, IdleDecision(False, 0.0, 1, "active", 0.0), stats, {"m": "resident"}))
     assert len(logger.named("report_table")) == 1  # written again only when a state changes
     assert [k for _, k in task.named("set_user_properties")][-1] == {"idle_since": ""}
 
 
 def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wake_up():
+    from app.serving.readings import wakes as snapshot_of
     from app.serving.residency import WakeStats
 
     adapter, _, logger, _ = make_task()
@@ -171,8 +178,8 @@ def test_wake_ups_and_wake_latency_are_reported_and_the_table_shows_the_last_wak
     wakes = WakeStats({"a": 2, "b": 0}, {"a": 1_800_000_000.0})
     wakes.latencies_ms.extend([100.0, 300.0])
     stats = RequestStats()
-    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats.take_window(), stats,
-                    {"a": "resident", "b": "sleeping"}, None, wakes)
+    reporter.report(snapshot(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats, {"a": "resident", "b": "sleeping"},
+                             wakes=snapshot_of(wakes)))
     reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
     assert reported[("Model Wake-ups", "a")] == 2.0 and reported[("Model Wake-ups", "b")] == 0.0
     # nearest rank, as the gateway's latencies: a percentile is one of the wake-ups measured
@@ -187,9 +194,9 @@ def test_replica_servers_get_their_request_counts_and_their_rows():
     reporter = TaskReporter(adapter, models={"tiny": "org/tiny"})
     reporter.endpoints("http://h:8000", {"tiny": "http://h:8000/tiny/v1"}, "curl ...")
     stats = RequestStats()
-    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats.take_window(), stats,
-                    {"tiny": "resident", "tiny/0": "resident", "tiny/1": "restarting"}, None, None,
-                    {"tiny/0": 7.0, "tiny/1": 5.0})
+    reporter.report(snapshot(10, IdleDecision(False, 0.0, 0, "idle", 0.0), stats,
+                             {"tiny": "resident", "tiny/0": "resident", "tiny/1": "restarting"},
+                             replica_requests={"tiny/0": 7.0, "tiny/1": 5.0}))
     reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
     assert reported[("Replica Requests", "tiny/0")] == 7.0 and reported[("Replica Requests", "tiny/1")] == 5.0
     assert ("Total Number of Requests", "tiny/0") not in reported
@@ -264,7 +271,8 @@ def test_server_configured(tmp_path):
 
 
 def test_adapters_loaded_on_request_get_their_loads_load_time_and_rows():
-    from app.serving.adapters import AdapterReport, AdapterStats
+    from app.serving.adapters import AdapterStats
+    from app.serving.report import AdapterLoads
 
     adapter, _, logger, _ = make_task()
     reporter = TaskReporter(adapter, models={"m": "org/m"})
@@ -273,9 +281,10 @@ def test_adapters_loaded_on_request_get_their_loads_load_time_and_rows():
     stats.loads["m"] = 3
     stats.load_ms.extend([120.0, 80.0, 900.0])
     requests = RequestStats()
-    report = AdapterReport(stats, ("m",), {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loading"})
-    reporter.report(10, IdleDecision(False, 0.0, 0, "idle", 0.0), requests.take_window(), requests,
-                    {"m": "resident"}, adapters=report)
+    report = AdapterLoads({"m": stats.loads["m"]}, stats.p(50), stats.p(95),
+                          {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loading"})
+    reporter.report(snapshot(10, IdleDecision(False, 0.0, 0, "idle", 0.0), requests, {"m": "resident"},
+                             adapters=report))
     reported = {(k["title"], k["series"]): k["value"] for _, k in logger.named("report_scalar")}
     assert reported[("Adapter Loads", "m")] == 3.0
     assert reported[("Adapter Load Time (ms)", "p50")] == 120.0 and reported[("Adapter Load Time (ms)", "p95")] == 900.0
@@ -284,8 +293,9 @@ def test_adapters_loaded_on_request_get_their_loads_load_time_and_rows():
     assert table["table_plot"][1:] == [["org/m", "m", url, "resident", ""],
                                        ["/data/adapters/sql", "m:/data/adapters/sql", url, "loaded", ""],
                                        ["org/chat-lora", "m:org/chat-lora", url, "loading", ""]]
-    loaded = AdapterReport(stats, ("m",), {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loaded"})
-    reporter.report(11, IdleDecision(False, 0.0, 0, "idle", 0.0), requests.take_window(), requests,
-                    {"m": "resident"}, adapters=loaded)
+    loaded = AdapterLoads({"m": stats.loads["m"]}, stats.p(50), stats.p(95),
+                          {"m:/data/adapters/sql": "loaded", "m:org/chat-lora": "loaded"})
+    reporter.report(snapshot(11, IdleDecision(False, 0.0, 0, "idle", 0.0), requests, {"m": "resident"},
+                             adapters=loaded))
     tables = logger.named("report_table")
     assert len(tables) == 2 and tables[-1][1]["table_plot"][-1][3] == "loaded"  # rewritten: a state changed

@@ -51,13 +51,13 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                                 monitor_interval_s=monitor_s, environ=environ)
     try:
         options = RunOptions(host=host, port=port, launcher=launcher, process_started=started,
-                             task_url=task.web_url(), exit_after_benchmark=benchmark_only)
+                             task_url=task.web_url(), exit_after_benchmark=benchmark_only, environ=environ)
         if demo:
             config, options = _demo(task, options, environ)
         config = _task_config(task, config, overrides)
         if config.general.debug:
             logging.getLogger().setLevel(logging.DEBUG)
-        deployment = _deployment(config, task, options, environ)
+        deployment = _deployment(config, task, options)
         code = event_loop_runner()(_serve(deployment, task))
     except ConfigError as exc:
         task.finish("failed", str(exc))
@@ -108,8 +108,7 @@ def _task_config(task: DeploymentTask, config: DeploymentConfig | None, override
     return config
 
 
-def _deployment(config: DeploymentConfig, task: DeploymentTask, options: RunOptions,
-                environ: dict[str, str]) -> Deployment | NodeDeployment:
+def _deployment(config: DeploymentConfig, task: DeploymentTask, options: RunOptions) -> Deployment | NodeDeployment:
     """The instance, or one of its other machines when the task says so."""
     reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
                             gateway_route=config.instance.gateway_route)
@@ -118,13 +117,12 @@ def _deployment(config: DeploymentConfig, task: DeploymentTask, options: RunOpti
         return NodeDeployment(config, ClearMLModelRegistry(), worker_of=told[WORKER_OF],
                               engine_api_key=told.get(WORKER_KEY), reporter=reporter,
                               publish=lambda url: task.set_properties(**{WORKER_URL: url}),
-                              master_running=task.master_running, environ=environ, options=options)
+                              master_running=task.master_running, options=options)
     multi_node = _multi_node(config, task)
     if multi_node is not None and multi_node.rank > 0:
         return NodeDeployment(config, ClearMLModelRegistry(), multi_node, reporter=reporter,
-                              master_running=task.master_running, environ=environ, options=options)
-    return Deployment(config, ClearMLModelRegistry(), reporter=reporter, environ=environ, options=options,
-                      multi_node=multi_node,
+                              master_running=task.master_running, options=options)
+    return Deployment(config, ClearMLModelRegistry(), reporter=reporter, options=options, multi_node=multi_node,
                       worker_pool=task.worker_pool() if task.remote and not task.offline else None)
 
 

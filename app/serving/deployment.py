@@ -4,7 +4,8 @@
 out and plans every command (`app.serving.plan`, pure), builds what the plan says (`app.serving.build`), then carries
 it out; every report interval its report is read off what was built (`app.serving.readings`) and handed to its
 reporter. Its collaborators (model registry, GPU detection, reporter, clock) are passed in; signals only set the stop
-request, which the loop observes. Teardown runs in reverse order of startup, in `finally`, with every wait bounded.
+request, which the loop observes; background work runs as `Chores`. Teardown runs in reverse order of startup, in
+`finally`, with every wait bounded.
 
 Exit codes (`app.constants`): 0 after an idle shutdown, 3 when an engine failed to start or crashed beyond its
 restart budget, 128 + signal number after SIGINT/SIGTERM and a clean drain.
@@ -16,8 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
 
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
@@ -52,16 +52,48 @@ TICK_SECONDS = 1.0
 SCALE_TICK_SECONDS = 10.0
 
 
-@dataclass
-class _Serving:
-    """What the serving loop keeps between its turns."""
+class Chores:
+    """The deployment's background work, each a task on the loop that none outlives: idle models put to sleep
+    (models sharing GPUs), worker tasks kept at their count, routers told of worker deaths and returns, status
+    reasons while engines load, the benchmark at ready."""
 
-    tasks: set[asyncio.Task[object]]  # background work: sleeping idle models, worker tasks, router changes
-    sleeper: asyncio.Task[object] | None = None
-    scaler: asyncio.Task[object] | None = None
-    next_scale: float = 0.0
-    routing: bool = False  # the routers are up: worker deaths and returns are passed on to them
-    reporting: bool = False  # the serving loop has begun: a last report is owed at the end
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.sleeper: asyncio.Task[object] | None = None
+        self.scaler: asyncio.Task[object] | None = None
+        self.next_scale = 0.0
+
+    def spawn(self, work: Awaitable[object], name: str | None = None) -> asyncio.Task[object]:
+        task = asyncio.ensure_future(work)
+        if name:
+            task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def tick(self, built: Built, now: float) -> None:
+        """Idle models to sleep (models sharing GPUs); worker tasks kept at their count."""
+        if built.residency is not None and (self.sleeper is None or self.sleeper.done()):
+            self.sleeper = self.spawn(built.residency.sleep_idle(), "sleep-idle-models")
+        if built.remote_workers and now >= self.next_scale and (self.scaler is None or self.scaler.done()):
+            self.next_scale = now + SCALE_TICK_SECONDS
+            self.scaler = self.spawn(scale(built.remote_workers), "remote-workers")
+
+    async def wind_down(self, built: Built) -> None:
+        """Shutdown begins: no more sleeping or scaling, and the worker tasks are stopped."""
+        for task in (self.scaler, self.sleeper):
+            if task is not None:
+                task.cancel()
+        for remote in built.remote_workers.values():
+            with contextlib.suppress(Exception):
+                await remote.stop()
+        if self.sleeper is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sleeper
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
 
 
 class Deployment(Lifecycle):
@@ -69,18 +101,20 @@ class Deployment(Lifecycle):
 
     def __init__(self, config: DeploymentConfig, registry: ModelRegistry, *, options: RunOptions = RunOptions(),
                  reporter: Reporter | None = None, detect: Callable[[], list[Gpu]] = detect_gpus,
-                 clock: Callable[[], float] = time.monotonic, environ: dict[str, str] | None = None,
-                 multi_node: MultiNode | None = None, worker_pool: WorkerPool | None = None):
+                 clock: Callable[[], float] = time.monotonic, multi_node: MultiNode | None = None,
+                 worker_pool: WorkerPool | None = None):
         """`multi_node`: rank 0 of a model spanning nodes (ClearML's multi-node launch started the others).
         `worker_pool`: where replicas that do not fit on this machine's GPUs go (under an agent: worker tasks)."""
         super().__init__(config, registry, reporter=reporter, options=options, detect=detect, clock=clock,
-                         environ=environ, multi_node=multi_node)
+                         multi_node=multi_node)
         self.worker_pool = worker_pool
         self.stats = RequestStats()
         self.client = SGLangClient()
         self.built: Built | None = None  # what run() builds from its plan, at once
         self.readings = Readings(self.stats, self.client, clock)  # what each report says
-        self._serving = _Serving(set())
+        self.chores = Chores()
+        self._routing = False  # the routers are up: worker deaths and returns are passed on to them
+        self._reporting = False  # the serving loop has begun: a last report is owed at the end
         self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior))
 
     # what was built, by name (None before run() has built it)
@@ -132,7 +166,7 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.status, Status.LOADING, "starting engines")
             await self.tell(self.reporter.states, self.states())
             try:
-                await self._until_started(built)
+                await unless_stopped(self._start_all(built), self._stop)
             except EngineStartupError as exc:
                 return await self.fail(exc)
             if self._stop.is_set():
@@ -153,46 +187,26 @@ class Deployment(Lifecycle):
         adapters = self.built.adapters.get(engine.endpoint) if self.built is not None else None
         if adapters is not None and engine.state == EngineState.RESTARTING:
             adapters.forget()
-        if not self._serving.routing:
+        if not self._routing:
             return
         for routed in self.routed.values():
             if engine in routed.servers and engine.state in (EngineState.RESIDENT, EngineState.RESTARTING,
                                                              EngineState.FAILED, EngineState.STOPPED):
                 control = routed.control
                 change = control.add(engine.url) if engine.state == EngineState.RESIDENT else control.remove(engine.url)
-                self._background(_router_change(change, engine))
+                self.chores.spawn(_router_change(change, engine))
 
     def _engine_phase(self, endpoint: str, phase: Phase, left: Span | None) -> None:
         """An SGLang server moved on in its startup: a console line; the status reason while the deployment loads."""
         logger.info("Engine %s: %s%s", endpoint, phase.value, f" ({left} done)" if left else "")
-        if not self._serving.reporting:
-            self._background(self.tell(self.reporter.status, Status.LOADING, f"{endpoint}: {phase.value}"))
-
-    def _background(self, work: Awaitable[object], name: str | None = None) -> asyncio.Task[object]:
-        task = asyncio.ensure_future(work)
-        if name:
-            task.set_name(name)
-        self._serving.tasks.add(task)
-        task.add_done_callback(self._serving.tasks.discard)
-        return task
+        if not self._reporting:
+            self.chores.spawn(self.tell(self.reporter.status, Status.LOADING, f"{endpoint}: {phase.value}"))
 
     async def _start_all(self, built: Built) -> None:
         """The engines, then the routers in front of replicas (each over workers that are ready)."""
         await built.supervisor.start_all()
         await built.routers.start_all()
-        self._serving.routing = True
-
-    async def _until_started(self, built: Built) -> None:
-        start = asyncio.create_task(self._start_all(built))
-        stop = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if start in done:
-            stop.cancel()
-            start.result()
-        else:
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
-                await start
+        self._routing = True
 
     async def _announce(self, built: Built) -> None:
         """Every engine serves: how long each startup phase took, then where to send requests, and how."""
@@ -209,7 +223,7 @@ class Deployment(Lifecycle):
         await self.tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
         await self.tell(self.reporter.states, self.states())
         if self.config.benchmark.enable:
-            self._background(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))
+            self.chores.spawn(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))
 
     async def _benchmark(self, built: Built, base: str) -> None:
         """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0)."""
@@ -219,7 +233,7 @@ class Deployment(Lifecycle):
             self.request_stop(0, "benchmark finished")
 
     async def _serve(self, built: Built) -> int:
-        self._serving.reporting = True
+        self._reporting = True
         interval = self.config.idle.report_interval_seconds
         next_report = self.clock()
         state = None
@@ -236,7 +250,7 @@ class Deployment(Lifecycle):
             if now >= next_report:
                 await self._report(built, decision)
                 next_report = now + interval
-            self._housekeeping(built, now)
+            self.chores.tick(built, now)
             if decision.stop:
                 logger.info("Idle for %.0f s (limit %.0f s): shutting down", decision.idle_for_s,
                             built.tracker.limit_seconds or 0)
@@ -250,15 +264,6 @@ class Deployment(Lifecycle):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
 
-    def _housekeeping(self, built: Built, now: float) -> None:
-        """Idle models to sleep (models sharing GPUs); worker tasks kept at their count."""
-        serving = self._serving
-        if built.residency is not None and (serving.sleeper is None or serving.sleeper.done()):
-            serving.sleeper = self._background(built.residency.sleep_idle(), "sleep-idle-models")
-        if built.remote_workers and now >= serving.next_scale and (serving.scaler is None or serving.scaler.done()):
-            serving.next_scale = now + SCALE_TICK_SECONDS
-            serving.scaler = self._background(scale(built.remote_workers), "remote-workers")
-
     def states(self) -> dict[str, str]:
         """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
         return model_states(self.built, self.config, self.multi_node) if self.built is not None else {}
@@ -267,16 +272,7 @@ class Deployment(Lifecycle):
         await self.tell(self.reporter.report, await self.readings.take(built, decision, self.states()))
 
     async def _shutdown(self, built: Built) -> None:
-        serving = self._serving
-        for task in (serving.scaler, serving.sleeper):
-            if task is not None:
-                task.cancel()
-        for remote in built.remote_workers.values():
-            with contextlib.suppress(Exception):
-                await remote.stop()
-        if serving.sleeper is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await serving.sleeper
+        await self.chores.wind_down(built)
         gateway = built.gateway
         gateway.begin_drain()
         if gateway.in_flight:
@@ -284,13 +280,12 @@ class Deployment(Lifecycle):
                         self.options.drain_deadline_s)
         if not await gateway.wait_drained(self.options.drain_deadline_s):
             logger.warning("%d request(s) still in flight after the drain deadline", gateway.in_flight)
-        if serving.reporting:  # the last word: what happened since the last report, drain included
+        if self._reporting:  # the last word: what happened since the last report, drain included
             await self._report(built, built.tracker.decide(self.clock()))
-        serving.routing = False
+        self._routing = False
         await built.routers.stop_all(self.options.engine_stop_grace_s)
         await built.supervisor.stop_all(self.options.engine_stop_grace_s)
-        for task in list(serving.tasks):
-            task.cancel()
+        self.chores.cancel()
         await gateway.close()
         logger.info("Deployment stopped")
 
@@ -303,6 +298,20 @@ async def learn_context_lengths(built: Built, client: SGLangClient) -> None:
         if route.context_tokens is None:
             logger.warning("Model %s did not say its context length: prompts are bounded by the body limit only",
                            route.endpoint)
+
+
+async def unless_stopped(work: Coroutine[object, object, None], stop: asyncio.Event) -> None:
+    """`work` to its end, or cancelled when a stop is asked first (then a failure it raises is moot)."""
+    start = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        stopped.cancel()
+        start.result()
+    else:
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EngineStartupError):
+            await start
 
 
 async def _router_change(change: Awaitable[None], engine: Engine) -> None:

@@ -16,7 +16,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,6 +60,7 @@ class RunOptions:
     prior: tuple[Span, ...] = ()  # startup phases before run(): fetching and converting the demo model
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
     exit_after_benchmark: bool = False  # `bench`: stop (exit 0) once the benchmark at ready has been reported
+    environ: Mapping[str, str] | None = None  # where tokens and this machine's address are read (None: os.environ)
 
 
 class Reporter(Protocol):
@@ -163,13 +164,13 @@ class Lifecycle:
 
     def __init__(self, config: DeploymentConfig, registry: ModelRegistry, *, reporter: Reporter | None,
                  options: RunOptions, detect: Callable[[], list[Gpu]], clock: Callable[[], float],
-                 environ: dict[str, str] | None, multi_node: MultiNode | None) -> None:
+                 multi_node: MultiNode | None) -> None:
         self.config = config
         self.registry = registry
         self.options = options
         self.detect = detect
         self.clock = clock
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = dict(os.environ if options.environ is None else options.environ)
         self.multi_node = multi_node
         self.reporter = reporter or ConsoleReporter()
         self.stop_signal: int | None = None

@@ -50,8 +50,8 @@ class NodeDeployment(Lifecycle):
     def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode | None = None, *,
                  master_running: Callable[[], bool], reporter: Reporter | None = None,
                  options: RunOptions = RunOptions(), detect: Callable[[], list[Gpu]] = detect_gpus,
-                 clock: Callable[[], float] = time.monotonic, environ: dict[str, str] | None = None,
-                 watch_interval_s: float = 10.0, worker_of: str | None = None, engine_api_key: str | None = None,
+                 clock: Callable[[], float] = time.monotonic, watch_interval_s: float = 10.0,
+                 worker_of: str | None = None, engine_api_key: str | None = None,
                  publish: Callable[[str], None] | None = None):
         if worker_of is not None:
             index = next(i for i, m in enumerate(config.models) if m.endpoint == worker_of)
@@ -60,7 +60,7 @@ class NodeDeployment(Lifecycle):
             index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
             model = config.models[index]
         super().__init__(replace(config, models=(model,)), registry, reporter=reporter, options=options,
-                         detect=detect, clock=clock, environ=environ, multi_node=multi_node)
+                         detect=detect, clock=clock, multi_node=multi_node)
         self.worker_of = worker_of
         self.engine_api_key = engine_api_key
         self.publish = publish

@@ -523,14 +523,14 @@ def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
     from app.demo import demo_raw
     from app.demo.tiny_model import make_tiny_models
     from app.serving.models import describe
-    from app.sglang.command import build_engine_command
+    from app.sglang.command import Launch, build_engine_command
 
     made = make_tiny_models(workdir / "tiny")
     raw = demo_raw(made.base, made.adapters)
     raw["models"][0]["lora"] = {"enable": False}
     config = parse_config(raw)
     port = free_port()
-    command = build_engine_command(config, 0, describe(config)[0], port=port, engine_api_key="engine-key")
+    command = build_engine_command(config, 0, describe(config)[0], port=port, launch=Launch("engine-key"))
     engine = subprocess.Popen(command.argv, env={**os.environ, **command.env}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     direct = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
 from app.gateway import RequestStats
 from app.serving.benchmark import benchmark_deployment
-from app.serving.build import Built, GatewayOptions, RoutedModel, build
+from app.serving.build import Built, Collaborators, GatewayOptions, RoutedModel, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu, detect_gpus
@@ -35,7 +35,7 @@ from app.serving.residency import Residency
 from app.serving.scale_out import RemoteWorkers, WorkerPool
 from app.serving.startup import Span, StartupTimeline
 from app.sglang.api import SGLangClient
-from app.sglang.command import MultiNode
+from app.sglang.command import Launch, MultiNode
 from app.sglang.logs import Phase
 from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.sglang.router import RouterError, requests_per_worker
@@ -95,11 +95,11 @@ class Deployment(Lifecycle):
         """Lay the models out on this machine and plan every command (pure, given the GPUs and free ports)."""
         where = layout(self.config, self.detect() if self.config.general.device == "cuda" else [],
                        can_spawn=self.worker_pool is not None)
-        for model, placement in zip(where.config.models, where.placements or (), strict=False):
+        for model, placement in zip(self.config.models, where.placements or (), strict=False):
             logger.info("Model %s on GPU %s%s", model.endpoint, placement.cuda_visible_devices,
                         f" (shared; memory fraction {placement.memory_fraction:g})" if placement.shared else "")
         ports = free_ports(where.ports_needed, exclude=frozenset({self.options.port}))
-        planned = plan(where, resolved, ports, engine_key=engine_key(), launcher=self.options.launcher,
+        planned = plan(where, resolved, ports, launch=Launch(engine_key(), launcher=self.options.launcher),
                        multi_node=self.multi_node)
         return planned  # (SGLang's own parser checks them as each engine starts: importing it here costs seconds)
 
@@ -122,8 +122,8 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.access_token, tokens[0])
         options = self.options
         self.built = built = build(
-            planned, tokens, stats=self.stats, client=self.client, registry=self.registry,
-            startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
+            planned, tokens, Collaborators(self.stats, self.client, self.registry, self.worker_pool, self.clock),
+            startup_deadline_s=options.startup_deadline_s,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s, options.task_url, options.max_connections),
             on_change=self._engine_changed, on_phase=self._engine_phase)

@@ -4,8 +4,8 @@
 console (`ConsoleReporter`). Reports may wait on the network, so `Lifecycle.tell` makes each call on a daemon
 thread (`ReportWorker`), one at a time, bounded in time: a report that fails or hangs never stops serving, nor holds
 up the exit. `Lifecycle` is the part the instance (`app.serving.deployment.Deployment`) and its other machines
-(`app.serving.node.NodeDeployment`) have in common: the stop request a signal or the UI makes, the status it
-reports, and its exit code (`app.constants`).
+(`app.serving.node`: `RankNode`, `ReplicaWorker`) have in common: the stop request a signal or the UI makes, the
+status it reports, and its exit code (`app.constants`).
 """
 
 from __future__ import annotations

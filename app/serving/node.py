@@ -86,6 +86,7 @@ class _OtherMachine(Lifecycle):
     async def run(self) -> int:
         model = self.config.models[self.index]
         await self.tell(self.reporter.status, Status.LOADING, f"{self.role} for {model.endpoint}")
+        # only its model is fetched (the config itself stays the instance's: its index, its messages)
         (resolved,) = await asyncio.to_thread(resolve, replace(self.config, models=(model,)), self.registry)
         planned = self.plan(resolved, free_ports(1, host="0.0.0.0")[0])
         secrets = [*self.config.auth.tokens, *self.config.secrets, *self.own_secrets()]

@@ -58,10 +58,6 @@ class Layout:
     local_replicas: tuple[int, ...] = ()  # per model: the replicas this machine runs (default: the config's)
     remote_replicas: Mapping[str, int] = field(default_factory=dict)  # endpoint -> replicas in worker tasks
 
-    def replicas(self, index: int) -> int:
-        """The replicas of `config.models[index]` this machine runs."""
-        return self.local_replicas[index] if self.local_replicas else self.config.models[index].replicas
-
     def routed(self, index: int) -> bool:
         """Whether a model is served through sglang-router (several servers, or worker tasks to join it)."""
         return replica_servers(self.config, index) > 1 or self.config.models[index].endpoint in self.remote_replicas

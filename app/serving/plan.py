@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from app import constants
@@ -82,6 +82,9 @@ class RoutedPlan:
 
 @dataclass(frozen=True)
 class DeploymentPlan:
+    """Every process the instance's machine runs, and the layout they were planned on: what `args` prints and the
+    deployment carries out (`app.serving.build`)."""
+
     layout: Layout
     commands: tuple[EngineCommand, ...]  # each model's command (its first server)
     routed: Mapping[str, RoutedPlan]  # endpoint -> its router and servers
@@ -190,7 +193,7 @@ def plan(where: Layout, resolved: Sequence[ResolvedModel], ports: Sequence[int],
     return DeploymentPlan(where, tuple(commands), routed, adapters)
 
 
-def _routed(where: Layout, index: int, command: EngineCommand, free, python: str) -> RoutedPlan:
+def _routed(where: Layout, index: int, command: EngineCommand, free: Iterator[int], python: str) -> RoutedPlan:
     """A routed model's servers on this machine (each replica its own in the CPU development mode) and its router."""
     config = where.config
     count = replica_servers(config, index)

@@ -5,9 +5,10 @@ dashboard).
   mark a restart or a failure: `restart_pending`, `give_up`). A model that sleeps keeps its process up, and its
   engine stays resident meanwhile.
 - `ModelState`: a model as requests find it, read by the gateway, `/readyz` and the reports. Where models share GPUs
-  the residency (`app.serving.residency.Residency`) writes its own for each model, which adds sleeping and waking
-  (and says loading until a started engine has been measured); `model_state` composes the two: the residency's
-  where it has one for the model, else its engine's.
+  the residency (`app.serving.residency.Residency`) writes its own for each model: it adds sleeping and waking, says
+  loading until a started engine has been measured, and takes on its engine's restarting, failed or stopped as the
+  supervisor tells it. `model_state` composes the two: the residency's where it has one for the model, else its
+  engine's.
 - `AdapterState`: a LoRA adapter loaded on request, written by `app.serving.adapters.OnRequestAdapters`.
 - `Status`: the deployment as the dashboard shows it, written only by the deployment's lifecycle.
 - `Outcome`: how the ClearML task ends (`app/run.py` judges it from the exit code; `app.clearml.task` sets it).

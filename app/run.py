@@ -30,7 +30,7 @@ from app.serving.deployment import Deployment, RunOptions
 from app.serving.network import public_address
 from app.serving.node import Master, RankNode, ReplicaWorker, WorkerOrder
 from app.serving.startup import Span
-from app.states import Status
+from app.states import Outcome, Status
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
         deployment = _deployment(config, task, options, environ)
         code = event_loop_runner()(_serve(deployment, task))
     except ConfigError as exc:
-        task.finish("failed", str(exc))
+        task.finish(Outcome.FAILED, str(exc))
         task.close()
         raise
-    outcome = "completed" if code == EXIT_OK else "failed" if code == EXIT_ENGINE else "stopped"
+    outcome = Outcome.COMPLETED if code == EXIT_OK else Outcome.FAILED if code == EXIT_ENGINE else Outcome.STOPPED
     task.finish(outcome, deployment.failure_reason or deployment.stop_reason)
     if not task.close():
         # ClearML is stuck (its threads can wait on the network forever): they must not keep the process alive

@@ -23,6 +23,7 @@ from app.serving.idle import IdleDecision
 from app.serving.residency import WakeStats
 from app.serving.startup import StartupSummary
 from app.sglang.metrics import TokenTotals
+from app.states import Status
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class TaskReporter:
                 scalar(LATENCY, series, value, iteration)
         scalar(IN_FLIGHT, "total", float(decision.in_flight), iteration)
         scalar(IDLE_TIME, "idle", decision.idle_for_s / 3600, iteration)
-        idle_since = "" if decision.in_flight or decision.state == "active" else self._iso(decision.idle_for_s)
+        idle_since = "" if decision.in_flight or decision.state == Status.ACTIVE else self._iso(decision.idle_for_s)
         if idle_since != self._idle_since:
             self._idle_since = idle_since
             self.task.set_properties(idle_since=idle_since)

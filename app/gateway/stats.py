@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from app.gateway.routes import OPEN
+from app.states import ModelState
 
 # Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
 MAX_WINDOW_SAMPLES = 100_000
@@ -138,7 +139,7 @@ class RequestStats:
             answers=dict(answers),
         )
 
-    def prometheus(self, in_flight: int, states: dict[str, str]) -> str:
+    def prometheus(self, in_flight: int, states: dict[str, ModelState]) -> str:
         """The gateway's own metrics in Prometheus text format."""
         lines = [
             "# HELP clearml_sglang_responses_total Every response the endpoint sent, its own and relayed, by status.",

@@ -20,9 +20,10 @@ from app.serving.adapters import AdapterReport, AdapterStats, EngineAdapters, On
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
+from app.serving.memory import CPU_OFFLOAD, DISK_SWAP, SGLangMemoryControl
 from app.serving.models import ModelRegistry
 from app.serving.plan import DeploymentPlan
-from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
+from app.serving.residency import Residency, Slot
 from app.serving.scale_out import RemoteWorkers, WorkerPool
 from app.serving.startup import OnPhase
 from app.serving.supervisor import EngineSupervisor

@@ -39,7 +39,7 @@ from app.sglang.command import Launch, MultiNode
 from app.sglang.logs import Phase
 from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.sglang.router import RouterError, requests_per_worker
-from app.states import EngineState, ModelState, Status
+from app.states import ASLEEP, EngineState, ModelState, Status, model_state
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +259,13 @@ class Deployment(Lifecycle):
             serving.next_scale = now + SCALE_TICK_SECONDS
             serving.scaler = self._background(scale(built.remote_workers), "remote-workers")
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, ModelState]:
         """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
         if self.gateway is None:
             return {}
         states = self.gateway.states()
         for routed in self.routed.values():
-            states.update({w.endpoint: w.state for w in routed.servers if w.endpoint not in states})
+            states.update({w.endpoint: model_state(w.state) for w in routed.servers if w.endpoint not in states})
         for remote in self.remote_workers.values():
             states.update(remote.states())
         if self.multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
@@ -278,8 +278,8 @@ class Deployment(Lifecycle):
     async def _report(self, decision: IdleDecision) -> None:
         now = self.clock()
         engines = self.supervisor.engines if self.supervisor is not None else []
-        tokens = self._serving.rate.update(now, await scrape_tokens(self.client, engines))
         residency: Residency | None = self.residency
+        tokens = self._serving.rate.update(now, await scrape_tokens(self.client, engines, residency))
         window = self.stats.take_window()
         if line := window.console_line(tokens.generation if tokens else None):
             logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
@@ -348,9 +348,13 @@ def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
-async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:
-    """SGLang's own token counters, summed over every serving engine."""
-    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines if e.state == EngineState.RESIDENT))
+async def scrape_tokens(client: SGLangClient, engines: list[Engine],
+                        residency: Residency | None = None) -> TokenTotals:
+    """SGLang's own token counters, summed over every serving engine (not one whose model sleeps or wakes: its
+    engine is resident, its memory given back)."""
+    asleep = {name for name, state in residency.states().items() if state in ASLEEP} if residency else set()
+    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines
+                                   if e.state == EngineState.RESIDENT and e.endpoint not in asleep))
     total = ZERO
     for text in texts:
         total = total + TokenTotals.from_metrics(parse_prometheus(text))

@@ -35,7 +35,7 @@ from app.serving.residency import WakeStats
 from app.serving.startup import Span, StartupSummary
 from app.sglang.command import MultiNode
 from app.sglang.metrics import TokenTotals
-from app.states import Status
+from app.states import ModelState, Status
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RunOptions:
 class Reporter(Protocol):
     """Where the deployment says what it does. Called from a worker thread, one call at a time."""
 
-    def status(self, state: str, reason: str = "") -> None: ...
+    def status(self, state: Status, reason: str = "") -> None: ...
 
     def access_token(self, token: str) -> None: ...
 
@@ -79,14 +79,14 @@ class Reporter(Protocol):
 
     def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
 
-    def states(self, states: dict[str, str]) -> None: ...
+    def states(self, states: dict[str, ModelState]) -> None: ...
 
     def startup(self, summary: StartupSummary) -> None: ...
 
     def benchmark(self, results: list[BenchmarkResult]) -> None: ...
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               states: dict[str, ModelState], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
                replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
         ...
 
@@ -126,7 +126,7 @@ class ConsoleReporter:
     def __init__(self, token_file: Path | None = None):
         self.token_file = token_file or constants.cache_dir() / "access-token"
 
-    def status(self, state: str, reason: str = "") -> None:
+    def status(self, state: Status, reason: str = "") -> None:
         logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
 
     def base_url(self, port: int, local_url: str) -> str:
@@ -138,7 +138,7 @@ class ConsoleReporter:
             logger.info("  model %s: %s", name, url)
         logger.info("Try it:\n%s", curl)
 
-    def states(self, states: dict[str, str]) -> None:
+    def states(self, states: dict[str, ModelState]) -> None:
         logger.debug("Models: %s", states)
 
     def startup(self, summary: StartupSummary) -> None:
@@ -162,7 +162,7 @@ class ConsoleReporter:
                     "Set %s (comma-separated) to choose your own.", path, constants.API_TOKENS_ENV)
 
     def report(self, elapsed_s: float, decision: IdleDecision, window: WindowSummary, stats: RequestStats,
-               states: dict[str, str], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
+               states: dict[str, ModelState], tokens: TokenTotals | None = None, wakes: WakeStats | None = None,
                replicas: dict[str, float] | None = None, adapters: AdapterReport | None = None) -> None:
         logger.debug("%d requests in total, %d in flight, idle for %.0f s", stats.total_requests,
                      decision.in_flight, decision.idle_for_s)  # (the deployment prints each window's traffic)

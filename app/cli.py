@@ -74,8 +74,9 @@ def _add_serving_commands(sub) -> None:
     args = sub.add_parser("args", help="validate the config and print each model's SGLang command line")
     _config_options(args)
     args.add_argument("--gpu-count", type=int, metavar="N",
-                      help="GPUs on the target machine: the default of each model's `gpus`, and where each model "
-                           "goes (CUDA_VISIBLE_DEVICES); unknown: 1 per model, no placement shown")
+                      help="GPUs on the target machine: the default of each model's `gpus`, where each model goes "
+                           "(CUDA_VISIBLE_DEVICES), and replicas beyond them in worker tasks; unknown: 1 per model, "
+                           "no placement shown")
     args.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
                       help="memory of one target GPU, to turn max_cuda_memory_gib into --cpu-offload-gb")
     args.add_argument("--engine-port", type=int, default=constants.ENGINE_BASE_PORT, metavar="PORT",
@@ -155,26 +156,25 @@ def _configure_logging(stream: TextIO) -> None:
 
 
 def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
-    from app.serving.gpus import Gpu, place
+    """What `run` would run, from the same plan (`app.serving.plan`): every process's command line and environment,
+    on a machine described by --gpu-count/--gpu-memory-gib (an agent's: replicas beyond its GPUs go to worker
+    tasks)."""
+    from app.serving.gpus import Gpu
     from app.serving.models import describe
-    from app.serving.plan import demands
-    from app.sglang.command import Machine, build_engine_commands, check_commands
+    from app.serving.plan import layout, plan
+    from app.sglang.command import Launch, Machine, check_commands
 
     _require_source(options)
     config = load_config(options.config, options.overrides)
-    resolved = describe(config)
     machine = Machine(gpu_count=options.gpu_count, gpu_memory_gib=options.gpu_memory_gib)
-    placements = None
-    if options.gpu_count and config.general.device != "cpu":  # a described machine: show where each model goes
-        gpus = [Gpu(i, "described", options.gpu_memory_gib or 0.0) for i in range(options.gpu_count)]
-        placements = place(demands(config, machine), gpus)
-    ports = [options.engine_port + i for i in range(len(resolved))]
+    gpus = [Gpu(i, "described", options.gpu_memory_gib or 0.0) for i in range(options.gpu_count or 0)] or None
+    where = layout(config, gpus, can_spawn=True, machine=machine)
     # "python": the interpreter of the machine that runs the deployment, not of the one asking; the engine key
     # is made anew by every launch, so it shows as masked.
-    commands = build_engine_commands(config, resolved, ports, machine=machine, placements=placements,
-                                     engine_api_key=constants.SECRET_MASK, python="python")
-    check_commands(commands)  # SGLang's own parser, where it is installed
-    for command in commands:
+    planned = plan(where, describe(config), range(options.engine_port, options.engine_port + where.ports_needed),
+                   launch=Launch(constants.SECRET_MASK, python="python"))
+    check_commands(list(planned.commands))  # SGLang's own parser, where it is installed
+    for command in planned.processes:
         out.write(json.dumps(command.describe(), ensure_ascii=False) + "\n")
     return EXIT_OK
 

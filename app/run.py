@@ -27,9 +27,10 @@ from app.constants import EXIT_ENGINE, EXIT_OK
 from app.demo import DEMO_NAME, demo_config
 from app.errors import ConfigError, Problem
 from app.serving.deployment import Deployment, RunOptions
-from app.serving.node import NodeDeployment
+from app.serving.network import public_address
+from app.serving.node import Master, RankNode, ReplicaWorker, WorkerOrder
 from app.serving.startup import Span
-from app.states import Status
+from app.states import Outcome, Status
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,13 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
         config = _task_config(task, config, overrides)
         if config.general.debug:
             logging.getLogger().setLevel(logging.DEBUG)
-        deployment = _deployment(config, task, options)
+        deployment = _deployment(config, task, options, environ)
         code = event_loop_runner()(_serve(deployment, task))
     except ConfigError as exc:
-        task.finish("failed", str(exc))
+        task.finish(Outcome.FAILED, str(exc))
         task.close()
         raise
-    outcome = "completed" if code == EXIT_OK else "failed" if code == EXIT_ENGINE else "stopped"
+    outcome = Outcome.COMPLETED if code == EXIT_OK else Outcome.FAILED if code == EXIT_ENGINE else Outcome.STOPPED
     task.finish(outcome, deployment.failure_reason or deployment.stop_reason)
     if not task.close():
         # ClearML is stuck (its threads can wait on the network forever): they must not keep the process alive
@@ -108,25 +109,26 @@ def _task_config(task: DeploymentTask, config: DeploymentConfig | None, override
     return config
 
 
-def _deployment(config: DeploymentConfig, task: DeploymentTask, options: RunOptions) -> Deployment | NodeDeployment:
+def _deployment(config: DeploymentConfig, task: DeploymentTask, options: RunOptions,
+                environ: dict[str, str]) -> Deployment | RankNode | ReplicaWorker:
     """The instance, or one of its other machines when the task says so."""
     reporter = TaskReporter(task, models={m.endpoint: m.model for m in config.models},
                             gateway_route=config.instance.gateway_route)
     told = task.properties() if task.remote else {}
+    master = Master(task.master_running)
     if told.get(WORKER_OF):  # a replica worker the instance enqueued (app.serving.scale_out)
-        return NodeDeployment(config, ClearMLModelRegistry(), worker_of=told[WORKER_OF],
-                              engine_api_key=told.get(WORKER_KEY), reporter=reporter,
-                              publish=lambda url: task.set_properties(**{WORKER_URL: url}),
-                              master_running=task.master_running, options=options)
+        order = WorkerOrder(told[WORKER_OF], told.get(WORKER_KEY),
+                            publish=lambda url: task.set_properties(**{WORKER_URL: url}))
+        options = replace(options, public_host=options.public_host or public_address(environ))  # in its URL
+        return ReplicaWorker(config, ClearMLModelRegistry(), order, master, reporter=reporter, options=options)
     multi_node = _multi_node(config, task)
     if multi_node is not None and multi_node.rank > 0:
-        return NodeDeployment(config, ClearMLModelRegistry(), multi_node, reporter=reporter,
-                              master_running=task.master_running, options=options)
+        return RankNode(config, ClearMLModelRegistry(), multi_node, master, reporter=reporter, options=options)
     return Deployment(config, ClearMLModelRegistry(), reporter=reporter, options=options, multi_node=multi_node,
                       worker_pool=task.worker_pool() if task.remote and not task.offline else None)
 
 
-async def _serve(deployment: Deployment | NodeDeployment, task: DeploymentTask) -> int:
+async def _serve(deployment: Deployment | RankNode | ReplicaWorker, task: DeploymentTask) -> int:
     """Run the deployment; SIGTERM, SIGINT and an abort from the UI drain and stop it."""
     loop = asyncio.get_running_loop()
     finished = threading.Event()

@@ -2,7 +2,8 @@
 """Gateway benchmark: our gateway side by side with direct access, ClearML's local proxy and nginx, against upstreams
 that are never the bottleneck.
 
-    .venv/bin/python bench/gateway.py [--seconds 4] [--runs 3] [--skip-tokens]
+    .venv/bin/python bench/gateway.py [--seconds 4] [--runs 3] [--skip-tokens] [--configs direct,gateway,...]
+                                      [--baseline REV]
 
 Everything runs on this machine's loopback. Upstreams far faster than any proxy: for plain requests Debian's nginx
 answering `return 200` with a fixed OpenAI-shaped body; for streams `bench/sse_upstream.py` (uvloop, one write per
@@ -21,7 +22,12 @@ cold); 64 concurrent streams from the real SGLang engine. CPU from the OS (psuti
 generator's from getrusage). The whole set runs `--runs` times, interleaved; every figure is the median with its range
 over the runs, ratios computed within each run. A run in which direct access is not at least 3x the best proxy
 (requests/s at 16 connections, events/s of unpaced streams) is upstream-bound: then no ratio is reported.
-Writes bench/results/gateway.json; installs wrk and nginx with apt-get when they are missing.
+`--configs` runs only some of them (direct is needed for the upstream-bound check and the added latencies).
+`--baseline REV` adds `baseline`: the gateway of another revision of this repository (a git worktree, this venv),
+started by that revision's own copy of this script, measured in the same runs, interleaved with the current one;
+the summary then gives the current gateway's CPU per request and per stream event over the baseline's, per run.
+Writes bench/results/gateway.json (and again after every run, so a failure keeps what was measured); installs wrk
+and nginx with apt-get when they are missing.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
 TOKEN = "bench-token-0123456789abcdef"
 SSE = ROOT / "bench" / "sse_upstream.py"
-CONFIGS = ("direct", "gateway", "clearml", "nginx")
-PROXIES = CONFIGS[1:]
+ALL_CONFIGS = ("direct", "gateway", "clearml", "nginx")
+CONFIGS: tuple[str, ...] = ALL_CONFIGS  # what this run measures (--configs, --baseline)
+BASELINE_TREE: Path | None = None  # --baseline: the other revision's worktree
 # Direct access must be this much faster than the best proxy, or the proxies' figures measure the upstream.
 UPSTREAM_HEADROOM = 3.0
 CORES = sorted(os.sched_getaffinity(0))
@@ -197,12 +204,13 @@ def start_proxy(kind: str, upstream: str, workdir: Path) -> Proc:
     if kind == "nginx":
         popen = start_nginx(NGINX_CONF.format(port=port, upstream=upstream.removeprefix("http://"), token=TOKEN,
                                               prefix=workdir), f"nginx-{port}", workdir, PROXY_CORES)
-    else:
-        argv = pinned([sys.executable, __file__, f"--serve-{kind}", str(port), upstream], PROXY_CORES)
+    else:  # the baseline's gateway is served by its own revision of this script, which imports its own app
+        script, serve = (BASELINE_TREE / "bench" / "gateway.py", "gateway") if kind == "baseline" else (__file__, kind)
+        argv = pinned([sys.executable, str(script), f"--serve-{serve}", str(port), upstream], PROXY_CORES)
         popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
                                  env={**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(workdir)})
     proc = Proc(popen, f"http://127.0.0.1:{port}")
-    wait_http(proc.url + ("/healthz" if kind == "gateway" else "/health"))  # nginx and ClearML: proxied
+    wait_http(proc.url + ("/healthz" if kind in ("gateway", "baseline") else "/health"))  # nginx, ClearML: proxied
     return proc
 
 
@@ -515,14 +523,14 @@ def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
     from app.demo import demo_raw
     from app.demo.tiny_model import make_tiny_models
     from app.serving.models import describe
-    from app.sglang.command import build_engine_command
+    from app.sglang.command import Launch, build_engine_command
 
     made = make_tiny_models(workdir / "tiny")
     raw = demo_raw(made.base, made.adapters)
     raw["models"][0]["lora"] = {"enable": False}
     config = parse_config(raw)
     port = free_port()
-    command = build_engine_command(config, 0, describe(config)[0], port=port, engine_api_key="engine-key")
+    command = build_engine_command(config, 0, describe(config)[0], port=port, launch=Launch("engine-key"))
     engine = subprocess.Popen(command.argv, env={**os.environ, **command.env}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     direct = f"http://127.0.0.1:{port}"
@@ -572,7 +580,7 @@ def headroom(results: dict, run: int, key: str, rate: str) -> dict:
     """How much more the upstream could have served than the best proxy asked of it: by direct access (which on a
     small machine the load generator, sharing the upstream's cores, bounds first) and by the upstream's own CPU
     while the best proxy ran (the share of one core it used; a third or less: 3x headroom)."""
-    best = max(PROXIES, key=lambda k: results[k][run][key][rate])
+    best = max((k for k in CONFIGS if k != "direct"), key=lambda k: results[k][run][key][rate])
     direct = results["direct"][run][key][rate] / results[best][run][key][rate]
     share = results[best][run][key]["upstream_core_share"]
     return {"best_proxy": best, "direct_ratio": direct, "upstream_core_share": share, "cpu_headroom": 1 / share}
@@ -595,53 +603,70 @@ def upstream_bound(results: dict, run: int, checks: tuple[str, ...] = tuple(BOUN
 
 
 def summarise(results: dict, runs: int) -> dict:
+    """Every figure the measured configurations allow (one that needs a configuration not run, or a measurement
+    that got no requests, is left out rather than failing the summary)."""
     r_ = range(1, runs + 1)
-    g, d, n, c = (results[k] for k in ("gateway", "direct", "nginx", "clearml"))
-    bound = [reason for r in r_ for reason in upstream_bound(results, r)]
+    g, d, n, c, b = (results.get(k, {}) for k in ("gateway", "direct", "nginx", "clearml", "baseline"))
+    checked = "direct" in results and any(k in results for k in CONFIGS if k != "direct")
+    bound = [reason for r in r_ for reason in upstream_bound(results, r)] if checked else []
 
     def each(fn) -> dict:
         return spread([fn(r) for r in r_])
 
-    summary: dict = {"upstream_bound": bool(bound), "upstream_bound_because": bound, "runs": runs,
-                     "cores": {"proxy": PROXY_CORES, "upstream": UPSTREAM_CORES, "load": LOAD_CORES},
-                     "headroom_plain": [headroom(results, r, "c16", "rps") for r in r_],
-                     "headroom_streams": [headroom(results, r, "stream_rate", "events_per_s") for r in r_]}
-    absolute = {
-        "direct_rps_c16": each(lambda r: d[r]["c16"]["rps"]),
-        "gateway_rps_c16": each(lambda r: g[r]["c16"]["rps"]),
-        "nginx_rps_c16": each(lambda r: n[r]["c16"]["rps"]),
-        "clearml_rps_c16": each(lambda r: c[r]["c16"]["rps"]),
-        "gateway_cpu_us_per_request": each(lambda r: g[r]["c16"]["cpu_us_per_request"]),
-        "nginx_cpu_us_per_request": each(lambda r: n[r]["c16"]["cpu_us_per_request"]),
-        "gateway_cpu_us_per_event": each(lambda r: g[r]["stream_rate"]["cpu_us_per_event"]),
-        "nginx_cpu_us_per_event": each(lambda r: n[r]["stream_rate"]["cpu_us_per_event"]),
-        "load_generator_cpu_us_per_request": each(lambda r: g[r]["c16"]["load_cpu_us_per_request"]),
-        "load_generator_cpu_us_per_event": each(lambda r: g[r]["stream_rate"]["load_cpu_us_per_event"]),
-        "added_latency_p50_ms": each(lambda r: g[r]["c1"]["p50_ms"] - d[r]["c1"]["p50_ms"]),
-        "added_latency_p99_ms": each(lambda r: g[r]["c1"]["p99_ms"] - d[r]["c1"]["p99_ms"]),
-        "ttfc_added_ms_16_streams": each(lambda r: g[r]["streams16"]["ttfc_p50_ms"] - d[r]["streams16"]["ttfc_p50_ms"]),
-        "open_streams_1000_completed": each(lambda r: g[r]["streams1000"]["completed"]),
-        "open_streams_1000_ttfc_added_ms": each(
+    summary: dict = {"configs": list(CONFIGS), "upstream_bound": bool(bound) if checked else None,
+                     "upstream_bound_because": bound, "runs": runs,
+                     "cores": {"proxy": PROXY_CORES, "upstream": UPSTREAM_CORES, "load": LOAD_CORES}}
+    figures = {
+        "headroom_plain": lambda: [headroom(results, r, "c16", "rps") for r in r_],
+        "headroom_streams": lambda: [headroom(results, r, "stream_rate", "events_per_s") for r in r_],
+        "direct_rps_c16": lambda: each(lambda r: d[r]["c16"]["rps"]),
+        "gateway_rps_c16": lambda: each(lambda r: g[r]["c16"]["rps"]),
+        "baseline_rps_c16": lambda: each(lambda r: b[r]["c16"]["rps"]),
+        "nginx_rps_c16": lambda: each(lambda r: n[r]["c16"]["rps"]),
+        "clearml_rps_c16": lambda: each(lambda r: c[r]["c16"]["rps"]),
+        "gateway_cpu_us_per_request": lambda: each(lambda r: g[r]["c16"]["cpu_us_per_request"]),
+        "baseline_cpu_us_per_request": lambda: each(lambda r: b[r]["c16"]["cpu_us_per_request"]),
+        "nginx_cpu_us_per_request": lambda: each(lambda r: n[r]["c16"]["cpu_us_per_request"]),
+        "gateway_cpu_us_per_event": lambda: each(lambda r: g[r]["stream_rate"]["cpu_us_per_event"]),
+        "baseline_cpu_us_per_event": lambda: each(lambda r: b[r]["stream_rate"]["cpu_us_per_event"]),
+        "nginx_cpu_us_per_event": lambda: each(lambda r: n[r]["stream_rate"]["cpu_us_per_event"]),
+        "load_generator_cpu_us_per_request": lambda: each(lambda r: g[r]["c16"]["load_cpu_us_per_request"]),
+        "load_generator_cpu_us_per_event": lambda: each(lambda r: g[r]["stream_rate"]["load_cpu_us_per_event"]),
+        "added_latency_p50_ms": lambda: each(lambda r: g[r]["c1"]["p50_ms"] - d[r]["c1"]["p50_ms"]),
+        "added_latency_p99_ms": lambda: each(lambda r: g[r]["c1"]["p99_ms"] - d[r]["c1"]["p99_ms"]),
+        "ttfc_added_ms_16_streams": lambda: each(
+            lambda r: g[r]["streams16"]["ttfc_p50_ms"] - d[r]["streams16"]["ttfc_p50_ms"]),
+        "open_streams_1000_completed": lambda: each(lambda r: g[r]["streams1000"]["completed"]),
+        "open_streams_1000_ttfc_added_ms": lambda: each(
             lambda r: g[r]["streams1000"]["ttfc_p50_ms"] - d[r]["streams1000"]["ttfc_p50_ms"]),
-        "open_streams_1000_rss_mb": each(lambda r: g[r]["streams1000"]["peak_rss_mb"]),
+        "open_streams_1000_rss_mb": lambda: each(lambda r: g[r]["streams1000"]["peak_rss_mb"]),
+        # the same run, interleaved: the current gateway over the baseline revision's
+        "cpu_per_request_ratio_vs_baseline": lambda: each(
+            lambda r: g[r]["c16"]["cpu_us_per_request"] / b[r]["c16"]["cpu_us_per_request"]),
+        "cpu_per_event_ratio_vs_baseline": lambda: each(
+            lambda r: g[r]["stream_rate"]["cpu_us_per_event"] / b[r]["stream_rate"]["cpu_us_per_event"]),
+        "throughput_ratio_vs_baseline": lambda: each(lambda r: g[r]["c16"]["rps"] / b[r]["c16"]["rps"]),
     }
-    summary.update(absolute)
-    # ratios only where the proxies, not the upstream, were measured
-    if not any(upstream_bound(results, r, ("plain",)) for r in r_):
-        summary.update({
-            "throughput_ratio_vs_nginx": each(lambda r: g[r]["c16"]["rps"] / n[r]["c16"]["rps"]),
-            "throughput_ratio_vs_clearml_proxy": each(lambda r: g[r]["c16"]["rps"] / c[r]["c16"]["rps"]),
-            "cpu_ratio_vs_nginx": each(lambda r: g[r]["c16"]["cpu_us_per_request"] / n[r]["c16"]["cpu_us_per_request"]),
+    # ratios against nginx and ClearML's proxy only where the proxies, not the upstream, were measured
+    if checked and not any(upstream_bound(results, r, ("plain",)) for r in r_):
+        figures.update({
+            "throughput_ratio_vs_nginx": lambda: each(lambda r: g[r]["c16"]["rps"] / n[r]["c16"]["rps"]),
+            "throughput_ratio_vs_clearml_proxy": lambda: each(lambda r: g[r]["c16"]["rps"] / c[r]["c16"]["rps"]),
+            "cpu_ratio_vs_nginx": lambda: each(
+                lambda r: g[r]["c16"]["cpu_us_per_request"] / n[r]["c16"]["cpu_us_per_request"]),
         })
-    if not any(upstream_bound(results, r, ("streams",)) for r in r_):
-        summary.update({
-            "cpu_per_event_ratio_vs_nginx": each(
+    if checked and not any(upstream_bound(results, r, ("streams",)) for r in r_):
+        figures.update({
+            "cpu_per_event_ratio_vs_nginx": lambda: each(
                 lambda r: g[r]["stream_rate"]["cpu_us_per_event"] / n[r]["stream_rate"]["cpu_us_per_event"]),
-            "stream_rate_ratio_vs_nginx": each(
+            "stream_rate_ratio_vs_nginx": lambda: each(
                 lambda r: g[r]["stream_rate"]["events_per_s"] / n[r]["stream_rate"]["events_per_s"]),
         })
     if "tokens" in results:
-        summary["tokens_ratio_vs_direct_64_streams"] = spread([t["ratio"] for t in results["tokens"].values()])
+        figures["tokens_ratio_vs_direct_64_streams"] = lambda: spread([t["ratio"] for t in results["tokens"].values()])
+    for name, figure in figures.items():
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+            summary[name] = figure()
     return summary
 
 
@@ -679,6 +704,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each wrk measurement")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-tokens", action="store_true", help="no real-SGLang tokens test")
+    parser.add_argument("--configs", default=",".join(ALL_CONFIGS),
+                        help="which of direct,gateway,clearml,nginx to measure (comma-separated)")
+    parser.add_argument("--baseline", metavar="REV", help="also measure the gateway of this git revision")
     parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-key", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-clearml", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -692,23 +720,45 @@ def main() -> int:
     if args.serve_clearml:
         serve_clearml(int(args.serve_clearml[0]), args.serve_clearml[1])
         return 0
+    global CONFIGS, BASELINE_TREE
+    CONFIGS = tuple(k for k in ALL_CONFIGS if k in args.configs.split(","))
+    if unknown := set(args.configs.split(",")) - set(ALL_CONFIGS):
+        parser.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ALL_CONFIGS)}")
     ensure_tools()
     raise_fd_limit()
     os.sched_setaffinity(0, LOAD_CORES)  # this script is the streams' load generator
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
-        for run in range(1, args.runs + 1):
-            plain_and_stream_phase(results, run, args.seconds, workdir)
-        if not args.skip_tokens:
-            tokens_phase(results, args.runs, workdir)
+        if args.baseline:
+            BASELINE_TREE = workdir / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(BASELINE_TREE), args.baseline], cwd=ROOT,
+                           check=True, capture_output=True)
+            CONFIGS = (*CONFIGS, "baseline")
+        try:
+            for run in range(1, args.runs + 1):
+                plain_and_stream_phase(results, run, args.seconds, workdir)
+                write_results(results, run, args.baseline)
+            if not args.skip_tokens:
+                tokens_phase(results, args.runs, workdir)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(BASELINE_TREE)], cwd=ROOT, check=False)
     print_table(results, args.runs)
-    summary = summarise(results, args.runs)
+    summary = write_results(results, args.runs, args.baseline)
     print("\n" + json.dumps(summary, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
+
+
+def write_results(results: dict, runs: int, baseline: str | None) -> dict:
+    """The summary of the runs so far, with every measurement, in bench/results/gateway.json."""
+    summary = summarise(results, runs)
+    if baseline:
+        summary["baseline_revision"] = baseline
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from clearml.backend_api.session import Session
 from app.config.export import Hyperparameter
 from app.config.types import MultiNode
 from app.errors import ModelNotFound
+from app.states import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +218,15 @@ class DeploymentTask:
         """Run `callback` (drain and stop) when the task is stopped from the UI, before the SDK ends the process."""
         self.task.register_abort_callback(callback, callback_execution_timeout=timeout_s)
 
-    def finish(self, outcome: str, reason: str = "") -> None:
+    def finish(self, outcome: Outcome, reason: str = "") -> None:
         """Set the final status: completed, stopped or failed (with its reason). Offline, the SDK keeps none."""
         if self.offline:
             return
-        if outcome == "failed":
+        if outcome == Outcome.FAILED:
             self.task.mark_failed(status_reason=reason, status_message=reason)
         elif self.remote:
             return  # under an agent the agent sets completed / stopped from the exit code
-        elif outcome == "stopped":
+        elif outcome == Outcome.STOPPED:
             self.task.mark_stopped(status_message=reason)
         else:
             self.task.mark_completed(status_message=reason)

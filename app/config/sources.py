@@ -98,25 +98,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
                          did_you_mean(parts[0], schema.TOP_LEVEL_KEYS) or
                          "sections: " + ", ".join(schema.TOP_LEVEL_KEYS))
             continue
-        if parts[0] == "models":
-            if len(parts) < 3 or not parts[1].isdigit():
-                problems.add(f"--set {preview(key)}", "a model setting needs the model's number",
-                             "e.g. --set models.0.gpus=2")
-                continue
-            models = result.setdefault("models", [])
-            if not isinstance(models, list):
-                problems.add("models", "is not a list", "write models as a list of mappings")
-                continue
-            index = int(parts[1])
-            if index > len(models):
-                problems.add(f"--set {preview(key)}", f"there is no model {index - 1} yet",
-                             f"number models from 0; the next one is {len(models)}")
-                continue
-            if index == len(models):
-                models.append({})
-            target, path = models[index], parts[2:]
-        else:
-            target, path = result, parts
+        found = _override_target(result, parts, f"--set {preview(key)}", problems)
+        if found is None:
+            continue
+        target, path = found
         for part in path[:-1]:
             nxt = target.setdefault(part, {}) if isinstance(target, dict) else None
             if not isinstance(nxt, dict):
@@ -130,6 +115,29 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
                 problems.add(f"--set {preview(key)}", "does not name a setting", "check the key")
     problems.raise_if_any()
     return result
+
+
+def _override_target(result: dict[str, Any], parts: list[str], where: str,
+                     problems: Problems) -> tuple[Any, list[str]] | None:
+    """Where an override's key lands: a model's mapping (added when the key names the next free index) and the
+    rest of the key, or the whole config and the key; None when the key cannot name a setting (said in problems)."""
+    if parts[0] != "models":
+        return result, parts
+    if len(parts) < 3 or not parts[1].isdigit():
+        problems.add(where, "a model setting needs the model's number", "e.g. --set models.0.gpus=2")
+        return None
+    models = result.setdefault("models", [])
+    if not isinstance(models, list):
+        problems.add("models", "is not a list", "write models as a list of mappings")
+        return None
+    index = int(parts[1])
+    if index > len(models):
+        problems.add(where, f"there is no model {index - 1} yet",
+                     f"number models from 0; the next one is {len(models)}")
+        return None
+    if index == len(models):
+        models.append({})
+    return models[index], parts[2:]
 
 
 def raw_from_hyperparameters(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Protocol
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
 from app.gateway.relay import Target, lora_paths, with_model
+from app.states import AdapterState
 
 
 class AdapterRefused(Exception):
@@ -56,7 +57,7 @@ class AdapterLoader(Protocol):
         """A lease on the adapter loaded on request under `name`; None when none is (nothing is loaded for it)."""
         ...
 
-    def cards(self) -> list[tuple[str, str]]:
+    def cards(self) -> list[tuple[str, AdapterState]]:
         """Each adapter loaded or loading on request, with its state, least recently used first."""
         ...
 

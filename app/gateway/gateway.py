@@ -274,7 +274,7 @@ class Gateway:
         return found
 
     async def _held(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
-                    state: str, adapter: str | None) -> Pending | None:
+                    state: ModelState, adapter: str | None) -> Pending | None:
         """Hold a request for a model that is waking (one wake-up for all) or restarting after a crash, until it
         serves again, at most its deadline; then relay it, or 503 + Retry-After."""
         route.held += 1
@@ -323,7 +323,7 @@ class Gateway:
                 return Reply(200, json.dumps(card).encode())
         return error_reply(404, f"The model {route.model_id!r} does not exist", "model_not_found", param="model")
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, ModelState]:
         """Each model's state, as requests find it."""
         return {name: route.state for name, route in self.routes.items()}
 

@@ -16,7 +16,7 @@ from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
 from app.gateway.relay import RETRY_AFTER_SECONDS, text_bytes
 from app.gateway.upstream import Upstream
-from app.states import ModelState
+from app.states import ASLEEP, AdapterState, EngineState, ModelState, model_state
 
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 # How long a request for a restarting model is held before 503 (the deployment's config sets it).
@@ -27,14 +27,16 @@ RESTART_HOLD_SECONDS = 120.0
 # before it checks its length, and meanwhile serves nobody (30 MB took it 125 s).
 MAX_PROMPT_BYTES_PER_TOKEN = 32
 # A request for a model in these states waits for it to wake.
-WAITS_FOR_WAKE = frozenset({ModelState.SLEEPING, ModelState.WAKING})
+WAITS_FOR_WAKE = ASLEEP
 
 
 class EngineHandle(Protocol):
     """What the gateway needs of an engine (`app.serving.engine.Engine` has it; tests pass simple objects)."""
 
     url: str
-    state: str
+
+    @property
+    def state(self) -> EngineState: ...
 
     async def wait_serving(self, deadline_s: float) -> bool:
         """Until the engine serves again after a crash (True), it failed for good, or the deadline passed."""
@@ -53,7 +55,7 @@ class Residency(Protocol):
 
     def describe(self) -> dict[str, dict[str, object]]: ...
 
-    def state(self, endpoint: str) -> str: ...
+    def state(self, endpoint: str) -> ModelState: ...
 
 
 @dataclass
@@ -83,17 +85,18 @@ class ModelRoute:
         self.authorization = f"Bearer {self.api_key}".encode() if self.api_key else None
 
     @property
-    def state(self) -> str:
-        """The model's availability: the residency's where models share GPUs (an engine just up is `loading`
-        until it has been measured and can take requests), else its engine's."""
-        return self.residency.state(self.endpoint) if self.residency is not None else self.engine.state
+    def state(self) -> ModelState:
+        """The model's availability, composed (`app.states.model_state`): the residency's where models share GPUs
+        (an engine just up is `loading` until it has been measured and can take requests), else its engine's."""
+        residency = self.residency
+        return model_state(self.engine.state, residency.state(self.endpoint) if residency is not None else None)
 
     def leave(self, now: float) -> None:
         if self.residency is not None:
             self.residency.leave(self.endpoint, now)
 
 
-def unavailable(route: ModelRoute, state: str, waited_s: float | None = None) -> Reply:
+def unavailable(route: ModelRoute, state: ModelState, waited_s: float | None = None) -> Reply:
     message = (f"Model {route.endpoint!r} is still {state} after {waited_s:g} s; retry shortly"
                if waited_s is not None else f"Model {route.endpoint!r} is {state}; retry shortly")
     return error_reply(503, message, str(state), retry_after_s=RETRY_AFTER_SECONDS)
@@ -125,7 +128,7 @@ def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> l
         state = route.state
         data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
                      "state": state})
-        adapters = [(adapter, state) for adapter in route.adapters]
+        adapters: list[tuple[str, ModelState | AdapterState]] = [(adapter, state) for adapter in route.adapters]
         if route.adapter_loader is not None:
             adapters += route.adapter_loader.cards()
         data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from app.gateway.routes import OPEN
+from app.states import ModelState
 from app.statistics import WindowSummary, percentile
 
 # Most requests a window keeps for its percentiles; beyond that the window samples (every request still counts).
@@ -102,7 +103,7 @@ class RequestStats:
             answers=dict(answers),
         )
 
-    def prometheus(self, in_flight: int, states: dict[str, str]) -> str:
+    def prometheus(self, in_flight: int, states: dict[str, ModelState]) -> str:
         """The gateway's own metrics in Prometheus text format."""
         lines = [
             "# HELP clearml_sglang_responses_total Every response the endpoint sent, its own and relayed, by status.",

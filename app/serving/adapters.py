@@ -133,8 +133,8 @@ class OnRequestAdapters:
     def configured(self, name: str) -> bool:
         return name in self._configured
 
-    def cards(self) -> list[tuple[str, str]]:
-        return [(e.name, str(e.state)) for e in sorted(self._entries.values(), key=lambda e: e.last_used)]
+    def cards(self) -> list[tuple[str, AdapterState]]:
+        return [(e.name, e.state) for e in sorted(self._entries.values(), key=lambda e: e.last_used)]
 
     def loaded(self, name: str) -> bool:
         return any(e.name == name and e.state == AdapterState.LOADED for e in self._entries.values())

@@ -20,9 +20,10 @@ from app.serving.adapters import AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
+from app.serving.memory import CPU_OFFLOAD, DISK_SWAP, SGLangMemoryControl
 from app.serving.models import ModelRegistry
 from app.serving.plan import DeploymentPlan
-from app.serving.residency import CPU_OFFLOAD, DISK_SWAP, Residency, SGLangMemoryControl, Slot
+from app.serving.residency import Residency, Slot
 from app.serving.scale_out import RemoteWorkers, WorkerPool
 from app.serving.startup import OnPhase
 from app.serving.supervisor import EngineSupervisor
@@ -78,44 +79,44 @@ class Built:
     quiet_token: str = field(default="", repr=False)  # the benchmark's: served, counted nowhere
 
 
-def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, client: SGLangClient,
-          registry: ModelRegistry, startup_deadline_s: float,
-          gateway_options: GatewayOptions = GatewayOptions(), worker_pool: WorkerPool | None = None,
-          clock: Callable[[], float] = time.monotonic,
-          on_change: Callable[[Engine], None] | None = None, on_phase: OnPhase | None = None) -> Built:
+@dataclass(frozen=True)
+class Collaborators:
+    """What the built objects talk to: the gateway's request statistics, SGLang's API, the registry that fetches the
+    ClearML models adapters on request name, where worker tasks come from (under an agent), the clock."""
+
+    stats: RequestStats
+    client: SGLangClient
+    registry: ModelRegistry
+    worker_pool: WorkerPool | None = None
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class _Engines:
+    """The engines of a plan: the one in front of each model (its server, or its router), every server, the
+    routed models and their worker tasks."""
+
+    front: dict[str, Engine] = field(default_factory=dict)
+    servers: list[Engine] = field(default_factory=list)
+    routed: dict[str, RoutedModel] = field(default_factory=dict)
+    remote_workers: dict[str, RemoteWorkers] = field(default_factory=dict)
+
+
+def build(plan: DeploymentPlan, tokens: list[str], using: Collaborators, *, startup_deadline_s: float,
+          gateway_options: GatewayOptions = GatewayOptions(), on_change: Callable[[Engine], None] | None = None,
+          on_phase: OnPhase | None = None) -> Built:
     """The deployment's objects. The tokens and the config's secrets are masked in every engine's log; `on_change`
     hears every engine's news (the deployment passes them on to the residency and the routers); `on_phase` each
-    SGLang server's startup phases; `registry` fetches the ClearML models adapters on request name."""
+    SGLang server's startup phases."""
     config = plan.config
-    secrets = [*tokens, *config.secrets]
-    front: dict[str, Engine] = {}
-    servers: list[Engine] = []
-    routed: dict[str, RoutedModel] = {}
-    remote_workers: dict[str, RemoteWorkers] = {}
-    for command in plan.commands:
-        route_plan = plan.routed.get(command.endpoint)
-        if route_plan is None:
-            servers.append(engine := Engine(command, secrets=secrets, probe=client.healthy, on_phase=on_phase))
-            front[command.endpoint] = engine
-            continue
-        workers = [Engine(c, secrets=secrets, probe=client.healthy, on_phase=on_phase) for c in route_plan.servers]
-        control = RouterWorkers(f"http://127.0.0.1:{route_plan.router.port}", command.api_key, client=client)
-        router = Engine(route_plan.router, secrets=secrets, probe=control.readiness(len(workers)))
-        servers += workers
-        front[command.endpoint] = router
-        routed[command.endpoint] = RoutedModel(router, control, workers, route_plan.metrics_port)
-        if route_plan.remote:
-            assert worker_pool is not None
-            remote_workers[command.endpoint] = RemoteWorkers(
-                command.endpoint, route_plan.remote, worker_pool, add=control.add, remove=control.remove,
-                engine_key=command.api_key)
-        logger.info("Model %s: %d SGLang server(s) here%s behind sglang-router", command.endpoint, len(workers),
-                    f" and {route_plan.remote} replica(s) in worker tasks" if route_plan.remote else "")
+    stats, client, clock = using.stats, using.client, using.clock
+    made = _engines(plan, [*tokens, *config.secrets], using, on_phase)
+    front, servers, routed, remote_workers = made.front, made.servers, made.routed, made.remote_workers
     residency = _residency(plan, [front[c.endpoint] for c in plan.commands], client, clock)
     tracker = IdleTracker(config.idle.time_limit_hours * 3600 if config.idle.shuts_down else None,
                           config.idle.report_interval_seconds, clock())
     adapter_stats = AdapterStats()
-    adapters = _adapters_on_request(plan, front, client, registry, adapter_stats, clock)
+    adapters = _adapters_on_request(plan, front, client, using.registry, adapter_stats, clock)
     routes = [ModelRoute(c.endpoint, front[c.endpoint], api_key=c.api_key, adapters=plan.adapters[c.endpoint],
                          adapter_loader=adapters.get(c.endpoint), residency=residency,
                          wake_deadline_s=config.general.wake_deadline_seconds,
@@ -135,6 +136,31 @@ def build(plan: DeploymentPlan, tokens: list[str], *, stats: RequestStats, clien
                                clock=clock)
     return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency, adapters,
                  adapter_stats, quiet_token)
+
+
+def _engines(plan: DeploymentPlan, secrets: list[str], using: Collaborators, on_phase: OnPhase | None) -> _Engines:
+    """One `Engine` per SGLang server and router of the plan, each router's worker list, each model's worker tasks."""
+    client, made = using.client, _Engines()
+    for command in plan.commands:
+        route_plan = plan.routed.get(command.endpoint)
+        if route_plan is None:
+            made.servers.append(engine := Engine(command, secrets=secrets, probe=client.healthy, on_phase=on_phase))
+            made.front[command.endpoint] = engine
+            continue
+        workers = [Engine(c, secrets=secrets, probe=client.healthy, on_phase=on_phase) for c in route_plan.servers]
+        control = RouterWorkers(f"http://127.0.0.1:{route_plan.router.port}", command.api_key, client=client)
+        router = Engine(route_plan.router, secrets=secrets, probe=control.readiness(len(workers)))
+        made.servers += workers
+        made.front[command.endpoint] = router
+        made.routed[command.endpoint] = RoutedModel(router, control, workers, route_plan.metrics_port)
+        if route_plan.remote:
+            assert using.worker_pool is not None
+            made.remote_workers[command.endpoint] = RemoteWorkers(
+                command.endpoint, route_plan.remote, using.worker_pool, add=control.add, remove=control.remove,
+                engine_key=command.api_key)
+        logger.info("Model %s: %d SGLang server(s) here%s behind sglang-router", command.endpoint, len(workers),
+                    f" and {route_plan.remote} replica(s) in worker tasks" if route_plan.remote else "")
+    return made
 
 
 def _adapters_on_request(plan: DeploymentPlan, front: dict[str, Engine], client: SGLangClient,

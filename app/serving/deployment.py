@@ -23,7 +23,7 @@ from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
 from app.gateway import RequestStats
 from app.serving.benchmark import benchmark_deployment
-from app.serving.build import Built, GatewayOptions, build
+from app.serving.build import Built, Collaborators, GatewayOptions, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu, detect_gpus
@@ -37,10 +37,10 @@ from app.serving.report import Span
 from app.serving.scale_out import RemoteWorkers, WorkerPool
 from app.serving.startup import StartupTimeline
 from app.sglang.api import SGLangClient
-from app.sglang.command import MultiNode
+from app.sglang.command import Launch, MultiNode
 from app.sglang.logs import Phase
 from app.sglang.router import RouterError
-from app.states import EngineState, Status
+from app.states import EngineState, ModelState, Status
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ class Deployment(Lifecycle):
         """Lay the models out on this machine and plan every command (pure, given the GPUs and free ports)."""
         where = layout(self.config, self.detect() if self.config.general.device == "cuda" else [],
                        can_spawn=self.worker_pool is not None)
-        for model, placement in zip(where.config.models, where.placements or (), strict=False):
+        for model, placement in zip(self.config.models, where.placements or (), strict=False):
             logger.info("Model %s on GPU %s%s", model.endpoint, placement.cuda_visible_devices,
                         f" (shared; memory fraction {placement.memory_fraction:g})" if placement.shared else "")
         ports = free_ports(where.ports_needed, exclude=frozenset({self.options.port}))
-        planned = plan(where, resolved, ports, engine_key=engine_key(), launcher=self.options.launcher,
+        planned = plan(where, resolved, ports, launch=Launch(engine_key(), launcher=self.options.launcher),
                        multi_node=self.multi_node)
         return planned  # (SGLang's own parser checks them as each engine starts: importing it here costs seconds)
 
@@ -156,8 +156,8 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.access_token, tokens[0])
         options = self.options
         self.built = built = build(
-            planned, tokens, stats=self.stats, client=self.client, registry=self.registry,
-            startup_deadline_s=options.startup_deadline_s, worker_pool=self.worker_pool, clock=self.clock,
+            planned, tokens, Collaborators(self.stats, self.client, self.registry, self.worker_pool, self.clock),
+            startup_deadline_s=options.startup_deadline_s,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s, options.task_url, options.max_connections),
             on_change=self._engine_changed, on_phase=self._engine_phase)
@@ -264,7 +264,7 @@ class Deployment(Lifecycle):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), min(TICK_SECONDS, max(0.05, next_report - now)))
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, ModelState]:
         """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
         return model_states(self.built, self.config, self.multi_node) if self.built is not None else {}
 

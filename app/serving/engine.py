@@ -1,4 +1,4 @@
-"""One SGLang server process group, watched from start to stop; its state is written here only.
+"""One SGLang server process group, watched from start to stop; its `EngineState` is written here only.
 
 `Engine` spawns the server in a new session (its own process group) through `app.sglang.launch`, pumps its output
 line by line to our log (prefixed by the endpoint name, secrets masked) and into a bounded tail, reads its startup
@@ -8,12 +8,13 @@ the launcher, a grace period, then SIGKILL to the whole group. (SGLang's launche
 on SIGTERM; signalling the whole group makes it read its scheduler's exit as a crash: docs/sglang.md, "Stopping".)
 
 Once ready, every SGLang process of the engine (its scheduler, detokenizer and ranks, which SGLang names
-`sglang::...`) is watched too: when any of them dies the engine is taken down at once, rather than when SGLang's
-launcher gets round to it (its watchdog looks once a second, then it tears down), so streams end with their error
-within a second and the gateway holds new requests from that moment.
+`sglang::...`) is watched too (`app.serving.processes`): when any of them dies the engine is taken down at once,
+rather than when SGLang's launcher gets round to it (its watchdog looks once a second, then it tears down), so
+streams end with their error within a second and the gateway holds new requests from that moment.
 
 Its supervisor (`app.serving.supervisor`) restarts it when it crashes (`restart_pending`, then `start`) or gives up
-(`give_up`); why it crashed is read from the evidence it leaves (`app.serving.failures`).
+(`give_up`); why it crashed is read from the evidence it leaves (`app.serving.failures`). Where models share GPUs a
+model may sleep while its engine stays resident: what requests find is the residency's (`app.states.model_state`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-
-import psutil
 
 from app.serving.failures import CrashEvidence, EngineStartupError, classify_failure, oom_kill_count
+from app.serving.processes import Member, MemberWatch, end_group, kill_group, sglang_processes
 from app.serving.startup import EnginePhases, OnPhase
 from app.sglang.api import http_health_probe
 from app.sglang.command import EngineCommand
@@ -50,20 +48,16 @@ READINESS_PROBE_INTERVAL_SECONDS = 0.5
 LOG_TAIL_LINES = 200
 # Longest line read from an engine (SGLang prints its whole ServerArgs on one line).
 MAX_LOG_LINE_BYTES = 1 << 20
-# How often SGLang's processes are looked at where the kernel cannot tell at once (no pidfd).
-MEMBER_POLL_SECONDS = 0.25
-# SGLang names its processes `sglang::scheduler`, `sglang::detokenizer`, `sglang::scheduler_TP1`, ... (setproctitle).
-MEMBER_PREFIX = "sglang::"
 
 Probe = Callable[[str], Awaitable[bool]]
-
 
 
 class Engine:
     """One SGLang server: `start`, `wait_ready`, `wait_exit`, `stop`. Constructing it starts nothing.
 
-    `state` is written by the engine (loading, resident, failed, stopped) and by its supervisor (restarting);
-    `wait_serving` lets the gateway hold a request until a restarting engine serves again."""
+    `state` is read-only outside: the engine writes it as it starts, becomes ready, crashes or stops, and when its
+    supervisor asks (`restart_pending`, `give_up`); `wait_serving` lets the gateway hold a request until a restarting
+    engine serves again."""
 
     def __init__(
         self,
@@ -94,7 +88,7 @@ class Engine:
         self._process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
-        self._members: list[_Member] = []
+        self._members = MemberWatch(self.endpoint, self._member_died)
         self._stopping = False
         self._died: str | None = None  # the SGLang process whose death ended the engine
         self._oom_at_start: int | None = None
@@ -102,13 +96,12 @@ class Engine:
         self._said_ready = asyncio.Event()  # SGLang printed "ready to roll", after its own warmup request
 
     @property
-    def state(self) -> str:
+    def state(self) -> EngineState:
         return self._state
 
-    @state.setter
-    def state(self, value: str) -> None:
-        if value != self._state:
-            self._state = value
+    def _set(self, state: EngineState) -> None:
+        if state != self._state:
+            self._state = state
             self._changed.set()  # wakes every waiter; they wait on a fresh event next time
             self._changed = asyncio.Event()
 
@@ -146,11 +139,11 @@ class Engine:
     def restart_pending(self) -> None:
         """It crashed and will be started again: restarting until it is ready."""
         self.restarts += 1
-        self.state = RESTARTING
+        self._set(RESTARTING)
 
     def give_up(self) -> None:
         """It crashed once too often: failed for good."""
-        self.state = FAILED
+        self._set(FAILED)
 
     async def start(self, restarting: bool = False) -> None:
         """Launch the server: loading (or still restarting, after a crash) until it is ready."""
@@ -164,23 +157,14 @@ class Engine:
         self._oom_at_start = oom_kill_count()
         self._exited.clear()
         self._said_ready.clear()
-        self.state = state
-        argv = self._launch(env)
+        self._set(state)
+        argv = launch_argv(self.command, env)
         logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
         self._process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
         self.phases.spawned()
         self._pump = asyncio.create_task(self._pump_output(self._process), name=f"pump-{self.endpoint}")
-
-    def _launch(self, env: dict[str, str]) -> list[str]:
-        """The command to exec, through `app.sglang.launch`: the secret flags (the engine's key) are handed over in
-        the environment, readable only by this user, instead of on the command line, readable by all; and the
-        engine dies with the app rather than outlive it."""
-        argv = list(self.command.argv)
-        if self.command.secret_args:
-            env[SECRET_ARGS_ENV] = json.dumps(dict(self.command.secret_args))
-        return [argv[0], "-m", "app.sglang.launch", *argv[1:]]
 
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -200,7 +184,7 @@ class Engine:
             engine_log.log(logging.DEBUG if is_batch_stats(line) else logging.INFO, "[%s] %s", self.endpoint, line)
         self._crashed()  # its output ended: the launcher is going
         self.exit_code = await process.wait()
-        self._unwatch_members()
+        self._members.close()
         self._exited.set()
 
     async def wait_ready(self, deadline: float) -> None:
@@ -210,8 +194,8 @@ class Engine:
                 raise self._failure("exited before it was ready")
             if self._said_ready.is_set() or await self._probe(self.url):  # (SGLang's /health takes a second)
                 if self._process is not None:  # (/proc is read off the loop: on a busy machine it takes a while)
-                    self._watch_members(await asyncio.to_thread(sglang_processes, self._process.pid))
-                self.state = RESIDENT
+                    self._members.watch(await asyncio.to_thread(sglang_processes, self._process.pid))
+                self._set(RESIDENT)
                 self.ready_at = self._clock()
                 logger.info("Engine %s is ready at %s", self.endpoint, self.url)
                 return
@@ -221,59 +205,28 @@ class Engine:
             await first_of((self._exited, self._said_ready), min(READINESS_PROBE_INTERVAL_SECONDS, remaining))
 
     def _failure(self, reason: str) -> EngineStartupError:
-        if self.state != RESTARTING:  # (a restart that fails is its supervisor's to judge)
-            self.state = FAILED
+        if self._state != RESTARTING:  # (a restart that fails is its supervisor's to judge)
+            self._set(FAILED)
         return EngineStartupError(self.endpoint, reason, classify_failure(self.exit_code, self._tail, self.evidence),
                                   self.exit_code, self.tail)
 
     # ----- SGLang's own processes -----
 
-    def _watch_members(self, members: list[tuple[int, str]]) -> None:
-        """Watch every SGLang process of the engine (`sglang::...`, `sglang_processes`): the kernel tells at once
-        when one ends (a pidfd becomes readable), or a poll does where it cannot."""
-        self._unwatch_members()
-        loop = asyncio.get_running_loop()
-        for pid, name in members:
-            member = _Member(pid, name)
-            try:
-                member.fd = os.pidfd_open(pid)
-            except (AttributeError, OSError):  # no pidfd (not Linux, or an old kernel), or it is gone already
-                member.poll = loop.create_task(self._poll_member(member), name=f"watch-{self.endpoint}-{pid}")
-            else:
-                loop.add_reader(member.fd, self._member_died, member)
-            self._members.append(member)
-
-    async def _poll_member(self, member: _Member) -> None:
-        while _alive(member.pid):
-            await asyncio.sleep(MEMBER_POLL_SECONDS)
-        self._member_died(member)
-
-    def _member_died(self, member: _Member) -> None:
-        self._unwatch_members()
+    def _member_died(self, member: Member) -> None:
+        """One of SGLang's processes ended (`app.serving.processes.MemberWatch`): take the engine down now."""
         if self._stopping or self._exited.is_set() or self._process is None:
             return
         self._died = f"SGLang's {member.name} process (pid {member.pid})"
         logger.error("Engine %s: %s ended; taking the engine down now (its launcher would only after a pause)",
                      self.endpoint, self._died)
         self._crashed()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signal.SIGKILL)
+        kill_group(self._process.pid)
 
     def _crashed(self) -> None:
         """A serving engine is going down unasked: from this moment it is restarting (its supervisor restarts it, or
         marks it failed past its restart budget), so readiness says so and requests are held, not sent to it."""
-        if self._state not in (LOADING, RESTARTING, FAILED, STOPPED) and not self._stopping:  # (serving, or asleep)
-            self.state = RESTARTING
-
-    def _unwatch_members(self) -> None:
-        for member in self._members:
-            if member.fd is not None:
-                with contextlib.suppress(Exception):
-                    asyncio.get_running_loop().remove_reader(member.fd)
-                os.close(member.fd)
-            if member.poll is not None and member.poll is not asyncio.current_task():
-                member.poll.cancel()
-        self._members = []
+        if self._state == RESIDENT and not self._stopping:  # (serving, or its model asleep)
+            self._set(RESTARTING)
 
     async def wait_exit(self) -> int | None:
         await self._exited.wait()
@@ -284,38 +237,27 @@ class Engine:
     async def stop(self, grace_s: float) -> None:
         """SIGTERM to the launcher, then SIGKILL to the whole group after `grace_s`; reaps everything."""
         await self.reap(grace_s)
-        self.state = STOPPED
+        self._set(STOPPED)
 
     async def reap(self, grace_s: float = 0.0) -> None:
         """End the server's processes (SIGTERM to the launcher first when `grace_s`), leaving `state` as it is."""
         process = self._process
         self._stopping = True
-        self._unwatch_members()
+        self._members.close()
         if process is None:
             return
-        if not self._exited.is_set() and grace_s > 0:
-            logger.info("Stopping engine %s (pid %s)", self.endpoint, process.pid)
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._exited.wait(), grace_s)
-            except asyncio.TimeoutError:
-                logger.warning("Engine %s did not stop within %.0f s: killing its process group", self.endpoint,
-                               grace_s)
-        # children that outlived the launcher (or a launcher that ignored SIGTERM) go with the group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        await end_group(self.endpoint, process, self._exited, grace_s)
         await self.wait_exit()
 
 
-@dataclass
-class _Member:
-    """One of an engine's SGLang processes, watched."""
-
-    pid: int
-    name: str
-    fd: int | None = None
-    poll: asyncio.Task[None] | None = None
+def launch_argv(command: EngineCommand, env: dict[str, str]) -> list[str]:
+    """The command to exec, through `app.sglang.launch`: the secret flags (the engine's key) are handed over in `env`,
+    readable only by this user, instead of on the command line, readable by all; and the engine dies with the app
+    rather than outlive it."""
+    argv = list(command.argv)
+    if command.secret_args:
+        env[SECRET_ARGS_ENV] = json.dumps(dict(command.secret_args))
+    return [argv[0], "-m", "app.sglang.launch", *argv[1:]]
 
 
 def masked(line: str, secrets: Iterable[str]) -> str:
@@ -331,22 +273,3 @@ async def first_of(events: Iterable[asyncio.Event], timeout: float) -> None:
     await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     for waiting in waits:
         waiting.cancel()
-
-
-def sglang_processes(launcher: int) -> list[tuple[int, str]]:
-    """(pid, name) of the SGLang processes under a launcher: those SGLang names `sglang::...`."""
-    found = []
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(launcher).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                name = child.name()
-                if name.startswith(MEMBER_PREFIX):
-                    found.append((child.pid, name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

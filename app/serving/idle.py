@@ -25,7 +25,7 @@ class IdleDecision:
     stop: bool  # the idle limit is reached: stop accepting, drain, shut down
     idle_for_s: float  # 0 while anything is in flight
     in_flight: int
-    state: str  # ACTIVE (served within the active window, or serving now) or IDLE
+    state: Status  # ACTIVE (served within the active window, or serving now) or IDLE
     last_activity: float  # the clock's time of the last request start or response end
 
 

@@ -4,8 +4,9 @@
 console (`ConsoleReporter`), in the frozen values of `app.serving.report` (all a reporter needs of serving). Reports
 may wait on the network, so `Lifecycle.tell` makes each call on a daemon thread (`ReportWorker`), one at a time,
 bounded in time: a report that fails or hangs never stops serving, nor holds up the exit. `Lifecycle` is the part
-the instance (`app.serving.deployment.Deployment`) and its other machines (`app.serving.node.NodeDeployment`) have
-in common: the stop request a signal or the UI makes, the status it reports, and its exit code (`app.constants`).
+the instance (`app.serving.deployment.Deployment`) and its other machines (`app.serving.node`: `RankNode`,
+`ReplicaWorker`) have in common: the stop request a signal or the UI makes, the status it reports, and its exit
+code (`app.constants`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from app.serving.gpus import Gpu
 from app.serving.models import ModelRegistry
 from app.serving.report import BenchmarkResult, Report, Span, StartupSummary
 from app.sglang.command import MultiNode
-from app.states import Status
+from app.states import ModelState, Status
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RunOptions:
 class Reporter(Protocol):
     """Where the deployment says what it does. Called from a worker thread, one call at a time."""
 
-    def status(self, state: str, reason: str = "") -> None: ...
+    def status(self, state: Status, reason: str = "") -> None: ...
 
     def access_token(self, token: str) -> None: ...
 
@@ -74,7 +75,7 @@ class Reporter(Protocol):
 
     def endpoints(self, base_url: str, models: dict[str, str], curl: str) -> None: ...
 
-    def states(self, states: dict[str, str]) -> None: ...
+    def states(self, states: dict[str, ModelState]) -> None: ...
 
     def startup(self, summary: StartupSummary) -> None: ...
 
@@ -118,7 +119,7 @@ class ConsoleReporter:
     def __init__(self, token_file: Path | None = None):
         self.token_file = token_file or constants.cache_dir() / "access-token"
 
-    def status(self, state: str, reason: str = "") -> None:
+    def status(self, state: Status, reason: str = "") -> None:
         logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
 
     def base_url(self, port: int, local_url: str) -> str:
@@ -130,7 +131,7 @@ class ConsoleReporter:
             logger.info("  model %s: %s", name, url)
         logger.info("Try it:\n%s", curl)
 
-    def states(self, states: dict[str, str]) -> None:
+    def states(self, states: dict[str, ModelState]) -> None:
         logger.debug("Models: %s", states)
 
     def startup(self, summary: StartupSummary) -> None:

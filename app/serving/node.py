@@ -1,8 +1,10 @@
 """The instance's other machines: each runs one SGLang engine for the instance until the instance ends.
 
-A node of a model spanning nodes runs its SGLang rank (the instance's machine, rank 0, serves behind the gateway); a
-replica worker runs one server that the instance's router sends requests to (`app.serving.scale_out`). They share
-the instance's lifecycle (`app.serving.lifecycle`): stop request, status, exit code.
+Two roles, one lifecycle: a node of a model spanning nodes (`RankNode`) runs its SGLang rank (the instance's
+machine, rank 0, serves behind the gateway); a replica worker (`ReplicaWorker`) runs one server that the instance's
+router sends requests to (`app.serving.scale_out`). Each carries out a node's plan (`app.serving.plan.node_plan`),
+follows the instance's task (`Master`), and shares the instance's lifecycle (`app.serving.lifecycle`): stop request,
+status, exit code.
 """
 
 from __future__ import annotations
@@ -11,23 +13,41 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from app import constants
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_OK
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError, classify_failure
-from app.serving.gpus import Gpu, detect_gpus, place
+from app.serving.gpus import Gpu, detect_gpus
 from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
-from app.serving.models import ModelRegistry, resolve
+from app.serving.models import ModelRegistry, ResolvedModel, resolve
 from app.serving.network import engine_key, free_ports, public_address
-from app.serving.plan import demands
+from app.serving.plan import NodePlan, node_plan
 from app.sglang.api import http_health_probe
-from app.sglang.command import Machine, MultiNode, build_engine_commands
+from app.sglang.command import Launch, MultiNode
 from app.states import Status
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Master:
+    """The instance's own task, which every other machine follows: whether it still runs, looked at every
+    `watch_interval_s`."""
+
+    running: Callable[[], bool]
+    watch_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerOrder:
+    """What the instance tells a replica worker (its task's properties, app.clearml.task): the model it serves,
+    the engine key the instance's router uses, and where the server's URL goes for the router to find it."""
+
+    endpoint: str
+    engine_key: str | None = None
+    publish: Callable[[str], None] | None = None
 
 
 async def _always_ready(url: str) -> bool:
@@ -35,70 +55,47 @@ async def _always_ready(url: str) -> bool:
     return True
 
 
-class NodeDeployment(Lifecycle):
+class _OtherMachine(Lifecycle):
     """Another machine of the instance, running one engine until the instance's (the master's) task ends, its
-    engine exits, or a signal. Two kinds:
+    engine exits, or a signal. Exit codes: 0 when the master ended, 3 when the engine failed, 128 + signal number
+    after a signal."""
 
-    - a node of a model spanning nodes (`multi_node`, rank > 0): its SGLang rank joins rank 0 at the master's
-      address and serves nothing (rank 0 serves, behind the gateway);
-    - a replica worker (`worker_of`, app.serving.scale_out): one SGLang server for that model, on this machine's address
-      with the instance's engine key, its URL published (`publish`) for the instance's router.
+    index: int  # the model it serves, in the config
+    role: str
 
-    Exit codes: 0 when the master ended, 3 when the engine failed, 128 + signal number after a signal.
-    """
-
-    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode | None = None, *,
-                 master_running: Callable[[], bool], reporter: Reporter | None = None,
-                 options: RunOptions = RunOptions(), detect: Callable[[], list[Gpu]] = detect_gpus,
-                 clock: Callable[[], float] = time.monotonic, watch_interval_s: float = 10.0,
-                 worker_of: str | None = None, engine_api_key: str | None = None,
-                 publish: Callable[[str], None] | None = None):
-        if worker_of is not None:
-            index = next(i for i, m in enumerate(config.models) if m.endpoint == worker_of)
-            model = replace(config.models[index], replicas=1)
-        else:
-            index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
-            model = config.models[index]
-        super().__init__(replace(config, models=(model,)), registry, reporter=reporter, options=options,
-                         detect=detect, clock=clock, multi_node=multi_node)
-        self.worker_of = worker_of
-        self.engine_api_key = engine_api_key
-        self.publish = publish
-        self.master_running = master_running
-        self.watch_interval_s = watch_interval_s
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, master: Master, *,
+                 reporter: Reporter | None, options: RunOptions, detect: Callable[[], list[Gpu]],
+                 clock: Callable[[], float], multi_node: MultiNode | None = None):
+        super().__init__(config, registry, reporter=reporter, options=options, detect=detect, clock=clock,
+                         multi_node=multi_node)
+        self.master = master
         self.engine: Engine | None = None
 
-    @property
-    def role(self) -> str:
-        if self.multi_node is not None:
-            return f"node {self.multi_node.rank} of {self.multi_node.nodes}"
-        return f"replica worker of {self.worker_of}"
+    def plan(self, resolved: ResolvedModel, port: int) -> NodePlan:
+        """This machine's part (`app.serving.plan.node_plan`), on its GPUs and a free port."""
+        raise NotImplementedError
+
+    def own_secrets(self) -> list[str]:
+        """What its engine's log masks besides the access tokens and the config's secrets."""
+        return []
+
+    async def ready(self, engine: Engine) -> str:
+        """What the engine does once it runs, said in the status."""
+        raise NotImplementedError
 
     async def run(self) -> int:
-        model = self.config.models[0]
+        model = self.config.models[self.index]
         await self.tell(self.reporter.status, Status.LOADING, f"{self.role} for {model.endpoint}")
-        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
-        gpus = self.detect()
-        machine = Machine(gpu_count=len(gpus), gpu_memory_gib=min((g.memory_gib for g in gpus), default=None))
-        placements = place(demands(self.config, machine), gpus) if gpus else None
-        host = constants.ENGINE_HOST if self.worker_of is None else "0.0.0.0"
-        (command,) = build_engine_commands(self.config, resolved, free_ports(1, host="0.0.0.0"), machine=machine,
-                                           placements=placements, engine_api_key=self.engine_api_key or engine_key(),
-                                           launcher=self.options.launcher, multi_node=self.multi_node, host=host)
-        probe = _always_ready if self.multi_node is not None else http_health_probe
-        self.engine = engine = Engine(command, probe=probe,
-                                      secrets=[*self.config.auth.tokens, *self.config.secrets,
-                                               *([self.engine_api_key] if self.engine_api_key else [])])
+        # only its model is fetched (the config itself stays the instance's: its index, its messages)
+        (resolved,) = await asyncio.to_thread(resolve, replace(self.config, models=(model,)), self.registry)
+        planned = self.plan(resolved, free_ports(1, host="0.0.0.0")[0])
+        secrets = [*self.config.auth.tokens, *self.config.secrets, *self.own_secrets()]
+        self.engine = engine = Engine(planned.command, secrets=secrets,
+                                      probe=_always_ready if self.multi_node is not None else http_health_probe)
         try:
             await engine.start()
             await engine.wait_ready(self.clock() + self.options.startup_deadline_s)
-            if self.multi_node is not None:
-                what = f"SGLang rank {self.multi_node.rank}, joined at {self.multi_node.dist_init_addr}"
-            else:
-                url = f"http://{self.options.public_host or public_address(self.environ)}:{command.port}"
-                if self.publish is not None:
-                    await asyncio.to_thread(self.publish, url)
-                what = f"serving at {url}"
+            what = await self.ready(engine)
             await self.tell(self.reporter.status, Status.ACTIVE, f"{self.role}: {what}")
             return await self._watch(engine)
         except EngineStartupError as exc:
@@ -112,12 +109,12 @@ class NodeDeployment(Lifecycle):
         try:
             while True:
                 stop = asyncio.create_task(self._stop.wait())
-                done, _ = await asyncio.wait({exited, stop}, timeout=self.watch_interval_s,
+                done, _ = await asyncio.wait({exited, stop}, timeout=self.master.watch_interval_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 if self._stop.is_set():
                     return await self.signal_exit()
-                master = await asyncio.to_thread(self.master_running)
+                master = await asyncio.to_thread(self.master.running)
                 if not master:
                     logger.info("The master node's task has ended: stopping this node")
                     await self.tell(self.reporter.status, Status.STOPPED, "the master node's task ended")
@@ -129,3 +126,51 @@ class NodeDeployment(Lifecycle):
                         engine.tail))
         finally:
             exited.cancel()
+
+
+class RankNode(_OtherMachine):
+    """A node of a model spanning nodes (rank > 0): its SGLang rank joins rank 0 at the master's address and serves
+    nothing (rank 0 serves, behind the gateway)."""
+
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, multi_node: MultiNode, master: Master, *,
+                 reporter: Reporter | None = None, options: RunOptions = RunOptions(),
+                 detect: Callable[[], list[Gpu]] = detect_gpus, clock: Callable[[], float] = time.monotonic):
+        super().__init__(config, registry, master, reporter=reporter, options=options, detect=detect, clock=clock,
+                         multi_node=multi_node)
+        self.index = next(i for i, m in enumerate(config.models) if m.nodes > 1)
+        self.role = f"node {multi_node.rank} of {multi_node.nodes}"
+
+    def plan(self, resolved: ResolvedModel, port: int) -> NodePlan:
+        return node_plan(self.config, self.index, resolved, self.detect(), port, multi_node=self.multi_node,
+                         launch=Launch(engine_key(), launcher=self.options.launcher))
+
+    async def ready(self, engine: Engine) -> str:
+        assert self.multi_node is not None
+        return f"SGLang rank {self.multi_node.rank}, joined at {self.multi_node.dist_init_addr}"
+
+
+class ReplicaWorker(_OtherMachine):
+    """A replica worker (app.serving.scale_out): one SGLang server of its model, on this machine's address with the
+    instance's engine key, its URL published for the instance's router."""
+
+    def __init__(self, config: DeploymentConfig, registry: ModelRegistry, order: WorkerOrder, master: Master, *,
+                 reporter: Reporter | None = None, options: RunOptions = RunOptions(),
+                 detect: Callable[[], list[Gpu]] = detect_gpus, clock: Callable[[], float] = time.monotonic):
+        """The URL's address: `options.public_host`, else this machine's (`app.serving.network.public_address`)."""
+        super().__init__(config, registry, master, reporter=reporter, options=options, detect=detect, clock=clock)
+        self.order = order
+        self.index = next(i for i, m in enumerate(config.models) if m.endpoint == order.endpoint)
+        self.role = f"replica worker of {order.endpoint}"
+
+    def plan(self, resolved: ResolvedModel, port: int) -> NodePlan:
+        return node_plan(self.config, self.index, resolved, self.detect(), port,
+                         launch=Launch(self.order.engine_key or engine_key(), launcher=self.options.launcher))
+
+    def own_secrets(self) -> list[str]:
+        return [self.order.engine_key] if self.order.engine_key else []
+
+    async def ready(self, engine: Engine) -> str:
+        url = f"http://{self.options.public_host or public_address(self.environ)}:{engine.command.port}"
+        if self.order.publish is not None:
+            await asyncio.to_thread(self.order.publish, url)
+        return f"serving at {url}"

@@ -20,12 +20,12 @@ from app.serving.build import Built, RoutedModel
 from app.serving.engine import Engine
 from app.serving.idle import IdleDecision
 from app.serving.report import AdapterLoads, Report, Wakes
-from app.serving.residency import WakeStats
+from app.serving.residency import Residency, WakeStats
 from app.sglang.api import SGLangClient
 from app.sglang.command import MultiNode
 from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.sglang.router import requests_per_worker
-from app.states import EngineState, ModelState
+from app.states import ASLEEP, EngineState, ModelState, model_state
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class Readings:
         """The deployment begins now."""
         self.started = self.clock()
 
-    async def take(self, built: Built, decision: IdleDecision, states: dict[str, str]) -> Report:
+    async def take(self, built: Built, decision: IdleDecision, states: dict[str, ModelState]) -> Report:
         now = self.clock()
-        tokens = self._rate.update(now, await scrape_tokens(self.client, built.supervisor.engines))
+        tokens = self._rate.update(now, await scrape_tokens(self.client, built.supervisor.engines, built.residency))
         window = self.stats.take_window()
         if line := window.console_line(tokens.generation if tokens else None):
             logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
@@ -61,11 +61,11 @@ class Readings:
             adapters=adapter_loads(built.adapters, built.adapter_stats) if built.adapters else None)
 
 
-def model_states(built: Built, config: DeploymentConfig, multi_node: MultiNode | None) -> dict[str, str]:
+def model_states(built: Built, config: DeploymentConfig, multi_node: MultiNode | None) -> dict[str, ModelState]:
     """Each model's state, and each replica server's where a router spreads a model (`<endpoint>/<n>`, …)."""
     states = built.gateway.states()
     for routed in built.routed.values():
-        states.update({w.endpoint: w.state for w in routed.servers if w.endpoint not in states})
+        states.update({w.endpoint: model_state(w.state) for w in routed.servers if w.endpoint not in states})
     for remote in built.remote_workers.values():
         states.update(remote.states())
     if multi_node is not None:  # SGLang's rank 0 is ready only once every rank has joined it
@@ -87,9 +87,13 @@ def adapter_loads(adapters: dict[str, OnRequestAdapters], stats: AdapterStats) -
     return AdapterLoads({endpoint: stats.loads[endpoint] for endpoint in adapters}, stats.p(50), stats.p(95), states)
 
 
-async def scrape_tokens(client: SGLangClient, engines: list[Engine]) -> TokenTotals:
-    """SGLang's own token counters, summed over every serving engine."""
-    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines if e.state == EngineState.RESIDENT))
+async def scrape_tokens(client: SGLangClient, engines: list[Engine],
+                        residency: Residency | None = None) -> TokenTotals:
+    """SGLang's own token counters, summed over every serving engine (not one whose model sleeps or wakes: its
+    engine is resident, its memory given back)."""
+    asleep = {name for name, state in residency.states().items() if state in ASLEEP} if residency else set()
+    texts = await asyncio.gather(*(client.metrics(e.url) for e in engines
+                                   if e.state == EngineState.RESIDENT and e.endpoint not in asleep))
     total = ZERO
     for text in texts:
         total = total + TokenTotals.from_metrics(parse_prometheus(text))

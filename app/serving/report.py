@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.states import Status
+from app.states import AdapterState, ModelState, Status
 from app.statistics import WindowSummary
 
 
@@ -34,7 +34,7 @@ class AdapterLoads:
     loads: dict[str, int]
     p50_ms: float | None
     p95_ms: float | None
-    states: dict[str, str]
+    states: dict[str, AdapterState]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Report:
     status: Status  # the idle policy's: active or idle
     in_flight: int
     idle_for_s: float
-    states: dict[str, str]  # each model's, replica server's and node's (`app.serving.readings.model_states`)
+    states: dict[str, ModelState]  # each model's, replica server's and node's (`app.serving.readings.model_states`)
     requests: dict[str, int]  # requests answered so far, by endpoint
     latency_sum_s: dict[str, float]  # their latencies summed, by endpoint
     window: WindowSummary  # the requests since the previous report

@@ -1,9 +1,9 @@
 """Models sharing GPUs: which are resident, which sleep, which wake (a pure policy), and carrying it out.
 
-SGLang's own mechanism does the work (reference/sglang.md A2, A4): an engine started with `--enable-memory-saver`
-gives its GPU memory back while idle (`/release_memory_occupation`) and takes it again
-(`/resume_memory_occupation`). With `--enable-weights-cpu-backup` (Automatic CPU Offloading) its weights wait in CPU
-memory meanwhile; without it (Disk Swapping) they are dropped and reloaded from the model's files on waking
+SGLang's own mechanism does the work (reference/sglang.md A2, A4; its calls: `app.serving.memory`): an engine
+started with `--enable-memory-saver` gives its GPU memory back while idle (`/release_memory_occupation`) and takes it
+again (`/resume_memory_occupation`). With `--enable-weights-cpu-backup` (Automatic CPU Offloading) its weights wait
+in CPU memory meanwhile; without it (Disk Swapping) they are dropped and reloaded from the model's files on waking
 (`/update_weights_from_disk`). SGLang says release "should be called only when the server is idle" (it asserts
 it, and the assertion takes the server down), so the gateway counts each model's requests and a model with one
 in flight never sleeps.
@@ -19,7 +19,9 @@ may sleep even when nobody needs its memory.
 
 `Residency` carries the policy out on the event loop: one transition at a time (a lock), every request for a
 sleeping model shares one wake-up, and a request waits at most its deadline (the gateway then answers 503 with
-Retry-After; the wake-up goes on for the next request).
+Retry-After; the wake-up goes on for the next request). It writes each model's `ModelState` on its slot, and only
+there: a sleeping model's engine stays resident (its process is up), and what requests find is the slot's state
+(`app.states.model_state`). An engine's crash, restart or stop reaches the slot through `engine_changed`.
 
 Example::
 
@@ -39,25 +41,22 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar
 
-from app.sglang.api import SGLangClient
-from app.sglang.metrics import parse_prometheus, parse_prometheus_samples
-from app.states import EngineState, ModelState
+from app.serving.memory import ControlError, EngineLike, MemoryControl, release_when_idle
+from app.states import EngineState, ModelState, model_state
 from app.statistics import percentile
 
 logger = logging.getLogger(__name__)
 
-# The states of a model sharing GPUs (the residency writes them on its slots, and mirrors them on the engine).
+# The states of a model sharing GPUs (the residency writes them on its slots, and nowhere else).
 LOADING, RESIDENT, SLEEPING, WAKING = ModelState.LOADING, ModelState.RESIDENT, ModelState.SLEEPING, ModelState.WAKING
-CPU_OFFLOAD, DISK_SWAP = "cpu", "disk"
+# An engine in these states holds no memory: its slot takes the state on (`Residency.engine_changed`).
+GONE = frozenset({EngineState.RESTARTING, EngineState.FAILED, EngineState.STOPPED})
 
-# Before releasing, SGLang itself must report nothing running or queued (an aborted stream takes a moment to
-# leave its scheduler): polled this often, for at most this long, else the model stays resident.
-IDLE_CHECK_INTERVAL_SECONDS = 0.1
+# Before releasing, SGLang itself must report nothing running or queued (`app.serving.memory.release_when_idle`):
+# for at most this long, else the model stays resident.
 IDLE_CHECK_DEADLINE_SECONDS = 10.0
-# Longest wait for one admin call (a disk reload of a large model takes minutes).
-CONTROL_TIMEOUT_SECONDS = 1800.0
 # Wake latencies kept for the percentiles.
 WAKE_SAMPLES = 1000
 
@@ -74,7 +73,7 @@ class Slot:
     devices: tuple[int, ...]
     estimate_gib: float  # per device, until measured: its memory fraction of the device
     measured_gib: float | None = None  # per device, as SGLang reports it once started
-    state: str = LOADING
+    state: ModelState = LOADING
     holding: bool = False  # its memory is on the devices (resident, waking, loading, or still releasing)
     in_flight: int = 0
     last_used: float = 0.0
@@ -132,79 +131,6 @@ def idle_sleepers(slots: list[Slot], now: float, sleep_after_s: float, protect_s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the engines' side
-
-
-class EngineLike(Protocol):
-    endpoint: str
-    url: str
-    state: str
-
-
-class MemoryControl(Protocol):
-    """SGLang's memory endpoints for one engine (`SGLangMemoryControl`; tests pass recording fakes)."""
-
-    async def busy(self, engine: EngineLike) -> int: ...
-
-    async def release(self, engine: EngineLike) -> None: ...
-
-    async def resume(self, engine: EngineLike) -> None: ...
-
-    async def footprint_gib(self, engine: EngineLike) -> float | None: ...
-
-
-class ControlError(Exception):
-    pass
-
-
-class SGLangMemoryControl:
-    """The admin calls, with the engine's own key: release everything; resume everything, and with disk swapping
-    reload the weights from `model_paths[endpoint]` (the path the engine was started with)."""
-
-    def __init__(self, mode: str, *, model_paths: dict[str, str] | None = None, api_keys: dict[str, str | None]
-                 | None = None, timeout_s: float = CONTROL_TIMEOUT_SECONDS, client: SGLangClient | None = None):
-        self.mode = mode
-        self.client = client or SGLangClient()
-        self.model_paths = model_paths or {}
-        self.api_keys = api_keys or {}
-        self.timeout_s = timeout_s
-
-    async def _call(self, engine: EngineLike, method: str, path: str, body: dict | None = None) -> str:
-        return await self.client.call(engine.url, method, path, api_key=self.api_keys.get(engine.endpoint),
-                                      body=body, timeout_s=self.timeout_s, error=ControlError)
-
-    async def busy(self, engine: EngineLike) -> int:
-        """Requests SGLang is running or queueing, from its own gauges."""
-        totals = parse_prometheus(await self._call(engine, "GET", "/metrics"))
-        return int(totals.get("sglang:num_running_reqs", 0.0) + totals.get("sglang:num_queue_reqs", 0.0))
-
-    async def release(self, engine: EngineLike) -> None:
-        await self._call(engine, "POST", "/release_memory_occupation", {"tags": None})
-
-    async def resume(self, engine: EngineLike) -> None:
-        await self._call(engine, "POST", "/resume_memory_occupation", {"tags": None})
-        if self.mode == DISK_SWAP:
-            path = self.model_paths[engine.endpoint]
-            await self._call(engine, "POST", "/update_weights_from_disk", {"model_path": path, "flush_cache": True})
-
-    async def footprint_gib(self, engine: EngineLike) -> float | None:
-        """Weights + KV cache + graphs on one device, as SGLang measured them (the largest tensor-parallel rank)."""
-        try:
-            families = parse_prometheus_samples(await self._call(engine, "GET", "/metrics"))
-        except ControlError as exc:
-            logger.warning("Could not read %s's memory: %s", engine.endpoint, exc)
-            return None
-        per_rank: dict[str, float] = collections.defaultdict(float)
-        found = False
-        for name in ("sglang:weight_memory_usage_gb", "sglang:kv_cache_memory_usage_gb",
-                     "sglang:graph_memory_usage_gb"):
-            for labels, value in families.get(name, ()):
-                per_rank[labels.get("tp_rank", "0")] += value
-                found = True
-        return max(per_rank.values()) if found else None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # carrying it out
 
 
@@ -221,9 +147,12 @@ class WakeStats:
 class Residency:
     """Keeps the resident set within the devices' budget, on the event loop. See the module's docstring."""
 
+    # When a wake-up ended, as the dashboard tells it (wall-clock seconds; tests may set it on an instance).
+    wall_clock: ClassVar[Callable[[], float]] = staticmethod(time.time)
+
     def __init__(self, slots: list[Slot], engines: dict[str, EngineLike], control: MemoryControl, *,
                  budget_gib: dict[int, float], sleep_after_s: float = 0.0, protect_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic,
                  idle_check_deadline_s: float = IDLE_CHECK_DEADLINE_SECONDS):
         self.slots = {s.endpoint: s for s in slots}
         self.engines = engines
@@ -232,12 +161,10 @@ class Residency:
         self.sleep_after_s = sleep_after_s
         self.protect_s = protect_s
         self.clock = clock
-        self.wall_clock = wall_clock
         self.idle_check_deadline_s = idle_check_deadline_s
         self._wake_latencies_ms: collections.deque[float] = collections.deque(maxlen=WAKE_SAMPLES)
         self._lock = asyncio.Lock()
-        self._changed: asyncio.Future[None] | None = None
-        self._version = 0  # counts changes: a waiter that looked at version v waits only if nothing changed since
+        self._changes = Changes()
         self._wakes: dict[str, asyncio.Task[None]] = {}
 
     # ----- the gateway's side -----
@@ -255,7 +182,7 @@ class Residency:
         slot.in_flight -= 1
         slot.last_used = now
         slot.woken_at = None  # it served: an ordinary resident model again
-        self._notify()
+        self._changes.notify()
 
     async def wait_resident(self, endpoint: str, deadline_s: float) -> bool:
         """Wake the model (one wake-up for every waiting request) and enter; False when the deadline passed or
@@ -278,7 +205,7 @@ class Residency:
                 return False
         return True
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, ModelState]:
         return {name: slot.state for name, slot in self.slots.items()}
 
     def wake_stats(self) -> WakeStats:
@@ -287,7 +214,7 @@ class Residency:
                          {name: s.last_wake_s for name, s in self.slots.items() if s.last_wake_s is not None},
                          collections.deque(self._wake_latencies_ms, maxlen=WAKE_SAMPLES))
 
-    def state(self, endpoint: str) -> str:
+    def state(self, endpoint: str) -> ModelState:
         return self.slots[endpoint].state
 
     def describe(self) -> dict[str, dict[str, object]]:
@@ -304,12 +231,12 @@ class Residency:
         slot.state = LOADING
         while True:
             async with self._lock:
-                seen = self._version
+                seen = self._changes.version
                 victims = evictions(slot, list(self.slots.values()), self.budget_gib, self.clock(), self.protect_s)
                 if victims is not None and await self._sleep_all(victims):
                     slot.holding = True
                     return
-            await self._wait_changed(seen)
+            await self._changes.wait(seen)
 
     async def started(self, engine: EngineLike) -> None:
         """An engine is ready: measure it; it is resident."""
@@ -320,15 +247,15 @@ class Residency:
             logger.info("Model %s holds %.2f GiB per GPU", engine.endpoint, measured)
         slot.holding, slot.state, slot.woken_at = True, RESIDENT, None
         slot.last_used = self.clock()
-        engine.state = RESIDENT
-        self._notify()
+        self._changes.notify()
 
     def engine_changed(self, engine: EngineLike) -> None:
-        """The supervisor's view: an engine that crashed or stopped holds no memory any more."""
+        """The supervisor's view: an engine that crashed or stopped holds no memory any more, and its model is
+        restarting, failed or stopped with it."""
         slot = self.slots.get(engine.endpoint)
-        if slot is not None and engine.state in (EngineState.RESTARTING, EngineState.FAILED, EngineState.STOPPED):
-            slot.holding, slot.state, slot.in_flight = False, engine.state, 0
-            self._notify()
+        if slot is not None and engine.state in GONE:
+            slot.holding, slot.state, slot.in_flight = False, model_state(engine.state), 0
+            self._changes.notify()
 
     # ----- the deployment's loop -----
 
@@ -352,7 +279,7 @@ class Residency:
             if self.clock() - started > self.protect_s:
                 raise ControlError(f"no room for {slot.endpoint} within {self.protect_s:.0f} s")
             async with self._lock:
-                seen = self._version
+                seen = self._changes.version
                 if slot.state == RESIDENT:
                     return
                 if slot.state == SLEEPING:
@@ -362,29 +289,29 @@ class Residency:
                         await self._resume(slot, started)
                         return
             with contextlib.suppress(asyncio.TimeoutError):  # room comes when a request ends or a state changes
-                await asyncio.wait_for(self._wait_changed(seen), max(0.0, started + self.protect_s - self.clock()))
+                await asyncio.wait_for(self._changes.wait(seen), max(0.0, started + self.protect_s - self.clock()))
 
     async def _resume(self, slot: Slot, started: float) -> None:
         engine = self.engines[slot.endpoint]
-        slot.state = engine.state = WAKING
+        slot.state = WAKING
         slot.holding = True
         logger.info("Waking %s", slot.endpoint)
         try:
             await self.control.resume(engine)
         except ControlError:
             logger.exception("Waking %s failed", slot.endpoint)
-            slot.state = engine.state = SLEEPING
+            slot.state = SLEEPING
             slot.holding = False  # what the engine holds now is unknown: a crash shows up through the supervisor
-            self._notify()
+            self._changes.notify()
             raise
         now = self.clock()
-        slot.state = engine.state = RESIDENT
+        slot.state = RESIDENT
         slot.woken_at = slot.last_used = now
         slot.wakeups += 1
         slot.last_wake_s = self.wall_clock()
         self._wake_latencies_ms.append((now - started) * 1000)
         logger.info("%s is awake (%.0f ms)", slot.endpoint, (now - started) * 1000)
-        self._notify()
+        self._changes.notify()
 
     async def _sleep_all(self, victims: list[Slot]) -> bool:
         for victim in victims:
@@ -397,39 +324,38 @@ class Residency:
         if not evictable(slot, self.clock(), 0.0):
             return False
         engine = self.engines[slot.endpoint]
-        slot.state = engine.state = SLEEPING  # from now on its requests wait for a wake-up
+        slot.state = SLEEPING  # from now on its requests wait for a wake-up
         try:
-            await self._until_engine_idle(engine)
-            await self.control.release(engine)
+            await release_when_idle(self.control, engine, self.clock() + self.idle_check_deadline_s, self.clock)
         except ControlError as exc:
             logger.warning("%s stays resident: %s", slot.endpoint, exc)
-            slot.state = engine.state = RESIDENT
+            slot.state = RESIDENT
             slot.last_used = self.clock()  # SGLang was at work: as good as used now, so another model yields
-            self._notify()
+            self._changes.notify()
             return False
         slot.holding = False
         logger.info("%s is sleeping (%.2f GiB per GPU given back)", slot.endpoint, slot.gib)
-        self._notify()
+        self._changes.notify()
         return True
 
-    async def _until_engine_idle(self, engine: EngineLike) -> None:
-        deadline = self.clock() + self.idle_check_deadline_s
-        while (busy := await self.control.busy(engine)) > 0:
-            if self.clock() >= deadline:
-                raise ControlError(f"SGLang still reports {busy} request(s) running")
-            await asyncio.sleep(IDLE_CHECK_INTERVAL_SECONDS)
 
-    # ----- change notification -----
+class Changes:
+    """A count of changes that waiters can wait on: one that looked at `version` v waits only if nothing changed
+    since (the residency's lock is not held while waiting, so a change may come between the look and the wait)."""
 
-    def _notify(self) -> None:
-        self._version += 1
+    def __init__(self) -> None:
+        self.version = 0
+        self._changed: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        self.version += 1
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
 
-    async def _wait_changed(self, seen: int) -> None:
+    async def wait(self, seen: int) -> None:
         """Until something changed since version `seen` (at once if it has already)."""
-        if self._version != seen:
+        if self.version != seen:
             return
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()

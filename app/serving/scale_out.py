@@ -105,7 +105,7 @@ class RemoteWorkers:
                 worker.url = url
                 logger.info("Model %s: worker %s serves at %s", self.endpoint, worker.task_id, url)
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, ModelState]:
         return {f"{self.endpoint}/remote{r}": ModelState.RESIDENT if w.url else ModelState.LOADING
                 for r, w in self.workers.items()}
 

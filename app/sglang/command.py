@@ -1,11 +1,12 @@
 """Building each model's SGLang server command line: a pure function of the config and the resolved model.
 
-`engine_spec(config, index, resolved, port=..., machine=...)` computes one engine's launch as a typed `EngineSpec`
-(model path, address, parallelism, the flags, environment and notes) and `EngineSpec.render()` makes its command
-line, last; `build_engine_command` does both. It reads nothing and starts nothing; the flags are checked against
-SGLang's argument table, so a bad command line is a `ConfigError` here rather than a crashed engine later. SGLang's
-own parser, where sglang is installed, checks the rendered commands at the edge (`check_commands`: `args`; under
-`run` each engine's own parser does, as it starts, without the seconds an import of SGLang costs the app).
+`engine_spec(config, index, resolved, port=..., site=...)` computes one engine's launch as a typed `EngineSpec`
+(model path, address, parallelism, the flags, environment and notes; `app.sglang.spec`) and `EngineSpec.render()`
+makes its command line, last; `build_engine_command` does both. It reads nothing and starts nothing; the flags are
+checked against SGLang's argument table, so a bad command line is a `ConfigError` here rather than a crashed engine
+later. SGLang's own parser, where sglang is installed, checks the rendered commands at the edge (`check_commands`:
+`args`; under `run` each engine's own parser does, as it starts, without the seconds an import of SGLang costs the
+app). A deployment's commands are made in one place, `app.serving.plan`.
 
 How the form becomes flags (the README's "Form fields and SGLang flags" section says the same to users):
     model -> --model-path, endpoint name -> --served-model-name, gpus -> --tp-size, replicas -> --dp-size,
@@ -21,142 +22,36 @@ from __future__ import annotations
 
 import math
 import shlex
-import sys
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from app import constants
 from app.config import schema
 from app.config.flags import FlagTable, check_with_real_parser
-from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig, MultiNode
+from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig
 from app.errors import ConfigError, Problem
 from app.sglang.cpu import cpu_engine_env
+from app.sglang.spec import (
+    EngineCommand,
+    EngineSpec,
+    Launch,
+    Machine,
+    MultiNode,
+    Parallelism,
+    Placed,
+    Resolved,
+    Site,
+)
 
-
-@dataclass(frozen=True)
-class Machine:
-    """What the builder needs to know of the machine the engines run on (None: unknown)."""
-
-    gpu_count: int | None = None
-    gpu_memory_gib: float | None = None
-
-
-class Resolved(Protocol):
-    """A resolved model (`app.serving.models.ResolvedModel`): the path SGLang loads, its LoRA modules."""
-
-    @property
-    def model_path(self) -> str: ...
-
-    @property
-    def lora_modules(self) -> tuple[Any, ...]: ...
-
-
-class Placed(Protocol):
-    """Where an engine runs (`app.serving.gpus.Placement`): its devices, and its memory share on shared ones."""
-
-    @property
-    def cuda_visible_devices(self) -> str: ...
-
-    @property
-    def memory_fraction(self) -> float | None: ...
+__all__ = ["EngineCommand", "EngineSpec", "Launch", "Machine", "MultiNode", "Parallelism", "Site", "as_worker",
+           "build_engine_command", "build_engine_commands", "check_commands", "engine_spec", "gpus_per_copy",
+           "replica_servers"]  # (the typed values live in app.sglang.spec)
 
 
 def gpus_per_copy(model: ModelConfig, machine: Machine) -> int:
     """GPUs one copy of a model takes on one machine: its `gpus`, else every GPU the machine has."""
     return model.gpus or machine.gpu_count or 1
-
-
-@dataclass(frozen=True)
-class Parallelism:
-    """SGLang's ranks for one engine: tensor x data x pipeline parallel, over `nnodes` machines."""
-
-    tp: int = 1
-    dp: int = 1
-    pp: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-
-    @property
-    def ranks(self) -> int:
-        return self.tp * self.dp * self.pp
-
-    @property
-    def local_ranks(self) -> int:
-        """The ranks on one machine (the nodes share them evenly)."""
-        return max(1, self.ranks // self.nnodes)
-
-    @property
-    def first_rank(self) -> int:
-        return self.node_rank * self.local_ranks
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """One engine's launch, typed: what the app reads of it (model path, port, parallelism) is kept here as values,
-    and the command line is rendered from it last (`render`)."""
-
-    endpoint: str
-    model_path: str
-    host: str
-    port: int
-    flags: tuple[str, ...]  # every other SGLang flag, rendered, in order
-    parallel: Parallelism
-    env: Mapping[str, str]
-    secret_env: frozenset[str] = frozenset()
-    notes: tuple[str, ...] = ()
-    launcher: tuple[str, ...] = ()
-    api_key: str | None = field(default=None, repr=False)
-
-    def render(self) -> EngineCommand:
-        argv = (*self.launcher, "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
-                *self.flags)
-        return EngineCommand(endpoint=self.endpoint, argv=argv, env=self.env, secret_env=self.secret_env,
-                             notes=self.notes, port=self.port, api_key=self.api_key,
-                             secret_args={"--api-key": self.api_key} if self.api_key else {}, spec=self)
-
-
-@dataclass(frozen=True)
-class EngineCommand:
-    """One engine's launch: `argv` as a list (never through a shell) and the variables added to its env."""
-
-    endpoint: str
-    argv: tuple[str, ...]
-    env: Mapping[str, str]
-    secret_env: frozenset[str] = frozenset()
-    notes: tuple[str, ...] = ()
-    port: int = 0
-    api_key: str | None = field(default=None, repr=False)
-    # Flags given at launch outside the command line, which `ps` shows to everyone (app.sglang.launch).
-    secret_args: Mapping[str, str] = field(default_factory=dict, repr=False)
-    spec: EngineSpec | None = field(default=None, repr=False, compare=False)  # an SGLang server's (not a router's)
-
-    def masked_env(self) -> dict[str, str]:
-        return {k: (constants.SECRET_MASK if k in self.secret_env else v) for k, v in self.env.items()}
-
-    def masked_argv(self) -> list[str]:
-        """The command line, its secrets masked (`secret_args` are not on it)."""
-        argv = list(self.argv)
-        for i, token in enumerate(argv[:-1]):
-            if token == "--api-key":
-                argv[i + 1] = constants.SECRET_MASK
-        return argv
-
-    def describe(self) -> dict[str, Any]:
-        """What `clearml-sglang args` prints for this engine (secrets masked)."""
-        out: dict[str, Any] = {"endpoint": self.endpoint, "argv": self.masked_argv(), "env": self.masked_env()}
-        if self.notes:
-            out["notes"] = list(self.notes)
-        return out
-
-    @property
-    def model_path(self) -> str | None:
-        """The model an SGLang server loads (None for a router)."""
-        return self.spec.model_path if self.spec is not None else None
-
-    def shell_line(self) -> str:
-        """The command for a log line, its secrets masked."""
-        return shlex.join(self.masked_argv())
 
 
 @dataclass
@@ -175,40 +70,28 @@ class _Argv:
             self.dests.add(spec.dest)
 
 
-def engine_spec(
-    config: DeploymentConfig,
-    index: int,
-    resolved: Resolved,
-    *,
-    port: int,
-    machine: Machine = Machine(),
-    placement: Placed | None = None,
-    engine_api_key: str | None = None,
-    host: str = constants.ENGINE_HOST,
-    python: str = sys.executable,
-    launcher: tuple[str, ...] | None = None,
-    flag_table: FlagTable | None = None,
-    multi_node: MultiNode | None = None,
-) -> EngineSpec:
+def engine_spec(config: DeploymentConfig, index: int, resolved: Resolved, *, port: int,
+                placement: Placed | None = None, replicas: int | None = None, site: Site = Site(),
+                launch: Launch = Launch()) -> EngineSpec:
     """The launch of the engine serving `config.models[index]`.
 
-    `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `engine_api_key` is the
-    key only the gateway knows, so nothing on this machine reaches the engine around the gateway; it is not on the
-    command line but given privately at launch (app.sglang.launch). `launcher` replaces `python -m
-    sglang.launch_server` (the tests' stand-in server takes the same arguments). `multi_node`: this machine's rank
-    when the model spans nodes (`nodes` > 1); `--tp-size` is then the GPUs of every node together.
+    `placement` pins the engine to its GPUs (and, on shared GPUs, its memory share); `replicas`: the model's
+    replicas this machine runs (SGLang's --dp-size; default: the config's, where none go to worker tasks). `site`:
+    the machine, the address and, when the model spans nodes (`nodes` > 1), this machine's rank (`--tp-size` is then
+    the GPUs of every node together). `launch`: the engine key, the interpreter or launcher.
     """
-    table = flag_table or FlagTable.load()
+    table = launch.flag_table or FlagTable.load()
     model = config.models[index]
+    replicas = model.replicas if replicas is None else replicas
     where = f"models[{index}]"
     argv = _Argv(table)
     notes: list[str] = []
     if model.cli:
         parallel = _add_cli(argv, model, config, notes)
     else:
-        parallel = _add_form(argv, model, config, resolved, machine, where, notes)
+        parallel = _add_form(argv, model, replicas, config, resolved, site.machine, where, notes)
         if model.nodes > 1:
-            parallel = _add_nodes(argv, model, parallel, multi_node, notes)
+            parallel = _add_nodes(argv, model, parallel, site.multi_node, notes)
     if placement is not None and placement.memory_fraction is not None and "mem_fraction_static" not in argv.dests:
         argv.add("mem-fraction-static", placement.memory_fraction)
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
@@ -216,7 +99,16 @@ def engine_spec(
     problems = table.check_argv(["--model-path", resolved.model_path, *argv.tokens])
     if problems:
         raise ConfigError([Problem(where, p, "fix the flag in the config") for p in problems])
+    env, secret_env = _environment(config, placement, parallel)
+    return EngineSpec(endpoint=model.endpoint, model_path=resolved.model_path, host=site.host, port=port,
+                      flags=tuple(argv.tokens), parallel=parallel, env=env, secret_env=frozenset(secret_env),
+                      notes=tuple(notes), launcher=launch.prefix, api_key=launch.engine_api_key)
 
+
+def _environment(config: DeploymentConfig, placement: Placed | None,
+                 parallel: Parallelism) -> tuple[dict[str, str], set[str]]:
+    """The variables an engine gets on top of the app's (its devices, the HF token, the CPU mode's), and which of them
+    are secret."""
     env = dict(config.env)
     if placement is not None and config.general.device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
@@ -226,10 +118,7 @@ def engine_spec(
         secret_env.add(constants.HF_TOKEN_ENV)
     if config.general.device == "cpu":
         env.update(cpu_engine_env(parallel.ranks, parallel.local_ranks, parallel.first_rank))
-    return EngineSpec(endpoint=model.endpoint, model_path=resolved.model_path, host=host, port=port,
-                      flags=tuple(argv.tokens), parallel=parallel, env=env, secret_env=frozenset(secret_env),
-                      notes=tuple(notes), launcher=launcher or (python, "-m", constants.SGLANG_LAUNCH_MODULE),
-                      api_key=engine_api_key)
+    return env, secret_env
 
 
 def build_engine_command(config: DeploymentConfig, index: int, resolved: Resolved, **options: Any) -> EngineCommand:
@@ -266,28 +155,19 @@ def as_worker(command: EngineCommand, replica: int, port: int) -> EngineCommand:
     return replace(command.spec, endpoint=f"{command.endpoint}/{replica}", port=port).render()
 
 
-def build_engine_commands(
-    config: DeploymentConfig,
-    resolved: list[Resolved],
-    ports: list[int],
-    *,
-    machine: Machine = Machine(),
-    placements: list[Placed] | None = None,
-    engine_api_key: str | None = None,
-    python: str = sys.executable,
-    launcher: tuple[str, ...] | None = None,
-    flag_table: FlagTable | None = None,
-    multi_node: MultiNode | None = None,
-    host: str = constants.ENGINE_HOST,
-) -> list[EngineCommand]:
-    """Every engine's command; every problem of every model in one ConfigError."""
+def build_engine_commands(config: DeploymentConfig, resolved: Sequence[Resolved], ports: Sequence[int], *,
+                          placements: Sequence[Placed] | None = None, replicas: Sequence[int] | None = None,
+                          site: Site = Site(), launch: Launch = Launch()) -> list[EngineCommand]:
+    """Every model's command (`app.serving.plan` is where a deployment's are made); every problem of every model in
+    one ConfigError. `site.multi_node` applies to the models spanning nodes only."""
     commands, problems = [], []
     for i, (item, port) in enumerate(zip(resolved, ports, strict=True)):
+        spans = config.models[i].nodes > 1
         try:
             commands.append(build_engine_command(
-                config, i, item, port=port, machine=machine, placement=placements[i] if placements else None,
-                engine_api_key=engine_api_key, python=python, launcher=launcher, flag_table=flag_table,
-                multi_node=multi_node if config.models[i].nodes > 1 else None, host=host))
+                config, i, item, port=port, placement=placements[i] if placements else None,
+                replicas=replicas[i] if replicas else None, launch=launch,
+                site=site if spans or site.multi_node is None else replace(site, multi_node=None)))
         except ConfigError as exc:
             problems += exc.problems
     if problems:
@@ -323,9 +203,9 @@ def _non_default_model_fields(model: ModelConfig) -> list[str]:
     return ignored
 
 
-def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolved: Resolved,
+def _add_form(argv: _Argv, model: ModelConfig, replicas: int, config: DeploymentConfig, resolved: Resolved,
               machine: Machine, where: str, notes: list[str]) -> Parallelism:
-    """The form's fields as SGLang flags; the parallelism they make."""
+    """The form's fields as SGLang flags (`replicas`: this machine's); the parallelism they make."""
     general = config.general
     argv.add(schema.flag("model", "endpoint_name"), model.endpoint)
     tp = dp = 1
@@ -337,11 +217,11 @@ def _add_form(argv: _Argv, model: ModelConfig, config: DeploymentConfig, resolve
     else:
         tp = gpus_per_copy(model, machine) * model.nodes
         argv.add(schema.flag("model", "gpus"), tp)
-    if model.replicas > 1 and general.device == "cpu":
-        notes.append(f"replicas: {model.replicas} SGLang servers on this machine behind sglang-router (the "
+    if replicas > 1 and general.device == "cpu":
+        notes.append(f"replicas: {replicas} SGLang servers on this machine behind sglang-router (the "
                      "topology of replicas on several machines, run on one)")
-    elif model.replicas > 1:
-        dp = model.replicas
+    elif replicas > 1:
+        dp = replicas
         argv.add(schema.flag("model", "replicas"), dp)
 
     lora = model.lora

@@ -1,5 +1,5 @@
 """A model spanning two nodes, both ranks of the real SGLang on this CPU over loopback: rank 0 is the app's
-`Deployment` (gateway in front), rank 1 the app's `NodeDeployment`, each told its rank as ClearML's multi-node
+`Deployment` (gateway in front), rank 1 the app's `RankNode`, each told its rank as ClearML's multi-node
 launch would tell it. Requests are answered through rank 0's gateway; stopping the master stops both.
 
 On the CPU SGLang needs SGLANG_CPU_OMP_THREADS_BIND for more than one rank and gloo instead of the CUDA build's
@@ -24,7 +24,7 @@ from app.config import load_config  # noqa: E402
 from app.demo.tiny_model import make_tiny_models  # noqa: E402
 from app.serving.deployment import Deployment, RunOptions  # noqa: E402
 from app.serving.network import free_ports  # noqa: E402
-from app.serving.node import NodeDeployment  # noqa: E402
+from app.serving.node import Master, RankNode  # noqa: E402
 from app.sglang.command import MultiNode  # noqa: E402
 from tests.engine.test_real_engine import AUTH, STARTUP_DEADLINE_S, TOKEN, readyz  # noqa: E402
 from tests.fakes.registry import NoRegistry  # noqa: E402
@@ -43,8 +43,8 @@ def test_two_ranks_on_loopback_serve_through_the_gateway_and_stop_together(tmp_p
     master_runs = [True]
     master = Deployment(config, NoRegistry(), options=options,
                         multi_node=MultiNode(2, 0, "127.0.0.1", dist_port))
-    other = NodeDeployment(config, NoRegistry(), MultiNode(2, 1, "127.0.0.1", dist_port), options=options,
-                           master_running=lambda: master_runs[0], watch_interval_s=0.5)
+    other = RankNode(config, NoRegistry(), MultiNode(2, 1, "127.0.0.1", dist_port),
+                     Master(lambda: master_runs[0], watch_interval_s=0.5), options=options)
     loop = asyncio.new_event_loop()
     codes: dict[str, int] = {}
 

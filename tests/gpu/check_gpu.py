@@ -36,7 +36,7 @@ from app.errors import ConfigError  # noqa: E402
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE, Demand, detect_gpus, place  # noqa: E402
 from app.serving.models import describe  # noqa: E402
 from app.serving.plan import demands  # noqa: E402
-from app.sglang.command import Machine, build_engine_commands  # noqa: E402
+from app.sglang.command import Machine, Site, build_engine_commands  # noqa: E402
 
 MONITOR = """
 import json, sys, time, torch
@@ -146,7 +146,7 @@ def main() -> int:
     config = load_config(overrides=["models.0.model=org/a", "models.1.model=org/b"])
     machine = Machine(gpu_count=1, gpu_memory_gib=gpus[0].memory_gib)
     placements = place(demands(config, machine), gpus[:1])
-    commands = build_engine_commands(config, describe(config), [30000, 30001], machine=machine,
+    commands = build_engine_commands(config, describe(config), [30000, 30001], site=Site(machine),
                                      placements=placements)
     check("the builder pins and splits", all(c.env.get("CUDA_VISIBLE_DEVICES") == "0"
                                              and "--mem-fraction-static" in c.argv for c in commands),

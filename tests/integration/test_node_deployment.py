@@ -11,7 +11,7 @@ import sys
 from app.config import load_config
 from app.serving.deployment import RunOptions
 from app.serving.gpus import Gpu
-from app.serving.node import NodeDeployment
+from app.serving.node import Master, RankNode, ReplicaWorker, WorkerOrder
 from app.sglang.command import MultiNode
 from tests.fakes.registry import NoRegistry
 from tests.harness import FAKE, RecordingReporter, _no_children, _until, run_async
@@ -19,13 +19,13 @@ from tests.harness import FAKE, RecordingReporter, _no_children, _until, run_asy
 RANK_1 = MultiNode(nodes=2, rank=1, master_addr="127.0.0.1", master_port=29555)
 
 
-def node(*overrides: str, master: list[bool]) -> tuple[NodeDeployment, RecordingReporter]:
+def node(*overrides: str, master: list[bool]) -> tuple[RankNode, RecordingReporter]:
     config = load_config(overrides=["models.0.model=org/big", "models.0.endpoint_name=big", "models.0.nodes=2",
                                     "models.0.gpus=1", "models.1.model=org/small", *overrides])
     reporter = RecordingReporter()
     options = RunOptions(launcher=(sys.executable, str(FAKE)), startup_deadline_s=20, engine_stop_grace_s=5)
-    deployment = NodeDeployment(config, NoRegistry(), RANK_1, master_running=lambda: master[0], reporter=reporter,
-                                options=options, detect=lambda: [Gpu(0, "fake", 80.0)], watch_interval_s=0.2)
+    deployment = RankNode(config, NoRegistry(), RANK_1, Master(lambda: master[0], watch_interval_s=0.2),
+                          reporter=reporter, options=options, detect=lambda: [Gpu(0, "fake", 80.0)])
     return deployment, reporter
 
 
@@ -81,10 +81,9 @@ def test_a_replica_worker_serves_its_model_with_the_instances_key_and_publishes_
                                         "models.1.model=org/m", "models.1.endpoint_name=m", "models.1.replicas=4"])
         options = RunOptions(launcher=(sys.executable, str(FAKE)), startup_deadline_s=20, engine_stop_grace_s=5,
                              public_host="127.0.0.1")
-        worker = NodeDeployment(config, NoRegistry(), worker_of="m", engine_api_key="instance-engine-key-0123",
-                                publish=published.append, master_running=lambda: master[0],
-                                reporter=RecordingReporter(), options=options,
-                                detect=lambda: [Gpu(0, "fake", 80.0)], watch_interval_s=0.2)
+        worker = ReplicaWorker(config, NoRegistry(), WorkerOrder("m", "instance-engine-key-0123", published.append),
+                               Master(lambda: master[0], watch_interval_s=0.2), reporter=RecordingReporter(),
+                               options=options, detect=lambda: [Gpu(0, "fake", 80.0)])
         task = asyncio.create_task(worker.run())
         await _until(lambda: _published(published), "the worker to publish its URL")
         argv = worker.engine.command.argv

@@ -11,7 +11,7 @@ from clearml import Task
 from app.clearml.task import DeploymentTask
 from app.config import load_config
 from app.serving.models import ResolvedModel
-from app.sglang.command import Machine, MultiNode, build_engine_command
+from app.sglang.command import Launch, Machine, MultiNode, Site, build_engine_command
 from tests.unit.test_args_golden import QUIET
 from tests.unit.test_clearml_task import FakeSession, Recorder
 
@@ -23,9 +23,10 @@ RESOLVED = ResolvedModel("big", "/models/big", "org/big")
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_every_rank_runs_the_same_command_but_its_rank(rank):
-    command = build_engine_command(CONFIG, 0, RESOLVED, port=30000, machine=Machine(8, 80.0),
-                                   engine_api_key="k" * 48,
-                                   multi_node=MultiNode(nodes=3, rank=rank, master_addr="10.0.0.5", master_port=29500))
+    command = build_engine_command(CONFIG, 0, RESOLVED, port=30000, launch=Launch(engine_api_key="k" * 48),
+                                   site=Site(Machine(8, 80.0), multi_node=MultiNode(nodes=3, rank=rank,
+                                                                                    master_addr="10.0.0.5",
+                                                                                    master_port=29500)))
     assert command.masked_argv()[3:] == [
         "--model-path", "/models/big", "--host", "127.0.0.1", "--port", "30000",
         "--served-model-name", "big", "--tp-size", "24", "--context-length", "32768",
@@ -35,8 +36,9 @@ def test_every_rank_runs_the_same_command_but_its_rank(rank):
 
 def test_a_model_on_one_node_gets_no_multi_node_flags():
     command = build_engine_command(CONFIG, 1, ResolvedModel("small", "org/small", "org/small"), port=30001,
-                                   machine=Machine(8, 80.0),
-                                   multi_node=MultiNode(nodes=3, rank=1, master_addr="10.0.0.5", master_port=29500))
+                                   site=Site(Machine(8, 80.0),
+                                             multi_node=MultiNode(nodes=3, rank=1, master_addr="10.0.0.5",
+                                                                  master_port=29500)))
     assert "--nnodes" not in command.argv and command.argv[command.argv.index("--tp-size") + 1] == "1"
 
 

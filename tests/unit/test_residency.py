@@ -153,7 +153,7 @@ def test_three_models_on_a_device_that_fits_two_start_with_the_oldest_asleep():
         control = LedgerControl(10.0, {"a": 4.0, "b": 4.0, "c": 4.0})
         residency, engines = await started(["a", "b", "c"], control)
         assert residency.states() == {"a": SLEEPING, "b": RESIDENT, "c": RESIDENT}
-        assert engines["a"].state == SLEEPING and control.resident == {"b", "c"}
+        assert residency.state("a") == SLEEPING and control.resident == {"b", "c"}
         assert control.calls == [("release", "a")]
     run(scenario())
 
@@ -180,7 +180,7 @@ def test_a_burst_for_a_sleeping_model_causes_exactly_one_wake_up():
         residency, engines = await started(["a", "b", "c"], control)
         control.gate = asyncio.Event()
         waiters = [asyncio.create_task(residency.wait_resident("a", 5.0)) for _ in range(20)]
-        while engines["a"].state != "waking":
+        while residency.state("a") != "waking":
             await asyncio.sleep(0)
         assert residency.describe()["a"]["state"] == "waking"
         control.gate.set()

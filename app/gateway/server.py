@@ -37,7 +37,7 @@ from app.gateway.messages import (
     Screen,
     status_line,
 )
-from app.gateway.reader import AUTHENTICATED, BEGAN, CONTINUE, Deadlines, RequestReader
+from app.gateway.reader import AUTHENTICATED, BEGAN, CONTINUE, STOP, Deadlines, RequestReader
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class ResponseWriter:
             self._write(head)
 
     def write(self, data: bytes) -> None:
-        if data:
+        if data and not self.closed:  # (`_write`, inline: this runs for every piece of a stream)
             framed = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
             if self._pending_head is not None:
                 framed, self._pending_head = self._pending_head + framed, None
-            self._write(framed)
+            self.transport.write(framed)  # type: ignore[union-attr]
 
     def end(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked else b""
@@ -169,22 +169,22 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         self._deadlines.idle(self._limits.first_byte_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
+        feed = self._reader.feed
         while data and not self.stopped:
-            found, data = reader.feed(data)
+            found, data = feed(data)
             for item in found:  # (most often: began, authenticated, the request)
                 if item is BEGAN:  # its head (or, once the connection is authenticated, all of it) must follow in time
                     self._deadlines.began(self._limits.receive_timeout_s if self.authenticated_once
                                           else self._limits.head_timeout_s)
-                elif item.__class__ is Request:
-                    self._received(item)  # type: ignore[arg-type]
                 elif item is AUTHENTICATED:
                     self._authenticated()
                 elif item is CONTINUE:
                     if not self._busy and not self._pending:  # (else it would land inside another answer)
                         self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                else:  # STOP
+                elif item is STOP:
                     self.stop_reading()
+                else:
+                    self._received(item)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

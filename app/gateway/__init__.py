@@ -6,8 +6,8 @@ model behind it, `gateway` puts them together; `auth`, `errors` and `stats` are 
 """
 
 from app.gateway.auth import TokenChecker
-from app.gateway.gateway import Gateway
+from app.gateway.gateway import Gateway, GatewayLimits
 from app.gateway.model_routes import ModelRoute
 from app.gateway.stats import RequestStats
 
-__all__ = ["Gateway", "ModelRoute", "RequestStats", "TokenChecker"]
+__all__ = ["Gateway", "GatewayLimits", "ModelRoute", "RequestStats", "TokenChecker"]

@@ -4,30 +4,94 @@ cannot be unloaded under it.
 
 A request for `"model": "<endpoint>:<reference>"`, where the reference is not one of the model's configured adapters,
 asks the model's `AdapterLoader` for a lease; the loader answers with one (the adapter is loaded, every request that
-arrived meanwhile shared the one load) or refuses with the reason (`AdapterRefused`: 4xx in the one error shape, or
-503 while every adapter slot is busy).
+arrived meanwhile shared the one load) or refuses with the reason (`AdapterRefused`, with a `Refusal`: the loader
+says why in its own words, and the gateway answers each reason with its status and code in the one error shape:
+4xx, 502 or 504 for a load that failed or took too long, 503 while every adapter slot is busy).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Collection
 from typing import Protocol
 
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
-from app.gateway.relay import Target, lora_paths, with_model
+from app.gateway.relay import RETRY_AFTER_SECONDS, Target, lora_paths, with_model
 from app.states import AdapterState
 
 
-class AdapterRefused(Exception):
-    """Why a requested adapter is not served: the HTTP status, the message (naming the reference and the fix), the
-    error code, and the request's field it is about."""
+class Refusal(enum.Enum):
+    """Why an adapter is not served."""
 
-    def __init__(self, status: int, message: str, code: str, *, retry_after_s: int | None = None,
-                 param: str = "model"):
+    NOT_A_REFERENCE = "not an adapter reference"
+    NO_SUCH_MODEL = "no such model or adapter"  # (a name that is no reference and no configured adapter)
+    SOURCE_NOT_ALLOWED = "a source the model does not load from"
+    PATH_NOT_ALLOWED = "outside the adapter directories"
+    NOT_FOUND = "not found"
+    NOT_PERMITTED = "not permitted to fetch it"
+    INVALID = "not a valid adapter"
+    INCOMPATIBLE = "incompatible with the model as started"
+    DOWNLOAD_FAILED = "could not be fetched"
+    ENGINE_REFUSED = "the engine refused to load it"
+    LOAD_FAILED = "the load failed"
+    TIMED_OUT = "the load took too long"
+    SLOTS_BUSY = "every adapter slot holds adapters in use"
+    ENGINE_UNREACHABLE = "the engine could not be asked"
+    ENGINE_RESTARTED = "the engine restarted during the load"
+    INVALID_LORA_PATH = "lora_path names no adapter"
+    LORA_PATH_NOT_LOADED = "lora_path names an adapter not loaded"
+
+
+# Each reason as a client hears it: the HTTP status and the error code (`app.gateway.errors`).
+_ANSWERS: dict[Refusal, tuple[int, str]] = {
+    Refusal.NOT_A_REFERENCE: (400, "invalid_adapter_reference"),
+    Refusal.NO_SUCH_MODEL: (404, "model_not_found"),
+    Refusal.SOURCE_NOT_ALLOWED: (403, "adapter_source_not_allowed"),
+    Refusal.PATH_NOT_ALLOWED: (403, "adapter_path_not_allowed"),
+    Refusal.NOT_FOUND: (404, "adapter_not_found"),
+    Refusal.NOT_PERMITTED: (403, "adapter_not_allowed"),
+    Refusal.INVALID: (400, "invalid_adapter"),
+    Refusal.INCOMPATIBLE: (400, "adapter_incompatible"),
+    Refusal.DOWNLOAD_FAILED: (502, "adapter_download_failed"),
+    Refusal.ENGINE_REFUSED: (400, "adapter_load_failed"),
+    Refusal.LOAD_FAILED: (502, "adapter_load_failed"),
+    Refusal.TIMED_OUT: (504, "adapter_load_timeout"),
+    Refusal.SLOTS_BUSY: (503, "adapter_slots_busy"),
+    Refusal.ENGINE_UNREACHABLE: (503, "engine_unavailable"),
+    Refusal.ENGINE_RESTARTED: (503, "engine_restarted"),
+    Refusal.INVALID_LORA_PATH: (400, "invalid_lora_path"),
+    Refusal.LORA_PATH_NOT_LOADED: (400, "adapter_not_loaded"),
+}
+# Reasons that pass once something busy frees: the answer says when to retry.
+_RETRIED = frozenset({Refusal.SLOTS_BUSY, Refusal.ENGINE_UNREACHABLE})
+# Reasons about the body's `lora_path` (the others are about its `model`).
+_ABOUT_LORA_PATH = frozenset({Refusal.INVALID_LORA_PATH, Refusal.LORA_PATH_NOT_LOADED})
+
+
+class AdapterRefused(Exception):
+    """Why a requested adapter is not served: the reason, and the message (naming the reference and the fix). What a
+    client hears of it (`status`, `code`, `param`, `retry_after_s`: `reply`) is the gateway's reading of the reason."""
+
+    def __init__(self, reason: Refusal, message: str):
         super().__init__(message)
-        self.status, self.message, self.code, self.retry_after_s = status, message, code, retry_after_s
-        self.param = param
+        self.reason, self.message = reason, message
+
+    @property
+    def status(self) -> int:
+        return _ANSWERS[self.reason][0]
+
+    @property
+    def code(self) -> str:
+        return _ANSWERS[self.reason][1]
+
+    @property
+    def param(self) -> str:
+        return "lora_path" if self.reason in _ABOUT_LORA_PATH else "model"
+
+    @property
+    def retry_after_s(self) -> int | None:
+        return RETRY_AFTER_SECONDS if self.reason in _RETRIED else None
 
     def reply(self) -> Reply:
         return error_reply(self.status, self.message, self.code, param=self.param, retry_after_s=self.retry_after_s)
@@ -89,8 +153,8 @@ async def lease_adapters(request: Request, route: AdapterRoute, adapter: str | N
         try:
             named = lora_paths(request.body)
         except ValueError as exc:
-            raise AdapterRefused(400, f"{exc}: name an adapter, or ask for it as \"model\"", "invalid_lora_path",
-                                 param="lora_path") from None
+            raise AdapterRefused(Refusal.INVALID_LORA_PATH,
+                                 f"{exc}: name an adapter, or ask for it as \"model\"") from None
         leases += hold_named(named or [], route.endpoint, route.adapters, route.adapter_loader)
     except BaseException:  # a refusal, or the client went away while its adapter loaded
         now = clock()
@@ -128,9 +192,8 @@ def hold_named(names: list[str], endpoint: str, configured: Collection[str],
     SGLang would load on its own an adapter it once had, behind the gateway's back."""
     missing = [n for n in names if n not in configured and (loader is None or not loader.loaded(n))]
     if missing:
-        raise AdapterRefused(400, f"lora_path names {missing[0][:200]!r}, which is no adapter of {endpoint!r} "
-                             f"loaded now: ask for it as \"model\": \"{endpoint}:<adapter>\"", "adapter_not_loaded",
-                             param="lora_path")
+        raise AdapterRefused(Refusal.LORA_PATH_NOT_LOADED, f"lora_path names {missing[0][:200]!r}, which is no "
+                             f"adapter of {endpoint!r} loaded now: ask for it as \"model\": \"{endpoint}:<adapter>\"")
     return [lease for n in names if n not in configured and loader is not None and (lease := loader.hold(n))]
 
 

@@ -23,13 +23,11 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
-from app.gateway.errors import Reply, error_reply
-from app.gateway.messages import Handled, Limits, Request
+from app.gateway.errors import error_reply
+from app.gateway.messages import Handler, Limits, Screen
 from app.gateway.relay import RETRY_AFTER_SECONDS
 from app.gateway.server import ServerConnection
-from app.gateway.stats import RequestStats
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +43,6 @@ MAX_CONNECTIONS_PER_ADDRESS = 1024
 MEMBER_CANDIDATES = 64
 # A flood closes thousands of connections a second: the console says so once, then once a minute with the count.
 WARNING_INTERVAL_SECONDS = 60.0
-
-
-class ConnectionOwner(Protocol):
-    """What a connection needs of its gateway (`app.gateway.gateway.Gateway`)."""
-
-    limits: Limits
-    stats: RequestStats
-    connections: ConnectionTable
-
-    def handle(self, request: Request, conn: ServerConnection) -> Handled: ...
-
-    def screen(self, request: Request) -> Reply | None: ...
 
 
 def client_address(peer: object) -> str:
@@ -167,6 +153,11 @@ class ConnectionTable:
         if not len(mine):
             del self._by_address[address]
 
+    def fit_open_files(self) -> None:
+        """Raise the open-file limit to what the table's capacity needs; where the hard limit is lower, the
+        capacity shrinks to what fits."""
+        self.capacity = raise_open_file_limit(self.capacity)
+
     def prometheus(self) -> str:
         """The table in Prometheus text: what an operator watches while a flood goes on."""
         return "\n".join((
@@ -227,16 +218,16 @@ def raise_open_file_limit(connections: int) -> int:
 
 
 class TrackedConnection(ServerConnection):
-    """A server connection in its gateway's table: admitted (making room) when it opens, moved back in the table's
-    order by each authenticated request, taken out when it closes."""
+    """A server connection in a table: admitted (making room) when it opens, moved back in the table's order by each
+    authenticated request, taken out when it closes; the table changes through its own methods only."""
 
-    def __init__(self, gateway: ConnectionOwner, loop: asyncio.AbstractEventLoop):
-        super().__init__(gateway.handle, loop, gateway.limits, screen=gateway.screen,
-                         on_response=gateway.stats.count_response)
-        self._table = gateway.connections
-        self.on_authenticated = self._moved
+    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, limits: Limits, *, screen: Screen,
+                 on_response: Callable[[int, str], None], table: ConnectionTable):
+        super().__init__(handler, loop, limits, screen=screen, on_response=on_response)
+        self._table = table
 
-    def _moved(self) -> None:
+    def _authenticated(self) -> None:
+        ServerConnection._authenticated(self)  # (not super(): this runs for every request, and it costs more)
         self._table.authenticated(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -16,12 +16,13 @@ upstream (`app.gateway.relay`). Every error, the engine's included, is answered 
 error event when a stream was already under way), 503 loading, restarting or waking past its deadline, or draining
 (`Retry-After`), 504 engine silent too long. A request for a model that is restarting or waking is held until it
 serves again, up to a deadline. A request for `"<endpoint>:<reference>"` where the model loads adapters on request
-waits for its adapter to load (`app.gateway.adapters`). The deployment's own benchmark sends its own token
-(`quiet_auth`): served like any other, counted nowhere, and no activity for the idle clock.
+waits for its adapter to load (`app.gateway.adapters`). The gateway makes one token of its own, `quiet_token`, for
+the deployment's benchmark (`app.serving.benchmark`): its requests are served like any other, counted nowhere, and
+are no activity for the idle clock.
 
 Example::
 
-    gateway = Gateway(routes, TokenChecker(tokens), RequestStats(), activity=tracker)
+    gateway = Gateway(routes, TokenChecker(tokens), RequestStats(), activity=tracker, limits=GatewayLimits())
     await gateway.start("0.0.0.0", 8000)
     ...
     gateway.begin_drain(); await gateway.wait_drained(deadline_s=30); await gateway.close()
@@ -34,18 +35,18 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterRefused, LeasedTarget, lease_adapters, requested_adapter
-from app.gateway.auth import TokenChecker
+from app.gateway.auth import TokenChecker, generate_token
 from app.gateway.connections import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
     ConnectionTable,
     TrackedConnection,
-    raise_open_file_limit,
 )
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import (
@@ -56,24 +57,17 @@ from app.gateway.messages import (
     Limits,
     Pending,
     Request,
+    Responder,
 )
 from app.gateway.model_routes import (
     WAITS_FOR_WAKE,
     ModelRoute,
+    find_model,
     model_cards,
     prompt_too_long,
     unavailable,
 )
-from app.gateway.relay import (
-    RETRY_AFTER_SECONDS,
-    Activity,
-    InFlight,
-    Relay,
-    RelayContext,
-    json_object,
-    model_field,
-)
-from app.gateway.server import ServerConnection
+from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext, model_field
 from app.gateway.stats import RequestStats
 from app.states import ModelState
 
@@ -93,44 +87,42 @@ MAX_HELD_REQUESTS = 4096
 LISTEN_BACKLOG = 511
 
 
+@dataclass(frozen=True)
+class GatewayLimits:
+    """What the gateway allows: a request body's size, how long an engine, a request's arrival and a client's reading
+    may take, and how many client connections it keeps (in all, and from one address once the table is full)."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    upstream_read_timeout_s: float = UPSTREAM_READ_TIMEOUT_SECONDS
+    request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS
+    write_timeout_s: float = WRITE_TIMEOUT_SECONDS
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+
+
 class Gateway:
     """One port in front of every engine. Constructing it binds nothing; `start` does."""
 
-    def __init__(
-        self,
-        routes: list[ModelRoute],
-        auth: TokenChecker,
-        stats: RequestStats,
-        *,
-        activity: Activity | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        upstream_read_timeout_s: float = UPSTREAM_READ_TIMEOUT_SECONDS,
-        request_receive_timeout_s: float = REQUEST_RECEIVE_TIMEOUT_SECONDS,
-        write_timeout_s: float = WRITE_TIMEOUT_SECONDS,
-        max_connections: int = MAX_CONNECTIONS,
-        max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
-        task_url: str | None = None,
-        quiet_auth: TokenChecker | None = None,
-    ):
-        """`task_url`: the ClearML task's page, which the endpoint's page links to. `quiet_auth`: the deployment's
-        own token for its benchmark, whose requests are served like any other but counted nowhere and are no
-        activity (the idle clock runs on)."""
-        self.quiet_auth = quiet_auth
+    def __init__(self, routes: list[ModelRoute], auth: TokenChecker, stats: RequestStats, *,
+                 activity: Activity | None = None, clock: Callable[[], float] = time.monotonic,
+                 limits: GatewayLimits = GatewayLimits(), task_url: str | None = None):
+        """`task_url`: the ClearML task's page, which the endpoint's page links to."""
         self.routes = {r.endpoint: r for r in routes}
         self.task_url = task_url
         self._endpoints = frozenset(self.routes)
         self.auth = auth
+        self.quiet_token = generate_token()  # the benchmark's: served, counted nowhere, no activity
+        self._quiet = TokenChecker([self.quiet_token])
         self.stats = stats
         self.clock = clock
-        self.max_body_bytes = max_body_bytes
-        self.upstream_read_timeout_s = upstream_read_timeout_s
-        self.limits = Limits(lambda: self.max_body_bytes, request_receive_timeout_s, write_timeout_s)
+        self.max_body_bytes = limits.max_body_bytes  # (read by every connection as it needs it: it may change)
+        self.upstream_read_timeout_s = limits.upstream_read_timeout_s
+        self.limits = Limits(lambda: self.max_body_bytes, limits.request_receive_timeout_s, limits.write_timeout_s)
         self.draining = False
         self._flight = InFlight(activity)
         self._relays: RelayContext | None = None
         self._server: asyncio.base_events.Server | None = None
-        self.connections = ConnectionTable(max_connections, max_connections_per_address)
+        self.connections = ConnectionTable(limits.max_connections, limits.max_connections_per_address)
         self.port: int | None = None
 
     @property
@@ -144,9 +136,13 @@ class Gateway:
         for route in self.routes.values():
             route.connect(loop)
         self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
-        self.connections.capacity = raise_open_file_limit(self.connections.capacity)
-        self._server = await loop.create_server(lambda: TrackedConnection(self, loop), host, port,
-                                                reuse_address=True, backlog=LISTEN_BACKLOG)
+        self.connections.fit_open_files()
+
+        def connection() -> TrackedConnection:
+            return TrackedConnection(self.handle, loop, self.limits, screen=self.screen,
+                                     on_response=self.stats.count_response, table=self.connections)
+
+        self._server = await loop.create_server(connection, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("Gateway listening on %s:%s", host, self.port)
 
@@ -176,19 +172,18 @@ class Gateway:
 
     def screen(self, request: Request) -> Reply | None:
         """Judge a request on its head, before its body is read: the token first, then the route."""
-        route = paths.classify(request.method, request.path, self._endpoints)
-        request.context = route
+        route = request.route = paths.classify(request.method, request.path, self._endpoints)
         if route.kind in ("open", "page"):
             if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
                 return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
             return None
         header = request.header(b"authorization")
         authorization = header.decode("latin-1") if header is not None else None
-        if self.quiet_auth is not None and self.quiet_auth.check(authorization):
-            request.counted = False
-        elif not self.auth.check(authorization):
-            return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
-                               "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+        if not self.auth.check(authorization):
+            if not self._quiet.check(authorization):
+                return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
+                                   "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
+            request.counted = False  # the benchmark's
         request.authenticated = True
         if route.kind == "not_found":
             return error_reply(404, f"No route {request.path[:200]!r}: the endpoint serves the inference routes of "
@@ -201,13 +196,14 @@ class Gateway:
             return error_reply(503, "The deployment is shutting down", "draining", retry_after_s=RETRY_AFTER_SECONDS)
         return None
 
-    def handle(self, request: Request, conn: ServerConnection) -> Handled:
+    def handle(self, request: Request, conn: Responder) -> Handled:
         """Answer at once, relay to an engine, or hold the request while its model wakes or restarts."""
-        route: paths.Route = request.context  # type: ignore[assignment]
+        route = request.route
+        assert route is not None  # (the screen read it)
         if route.kind != "relay":
             conn.reply(self._own(route))
             return None
-        model = self._model_route(request, route)
+        model = find_model(self.routes, route, request)
         if isinstance(model, Reply):
             conn.reply(model)
             return None
@@ -232,14 +228,14 @@ class Gateway:
             return None
         return self._relay(request, conn, model, path, adapter)
 
-    def _relay(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+    def _relay(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
                adapter: str | None = None) -> Handled:
         assert self._relays is not None
         if adapter is not None or b'"lora_path"' in request.body:
             return self._relay_with_adapters(request, conn, route, path, adapter)
         return Relay(self._relays, request, conn, route, path).start()
 
-    async def _relay_with_adapters(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+    async def _relay_with_adapters(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
                                    adapter: str | None) -> Pending | None:
         """Relay a request holding every adapter it names (`lease_adapters`: loading the one its model names)."""
         assert self._relays is not None
@@ -254,49 +250,13 @@ class Gateway:
         started = Relay(self._relays, request, conn, LeasedTarget(route, tuple(leases)), path).start()
         return started if started is None or started is PENDING else await started
 
-    def _model_route(self, request: Request, route: paths.Route) -> ModelRoute | Reply:
-        """The model a relayed request goes to: the path's, or the one its JSON body names."""
-        if route.takes_json(request.method) and not json_object(request.body):
-            return error_reply(400, "The request body must be one JSON object", "invalid_json")
-        if route.endpoint is not None:
-            return self.routes[route.endpoint]
-        model = model_field(request.body)
-        if model is None:
-            if len(self.routes) == 1:
-                return next(iter(self.routes.values()))
-            return error_reply(400, "The request names no model: set \"model\" to one of "
-                               + ", ".join(sorted(self.routes)), "model_required", param="model")
-        endpoint = model if model in self.routes else model.split(":", 1)[0]
-        found = self.routes.get(endpoint)
-        if found is None:
-            return error_reply(404, f"The model {model[:200]!r} does not exist; available: "
-                               + ", ".join(sorted(self.routes)), "model_not_found", param="model")
-        return found
-
-    async def _held(self, request: Request, conn: ServerConnection, route: ModelRoute, path: bytes,
+    async def _held(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
                     state: ModelState, adapter: str | None) -> Pending | None:
-        """Hold a request for a model that is waking (one wake-up for all) or restarting after a crash, until it
-        serves again, at most its deadline; then relay it, or 503 + Retry-After."""
-        route.held += 1
-        try:
-            if state == ModelState.RESTARTING:
-                deadline = route.restart_hold_s
-                ready = await route.engine.wait_serving(deadline)
-                if ready and route.residency is not None:
-                    ready = route.residency.enter(route.endpoint)
-            else:
-                assert route.residency is not None
-                deadline = route.wake_deadline_s
-                ready = await route.residency.wait_resident(route.endpoint, deadline)
-        finally:
-            route.held -= 1
-        if not ready:
-            if state != ModelState.RESTARTING:
-                conn.reply(unavailable(route, ModelState.WAKING, waited_s=deadline))
-            elif route.state == ModelState.RESTARTING:
-                conn.reply(unavailable(route, ModelState.RESTARTING, waited_s=deadline))
-            else:  # it failed for good, or the deployment is stopping
-                conn.reply(unavailable(route, route.state))
+        """Hold a request for a model that is waking or restarting (`ModelRoute.wait`), then relay it, or answer
+        503 + Retry-After."""
+        refusal = await route.wait(state)
+        if refusal is not None:
+            conn.reply(refusal)
             return None
         started = self._relay(request, conn, route, path, adapter)
         return started if started is None or started is PENDING else await started

@@ -1,5 +1,6 @@
 """What the gateway's HTTP/1.1 pieces share: a request as parsed, a connection's limits, how handlers answer, the
-status line."""
+status line. It imports none of them: the connection (`app.gateway.server`) uses the reader (`app.gateway.reader`),
+both use this."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from app.gateway.errors import Reply
-
-if TYPE_CHECKING:
-    from app.gateway.server import ServerConnection
+from app.gateway.routes import Route
 
 # Largest request head: every byte of the request line and the header block as received, separators, line ends and
 # blank lines before it included (nginx's default large_client_header_buffers: 4 x 8 KiB = 32 KiB). A head is held
@@ -56,7 +55,7 @@ class Request:
     body: bytes = b""
     keep_alive: bool = True
     refusal: Reply | None = None  # answered with this, its body unread, and the connection closes after it
-    context: object = None  # what the screen found out about it, for the handler
+    route: Route | None = None  # what the screen read of its method and path, for the handler
     counted: bool = True  # False for the deployment's own benchmark: in no counter, and not activity
     authenticated: bool = False  # the screen verified its token: its answer is private (never cached)
 
@@ -88,8 +87,33 @@ PENDING = Pending.PENDING
 # A handler answers at once (None), relays on callbacks (PENDING), or must wait for something first (an awaitable
 # that ends the same two ways).
 Handled = Pending | Awaitable["Pending | None"] | None
-Handler = Callable[[Request, "ServerConnection"], Handled]
+Handler = Callable[[Request, "Responder"], Handled]
 # Judges a request on its head (its body not read yet): a Reply refuses it.
 Screen = Callable[[Request], "Reply | None"]
 
 
+
+
+class Responder(Protocol):
+    """What a handler answers through (`app.gateway.server.ServerConnection`): a whole answer (`reply`), or a streamed
+    one (`start`, `write`, `end`; `abort` cuts it), then `request_done` where the handler answered `PENDING`."""
+
+    on_lost: Callable[[], None] | None  # told when the client goes away while its request is answered
+    on_writable: Callable[[], None] | None  # told when a client that was full can take more
+
+    @property
+    def writable(self) -> bool:
+        """The client takes what is written (else whoever writes pauses until `on_writable`)."""
+        ...
+
+    def reply(self, reply: Reply) -> None: ...
+
+    def start(self, status: int, head: bytes, content_length: int | None) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def request_done(self) -> None: ...

@@ -14,7 +14,7 @@ from app.gateway import routes as paths
 from app.gateway.adapters import AdapterLoader
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
-from app.gateway.relay import RETRY_AFTER_SECONDS, text_bytes
+from app.gateway.relay import RETRY_AFTER_SECONDS, json_object, model_field, text_bytes
 from app.gateway.upstream import Upstream
 from app.states import ASLEEP, AdapterState, EngineState, ModelState, model_state
 
@@ -94,6 +94,50 @@ class ModelRoute:
     def leave(self, now: float) -> None:
         if self.residency is not None:
             self.residency.leave(self.endpoint, now)
+
+    async def wait(self, state: ModelState) -> Reply | None:
+        """Hold a request while the model wakes (one wake-up for all) or restarts after a crash (`state`), at most
+        its deadline: None once it serves again (the request has entered it), else the 503 to answer."""
+        self.held += 1
+        try:
+            if state == ModelState.RESTARTING:
+                deadline = self.restart_hold_s
+                ready = await self.engine.wait_serving(deadline)
+                if ready and self.residency is not None:
+                    ready = self.residency.enter(self.endpoint)
+            else:
+                assert self.residency is not None
+                deadline = self.wake_deadline_s
+                ready = await self.residency.wait_resident(self.endpoint, deadline)
+        finally:
+            self.held -= 1
+        if ready:
+            return None
+        if state != ModelState.RESTARTING:
+            return unavailable(self, ModelState.WAKING, waited_s=deadline)
+        if self.state == ModelState.RESTARTING:
+            return unavailable(self, ModelState.RESTARTING, waited_s=deadline)
+        return unavailable(self, self.state)  # it failed for good, or the deployment is stopping
+
+
+def find_model(routes: dict[str, ModelRoute], route: paths.Route, request: Request) -> ModelRoute | Reply:
+    """The model a relayed request goes to: the path's, or the one its JSON body names."""
+    if route.takes_json(request.method) and not json_object(request.body):
+        return error_reply(400, "The request body must be one JSON object", "invalid_json")
+    if route.endpoint is not None:
+        return routes[route.endpoint]
+    model = model_field(request.body)
+    if model is None:
+        if len(routes) == 1:
+            return next(iter(routes.values()))
+        return error_reply(400, "The request names no model: set \"model\" to one of "
+                           + ", ".join(sorted(routes)), "model_required", param="model")
+    endpoint = model if model in routes else model.split(":", 1)[0]
+    found = routes.get(endpoint)
+    if found is None:
+        return error_reply(404, f"The model {model[:200]!r} does not exist; available: "
+                           + ", ".join(sorted(routes)), "model_not_found", param="model")
+    return found
 
 
 def unavailable(route: ModelRoute, state: ModelState, waited_s: float | None = None) -> Reply:

@@ -1,5 +1,10 @@
 """Reading a client connection: its bytes parsed into requests, each judged on its head, and its deadlines.
 
+The reader does no I/O and knows no connection (the shape of h11): it is fed bytes and returns what it found in them,
+in order: events (a request began, it is authenticated, it asks for `100 Continue`, take nothing more) and each
+request once whole, or refused. The connection (`app.gateway.server`) acts on them; the reader stops after each whole
+request, so the connection decides whether it takes the next one.
+
 What a head costs is counted in the bytes that arrive, not in what the parser hands back: a head is held as raw
 bytes (at most `MAX_HEAD_BYTES`, every byte counted) until its blank line has arrived, and only then parsed, in one
 go, with at most `MAX_HEADER_FIELDS` fields. So a head that never ends, or one of 60,000 empty fields, costs at most
@@ -15,15 +20,12 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import httptools
 
 from app.gateway.errors import Reply, error_reply
-from app.gateway.messages import MAX_HEAD_BYTES, MAX_HEADER_FIELDS, MAX_PIPELINED, Limits, Request, Screen
-
-if TYPE_CHECKING:
-    from app.gateway.server import ServerConnection
+from app.gateway.messages import MAX_HEAD_BYTES, MAX_HEADER_FIELDS, Limits, Request, Screen
 
 _END_OF_HEAD = b"\r\n\r\n"
 
@@ -37,6 +39,19 @@ class _Reading(enum.Enum):
     LENGTH = "length"  # a body of `Content-Length` bytes
     CHUNKED = "chunked"  # a chunked body: the parser finds its end
 
+
+class Event(enum.Enum):
+    """What the reader found besides a whole request; the connection acts on each, in order."""
+
+    BEGAN = "began"  # a request's first byte: its head (or all of it, once authenticated) must follow in time
+    AUTHENTICATED = "authenticated"  # the request being received has a valid token
+    CONTINUE = "continue"  # it asks for `100 Continue` and passed the screen: its body may come
+    STOP = "stop"  # take nothing more from this connection (an upgrade, or a request behind a chunked one)
+
+
+BEGAN, AUTHENTICATED, CONTINUE, STOP = Event.BEGAN, Event.AUTHENTICATED, Event.CONTINUE, Event.STOP
+# What `feed` returns, in order: events, and requests (each whole, or refused: `refusal` set, and nothing more is read).
+Found = list[Event | Request]
 
 _FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
 
@@ -79,8 +94,7 @@ class RequestReader:
     """Turns a connection's bytes into requests (httptools' callbacks), judging each on its head: a refused one,
     a malformed one or one too large becomes a refusal, and nothing more is read."""
 
-    def __init__(self, conn: ServerConnection, screen: Screen | None, limits: Limits):
-        self._conn = conn
+    def __init__(self, screen: Screen | None, limits: Limits):
         self._screen = screen
         self._limits = limits
         # made for the first whole head: a stranger that sends none costs no parser
@@ -98,12 +112,19 @@ class RequestReader:
         self._body: list[bytes] = []
         self._body_size = 0
         self._in_trailers = False
+        self._found: Found = []  # what the read under way has found
+        self._whole = False  # (and whether a request ended in it)
         self.request: Request | None = None  # its head has been read
         self.receiving = False  # a request has begun and is not complete yet
+        self.stopped = False  # it refused a request, or was told to take nothing more: it reads nothing more
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> tuple[Found, bytes]:
+        """Read `data` up to the end of the next whole request: what was found, in order, and the bytes after that
+        request (to be fed next, unless the connection takes nothing more)."""
+        found = self._found = []
+        self._whole = False
         try:
-            while data and not self._conn.stopped:
+            while data and not self.stopped and not self._whole:
                 if self._reading is _Reading.HEAD:
                     data = self._take_head(data)
                 elif self._reading is _Reading.LENGTH:
@@ -113,16 +134,17 @@ class RequestReader:
                 else:
                     self._chunked_bytes += len(data)
                     if self._chunked_bytes > 2 * self._limits.max_body_bytes() + MAX_HEAD_BYTES:
-                        self.refuse(self._too_large())  # (its framing and trailers cost as much as a body)
-                        return
+                        self._refuse(self._too_large())  # (its framing and trailers cost as much as a body)
+                        return found, b""
                     self._parser.feed_data(data)  # type: ignore[union-attr]
                     data = b""
         except httptools.HttpParserUpgrade:
             # the request has been taken, to be answered as plain HTTP; what follows it is another protocol
-            self._conn.stop_reading()
+            self._stop()
         except httptools.HttpParserError:
-            if not self._conn.stopped:  # (else a callback stopped the parser on purpose)
-                self.refuse(error_reply(400, "Malformed HTTP request", "malformed_request"))
+            if not self.stopped:  # (else a callback stopped the parser on purpose)
+                self._refuse(error_reply(400, "Malformed HTTP request", "malformed_request"))
+        return found, data if not self.stopped else b""
 
     def _take_head(self, data: bytes) -> bytes:
         """Hold the bytes of a head until its blank line has arrived, then parse it whole; what follows it."""
@@ -133,12 +155,12 @@ class RequestReader:
                 self._skipped += len(data) - len(start)
                 data = start
                 if self._skipped > MAX_HEAD_BYTES:
-                    self.refuse(_head_too_large())
+                    self._refuse(_head_too_large())
                     return b""
                 if not data:
                     return b""
             self.receiving = True
-            self._conn.request_began()
+            self._found.append(BEGAN)
         budget = MAX_HEAD_BYTES - self._skipped - held  # what this head may still take
         if held:  # (its blank line may have begun in the bytes held)
             tail = bytes(self._held[-3:])
@@ -149,7 +171,7 @@ class RequestReader:
             end = found + len(_END_OF_HEAD) if found >= 0 else -1
         if end < 0:
             if len(data) >= budget:
-                self.refuse(_head_too_large())
+                self._refuse(_head_too_large())
                 return b""
             self._held += data
             return b""
@@ -163,17 +185,26 @@ class RequestReader:
             self._parser.feed_data(head)
         finally:
             self._parsing_head = False
-        if self.request is None and self.receiving and not self._conn.stopped:
+        if self.request is None and self.receiving and not self.stopped:
             raise httptools.HttpParserError("the head ended where the parser did not")
         return data[end:] if end < len(data) else b""
 
-    def refuse(self, reply: Reply) -> None:
-        """The request being received is refused (a placeholder when its head is not whole yet)."""
+    def refuse(self, reply: Reply) -> Request:
+        """The request being received is refused (a placeholder when its head is not whole yet): the request to
+        answer with `reply`; nothing more is read."""
         request = self.request or Request("GET", "/", b"", [])
         request.refusal = reply
         self.request = None
         self.receiving = False
-        self._conn.refuse(request)
+        self.stopped = True
+        return request
+
+    def _refuse(self, reply: Reply) -> None:
+        self._found.append(self.refuse(reply))
+
+    def _stop(self) -> None:
+        self.stopped = True
+        self._found.append(STOP)
 
     # ----- httptools callbacks -----
 
@@ -181,7 +212,7 @@ class RequestReader:
         if not self._parsing_head:
             # a request pipelined behind a chunked one, in the same read: where its head began is the parser's
             # secret, so its size cannot be counted; the client sends it again once the connection closes
-            self._conn.stop_reading()
+            self._stop()
             raise _Stop
         self._url, self._headers, self._body, self._body_size = b"", [], [], 0
         self._framing_fields = []
@@ -195,7 +226,7 @@ class RequestReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields += 1
         if self._fields > MAX_HEADER_FIELDS:
-            self.refuse(_head_too_large())
+            self._refuse(_head_too_large())
             raise _Stop
         if not self._in_trailers:  # trailer fields arrive after the request was judged: counted and dropped
             name = name.lower()
@@ -223,22 +254,22 @@ class RequestReader:
         if refusal is None and framing.length > self._limits.max_body_bytes():  # type: ignore[union-attr]
             refusal = self._too_large()
         if refusal is not None:
-            self.refuse(refusal)
+            self._refuse(refusal)
             raise _Stop  # its body is never read
         assert isinstance(framing, _Framing)
         if request.authenticated:
-            self._conn.authenticated()
+            self._found.append(AUTHENTICATED)
         if framing.chunked:
             self._reading, self._chunked_bytes = _Reading.CHUNKED, 0
         else:
             self._reading, self._left = _Reading.LENGTH, framing.length
         if framing.expects_continue:
-            self._conn.invite_body()
+            self._found.append(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_bytes():
-            self.refuse(self._too_large())
+            self._refuse(self._too_large())
             raise _Stop
         self._body.append(body)
 
@@ -250,9 +281,8 @@ class RequestReader:
             return
         request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
-        if self._conn.received(request) >= MAX_PIPELINED:  # far ahead of its answers: take nothing more from it
-            self._conn.stop_reading()
-            raise _Stop
+        self._found.append(request)
+        self._whole = True
 
     def _too_large(self) -> Reply:
         limit = self._limits.max_body_bytes()
@@ -271,7 +301,29 @@ class Deadlines:
         self.receive_by: float | None = None
         self.idle_by: float | None = None
         self.write_by: float | None = None
+        self._began_at = 0.0  # when the request being received began
         self._timer: asyncio.TimerHandle | None = None
+
+    def began(self, limit_s: float) -> None:
+        """A request's first byte: what must follow of it arrives within `limit_s` (the connection is not idle)."""
+        self.idle_by = None
+        self._began_at = self._loop.time()
+        self.receive_by = self._began_at + limit_s
+        self.schedule()
+
+    def extend(self, limit_s: float) -> None:
+        """The request being received has `limit_s` from its first byte instead."""
+        self.receive_by = self._began_at + limit_s
+
+    def idle(self, limit_s: float) -> None:
+        """Nothing is under way: the next request must begin within `limit_s`."""
+        self.idle_by = self.after(limit_s)
+        self.schedule()
+
+    def writing(self, limit_s: float) -> None:
+        """The client must take what was written within `limit_s`."""
+        self.write_by = self.after(limit_s)
+        self.schedule()
 
     def after(self, seconds: float) -> float:
         return self._loop.time() + seconds

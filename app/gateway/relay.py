@@ -1,10 +1,12 @@
 """One proxied request, from the gateway to an engine and back, and what is counted of it.
 
 `Relay` sends a request on a kept-alive connection to the engine (or a new one), relays the answer on the
-connections' callbacks (`app.gateway.upstream`), and records it when it ends, whichever way it ends: complete, failed
-(502, 504, or an SSE error event once a stream was under way), or abandoned by its client. An engine's error (any
-status from 400) is not relayed as it came: its message is read, cleaned and answered in the one error shape.
-`InFlight` counts the requests under way, for draining and the idle policy.
+connections' callbacks, and records it when it ends, whichever way it ends: complete, failed (502, 504, or an SSE
+error event once a stream was under way), or abandoned by its client. It is the one bridge between the two sides: the
+engine's (`app.gateway.upstream.Exchange` hands it the response, as its `ResponseSink`) and the client's (it answers
+through the `Responder` its request came with, and resumes the engine's socket when the client can take more). An
+engine's error (any status from 400) is not relayed as it came: its message is read, cleaned and answered in the one
+error shape. `InFlight` counts the requests under way, for draining and the idle policy.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, sse_error_event
-from app.gateway.messages import PENDING, Handled, Request
-from app.gateway.server import ServerConnection
+from app.gateway.messages import PENDING, Handled, Request, Responder
 from app.gateway.stats import RequestRecord, RequestStats
 from app.gateway.upstream import (
     Exchange,
@@ -101,12 +102,13 @@ class RelayContext:
 
 
 class Relay:
-    """One proxied request; `start()` is the handler's answer (`PENDING`, or an awaitable while it connects)."""
+    """One proxied request; `start()` is the handler's answer (`PENDING`, or an awaitable while it connects). The
+    sink of its exchange with the engine (`response_head`, `response_body`, `response_end`)."""
 
     __slots__ = ("ctx", "request", "conn", "target", "data", "started", "sent_at", "usage", "status",
                  "streamed", "exchange", "attempt", "reused", "error_body")
 
-    def __init__(self, ctx: RelayContext, request: Request, conn: ServerConnection, target: Target, path: bytes):
+    def __init__(self, ctx: RelayContext, request: Request, conn: Responder, target: Target, path: bytes):
         self.ctx, self.request, self.conn, self.target = ctx, request, conn, target
         self.data = request_bytes(request.method, path, target.host, request.headers, request.body,
                                   target.authorization)
@@ -150,29 +152,33 @@ class Relay:
     def _send(self, connection: UpstreamConnection) -> None:
         self.attempt += 1
         self.reused = connection.used
-        self.exchange = Exchange(self.conn, self.ctx.loop, self.ctx.read_timeout_s, self.usage.feed,
-                                 self._on_headers, self._done)
-        self.exchange.send(connection, self.data)
+        self.exchange = exchange = Exchange(self, self.ctx.loop, self.ctx.read_timeout_s)
+        self.conn.on_writable = exchange.resume
+        exchange.send(connection, self.data)
 
-    def _on_headers(self, head: ResponseHead) -> None:
+    # ----- the exchange's sink -----
+
+    def response_head(self, head: ResponseHead) -> None:
         self.status = head.status
         if head.status >= 400:  # read the engine's error to answer it in the one shape
             self.error_body = []
-            assert self.exchange is not None
-            self.exchange.relaying = False
-            self.exchange.on_chunk = self._error_chunk
             return
         self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
             b"text/event-stream")
         self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
         self.conn.start(head.status, response_head(head), head.content_length)
 
-    def _error_chunk(self, data: bytes) -> None:
-        assert self.error_body is not None
-        if sum(map(len, self.error_body)) < MAX_ERROR_BODY_BYTES:
-            self.error_body.append(data)
+    def response_body(self, data: bytes) -> bool:
+        if self.error_body is not None:
+            if sum(map(len, self.error_body)) < MAX_ERROR_BODY_BYTES:
+                self.error_body.append(data)
+            return True
+        conn = self.conn
+        conn.write(data)
+        self.usage.feed(data)
+        return conn.writable
 
-    def _done(self, exchange: Exchange) -> None:
+    def response_end(self, exchange: Exchange) -> None:
         if exchange.error is not None and exchange.head is None and self.reused and self.attempt == 1 \
                 and not exchange.timed_out:
             # a kept-alive connection the engine had closed meanwhile: once more, on a fresh one
@@ -230,7 +236,7 @@ class Relay:
         ended = ctx.clock()
         counted = self.request.counted
         ctx.flight.leave(ended, counted)
-        self.conn.on_lost = None
+        self.conn.on_lost = self.conn.on_writable = None
         first = exchange.first_byte_at if exchange is not None else None
         ttft = first - self.sent_at if self.streamed and first is not None else None
         found = self.usage.result()
@@ -244,7 +250,7 @@ class Relay:
         self.target.leave(ended)
 
 
-def failed(conn: ServerConnection, exchange: Exchange, endpoint: str) -> int:
+def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
     """The engine failed or went silent: say so in the way the client can still hear; the status recorded."""
     timed_out = exchange.timed_out
     code, reason = (504, "engine_timeout") if timed_out else (502, "engine_crashed")

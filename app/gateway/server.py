@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import (
     KEEPALIVE_TIMEOUT_SECONDS,
+    MAX_PIPELINED,
     PENDING,
     Handled,
     Handler,
@@ -36,7 +37,7 @@ from app.gateway.messages import (
     Screen,
     status_line,
 )
-from app.gateway.reader import Deadlines, RequestReader
+from app.gateway.reader import AUTHENTICATED, BEGAN, CONTINUE, STOP, Deadlines, RequestReader
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,11 @@ class ResponseWriter:
             self._write(head)
 
     def write(self, data: bytes) -> None:
-        if data:
+        if data and not self.closed:  # (`_write`, inline: this runs for every piece of a stream)
             framed = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
             if self._pending_head is not None:
                 framed, self._pending_head = self._pending_head + framed, None
-            self._write(framed)
+            self.transport.write(framed)  # type: ignore[union-attr]
 
     def end(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked else b""
@@ -112,6 +113,12 @@ class ResponseWriter:
             tail, self._pending_head = self._pending_head + tail, None
         if tail:
             self._write(tail)
+
+    def _internal_error(self) -> None:
+        logger.exception("Gateway handler failed")
+        if not self.closed:
+            self.keep_alive = False
+            self.reply(error_reply(500, "The gateway failed to handle the request", "internal_error"))
 
     def evict(self, stranger: bool) -> None:
         """Closed to make room for a new connection: a stranger's at once (a reset), an idle one of a token holder
@@ -136,37 +143,48 @@ class ResponseWriter:
 
 
 class ServerConnection(ResponseWriter, asyncio.Protocol):
-    """One client connection: requests answered one at a time, in order. The handler answers with `reply`/`respond`
-    (whole) or `start`/`write`/`end` (streamed)."""
+    """One client connection: its reader says what the bytes hold, the connection acts on it; requests answered one
+    at a time, in order, by the handler: `reply`/`respond` (whole) or `start`/`write`/`end` (streamed)."""
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, limits: Limits, *,
                  screen: Screen | None = None, on_response: Callable[[int, str], None] | None = None):
         super().__init__(loop, on_response)
         self._handler = handler
         self._limits = limits
-        self._reader = RequestReader(self, screen, limits)
+        self._reader = RequestReader(screen, limits)
         self._deadlines = Deadlines(loop, self._expired)
         self._pending: collections.deque[Request] = collections.deque()  # received whole (or refused)
         self._busy = False  # a request is being answered
         self._task: asyncio.Task[None] | None = None
         self.on_lost: Callable[[], None] | None = None  # the relay of the request being answered
-        self.on_writable: Callable[[], None] | None = None  # the exchange resumes its engine's socket
+        self.on_writable: Callable[[], None] | None = None  # the relay resumes its engine's socket
         self.stopped = False  # nothing more is taken from this connection: it closes once its answers are out
-        self.on_authenticated: Callable[[], None] | None = None  # the connection table hears of each one
         self.authenticated_once = False  # it has sent a request with a valid token: the longer deadlines apply
-        self._began_at = 0.0  # (the loop's clock) when the request being received began
         self._reading = True
 
     # ----- asyncio.Protocol -----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._deadlines.idle_by = self._deadlines.after(self._limits.first_byte_timeout_s)
-        self._deadlines.schedule()
+        self._deadlines.idle(self._limits.first_byte_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        if not self.stopped:
-            self._reader.feed(data)
+        feed = self._reader.feed
+        while data and not self.stopped:
+            found, data = feed(data)
+            for item in found:  # (most often: began, authenticated, the request)
+                if item is BEGAN:  # its head (or, once the connection is authenticated, all of it) must follow in time
+                    self._deadlines.began(self._limits.receive_timeout_s if self.authenticated_once
+                                          else self._limits.head_timeout_s)
+                elif item is AUTHENTICATED:
+                    self._authenticated()
+                elif item is CONTINUE:
+                    if not self._busy and not self._pending:  # (else it would land inside another answer)
+                        self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                elif item is STOP:
+                    self.stop_reading()
+                else:
+                    self._received(item)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -180,8 +198,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def pause_writing(self) -> None:
         """The client is not reading: stop reading it too, and cut it off if it stays that way."""
         self._write_paused = True
-        self._deadlines.write_by = self._deadlines.after(self._limits.write_timeout_s)
-        self._deadlines.schedule()
+        self._deadlines.writing(self._limits.write_timeout_s)
         self._sync_reading()
 
     def resume_writing(self) -> None:
@@ -196,45 +213,29 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         """Between requests: nothing being received, answered or waiting to be (closing it loses nothing)."""
         return not self._busy and not self._pending and not self._reader.receiving
 
-    # ----- from the reader -----
+    # ----- what the reader found -----
 
-    def request_began(self) -> None:
-        """A request's first byte: its head (or, once the connection is authenticated, all of it) must follow in
-        time."""
-        deadlines = self._deadlines
-        deadlines.idle_by = None
-        self._began_at = deadlines.after(0)
-        limit = self._limits.receive_timeout_s if self.authenticated_once else self._limits.head_timeout_s
-        deadlines.receive_by = self._began_at + limit
-        deadlines.schedule()
-
-    def authenticated(self) -> None:
-        """The request being received has a valid token: it has the whole receive deadline, and the connection
-        keep-alive's from now on."""
+    def _authenticated(self) -> None:
+        """A valid token: the whole receive deadline for this request, and keep-alive's for the connection."""
         if not self.authenticated_once:
             self.authenticated_once = True
-            self._deadlines.receive_by = self._began_at + self._limits.receive_timeout_s
-        if self.on_authenticated is not None:
-            self.on_authenticated()
+            self._deadlines.extend(self._limits.receive_timeout_s)
 
-    def invite_body(self) -> None:
-        """`Expect: 100-continue`, for a request that passed the screen; not while answering another (the
-        interim answer would land inside that one), where the client sends its body after its own wait."""
-        if not self._busy and not self._pending:
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def received(self, request: Request) -> int:
-        """A request arrived whole: answered now or in its turn. How many wait to be answered."""
+    def _received(self, request: Request) -> None:
+        """A request whole, or refused, answered in its turn; far ahead of its answers, nothing more is taken."""
         self._deadlines.receive_by = None
-        self._queue(request)
-        return len(self._pending)
-
-    def refuse(self, request: Request) -> None:
-        """Answer `request.refusal` when its turn comes, then close; read nothing more."""
-        self._deadlines.receive_by = None
-        self.stopped = True
-        self._queue(request)
-        self._sync_reading()
+        refused = request.refusal is not None
+        if refused:
+            self.stopped = True  # (its answer is the last)
+        self._pending.append(request)
+        if not self._busy:
+            self._next()
+        else:
+            self._sync_reading()  # one request waits: read no further until its turn
+        if refused:
+            self._sync_reading()
+        elif len(self._pending) >= MAX_PIPELINED:
+            self.stop_reading()
 
     def stop_reading(self) -> None:
         """Take no more requests from this connection: answer those taken, then close."""
@@ -244,13 +245,6 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
             self._close()
 
     # ----- dispatch -----
-
-    def _queue(self, request: Request) -> None:
-        self._pending.append(request)
-        if not self._busy:
-            self._next()
-        else:
-            self._sync_reading()  # one request waits: read no further until its turn
 
     def _sync_reading(self) -> None:
         """Read the client only while it reads its answers and has nothing waiting to be answered."""
@@ -281,9 +275,8 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
         self._busy = False
         if not self.closed:
             if not self._reader.receiving:
-                self._deadlines.idle_by = self._deadlines.after(
+                self._deadlines.idle(
                     KEEPALIVE_TIMEOUT_SECONDS if self.authenticated_once else self._limits.first_byte_timeout_s)
-                self._deadlines.schedule()
             self._sync_reading()
 
     def _dispatch(self, request: Request) -> Handled:
@@ -330,14 +323,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
             return
         self.transport.close()
         if self.transport.get_write_buffer_size() and self._deadlines.write_by is None:
-            self._deadlines.write_by = self._deadlines.after(self._limits.write_timeout_s)
-            self._deadlines.schedule()
-
-    def _internal_error(self) -> None:
-        logger.exception("Gateway handler failed")
-        if not self.closed:
-            self.keep_alive = False
-            self.reply(error_reply(500, "The gateway failed to handle the request", "internal_error"))
+            self._deadlines.writing(self._limits.write_timeout_s)
 
     def _expired(self) -> None:
         if self.closed or self.transport is None:
@@ -348,7 +334,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
             self.transport.abort()  # the client takes no answers: nothing more is owed to it
             return
         if deadlines.passed(deadlines.receive_by):
-            self._reader.refuse(error_reply(408, "Request not received in time", "request_timeout"))
+            self._received(self._reader.refuse(error_reply(408, "Request not received in time", "request_timeout")))
         elif deadlines.passed(deadlines.idle_by) and not self._busy and not self._reader.receiving:
             deadlines.idle_by = None
             self._close()  # an idle keep-alive connection

@@ -1,21 +1,21 @@
 """HTTP/1.1 at the protocol level, the engine side: kept-alive connections to an engine, and one exchange per request.
 
 `Upstream` keeps idle keep-alive connections to one engine and opens more on demand (never queueing a request
-behind a busy connection); `Exchange` sends one request upstream and relays the response to the client as it
-arrives: headers, then every body chunk (re-framed with chunked encoding when the engine streams), pausing the
-engine's socket while the client's is full. A sweep of the pool ends an exchange whose engine stops sending.
+behind a busy connection); `Exchange` sends one request upstream and hands the response to its `ResponseSink` as it
+arrives: headers, then every body chunk, then its end, pausing the engine's socket while the sink says the client is
+full. The sink is the relay (`app.gateway.relay`): the one bridge between this side and the client's. A sweep of the
+pool ends an exchange whose engine stops sending.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
 from app.gateway.messages import status_line
-from app.gateway.server import ServerConnection
 
 # Idle connections kept per engine; more are opened on demand and closed after use.
 MAX_IDLE_UPSTREAM = 512
@@ -205,27 +205,39 @@ class Upstream:
             self._sweeper = None
 
 
-class Exchange:
-    """One request relayed to an engine and its response relayed back, chunk by chunk, on callbacks.
+class ResponseSink(Protocol):
+    """Where an exchange hands what the engine answers (`app.gateway.relay.Relay`)."""
 
-    `on_done(exchange)` is called once: when the response has ended, or failed (`error` set; `head` tells whether
-    the response had begun). `abandon` (the client left) ends it without calling `on_done`.
+    def response_head(self, head: ResponseHead) -> None:
+        """The engine's status and headers."""
+
+    def response_body(self, data: bytes) -> bool:
+        """A piece of the body, as it arrived; False when the client is full: the engine's socket pauses until
+        `Exchange.resume`."""
+        ...
+
+    def response_end(self, exchange: Exchange) -> None:
+        """The response ended, or failed (`exchange.error` set; `exchange.head` tells whether it had begun)."""
+
+
+class Exchange:
+    """One request relayed to an engine and its response handed to `sink`, chunk by chunk, on callbacks.
+
+    `sink.response_end(exchange)` is called once: when the response has ended, or failed. `abandon` (the client left)
+    ends it without calling it.
     """
 
-    __slots__ = ("client", "loop", "idle_timeout_s", "on_chunk", "on_headers", "on_done", "head", "first_byte_at",
-                 "error", "timed_out", "connection", "finished", "relaying", "_last", "_pool")
+    __slots__ = ("sink", "loop", "idle_timeout_s", "head", "first_byte_at", "error", "timed_out", "connection",
+                 "finished", "_body", "_last", "_pool")
 
-    def __init__(self, client: ServerConnection, loop: asyncio.AbstractEventLoop, idle_timeout_s: float,
-                 on_chunk: Callable[[bytes], None], on_headers: Callable[[ResponseHead], None],
-                 on_done: Callable[[Exchange], None]):
-        self.client, self.loop, self.idle_timeout_s = client, loop, idle_timeout_s
-        self.on_chunk, self.on_headers, self.on_done = on_chunk, on_headers, on_done
+    def __init__(self, sink: ResponseSink, loop: asyncio.AbstractEventLoop, idle_timeout_s: float):
+        self.sink, self.loop, self.idle_timeout_s = sink, loop, idle_timeout_s
+        self._body = sink.response_body  # (once: it is called for every chunk)
         self.head: ResponseHead | None = None
         self.first_byte_at: float | None = None
         self.error: UpstreamError | None = None
         self.timed_out = False
         self.finished = False
-        self.relaying = True  # the body goes to the client as it arrives (else only to on_chunk)
         self.connection: UpstreamConnection | None = None
         self._last = 0.0
         self._pool: Upstream | None = None
@@ -236,28 +248,29 @@ class Exchange:
             self.loop.call_soon(self.failed, UpstreamError("the engine closed the connection"))
             return
         connection.exchange = self
-        self.client.on_writable = connection.resume
         connection.transport.write(data)  # type: ignore[union-attr]
         self._last = self.loop.time()
         self._pool = connection.pool
         self._pool.watch(self)
+
+    def resume(self) -> None:
+        """The client can take more: read the engine again."""
+        if self.connection is not None:
+            self.connection.resume()
 
     # ----- from the upstream connection -----
 
     def headers(self, head: ResponseHead) -> None:
         self._last = self.loop.time()
         self.head = head
-        self.on_headers(head)  # the client's response head goes out now
+        self.sink.response_head(head)  # the client's response head goes out now
 
     def body(self, data: bytes) -> None:
         now = self.loop.time()
         self._last = now
         if self.first_byte_at is None:
             self.first_byte_at = now
-        if self.relaying:
-            self.client.write(data)
-        self.on_chunk(data)
-        if not self.client.writable and self.connection is not None:
+        if not self._body(data) and self.connection is not None:
             self.connection.pause()  # the client is slow: stop reading from the engine until it catches up
 
     def complete(self) -> None:
@@ -274,8 +287,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._stop_timer()
-        self.on_done(self)
+        self._unwatch()
+        self.sink.response_end(self)
 
     # ----- time and cancellation -----
 
@@ -289,15 +302,14 @@ class Exchange:
             self.connection.close()
         self.failed(UpstreamError("the engine stopped answering"))
 
-    def _stop_timer(self) -> None:
+    def _unwatch(self) -> None:
         if self._pool is not None:
             self._pool.unwatch(self)
-        self.client.on_writable = None
 
     def abandon(self) -> None:
         """The client is gone: close the engine's connection, so the engine aborts the request."""
         self.finished = True
-        self._stop_timer()
+        self._unwatch()
         if self.connection is not None and self.connection.exchange is self:
             self.connection.exchange = None
             self.connection.close()

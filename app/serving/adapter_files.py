@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.gateway.adapters import AdapterRefused
+from app.gateway.adapters import AdapterRefused, Refusal
 from app.serving.models import ModelNotFound, ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ _WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "ffn_hid
 _EXPERTS = ("num_local_experts", "n_routed_experts", "num_experts")
 
 
-def _bad(reference: str, reason: str, code: str = "invalid_adapter") -> AdapterRefused:
-    return AdapterRefused(400, f"The adapter {reference[:200]!r} {reason}", code)
+def _bad(reference: str, what: str, refusal: Refusal = Refusal.INVALID) -> AdapterRefused:
+    return AdapterRefused(refusal, f"The adapter {reference[:200]!r} {what}")
 
 
 def _inside(path: str, roots: Iterable[str]) -> bool:
@@ -90,7 +90,7 @@ def _inspect(path: str, reference: str, max_rank: int | None, roots: list[str], 
     if max_rank is not None and rank > max_rank:
         raise _bad(reference, f"has rank {rank}, above this model's max_lora_rank {max_rank}: the engine reserved "
                    f"memory for ranks up to {max_rank} (raise lora.max_lora_rank and restart to serve it)",
-                   "adapter_incompatible")
+                   Refusal.INCOMPATIBLE)
     weights = next((found for name in WEIGHT_FILES
                     if (found := _adapter_file(path, name, reference, roots)) is not None), None)
     if weights is None:
@@ -112,8 +112,8 @@ def _adapter_file(path: str, name: str, reference: str, roots: list[str]) -> str
     if not os.path.lexists(candidate):
         return None
     if not _inside(candidate, roots):
-        raise AdapterRefused(403, f"The adapter {reference[:200]!r} has a file ({name}) that leads outside the "
-                             "adapter directories", "adapter_path_not_allowed")
+        raise AdapterRefused(Refusal.PATH_NOT_ALLOWED, f"The adapter {reference[:200]!r} has a file ({name}) that "
+                             "leads outside the adapter directories")
     if not os.path.isfile(candidate):
         raise _bad(reference, f"has a {name} that is not a regular file")
     return candidate
@@ -249,18 +249,18 @@ def _hub_errors(repo: str) -> Iterator[Any]:
         import huggingface_hub
         from huggingface_hub import errors
     except ImportError:  # (the engine install has it: SGLang needs it)
-        raise AdapterRefused(502, "huggingface_hub is not installed here", "adapter_download_failed") from None
+        raise AdapterRefused(Refusal.DOWNLOAD_FAILED, "huggingface_hub is not installed here") from None
     try:
         yield huggingface_hub
     except errors.GatedRepoError:
-        raise AdapterRefused(403, f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it",
-                             "adapter_not_allowed") from None
+        raise AdapterRefused(Refusal.NOT_PERMITTED,
+                             f"The HuggingFace repo {repo} is gated: general.hf_token needs access to it") from None
     except errors.RepositoryNotFoundError:
-        raise AdapterRefused(404, f"The HuggingFace repo {repo} was not found (or is private: set general.hf_token)",
-                             "adapter_not_found") from None
+        raise AdapterRefused(Refusal.NOT_FOUND, f"The HuggingFace repo {repo} was not found (or is private: set "
+                             "general.hf_token)") from None
     except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise AdapterRefused(502, f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})",
-                             "adapter_download_failed") from None
+        raise AdapterRefused(Refusal.DOWNLOAD_FAILED,
+                             f"The HuggingFace repo {repo} could not be downloaded ({type(exc).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -296,15 +296,15 @@ class Fetcher:
 
     def _clearml(self, model_id: str) -> str:
         if self.registry is None:
-            raise AdapterRefused(502, "ClearML models cannot be fetched here", "adapter_download_failed")
+            raise AdapterRefused(Refusal.DOWNLOAD_FAILED, "ClearML models cannot be fetched here")
         try:
             return self.registry.get_local_copy(model_id)
         except ModelNotFound as exc:
-            raise AdapterRefused(404, f"ClearML model {model_id} was not found ({exc})", "adapter_not_found") from None
+            raise AdapterRefused(Refusal.NOT_FOUND, f"ClearML model {model_id} was not found ({exc})") from None
         except OSError as exc:  # (the cause names storage the client need not see: it goes to the console)
             logger.warning("ClearML model %s could not be downloaded: %s", model_id, exc.strerror or exc)
-            raise AdapterRefused(502, f"ClearML model {model_id} could not be downloaded; the deployment's console "
-                                 "says why", "adapter_download_failed") from None
+            raise AdapterRefused(Refusal.DOWNLOAD_FAILED, f"ClearML model {model_id} could not be downloaded; the "
+                                 "deployment's console says why") from None
 
     def _hf(self, repo: str, max_bytes: int) -> str:
         logger.info("Fetching adapter %s from HuggingFace", repo)
@@ -312,12 +312,12 @@ class Fetcher:
         files = self.hub.files(repo, token)
         weights = next((name for name in WEIGHT_FILES if name in files), None)
         if "adapter_config.json" not in files or weights is None:
-            raise AdapterRefused(400, f"The HuggingFace repo {repo} holds no PEFT LoRA adapter (adapter_config.json "
-                                 "and its weights at its top)", "invalid_adapter")
+            raise AdapterRefused(Refusal.INVALID, f"The HuggingFace repo {repo} holds no PEFT LoRA adapter "
+                                 "(adapter_config.json and its weights at its top)")
         size = files[weights]
         if size > max_bytes + MAX_SAFETENSORS_HEADER_BYTES or files["adapter_config.json"] > MAX_CONFIG_BYTES:
-            raise AdapterRefused(400, f"The HuggingFace repo {repo}'s adapter weighs {size} bytes, more than an "
-                                 f"adapter of this model can ({max_bytes})", "invalid_adapter")
+            raise AdapterRefused(Refusal.INVALID, f"The HuggingFace repo {repo}'s adapter weighs {size} bytes, more "
+                                 f"than an adapter of this model can ({max_bytes})")
         return self.hub.download(repo, ["adapter_config.json", weights], token)
 
 

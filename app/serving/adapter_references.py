@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from app.config.types import CLEARML_MODEL_ID, LoraConfig
-from app.gateway.adapters import AdapterRefused
+from app.gateway.adapters import AdapterRefused, Refusal
 from app.serving.models import is_hf_repo
 
 CLEARML, HF, LOCAL = "clearml", "hf", "local"
@@ -51,17 +51,17 @@ def source_of(reference: str, endpoint: str, lora: LoraConfig) -> Source:
     shown = reference[:200]
     kind = _kind(reference)
     if kind is None:
-        raise AdapterRefused(400, f"{shown!r} is not an adapter reference: use a ClearML Model ID, an HF repo "
-                             "(org/name) or an adapter directory's path", "invalid_adapter_reference")
+        raise AdapterRefused(Refusal.NOT_A_REFERENCE, f"{shown!r} is not an adapter reference: use a ClearML Model "
+                             "ID, an HF repo (org/name) or an adapter directory's path")
     allowed = lora.on_request
     if kind not in allowed:
         named = ", ".join(m.name for m in lora.modules) or "none"
         if kind == LOCAL and not reference.startswith("/"):  # a bare name: most likely a configured adapter mistyped
-            raise AdapterRefused(404, f"The model {endpoint}:{shown} does not exist: {endpoint!r} has the adapters "
-                                 f"{named}", "model_not_found")
-        raise AdapterRefused(403, f"{endpoint!r} does not load adapters from {_SOURCE_TEXT[kind]} on request (it "
-                             f"loads from: {', '.join(_SOURCE_TEXT[k] for k in allowed)})",
-                             "adapter_source_not_allowed")
+            raise AdapterRefused(Refusal.NO_SUCH_MODEL,
+                                 f"The model {endpoint}:{shown} does not exist: {endpoint!r} has the adapters {named}")
+        raise AdapterRefused(Refusal.SOURCE_NOT_ALLOWED, f"{endpoint!r} does not load adapters from "
+                             f"{_SOURCE_TEXT[kind]} on request (it loads from: "
+                             f"{', '.join(_SOURCE_TEXT[k] for k in allowed)})")
     if kind == LOCAL:
         return Source(LOCAL, _written_inside(reference, lora.on_request_dirs))
     return Source(kind, reference.lower() if kind == CLEARML else reference)
@@ -96,8 +96,8 @@ def _written_inside(reference: str, directories: Iterable[str]) -> str:
         root = _normalized(directory)
         if written.startswith(root.rstrip("/") + "/"):
             return written
-    raise AdapterRefused(403, f"{reference[:200]!r} is outside the adapter directories this model loads from "
-                         "(lora.on_request_dirs)", "adapter_path_not_allowed")
+    raise AdapterRefused(Refusal.PATH_NOT_ALLOWED, f"{reference[:200]!r} is outside the adapter directories this "
+                         "model loads from (lora.on_request_dirs)")
 
 
 def identify(source: Source, lora: LoraConfig) -> Identity:
@@ -128,13 +128,13 @@ def _local_directory(location: str, roots: list[tuple[str, str]]) -> str:
     if location.startswith("/"):
         real = os.path.realpath(location)
         if not any(_inside(real, real_root) for real_root, _ in roots):
-            raise AdapterRefused(403, f"{location[:200]!r} is outside the adapter directories this model loads from "
-                                 "(lora.on_request_dirs)", "adapter_path_not_allowed")
+            raise AdapterRefused(Refusal.PATH_NOT_ALLOWED, f"{location[:200]!r} is outside the adapter directories "
+                                 "this model loads from (lora.on_request_dirs)")
         found = real if os.path.isdir(real) else None
     else:
         found = _find(location, roots)
     if found is None:
-        raise AdapterRefused(404, f"No adapter {location[:200]!r} in the adapter directories", "adapter_not_found")
+        raise AdapterRefused(Refusal.NOT_FOUND, f"No adapter {location[:200]!r} in the adapter directories")
     return found
 
 

@@ -9,8 +9,9 @@ relayed with that name.
 `OnRequestAdapters` (one per model) identifies the reference, fetches and checks the adapter's files off the event
 loop, within their budgets (`app.serving.adapter_files`), makes room, and asks the engine to load it (SGLang's
 `/load_lora_adapter`, which clients can never call: `app.gateway.routes`). Every request that arrives while it loads
-waits for that one load, at most `ADAPTER_LOAD_DEADLINE_SECONDS` (504 past it). Whatever goes wrong in a load ends
-it with a refusal and leaves nothing behind. At most `loaded_cap` adapters are loaded, configured ones included: to
+waits for that one load, at most `ADAPTER_LOAD_DEADLINE_SECONDS` (refused past it). Whatever goes wrong in a load
+ends it with a refusal and leaves nothing behind; a refusal names its reason (`app.gateway.adapters.Refusal`), which
+the gateway answers in HTTP. At most `loaded_cap` adapters are loaded, configured ones included: to
 load another, the least recently used idle one is unloaded (`room`, a pure policy); one with a request in flight or
 waiting is never unloaded, and configured adapters never are.
 
@@ -33,8 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.config.types import LoraConfig
-from app.gateway.adapters import AdapterRefused
-from app.gateway.relay import RETRY_AFTER_SECONDS
+from app.gateway.adapters import AdapterRefused, Refusal
 from app.serving.adapter_files import Fetched, base_config, inspect, max_weight_bytes
 from app.serving.adapter_references import LOCAL, Identity, Source, identify, source_of
 from app.sglang.api import AdapterCallError, SGLangClient
@@ -194,9 +194,8 @@ class OnRequestAdapters:
                         self.endpoint, len(self._entries))
         for entry in self._entries.values():
             if entry.ready is not None and not entry.ready.done():
-                entry.ready.set_exception(AdapterRefused(
-                    503, f"Model {self.endpoint!r} restarted while the adapter loaded; retry shortly",
-                    "engine_restarted"))
+                entry.ready.set_exception(AdapterRefused(Refusal.ENGINE_RESTARTED, f"Model {self.endpoint!r} "
+                                                         "restarted while the adapter loaded; retry shortly"))
         self._entries.clear()
         self._spellings.clear()
 
@@ -207,21 +206,14 @@ class OnRequestAdapters:
         try:
             async with asyncio.timeout(self.load_deadline_s):
                 logger.info("Loading adapter %s:%s on request (%s)", self.endpoint, entry.name, source.kind)
-                base = await self._base_config()
-                path, roots = identity.path, self.lora.on_request_dirs
-                if path is None:
-                    bound = max_weight_bytes(base, self.lora.max_lora_rank) if base and self.lora.max_lora_rank \
-                        else None
-                    fetched = await asyncio.to_thread(self.fetch, source.kind, source.location, bound)
-                    path, roots = fetched.path, (fetched.root,)
-                await asyncio.to_thread(inspect, path, entry.name, self.lora.max_lora_rank, roots, base)
+                path = await self._checked_files(entry.name, source, identity)
                 async with self._engine_lock:
                     self._check_room(entry)
                     asked = True
                     reason = await self.engine.load(entry.name, path)
                     if reason is not None:
-                        raise AdapterRefused(400, f"The engine could not load the adapter {entry.name[:200]!r}: "
-                                             f"{_first_line(reason)}", "adapter_load_failed")
+                        raise AdapterRefused(Refusal.ENGINE_REFUSED, f"The engine could not load the adapter "
+                                             f"{entry.name[:200]!r}: {_first_line(reason)}")
                     entry.state = AdapterState.LOADED
             async with self._engine_lock:
                 await self._make_room(entry)
@@ -235,14 +227,13 @@ class OnRequestAdapters:
             return
         except (AdapterCallError, OSError) as exc:
             logger.warning("Loading adapter %s:%s failed: %s", self.endpoint, entry.name, exc)
-            self._failed(entry, AdapterRefused(
-                503, f"Model {self.endpoint!r} could not be asked to load the adapter; retry shortly",
-                "engine_unavailable", retry_after_s=RETRY_AFTER_SECONDS))
+            self._failed(entry, AdapterRefused(Refusal.ENGINE_UNREACHABLE, f"Model {self.endpoint!r} could not be "
+                                               "asked to load the adapter; retry shortly"))
             return
         except Exception:  # (a load always ends, and says so: never a request left waiting)
             logger.exception("Loading adapter %s:%s failed", self.endpoint, entry.name)
-            self._failed(entry, AdapterRefused(502, f"The adapter {entry.name[:200]!r} could not be loaded; the "
-                                               "deployment's console says why", "adapter_load_failed"))
+            self._failed(entry, AdapterRefused(Refusal.LOAD_FAILED, f"The adapter {entry.name[:200]!r} could not be "
+                                               "loaded; the deployment's console says why"))
             return
         if self._entries.get(entry.key) is not entry or entry.ready.done():
             return  # forgotten meanwhile (the engine restarted)
@@ -252,6 +243,18 @@ class OnRequestAdapters:
         logger.info("Adapter %s:%s loaded in %.0f ms", self.endpoint, entry.name, took_ms)
         entry.ready.set_result(None)
 
+    async def _checked_files(self, name: str, source: Source, identity: Identity) -> str:
+        """The adapter's directory, fetched first where it is not local, its files checked within their budgets (off
+        the event loop)."""
+        base = await self._base_config()
+        path, roots = identity.path, self.lora.on_request_dirs
+        if path is None:
+            bound = max_weight_bytes(base, self.lora.max_lora_rank) if base and self.lora.max_lora_rank else None
+            fetched = await asyncio.to_thread(self.fetch, source.kind, source.location, bound)
+            path, roots = fetched.path, (fetched.root,)
+        await asyncio.to_thread(inspect, path, name, self.lora.max_lora_rank, roots, base)
+        return path
+
     async def _base_config(self) -> dict[str, Any] | None:
         if not self._base_read and self.base_model:
             self._base = await asyncio.to_thread(base_config, self.base_model)
@@ -259,8 +262,8 @@ class OnRequestAdapters:
         return self._base
 
     def _timed_out(self, entry: Entry) -> AdapterRefused:
-        return AdapterRefused(504, f"The adapter {entry.name[:200]!r} did not load within {self.load_deadline_s:g} s",
-                              "adapter_load_timeout")
+        return AdapterRefused(Refusal.TIMED_OUT,
+                              f"The adapter {entry.name[:200]!r} did not load within {self.load_deadline_s:g} s")
 
     def _failed(self, entry: Entry, refused: AdapterRefused) -> None:
         logger.info("Adapter %s:%s not loaded: %s", self.endpoint, entry.name, refused.message)
@@ -279,9 +282,8 @@ class OnRequestAdapters:
         first and the least recently used goes once it has: a load that fails costs no other adapter)."""
         needed, idle = self._room(entry)
         if len(idle) < needed:
-            raise AdapterRefused(503, f"All {self.lora.loaded_cap} adapter slots of {self.endpoint!r} hold adapters "
-                                 "with requests in flight; retry shortly", "adapter_slots_busy",
-                                 retry_after_s=RETRY_AFTER_SECONDS)
+            raise AdapterRefused(Refusal.SLOTS_BUSY, f"All {self.lora.loaded_cap} adapter slots of {self.endpoint!r} "
+                                 "hold adapters with requests in flight; retry shortly")
 
     async def _make_room(self, entry: Entry) -> None:
         """After a load: back within the cap, unloading the least recently used idle adapters (those that turned

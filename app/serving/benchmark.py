@@ -3,11 +3,10 @@
 Once every model is ready, `sglang.benchmark.serving` (SGLang's `bench_serving`; no load generator of ours) runs
 against each model through the gateway, once per concurrency in `benchmark.concurrencies`: random prompts of
 `input_tokens`, `output_tokens` generated each, `rounds` x concurrency requests, at most `max_seconds` per run.
-Its requests carry the deployment's own quiet token, so the gateway counts them nowhere and the idle clock runs on
-(`app.gateway.gateway.Gateway`, `quiet_auth`). Each run's result (the benchmark's own JSON line) becomes a
-`BenchmarkResult` (`app.serving.report`): throughput, time to first token and inter-token latency (p50, p99),
-which the task reports as scalars (x = concurrency) and a table, so clones that differ only in SGLang options
-compare side by side.
+Its requests carry the gateway's own token (`app.gateway.gateway.Gateway.quiet_token`), so the gateway counts them
+nowhere and the idle clock runs on. Each run's result (the benchmark's own JSON line) becomes a `BenchmarkResult`
+(`app.serving.report`): throughput, time to first token and inter-token latency (p50, p99), which the task reports
+as scalars (x = concurrency) and a table, so clones that differ only in SGLang options compare side by side.
 
 `plan_runs` is pure; `run_all` carries the runs out, one at a time.
 

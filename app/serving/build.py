@@ -12,9 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
-from app.gateway.auth import generate_token
+from app.config.types import GeneralConfig
+from app.gateway import Gateway, GatewayLimits, ModelRoute, RequestStats, TokenChecker
 from app.serving.adapter_files import Fetcher
 from app.serving.adapters import AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
@@ -31,6 +32,8 @@ from app.sglang.api import SGLangClient
 from app.sglang.router import RouterWorkers
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -58,8 +61,21 @@ class GatewayOptions:
     task_url: str | None = None  # the ClearML task's page (the endpoint's page links to it)
     max_connections: int | None = None  # the connection table's size
 
-    def kwargs(self) -> dict[str, float | str]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+    def limits(self, general: GeneralConfig) -> GatewayLimits:
+        """The gateway's limits: the config's body size and share per client address, and this run's timeouts and
+        connection table where it sets them."""
+        default = GatewayLimits()
+        return GatewayLimits(
+            max_body_bytes=int(general.max_request_body_mib * 2**20),
+            upstream_read_timeout_s=_given(self.upstream_read_timeout_s, default.upstream_read_timeout_s),
+            request_receive_timeout_s=_given(self.request_receive_timeout_s, default.request_receive_timeout_s),
+            write_timeout_s=_given(self.write_timeout_s, default.write_timeout_s),
+            max_connections=_given(self.max_connections, default.max_connections),
+            max_connections_per_address=general.max_connections_per_address)
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    return value if value is not None else default
 
 
 @dataclass
@@ -76,7 +92,6 @@ class Built:
     residency: Residency | None = None
     adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
-    quiet_token: str = field(default="", repr=False)  # the benchmark's: served, counted nowhere
 
 
 @dataclass(frozen=True)
@@ -122,12 +137,8 @@ def build(plan: DeploymentPlan, tokens: list[str], using: Collaborators, *, star
                          wake_deadline_s=config.general.wake_deadline_seconds,
                          restart_hold_s=config.general.restart_hold_seconds)
               for c in plan.commands]
-    quiet_token = generate_token() if config.benchmark.enable else ""
     gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock,
-                      quiet_auth=TokenChecker([quiet_token]) if quiet_token else None,
-                      max_body_bytes=int(config.general.max_request_body_mib * 2**20),
-                      max_connections_per_address=config.general.max_connections_per_address,
-                      **gateway_options.kwargs())
+                      limits=gateway_options.limits(config.general), task_url=gateway_options.task_url)
     supervisor = EngineSupervisor(
         servers, startup_deadline_s=startup_deadline_s, clock=clock,
         admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
@@ -135,7 +146,7 @@ def build(plan: DeploymentPlan, tokens: list[str], using: Collaborators, *, star
     routers = EngineSupervisor([r.router for r in routed.values()], startup_deadline_s=startup_deadline_s,
                                clock=clock)
     return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency, adapters,
-                 adapter_stats, quiet_token)
+                 adapter_stats)
 
 
 def _engines(plan: DeploymentPlan, secrets: list[str], using: Collaborators, on_phase: OnPhase | None) -> _Engines:

@@ -284,7 +284,7 @@ def test_the_benchmarks_requests_are_served_but_counted_nowhere_and_are_no_activ
     async def scenario():
         async with running("benchmark.enable=true", "benchmark.concurrencies=1", "benchmark.max_seconds=10") as run:
             deployment = run.deployment
-            quiet = {"Authorization": f"Bearer {deployment.built.quiet_token}"}
+            quiet = {"Authorization": f"Bearer {deployment.gateway.quiet_token}"}
             answered = dict(deployment.stats.answered)  # (the readiness polls: /readyz is counted)
             response = await run.chat(headers=quiet)
             assert response.status == 200 and (await response.json())["usage"]["completion_tokens"] == 4

@@ -12,6 +12,7 @@ import pytest
 from app.gateway.connections import MEMBER_CANDIDATES, ConnectionTable, client_address
 from app.gateway.errors import error_reply
 from app.gateway.messages import MAX_HEAD_BYTES, MAX_HEADER_FIELDS, Limits, Request
+from app.gateway.reader import AUTHENTICATED, BEGAN, RequestReader
 from app.gateway.server import ServerConnection
 from tests.harness import _until
 
@@ -337,3 +338,18 @@ def test_client_addresses_group_an_ipv6_64():
     assert client_address(("2001:db8:1:2:aaaa::1", 1, 0, 0)) == client_address(("2001:db8:1:2:bbbb::9", 1, 0, 0))
     assert client_address(("2001:db8:1:3::1", 1, 0, 0)) != client_address(("2001:db8:1:2::1", 1, 0, 0))
     assert client_address(("::ffff:10.1.2.3", 1, 0, 0)) == "10.1.2.3" == client_address(("10.1.2.3", 5))
+
+
+# ----- the reader on its own (no connection: it returns what it found) -----
+
+def test_the_reader_returns_each_request_and_stops_after_it():
+    reader = RequestReader(_screen, Limits(lambda: BODY_LIMIT))
+    post = b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nContent-Length: 2\r\n\r\nhi"
+    found, rest = reader.feed(post + _get())
+    assert found[:2] == [BEGAN, AUTHENTICATED] and len(found) == 3 and rest == _get()
+    assert (found[2].method, found[2].body, found[2].authenticated) == ("POST", b"hi", True)
+    found, rest = reader.feed(rest)
+    assert found[0] is BEGAN and found[1].path == "/v1/models" and rest == b"" and not reader.stopped
+    found, rest = reader.feed(b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n" + _get())
+    assert found[1].refusal.status == 401 and reader.stopped and rest == b""  # nothing read after a refusal
+    assert reader.feed(_get()) == ([], b"")

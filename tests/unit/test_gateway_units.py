@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+from app.gateway.adapters import AdapterRefused, Refusal
 from app.gateway.auth import TokenChecker, generate_token
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
 from app.gateway.messages import Request
@@ -165,3 +168,30 @@ def test_responses_are_counted_by_status():
     text = stats.prometheus(in_flight=0, states={})
     assert 'clearml_sglang_responses_total{status="401"} 2' in text
     assert 'clearml_sglang_responses_total{status="404"} 1' in text
+
+
+def test_the_http_layer_imports_one_way_and_the_relay_is_its_one_bridge():
+    # messages <- reader <- server on the client's side, upstream on the engine's, and only the relay sees both;
+    # imports under TYPE_CHECKING count too (each was a way back)
+    gateway = Path(__file__).resolve().parents[2] / "app" / "gateway"
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((gateway / f"{name}.py").read_text())
+        return {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("app.gateway.")}
+
+    assert not imported("messages") & {"reader", "server", "upstream", "relay"}
+    assert not imported("reader") & {"server", "upstream", "relay"}
+    assert not imported("upstream") & {"reader", "server", "relay"}
+    assert not imported("server") & {"upstream", "relay"}
+    assert not imported("relay") & {"server", "reader"}  # (it answers through messages.Responder)
+
+
+def test_every_reason_an_adapter_is_refused_is_answered_in_the_one_shape():
+    for reason in Refusal:
+        reply = AdapterRefused(reason, "why").reply()
+        error = json.loads(reply.body)["error"]
+        assert 400 <= reply.status < 600 and error["message"] == "why" and error["code"]
+        assert error["param"] == ("lora_path" if "lora_path" in reason.value else "model")
+        assert (dict(reply.headers).get(b"retry-after") is not None) == (reply.status == 503 and reason is not
+                                                                          Refusal.ENGINE_RESTARTED)

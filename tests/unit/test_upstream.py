@@ -11,16 +11,22 @@ from tests.harness import _until
 ANSWER_WITHIN_S = 2.0
 
 
-class _Client:
-    """What an exchange writes the response to (the client's side of the gateway)."""
+class _Sink:
+    """What an exchange hands the response to (the relay, in the gateway); its end resolves `done`."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: asyncio.Future) -> None:
         self.written: list[bytes] = []
-        self.writable = True
-        self.on_writable = None
+        self.done = done
 
-    def write(self, data: bytes) -> None:
+    def response_head(self, head) -> None:
+        pass
+
+    def response_body(self, data: bytes) -> bool:
         self.written.append(data)
+        return True
+
+    def response_end(self, exchange: Exchange) -> None:
+        self.done.set_result(exchange)
 
 
 async def _closing_engine() -> asyncio.Server:
@@ -44,7 +50,7 @@ def test_a_connection_lost_before_the_request_was_sent_ends_the_exchange_at_once
         connection = await upstream.acquire()
         await _until(lambda: _lost(connection), "the engine to close the connection", ANSWER_WITHIN_S)
         done: asyncio.Future[Exchange] = loop.create_future()
-        exchange = Exchange(_Client(), loop, 600.0, lambda chunk: None, lambda head: None, done.set_result)
+        exchange = Exchange(_Sink(done), loop, 600.0)
         exchange.send(connection, b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
         ended = await asyncio.wait_for(done, ANSWER_WITHIN_S)
         assert ended.error is not None and ended.head is None and not ended.timed_out

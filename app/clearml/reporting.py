@@ -59,7 +59,7 @@ class TaskReporter:
 
     # ----- Reporter -----
 
-    def status(self, state: str, reason: str = "") -> None:
+    def status(self, state: Status, reason: str = "") -> None:
         logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
         self.task.set_properties(status=state, status_reason=reason)
 

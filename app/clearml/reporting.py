@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.serving.report import AdapterLoads, BenchmarkResult, Report, StartupSummary, Wakes, table_rows
-from app.states import Status
+from app.states import ModelState, Status
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TaskReporter:
         self.gateway_route = gateway_route
         self.wall_clock = wall_clock
         self._urls: dict[str, str] = {}
-        self._states: dict[str, str] = {}
+        self._states: dict[str, ModelState] = {}
         self._telemetry: dict[str, Any] = {}
         self._fed: dict[str, tuple[int, float]] = {}
         self._idle_since = ""
@@ -114,7 +114,7 @@ class TaskReporter:
                     self.task.report_scalar(title, series, value, r.concurrency)
         self.task.report_table(BENCH_TABLE, "runs", table_rows(results), iteration=0)
 
-    def states(self, states: dict[str, str]) -> None:
+    def states(self, states: dict[str, ModelState]) -> None:
         """Each model's state; the table is written again only when one changed."""
         if states != self._states:
             self._states = dict(states)

@@ -3,7 +3,7 @@
 that are never the bottleneck.
 
     .venv/bin/python bench/gateway.py [--seconds 4] [--runs 3] [--skip-tokens] [--configs direct,gateway,...]
-                                      [--baseline REV]
+                                      [--baseline REV] [--output bench/results/gateway.json]
 
 Everything runs on this machine's loopback. Upstreams far faster than any proxy: for plain requests Debian's nginx
 answering `return 200` with a fixed OpenAI-shaped body; for streams `bench/sse_upstream.py` (uvloop, one write per
@@ -26,8 +26,8 @@ over the runs, ratios computed within each run. A run in which direct access is 
 `--baseline REV` adds `baseline`: the gateway of another revision of this repository (a git worktree, this venv),
 started by that revision's own copy of this script, measured in the same runs, interleaved with the current one;
 the summary then gives the current gateway's CPU per request and per stream event over the baseline's, per run.
-Writes bench/results/gateway.json (and again after every run, so a failure keeps what was measured); installs wrk
-and nginx with apt-get when they are missing.
+Writes bench/results/gateway.json, or `--output` (and again after every run, so a failure keeps what was
+measured); installs wrk and nginx with apt-get when they are missing.
 """
 
 from __future__ import annotations
@@ -707,6 +707,7 @@ def main() -> int:
     parser.add_argument("--configs", default=",".join(ALL_CONFIGS),
                         help="which of direct,gateway,clearml,nginx to measure (comma-separated)")
     parser.add_argument("--baseline", metavar="REV", help="also measure the gateway of this git revision")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go (JSON)")
     parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-key", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-clearml", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -738,26 +739,26 @@ def main() -> int:
         try:
             for run in range(1, args.runs + 1):
                 plain_and_stream_phase(results, run, args.seconds, workdir)
-                write_results(results, run, args.baseline)
+                write_results(results, run, args.baseline, args.output)
             if not args.skip_tokens:
                 tokens_phase(results, args.runs, workdir)
         finally:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(BASELINE_TREE)], cwd=ROOT, check=False)
     print_table(results, args.runs)
-    summary = write_results(results, args.runs, args.baseline)
+    summary = write_results(results, args.runs, args.baseline, args.output)
     print("\n" + json.dumps(summary, indent=2))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {args.output}")
     return 0
 
 
-def write_results(results: dict, runs: int, baseline: str | None) -> dict:
-    """The summary of the runs so far, with every measurement, in bench/results/gateway.json."""
+def write_results(results: dict, runs: int, baseline: str | None, output: Path) -> dict:
+    """The summary of the runs so far, with every measurement, in `output` (bench/results/gateway.json)."""
     summary = summarise(results, runs)
     if baseline:
         summary["baseline_revision"] = baseline
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
     return summary
 
 

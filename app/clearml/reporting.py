@@ -162,11 +162,7 @@ class TaskReporter:
 
     def _report_wakes(self, wakes: Wakes, iteration: int, rewrite: bool) -> None:
         """Models sharing GPUs: wake-ups per model, wake latency, and each model's last wake-up in the table."""
-        for name in sorted(wakes.wakeups):
-            self.task.report_scalar(WAKEUPS, name, float(wakes.wakeups[name]), iteration)
-        for series, value in (("p50", wakes.p50_ms), ("p95", wakes.p95_ms)):
-            if value is not None:
-                self.task.report_scalar(WAKE_LATENCY, series, value, iteration)
+        self._report_counts(WAKEUPS, wakes.wakeups, WAKE_LATENCY, (wakes.p50_ms, wakes.p95_ms), iteration)
         if wakes.last_wake != self._last_wake:
             self._last_wake = dict(wakes.last_wake)
             if rewrite:
@@ -174,15 +170,21 @@ class TaskReporter:
 
     def _report_adapters(self, adapters: AdapterLoads, iteration: int, rewrite: bool) -> None:
         """Adapters loaded on request: loads per model, load time, and their rows in the table."""
-        for name in sorted(adapters.loads):
-            self.task.report_scalar(ADAPTER_LOADS, name, float(adapters.loads[name]), iteration)
-        for series, value in (("p50", adapters.p50_ms), ("p95", adapters.p95_ms)):
-            if value is not None:
-                self.task.report_scalar(ADAPTER_LOAD_TIME, series, value, iteration)
+        self._report_counts(ADAPTER_LOADS, adapters.loads, ADAPTER_LOAD_TIME, (adapters.p50_ms, adapters.p95_ms),
+                            iteration)
         if adapters.states != self._adapters:
             self._adapters = dict(adapters.states)
             if rewrite:
                 self._write_table()
+
+    def _report_counts(self, title: str, counts: dict[str, int], latency_title: str,
+                       latency_ms: tuple[float | None, float | None], iteration: int) -> None:
+        """A count per model (a series each) and the latency's p50 and p95 where there is one."""
+        for name in sorted(counts):
+            self.task.report_scalar(title, name, float(counts[name]), iteration)
+        for series, value in zip(("p50", "p95"), latency_ms, strict=True):
+            if value is not None:
+                self.task.report_scalar(latency_title, series, value, iteration)
 
     def close(self) -> None:
         for telemetry in self._telemetry.values():

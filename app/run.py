@@ -27,7 +27,7 @@ from app.constants import EXIT_ENGINE, EXIT_OK
 from app.demo import DEMO_NAME, demo_config
 from app.errors import ConfigError, Problem
 from app.serving.deployment import Deployment, RunOptions
-from app.serving.network import public_address
+from app.serving.network import access_keys, public_address
 from app.serving.node import Master, RankNode, ReplicaWorker, WorkerOrder
 from app.serving.startup import Span
 from app.states import Outcome, Status
@@ -46,6 +46,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
     demo = not environ.get("CLEARML_TASK_ID") and config_path is None and not overrides
     if not environ.get("CLEARML_TASK_ID") and not demo:  # validate before anything is created: a bad config
         config = _local_config(config_path, overrides)  # launches nothing
+        access_keys(config, environ)  # (its keys' names too: the environment's tokens are known here)
     monitor_s = float(config.idle.report_interval_seconds) if config else 30.0
     task = DeploymentTask.start(project=config.instance.project if config else "", offline=offline,
                                 name=config.instance.name if config else DEMO_NAME if demo else "",

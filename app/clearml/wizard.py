@@ -5,8 +5,9 @@ when it differs from what this module generates). Its parts (docs/clearml.md, "T
 - `task`: the script the instance runs and the form's defaults (hyperparameters);
 - `wizard.entries`: the form, in the seed's order: instance, the models list (CLI, model, endpoint name, GPUs, LoRA,
   with LoRA's fields shown only when LoRA is enabled), General, environment variables, idle options, access;
-- `dashboard.lines`: status and idle time, endpoints and the curl command, the Deployed Models table, the scalar
-  plots and machine monitors under the exact names the app reports (app.clearml.reporting), and the console log.
+- `dashboard.lines`: status and idle time, endpoints and the curl command, the Deployed Models and Key Usage tables,
+  the scalar plots and machine monitors under the exact names the app reports (app.clearml.reporting), and the
+  console log.
 The output is JSON-shaped, which is valid HOCON.
 """
 
@@ -16,7 +17,7 @@ import json
 from typing import Any
 
 from app import __version__, constants
-from app.clearml.reporting import IDLE_TIME, IN_FLIGHT, LATENCY, REQUESTS, TABLE, TOKENS
+from app.clearml.reporting import IDLE_TIME, IN_FLIGHT, KEY_TABLE, LATENCY, REQUESTS, TABLE, TOKENS
 from app.clearml.templates import TaskDefinition
 from app.config import schema
 from app.config.export import format_value
@@ -49,7 +50,7 @@ def _entry_type(f: Field, table: FlagTable) -> dict[str, Any]:
         return {"type": "checkbox"}
     if choices and f.type != "list":  # (a list of choices is typed, comma-separated: its help names them)
         return {"type": "dropdown", "choices": [str(c) for c in choices]}
-    if f.key == "cli":
+    if f.key == "cli" or f.type == schema.MAPPING:  # a mapping: its YAML or JSON text
         return {"type": "multiline_text"}
     return {"type": {"int": "integer", "float": "float"}.get(f.type, "string")}
 
@@ -69,6 +70,10 @@ def _entry(f: Field, table: FlagTable, target: dict[str, Any] | None, name: str 
         entry["placeholder"] = "/data/adapters"
     if f.key == "model":
         entry["placeholder"] = "openai-community/gpt2"
+    if f.key == "tokens":
+        entry["placeholder"] = "alice=<token>, <token>"
+    if f.key == "limits":
+        entry["placeholder"] = "default: {rpm: 60}\nalice: {tpm: 100000, priority: 10, models: [qwen]}"
     if target is not None:
         entry["target"] = target
     return entry
@@ -139,6 +144,7 @@ def dashboard_lines() -> list[dict[str, Any]]:
         {"style": {"height": "160px"}, "contents": [{"type": "html", "title": "Status", "text": status},
                                                      {"type": "html", "title": "Endpoint", "text": endpoint}]},
         {"contents": [{"type": "plot", "title": TABLE, "metric": TABLE, "variant": "models"}]},
+        {"contents": [{"type": "plot", "title": KEY_TABLE, "metric": KEY_TABLE, "variant": "keys"}]},
         {"contents": [_scalar("Total Number of Requests", REQUESTS, ["total"]),
                       _scalar("Tokens per Second", TOKENS, ["generation", "prompt"]),
                       _scalar("Latency (ms)", LATENCY, ["mean", "p50", "p95", "time to first token p50"])]},

@@ -30,6 +30,8 @@ def _cell(text: str) -> str:
 
 
 def _default(f: Field) -> str:
+    if f.type == schema.MAPPING:
+        return "`{}`"
     if f.default is None:
         return "SGLang's" if f.is_flag else "—"
     value = format_value(list(f.default) if isinstance(f.default, tuple) else f.default)
@@ -57,6 +59,7 @@ def render_config_table() -> str:
             lines.append(f"| `{f.key}` | {_cell(f.title)} | {_cell(kind)} | {_default(f)} | {flag} | "
                          f"{_hyperparameter(f)} | {_cell(f.help)} |")
         lines.append("")
+    lines += _limits_table()
     lines += ["**Environment variables** (`env:`, hyperparameters `Environment/<NAME>`): passed to every engine. "
               "The app sets these itself and refuses them here: "
               + ", ".join(f"`{name}`" for name in schema.OWNED_ENV) + ".", "",
@@ -65,6 +68,21 @@ def render_config_table() -> str:
               "These flags are the app's to set and are refused with the field to use instead: "
               + ", ".join(f"`--{dest.replace('_', '-')}`" for dest in schema.OWNED_FLAGS) + ".", "", END]
     return "\n".join(lines)
+
+
+def _limits_table() -> list[str]:
+    """One key's limits: the keys of each entry of `auth.limits` (not form fields of their own)."""
+    lines = ["**Key limits** (`auth.limits`: a key's name, or `default` for every key without an entry, and these, "
+             "each optional; in the form and as the hyperparameter `Auth/limits`, the same as YAML or JSON text)", "",
+             "| key | type | range | what it does |", "| --- | --- | --- | --- |"]
+    for f in schema.LIMIT_FIELDS:
+        bounds = f"{_number(f.minimum)} to {_number(f.maximum)}" if f.minimum is not None else "—"
+        lines.append(f"| `{f.key}` | {f.type} | {bounds} | {_cell(f.help)} |")
+    return [*lines, ""]
+
+
+def _number(x: float | None) -> str:
+    return f"{int(x):,}" if x is not None else ""
 
 
 def _replace(text: str, start_marker: str, end_marker: str, new: str) -> str:

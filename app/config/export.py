@@ -3,7 +3,7 @@
 Both are exact inverses of `app.config.load`: `parse_config(to_mapping(c)) == c` for any config without secrets,
 and `load_config(hyperparameters=as_strings(to_hyperparameters(c))) == c` for any config. Secrets (the HF token,
 access tokens) are left out of exports unless `secrets=True` is asked for by code that stores them where only
-project members can read them (the task's own hyperparameters).
+project members can read them (the task's own hyperparameters). Keys' limits are no secret: they are always written.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from app.config import schema
 from app.config.flags import FlagTable
 from app.config.schema import HYPERPARAMETER_SECTIONS, Field
-from app.config.types import DeploymentConfig, LoraConfig, ModelConfig
+from app.config.types import AuthConfig, DeploymentConfig, LoraConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,21 @@ def to_mapping(config: DeploymentConfig, *, secrets: bool = False) -> dict[str, 
         "idle": _fields(config.idle, schema.IDLE_FIELDS),
         "benchmark": _fields(config.benchmark, schema.BENCHMARK_FIELDS),
     }
-    if secrets:
-        mapping["auth"] = {"tokens": list(config.auth.tokens)}
+    mapping["auth"] = _auth_mapping(config.auth, secrets=secrets)
     return mapping
+
+
+def _auth_mapping(auth: AuthConfig, *, secrets: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokens": list(auth.tokens)} if secrets else {}
+    out["limits"] = limits_mapping(auth)
+    return out
+
+
+def limits_mapping(auth: AuthConfig) -> dict[str, dict[str, Any]]:
+    """`auth.limits` as the file has it: each name's limits that are set, in the schema's order."""
+    return {name: {f.key: list(v) if isinstance(v := getattr(limits, f.key), tuple) else v
+                   for f in schema.LIMIT_FIELDS if getattr(limits, f.key) is not None}
+            for name, limits in auth.limits}
 
 
 def _fields(section: object, fields: tuple[Field, ...]) -> dict[str, Any]:
@@ -111,7 +123,9 @@ def to_hyperparameters(config: DeploymentConfig, flag_table: FlagTable | None = 
         add("idle", f.key, getattr(config.idle, f.key), f)
     for f in schema.BENCHMARK_FIELDS:
         add("benchmark", f.key, getattr(config.benchmark, f.key), f)
-    add("auth", "tokens", list(config.auth.tokens), schema.AUTH_FIELDS[0])
+    auth = {f.key: f for f in schema.AUTH_FIELDS}
+    add("auth", "tokens", list(config.auth.tokens), auth["tokens"])
+    add("auth", "limits", limits_mapping(config.auth), auth["limits"])
     return out
 
 
@@ -122,7 +136,7 @@ def _flag_help(spec: Any) -> str:
 def _hyperparameter_type(f: Field | None) -> str:
     if f is None:
         return "str"
-    return {"choice": "str", "list": "list"}.get(f.type, f.type)
+    return {"choice": "str", "list": "list", "mapping": "dict"}.get(f.type, f.type)
 
 
 def format_value(value: Any) -> str:

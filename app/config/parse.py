@@ -13,6 +13,7 @@ from typing import Any
 
 from app.config import schema
 from app.config.flags import FlagSpec, FlagTable, preview
+from app.config.limits import check_priority_flags, parse_limits
 from app.config.problems import Problems, did_you_mean, key_text
 from app.config.rules import (
     ENV_NAME_RE,
@@ -66,12 +67,15 @@ def parse_config(raw: Any, flag_table: FlagTable | None = None) -> DeploymentCon
 
     instance = InstanceConfig(**_parse_fields(raw.get("instance"), "instance", schema.INSTANCE_FIELDS, problems))
     general = _parse_general(raw.get("general"), table, problems)
-    models = _parse_models(raw.get("models"), general, table, problems)
+    numbered = _parse_models(raw.get("models"), general, table, problems)
+    models = [m for m in numbered if m is not None]
     env = _parse_env(raw.get("env"), problems)
     idle = IdleConfig(**_parse_fields(raw.get("idle"), "idle", schema.IDLE_FIELDS, problems))
     benchmark = _parse_benchmark(raw.get("benchmark"), problems)
     auth_values = _parse_fields(raw.get("auth"), "auth", schema.AUTH_FIELDS, problems)
-    check_tokens(auth_values.get("tokens", ()), problems)
+    check_tokens(auth_values["tokens"], problems)
+    auth_values["limits"] = parse_limits(auth_values["limits"], models, problems)
+    check_priority_flags(auth_values["limits"], general, numbered, table, problems)
     check_text_fields(instance, problems)
     problems.raise_if_any()
     return DeploymentConfig(models=tuple(models), instance=instance, general=general, env=env, idle=idle,
@@ -203,7 +207,9 @@ def _flag_fix(spec: FlagSpec, named: Field | None = None) -> str:
     return f"{spec.flag} takes {spec.describe()}; see `python -m sglang.launch_server --help`"
 
 
-def _parse_models(section: Any, general: GeneralConfig, table: FlagTable, problems: Problems) -> list[ModelConfig]:
+def _parse_models(section: Any, general: GeneralConfig, table: FlagTable,
+                  problems: Problems) -> list[ModelConfig | None]:
+    """The models as the config numbers them, None for each that did not parse (its problems said)."""
     if section is None or section == [] or section == "":
         problems.add("models", "no model is configured", "add one: models: [{model: <HF name or ClearML Model ID>}]")
         return []
@@ -241,7 +247,7 @@ def _parse_models(section: Any, general: GeneralConfig, table: FlagTable, proble
         if model.cli:
             problems.add(f"models[{i}].nodes", "cannot be used with cli (the app sets each node's rank)",
                          "use the form's fields, or set nodes to 1")
-    return [m for m in models if m is not None]
+    return models
 
 
 def _parse_model(item: Any, where: str, general: GeneralConfig, table: FlagTable,

@@ -10,6 +10,7 @@ from app.config import schema
 from app.config.flags import FlagTable, preview
 from app.config.problems import Problems
 from app.config.types import GeneralConfig, InstanceConfig, LoraConfig, ModelConfig
+from app.keys import DEFAULT, named_tokens, split_entry
 
 MAX_MODELS = 64
 
@@ -40,6 +41,10 @@ SHELL_EXPANSION_RE = re.compile(r"\$[({A-Za-z_]|`")
 
 
 GENERATE_TOKEN_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+# What a key's name may be (`app.keys.NAME_RE`), said as a fix.
+KEY_NAME_FIX = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def check_text_fields(instance: InstanceConfig, problems: Problems) -> None:
@@ -134,14 +139,40 @@ def check_on_request(lora: LoraConfig, model: ModelConfig, where: str, problems:
 
 
 def check_tokens(tokens: tuple[str, ...], problems: Problems) -> None:
-    for i, token in enumerate(tokens):
+    """Each entry `TOKEN` or `NAME=TOKEN` (`app.keys.split_entry`): a token a header can carry, a name that is not
+    `default`, every key its own name (an unnamed one is `token-<position>`) and its own token. A token's text is
+    never in a message; its name may be."""
+    first_by_name: dict[str, int] = {}
+    first_by_token: dict[str, int] = {}
+    for i, (entry, (name, token)) in enumerate(zip(tokens, named_tokens(tokens), strict=True)):
         where = f"auth.tokens[{i}]"
-        if len(token) < MIN_TOKEN_CHARS:
-            problems.add(where, f"is {len(token)} characters long; a token needs at least {MIN_TOKEN_CHARS}",
-                         GENERATE_TOKEN_HINT)
-        elif len(token) > MAX_TOKEN_CHARS:
-            problems.add(where, f"is longer than {MAX_TOKEN_CHARS} characters", GENERATE_TOKEN_HINT)
-        elif not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
-            problems.add(where, "contains spaces or characters a header cannot carry", GENERATE_TOKEN_HINT)
-    if len(set(tokens)) != len(tokens):
-        problems.add("auth.tokens", "lists the same token twice", "remove the repeat")
+        given, _ = split_entry(entry)
+        if given is None and "=" in entry.rstrip("="):
+            problems.add(where, "has '=' inside, but the text before it is not a key name",
+                         f"write NAME=TOKEN with a name of {KEY_NAME_FIX}; a token itself has no '=' but its "
+                         "base64 padding")
+            continue
+        if given == DEFAULT:
+            problems.add(where, f"names its key {DEFAULT!r}, which auth.limits keeps for every key without limits "
+                         "of its own", "choose another name")
+        _check_token(token, where, f"the token of {name!r} " if given else "", problems)
+        if name in first_by_name:
+            how = f"names its key {name!r}" if given else f"is unnamed, so its key is {name!r} (its position)"
+            problems.add(where, f"{how}, already the name of auth.tokens[{first_by_name[name]}]'s key",
+                         "give each key its own name (NAME=TOKEN)")
+        else:
+            first_by_name[name] = i
+        if token in first_by_token:
+            problems.add(where, f"holds the same token as auth.tokens[{first_by_token[token]}]", "remove the repeat")
+        else:
+            first_by_token[token] = i
+
+
+def _check_token(token: str, where: str, subject: str, problems: Problems) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        problems.add(where, f"{subject}is {len(token)} characters long; a token needs at least {MIN_TOKEN_CHARS}",
+                     GENERATE_TOKEN_HINT)
+    elif len(token) > MAX_TOKEN_CHARS:
+        problems.add(where, f"{subject}is longer than {MAX_TOKEN_CHARS} characters", GENERATE_TOKEN_HINT)
+    elif not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+        problems.add(where, f"{subject}contains spaces or characters a header cannot carry", GENERATE_TOKEN_HINT)

@@ -11,7 +11,7 @@ Sections, as in the config file (README, "Configuration"):
     env       environment variables for the engines (free-form names)
     idle      idle shutdown
     benchmark SGLang's serving benchmark, run once every model is ready (opt-in)
-    auth      access tokens for the endpoint
+    auth      access keys for the endpoint (`tokens`) and what each may do (`limits`: `LIMIT_FIELDS`, per key)
 
 A key written in kebab-case in `general` or in a model is an SGLang flag by its CLI name; the named SGLang fields
 below are the ones the form shows, every other flag of SGLang's parser is accepted too.
@@ -22,15 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Types a field may have: how it is parsed from a string and shown in the form.
-STR, INT, FLOAT, BOOL, LIST, CHOICE = "str", "int", "float", "bool", "list", "choice"
+# Types a field may have: how it is parsed from a string and shown in the form. A mapping is a YAML/JSON mapping in a
+# file, and its YAML or JSON text as a hyperparameter, in the form (one multi-line text field) and in `--set`.
+STR, INT, FLOAT, BOOL, LIST, CHOICE, MAPPING = "str", "int", "float", "bool", "list", "choice", "mapping"
 
 
 @dataclass(frozen=True)
 class Field:
     """One configuration knob and everything the app derives from it."""
 
-    section: str  # instance | model | lora | general | idle | benchmark | auth
+    section: str  # instance | model | lora | general | idle | benchmark | auth | limits (one key's, in auth.limits)
     key: str  # the config-file key: snake_case, or an SGLang flag's CLI name (kebab-case)
     title: str  # the form's label
     help: str
@@ -53,7 +54,8 @@ class Field:
     @property
     def path(self) -> str:
         """Where the field sits in the config file, for messages and docs."""
-        prefix = {"model": "models[].", "lora": "models[].lora."}.get(self.section, self.section + ".")
+        prefix = {"model": "models[].", "lora": "models[].lora.", "limits": "auth.limits.<name>."}.get(
+            self.section, self.section + ".")
         return prefix + self.key
 
 
@@ -245,8 +247,41 @@ BENCHMARK_FIELDS = (
 
 AUTH_FIELDS = (
     Field("auth", "tokens", "Access Tokens",
-          "Bearer tokens accepted by the endpoint (also from CLEARML_SGLANG_API_TOKENS, comma-separated). "
-          "With none, the app generates one.", LIST, (), secret=True),
+          "Bearer tokens accepted by the endpoint, each TOKEN or NAME=TOKEN: a key's name (letters, digits, '.', '_' "
+          "and '-'; not default) is what its usage is reported under and what Key Limits calls it; an unnamed token "
+          "is token-<its position>, from 1. Also from CLEARML_SGLANG_API_TOKENS, comma-separated, numbered after "
+          "these. With none, the app generates one.", LIST, (), secret=True),
+    Field("auth", "limits", "Key Limits",
+          "What each key may do, as YAML or JSON: a key's name (or default, for every key without an entry of its "
+          "own) and its limits, each optional: rpm, tpm, concurrent, max_tokens, priority, models (the Key limits "
+          "table). E.g. {default: {rpm: 60}, alice: {tpm: 100000, priority: 10, models: [qwen]}}. A priority turns "
+          "on SGLang's priority scheduling for every model (schedule-policy fcfs or lof). Not a secret: exported "
+          "with the config.", MAPPING, ()),
+)
+
+# The largest count or rate a key's limit may be: far above any one deployment's capacity, far below overflow.
+MAX_KEY_LIMIT = 10**9
+
+# One key's limits (`auth.limits.<name>`), each optional (None: no limit of that kind); `app.keys.KeyLimits` holds
+# them under the same names.
+LIMIT_FIELDS = (
+    Field("limits", "rpm", "Requests per Minute", "Requests the key may send in any 60 seconds.", INT, None,
+          minimum=1, maximum=MAX_KEY_LIMIT),
+    Field("limits", "tpm", "Tokens per Minute",
+          "Prompt and completion tokens the key's requests may take in any 60 seconds.", INT, None, minimum=1,
+          maximum=MAX_KEY_LIMIT),
+    Field("limits", "concurrent", "Concurrent Requests", "Requests of the key in flight at once.", INT, None,
+          minimum=1, maximum=MAX_KEY_LIMIT),
+    Field("limits", "max_tokens", "Max Tokens per Request",
+          "The largest max_tokens a request may ask for; a request that asks for none gets this.", INT, None,
+          minimum=1, maximum=MAX_KEY_LIMIT),
+    Field("limits", "priority", "Priority",
+          "Its requests' priority in SGLang's scheduler, higher first (keys without one: 0). Any priority turns on "
+          "SGLang's priority scheduling (--enable-priority-scheduling --default-priority-value 0) for every model.",
+          INT, None, minimum=-MAX_KEY_LIMIT, maximum=MAX_KEY_LIMIT),
+    Field("limits", "models", "Models",
+          "The endpoint names the key may use (an endpoint grants its model and its adapters) and endpoint:adapter "
+          "names (that adapter only); every other model does not exist for it. Default: every one.", LIST, None),
 )
 
 SECTION_FIELDS: dict[str, tuple[Field, ...]] = {

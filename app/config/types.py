@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config.schema import default as field_default
+from app.keys import DEFAULT, NO_LIMITS, KeyLimits, named_tokens
 
 Flags = tuple[tuple[str, Any], ...]
 
@@ -124,7 +125,35 @@ class BenchmarkConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
+    """The endpoint's keys: `tokens` as written (`TOKEN` or `NAME=TOKEN`: `app.keys.split_entry`; secret, so out of
+    `repr`), and `limits`, each key name's (or `default`'s) `KeyLimits`, sorted by name (not secret).
+
+    Example::
+
+        auth = AuthConfig(tokens=("alice=" + "a" * 32,), limits=(("alice", KeyLimits(rpm=60)),))
+        auth.limits_for("alice").rpm   # 60
+        auth.limits_for("token-2")     # NO_LIMITS: no entry of its own and no `default`
+    """
+
     tokens: tuple[str, ...] = field(default=field_default("auth", "tokens"), repr=False)
+    limits: tuple[tuple[str, KeyLimits], ...] = field_default("auth", "limits")
+
+    def limits_for(self, name: str) -> KeyLimits:
+        """A key's limits: its own entry, else `default`'s, else none."""
+        entries = dict(self.limits)
+        if name in entries:
+            return entries[name]
+        return entries.get(DEFAULT, NO_LIMITS)
+
+    @property
+    def uses_priorities(self) -> bool:
+        """Some entry sets a priority: every SGLang server then schedules by priority (`app.sglang.command`)."""
+        return any(limits.priority is not None for _, limits in self.limits)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the keys `tokens` holds, in order (`app.keys.named_tokens`)."""
+        return tuple(name for name, _ in named_tokens(self.tokens))
 
 
 @dataclass(frozen=True)
@@ -142,12 +171,13 @@ class DeploymentConfig:
     def without_secrets(self) -> DeploymentConfig:
         from dataclasses import replace
 
-        return replace(self, general=replace(self.general, hf_token=""), auth=AuthConfig())
+        return replace(self, general=replace(self.general, hf_token=""), auth=replace(self.auth, tokens=()))
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value this config holds, for masking."""
-        values = [self.general.hf_token, *self.auth.tokens]
+        """Every secret value this config holds, for masking: the HF token and each access token (without its
+        name: masking the token masks its `NAME=TOKEN` entry too)."""
+        values = [self.general.hf_token, *(token for _, token in named_tokens(self.auth.tokens))]
         return tuple(v for v in values if v)
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
+import yaml
+
 from app.config.problems import Problems, preview
-from app.config.schema import BOOL, CHOICE, FLOAT, INT, LIST, STR, Field
+from app.config.schema import BOOL, CHOICE, FLOAT, INT, LIST, MAPPING, STR, Field
 
 
 class ValueProblem(ValueError):
@@ -48,6 +51,33 @@ def parse_list(value: Any) -> list[Any]:
             return parsed
         return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
     raise ValueProblem("takes a list")
+
+
+def parse_mapping(value: Any) -> dict[Any, Any]:
+    """A mapping from YAML/JSON, or from a string holding one in YAML or JSON (a hyperparameter, the form, `--set`).
+    The text is read as JSON first, with JSON's own rules, as config files are."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ValueProblem(f"takes a mapping, not a {type(value).__name__}")
+    check_text(value, allow_newlines=True)
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        try:
+            parsed = yaml.safe_load(value)  # SafeLoader builds no objects from tags
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueProblem(f"is not valid YAML or JSON ({getattr(exc, 'problem', None) or 'syntax'}{at})") \
+                from None
+        except RecursionError:
+            raise ValueProblem("is nested too deeply") from None
+    if parsed is None:
+        return {}
+    if not isinstance(parsed, Mapping):
+        raise ValueProblem(f"holds a {type(parsed).__name__}, not a mapping")
+    return dict(parsed)
 
 
 def parse_int(value: Any) -> int:
@@ -121,6 +151,8 @@ def coerce_field(f: Field, value: Any, where: str, problems: Problems) -> Any:
             result = value.strip() if isinstance(value, str) else value
             if result not in (f.choices or ()):
                 raise ValueProblem("is not one of the choices")
+        elif f.type == MAPPING:
+            result = parse_mapping(value)
         else:  # pragma: no cover - a schema typo, caught by the schema tests
             raise AssertionError(f.type)
     except ValueProblem as exc:
@@ -162,6 +194,8 @@ def _field_fix(f: Field) -> str:
         return bounds_text(f) if f.minimum is not None or f.maximum is not None else "write a number"
     if f.type == CHOICE:
         return "choose one of: " + ", ".join(str(c) for c in f.choices or ())
+    if f.type == MAPPING:
+        return "write a YAML or JSON mapping, e.g. {default: {rpm: 60}}"
     if f.type == LIST:
         if f.choices:
             return "write some of: " + ", ".join(str(c) for c in f.choices)

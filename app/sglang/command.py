@@ -14,8 +14,10 @@ How the form becomes flags (the README's "Form fields and SGLang flags" section 
     auto_cpu_offload -> --enable-memory-saver --enable-weights-cpu-backup, disk_swap -> --enable-memory-saver,
     max_cuda_memory_gib above the GPU's memory -> --cpu-offload-gb, debug -> --log-level debug,
     device cpu -> --device cpu + SGLANG_USE_CPU_ENGINE=1 (+ --lora-backend torch_native),
-    every other flag by its CLI name, general first and the model's own on top; --enable-metrics always.
-With `cli` set, its arguments are used as they are, with only the model, address, name and metrics added.
+    every other flag by its CLI name, general first and the model's own on top; --enable-metrics always;
+    a priority in auth.limits -> --enable-priority-scheduling --default-priority-value 0 (unless set).
+With `cli` set, its arguments are used as they are, with only the model, address, name, metrics and priority
+scheduling added.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ from app.sglang.spec import (
 __all__ = ["EngineCommand", "EngineSpec", "Launch", "Machine", "MultiNode", "Parallelism", "Site", "as_worker",
            "build_engine_command", "build_engine_commands", "check_commands", "engine_spec", "gpus_per_copy",
            "replica_servers"]  # (the typed values live in app.sglang.spec)
+
+
+# Keys' priorities (`auth.limits`) reach SGLang's scheduler, which orders by them only with this flag; requests without
+# one (the gateway's own, keys without a priority) then get priority 0 rather than None (SGLang warns that None becomes
+# a "None" label in its metrics).
+PRIORITY_SCHEDULING, DEFAULT_PRIORITY = "enable-priority-scheduling", "default-priority-value"
 
 
 def gpus_per_copy(model: ModelConfig, machine: Machine) -> int:
@@ -188,6 +196,11 @@ def _add_cli(argv: _Argv, model: ModelConfig, config: DeploymentConfig, notes: l
     if config.general.device == "cpu" and "device" not in dests:
         argv.add(schema.flag("general", "device"), "cpu")
     _add_memory_saver(argv, config.general, skip=dests)
+    if config.auth.uses_priorities:
+        if "enable_priority_scheduling" not in dests:
+            argv.add(PRIORITY_SCHEDULING, True)
+        if "default_priority_value" not in dests:
+            argv.add(DEFAULT_PRIORITY, 0)
     ignored = _non_default_model_fields(model)
     if ignored:
         notes.append("cli is set, so these model settings are ignored: " + ", ".join(ignored))
@@ -242,15 +255,25 @@ def _add_form(argv: _Argv, model: ModelConfig, replicas: int, config: Deployment
     if general.max_cuda_memory_gib > 0:
         _add_cpu_offload(argv, general.max_cuda_memory_gib, machine, where, notes)
 
+    flags = _flags_by_name(model, config)
+    for name in sorted(flags):
+        argv.add(name, flags[name])
+    return Parallelism(tp=tp, dp=dp, pp=int(flags.get("pp-size") or 1))
+
+
+def _flags_by_name(model: ModelConfig, config: DeploymentConfig) -> dict[str, Any]:
+    """The SGLang flags by CLI name: general's, the model's on top, and those the app's settings imply."""
+    general = config.general
     flags: dict[str, Any] = dict(general.flags)
     flags.update(model.flags)
     if general.debug:
         flags.setdefault("log-level", "debug")
-    if general.device == "cpu" and lora.enable:
+    if general.device == "cpu" and model.lora.enable:
         flags.setdefault("lora-backend", "torch_native")  # the only LoRA backend without CUDA kernels
-    for name in sorted(flags):
-        argv.add(name, flags[name])
-    return Parallelism(tp=tp, dp=dp, pp=int(flags.get("pp-size") or 1))
+    if config.auth.uses_priorities:
+        flags[PRIORITY_SCHEDULING] = True
+        flags.setdefault(DEFAULT_PRIORITY, 0)
+    return flags
 
 
 def _add_quiet_console(argv: _Argv, debug: bool) -> None:

@@ -147,6 +147,20 @@ CASES = {
           "argv": base("org/m", 30000, "m") + ["--tp-size", "1", "--enable-memory-saver", "--enable-metrics", *QUIET],
           "env": {}}],
     ),
+    "keys' priorities turn on SGLang's priority scheduling, for a raw command line too": (
+        ["--config", str(EXAMPLES / "keys.yaml"), "--set", "models.1.cli=--tp-size 2"],
+        [{"endpoint": "qwen",
+          "argv": base("Qwen/Qwen2.5-0.5B-Instruct", 30000, "qwen")
+          + ["--tp-size", "1", "--default-priority-value", "0", "--enable-priority-scheduling", "--enable-metrics",
+             *QUIET],
+          "env": {}},
+         {"endpoint": "llama",
+          "argv": base("meta-llama/Llama-3.2-1B-Instruct", 30001, "llama")[:-2]
+          + ["--tp-size", "2", "--served-model-name", "llama", "--enable-priority-scheduling",
+             "--default-priority-value", "0", "--enable-metrics", *QUIET],
+          "env": {},
+          "notes": ["cli is set, so these model settings are ignored: lora"]}],
+    ),
     "negatable flags and lists by their CLI names": (
         ["--set", "models.0.model=org/m", "--set", "models.0.lora-strict-loading=false",
          "--set", "models.0.cuda-graph-bs-decode=[1, 2, 4]", "--set", "general.context-length=32k"],

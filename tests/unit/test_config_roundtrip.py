@@ -26,6 +26,7 @@ from app.config.types import (
     LoraModule,
     ModelConfig,
 )
+from app.keys import DEFAULT, KeyLimits
 
 text = (
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp")), max_size=24)
@@ -103,23 +104,49 @@ def general_configs(draw):
     )
 
 
+key_names = st.just(DEFAULT) | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True)
+counts = st.none() | st.integers(1, 10**9)
+
+
+@st.composite
+def key_limits(draw, endpoints: list[str], priorities: bool):
+    model = st.sampled_from(endpoints) | st.builds(lambda e, a: f"{e}:{a}", st.sampled_from(endpoints), slug)
+    models = draw(st.none() | st.lists(model, min_size=1, max_size=3, unique=True))
+    return KeyLimits(rpm=draw(counts), tpm=draw(counts), concurrent=draw(counts), max_tokens=draw(counts),
+                     priority=draw(st.none() | st.integers(-10**9, 10**9)) if priorities else None,
+                     models=tuple(models) if models is not None else None)
+
+
+@st.composite
+def auth_configs(draw, models: tuple[ModelConfig, ...], general: GeneralConfig):
+    tokens = draw(st.lists(
+        st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=10, max_size=40)
+        .map(lambda s: "secret-" + s),  # distinctive, so finding it in an export means a leak
+        max_size=3, unique=True))
+    named = [f"k{i}-{draw(slug)}={t}" if draw(st.booleans()) else t for i, t in enumerate(tokens)]
+    # SGLang schedules by priority with schedule-policy fcfs or lof only: priorities where no flag says otherwise
+    policies = {dict(flags).get("schedule-policy", "fcfs") for flags in [general.flags, *(m.flags for m in models)]}
+    priorities = policies <= {"fcfs", "lof"}
+    limits = draw(st.dictionaries(key_names, key_limits([m.endpoint for m in models], priorities), max_size=3))
+    return AuthConfig(tokens=tuple(named), limits=tuple(sorted(limits.items())))
+
+
 env_names = st.from_regex(r"[A-Z_][A-Z0-9_]{0,10}", fullmatch=True).filter(lambda n: n not in OWNED_ENV)
 
 
 @st.composite
 def deployment_configs(draw):
     count = draw(st.integers(1, 3))
+    models = tuple(draw(model_configs(i)) for i in range(count))
+    general = draw(general_configs())
     return DeploymentConfig(
-        models=tuple(draw(model_configs(i)) for i in range(count)),
+        models=models,
         instance=InstanceConfig(name=draw(nonempty_text), project=draw(nonempty_text), queue=draw(text),
                                 gateway_route=draw(text)),
-        general=draw(general_configs()),
+        general=general,
         env=tuple(sorted(draw(st.dictionaries(env_names, text, max_size=4)).items())),
         idle=IdleConfig(time_limit_hours=draw(st.floats(0, 1000)), report_interval_seconds=draw(st.integers(1, 86400))),
-        auth=AuthConfig(tokens=tuple(draw(st.lists(
-            st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=10, max_size=40)
-            .map(lambda s: "secret-" + s),  # distinctive, so finding it in an export means a leak
-            max_size=3, unique=True)))),
+        auth=draw(auth_configs(models, general)),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -42,7 +43,8 @@ def test_export_leaves_secrets_out(tmp_path, every_log_line):
     result = run_cli("export", "--config", str(EXAMPLES / "lora.yaml"), *WITH_SECRETS, "-o", str(out))
     assert result.code == 0
     exported = out.read_text()
-    assert '"hf_token"' not in exported and '"auth"' not in exported
+    assert '"hf_token"' not in exported and '"tokens"' not in exported
+    assert json.loads(exported)["auth"] == {"limits": {}}  # limits are no secret: always written
     assert_no_secret(exported, result.out, result.err, every_log_line.text)
 
 

@@ -48,7 +48,8 @@ def test_app_definition_parses_as_hocon_with_its_parts():
     assert conf["task"]["container"]["image"] == "lmsysorg/sglang:v0.5.23"
     assert conf["task"]["hyperparams"]["Models"]["models"] == "[]"
     assert [e["name"] for e in conf["wizard"]["entries"]] == [
-        "name", "project", "queue", "gateway_route", "models", "general", "env", "idle", "benchmark", "tokens"]
+        "name", "project", "queue", "gateway_route", "models", "general", "env", "idle", "benchmark", "tokens",
+        "limits"]
 
 
 def _targets() -> dict[str, list[str]]:
@@ -113,6 +114,7 @@ def form_output(config) -> dict[str, str]:
     params.update({f"Benchmark/{k}": json.dumps(v) if isinstance(v, (list, bool)) else str(v)
                    for k, v in mapping["benchmark"].items()})
     params["Auth/tokens"] = json.dumps(mapping["auth"]["tokens"])
+    params["Auth/limits"] = json.dumps(mapping["auth"]["limits"])
     return params
 
 
@@ -120,7 +122,9 @@ def test_what_the_form_writes_deploys_as_the_same_config():
     config = load_config(EXAMPLES / "lora.yaml", ["env.NCCL_DEBUG=WARN", "models.1.model=org/b",
                                                   "general.schedule-policy=lpm", f"general.hf_token={SECRET}",
                                                   "benchmark.enable=true", "benchmark.concurrencies=2,16",
-                                                  "auth.tokens=" + "t" * 20])
+                                                  "auth.tokens=alice=" + "t" * 20,
+                                                  "auth.limits={alice: {rpm: 60, models: [llama]}}"])
+    assert config.auth.limits_for("alice").models == ("llama",)
     assert load_config(hyperparameters=form_output(config)) == config
 
 
@@ -148,7 +152,8 @@ def test_dashboard_names_only_series_the_app_reports_or_clearml_monitors():
             elif element["type"] == "scalar":
                 assert set(element["variant"]) <= app_series[element["metric"]]
             elif element["type"] == "plot":
-                assert (element["metric"], element["variant"]) == (reporting.TABLE, "models")
+                assert (element["metric"], element["variant"]) in {(reporting.TABLE, "models"),
+                                                                   (reporting.KEY_TABLE, "keys")}
             elif element["type"] == "html":
                 for name in ("status", "idle_since", "endpoint", "models", "curl", "status_reason"):
                     if f"properties.{name}." in element["text"]:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from app.gateway.errors import error_reply
-from app.gateway.messages import Handler, Limits, Screen
+from app.gateway.messages import Handler, Limits, Request, Screen
 from app.gateway.relay import RETRY_AFTER_SECONDS
 from app.gateway.server import ServerConnection
 
@@ -222,7 +222,7 @@ class TrackedConnection(ServerConnection):
     authenticated request, taken out when it closes; the table changes through its own methods only."""
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, limits: Limits, *, screen: Screen,
-                 on_response: Callable[[int, str], None], table: ConnectionTable):
+                 on_response: Callable[[int, Request], None], table: ConnectionTable):
         super().__init__(handler, loop, limits, screen=screen, on_response=on_response)
         self._table = table
 

@@ -22,7 +22,7 @@ are no activity for the idle clock.
 
 Example::
 
-    gateway = Gateway(routes, TokenChecker(tokens), RequestStats(), activity=tracker, limits=GatewayLimits())
+    gateway = Gateway(routes, KeyRing(keys), RequestStats(), activity=tracker, limits=GatewayLimits())
     await gateway.start("0.0.0.0", 8000)
     ...
     gateway.begin_drain(); await gateway.wait_drained(deadline_s=30); await gateway.close()
@@ -41,7 +41,7 @@ from typing import Any
 from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterRefused, LeasedTarget, lease_adapters, requested_adapter
-from app.gateway.auth import TokenChecker, generate_token
+from app.gateway.admission import Admission
 from app.gateway.connections import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
@@ -49,6 +49,7 @@ from app.gateway.connections import (
     TrackedConnection,
 )
 from app.gateway.errors import Reply, error_reply
+from app.gateway.keys import KeyRing, KeyState
 from app.gateway.messages import (
     PENDING,
     REQUEST_RECEIVE_TIMEOUT_SECONDS,
@@ -62,13 +63,15 @@ from app.gateway.messages import (
 from app.gateway.model_routes import (
     WAITS_FOR_WAKE,
     ModelRoute,
+    cards_for,
     find_model,
-    model_cards,
+    models_answer,
     prompt_too_long,
     unavailable,
 )
 from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext, model_field
 from app.gateway.stats import RequestStats
+from app.keys import NO_LIMITS
 from app.states import ModelState
 
 logger = logging.getLogger(__name__)
@@ -103,16 +106,17 @@ class GatewayLimits:
 class Gateway:
     """One port in front of every engine. Constructing it binds nothing; `start` does."""
 
-    def __init__(self, routes: list[ModelRoute], auth: TokenChecker, stats: RequestStats, *,
+    def __init__(self, routes: list[ModelRoute], keys: KeyRing, stats: RequestStats, *,
                  activity: Activity | None = None, clock: Callable[[], float] = time.monotonic,
                  limits: GatewayLimits = GatewayLimits(), task_url: str | None = None):
         """`task_url`: the ClearML task's page, which the endpoint's page links to."""
         self.routes = {r.endpoint: r for r in routes}
         self.task_url = task_url
         self._endpoints = frozenset(self.routes)
-        self.auth = auth
-        self.quiet_token = generate_token()  # the benchmark's: served, counted nowhere, no activity
-        self._quiet = TokenChecker([self.quiet_token])
+        self.keys = keys
+        self.admission = Admission(keys, self.routes, clock)
+        self.quiet_token = self.admission.quiet_token  # the benchmark's: served, counted nowhere, no activity
+        stats.add_keys(list(keys.keys))
         self.stats = stats
         self.clock = clock
         self.max_body_bytes = limits.max_body_bytes  # (read by every connection as it needs it: it may change)
@@ -171,20 +175,21 @@ class Gateway:
     # ----- requests -----
 
     def screen(self, request: Request) -> Reply | None:
-        """Judge a request on its head, before its body is read: the token first, then the route."""
+        """Judge a request on its head, before its body is read: the route, its key, then what the route allows."""
+        refusal = self._screen(request)
+        if refusal is not None:
+            self.admission.stamp(request)
+        return refusal
+
+    def _screen(self, request: Request) -> Reply | None:
         route = request.route = paths.classify(request.method, request.path, self._endpoints)
         if route.kind in ("open", "page"):
             if request.header(b"content-length") not in (None, b"0") or request.header(b"transfer-encoding"):
                 return error_reply(400, f"{request.path} takes no request body", "unexpected_body")
             return None
-        header = request.header(b"authorization")
-        authorization = header.decode("latin-1") if header is not None else None
-        if not self.auth.check(authorization):
-            if not self._quiet.check(authorization):
-                return error_reply(401, "Missing or invalid access token: send 'Authorization: Bearer <token>'",
-                                   "invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
-            request.counted = False  # the benchmark's
-        request.authenticated = True
+        refusal = self.admission.identify(request, route)
+        if refusal is not None:
+            return refusal
         if route.kind == "not_found":
             return error_reply(404, f"No route {request.path[:200]!r}: the endpoint serves the inference routes of "
                                "/v1/... and /<endpoint>/... (see GET /v1/models for the endpoints)", "not_found")
@@ -201,16 +206,17 @@ class Gateway:
         route = request.route
         assert route is not None  # (the screen read it)
         if route.kind != "relay":
-            conn.reply(self._own(route))
+            self.admission.stamp(request)
+            conn.reply(self._own(route, request.key))
             return None
-        model = find_model(self.routes, route, request)
-        if isinstance(model, Reply):
-            conn.reply(model)
+        model = find_model(self.admission.visible(request.key), route, request)
+        refusal = model if isinstance(model, Reply) else (
+            prompt_too_long(model, route, request) or self.admission.judge(request, model, route))
+        if refusal is not None:
+            self.admission.stamp(request)
+            conn.reply(refusal)
             return None
-        too_long = prompt_too_long(model, route, request)
-        if too_long is not None:
-            conn.reply(too_long)
-            return None
+        assert isinstance(model, ModelRoute)
         path = route.target.encode() + (b"?" + request.query if request.query else b"")
         loader = model.adapter_loader
         adapter = requested_adapter(model_field(request.body), model.endpoint, loader) if loader else None
@@ -243,6 +249,7 @@ class Gateway:
             leases = await lease_adapters(request, route, adapter, self.clock)
         except BaseException as failed:  # a refusal, or the client went away while its adapter loaded
             route.leave(self.clock())
+            self.admission.settle(request)
             if not isinstance(failed, AdapterRefused):
                 raise
             conn.reply(failed.reply())
@@ -254,8 +261,13 @@ class Gateway:
                     state: ModelState, adapter: str | None) -> Pending | None:
         """Hold a request for a model that is waking or restarting (`ModelRoute.wait`), then relay it, or answer
         503 + Retry-After."""
-        refusal = await route.wait(state)
+        try:
+            refusal = await route.wait(state)
+        except BaseException:  # the client went away
+            self.admission.settle(request)
+            raise
         if refusal is not None:
+            self.admission.settle(request)
             conn.reply(refusal)
             return None
         started = self._relay(request, conn, route, path, adapter)
@@ -263,36 +275,36 @@ class Gateway:
 
     # ----- answers of the gateway itself -----
 
-    def _own(self, route: paths.Route) -> Reply:
+    def _own(self, route: paths.Route, key: KeyState | None) -> Reply:
         if route.kind == "open":
-            return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else self._readyz()
+            return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else readyz(self.routes, self.draining)
         if route.kind == "page":
             return page.asset(route.path)
+        routes = self.admission.visible(key)
         if route.kind == "page_status":
-            live = {name: self.stats.live(name) for name in self.routes}
-            return page.status(model_cards(self.routes), live, self.in_flight, self.task_url)
+            live = {name: self.stats.live(name) for name in routes}
+            caller = page.caller(key.name, key.limits, self.stats.key_usage().get(key.name), key.in_flight) \
+                if key is not None else None
+            return page.status(cards_for(routes, key), live, self.in_flight, self.task_url, caller)
         if route.kind == "metrics":
-            text = self.stats.prometheus(self.in_flight, self.states()) + self.connections.prometheus()
+            own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
+            text = self.stats.prometheus(self.in_flight, {e: r.state for e, r in routes.items()},
+                                         keys={key.name} if own and key is not None else None,
+                                         endpoints=set(routes) if own else None) + self.connections.prometheus()
             return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
-        cards = model_cards(self.routes, route.endpoint)
-        if route.model_id is None:
-            return Reply(200, json.dumps({"object": "list", "data": cards}).encode())
-        for card in cards:
-            if route.model_id == card["id"] or (route.endpoint is not None
-                                                 and f"{route.endpoint}:{route.model_id}" == card["id"]):
-                return Reply(200, json.dumps(card).encode())
-        return error_reply(404, f"The model {route.model_id!r} does not exist", "model_not_found", param="model")
+        return models_answer(cards_for(routes, key, route.endpoint), route)
 
     def states(self) -> dict[str, ModelState]:
         """Each model's state, as requests find it."""
         return {name: route.state for name, route in self.routes.items()}
 
-    def _readyz(self) -> Reply:
-        """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
-        states = self.states()
-        ready = all(s == ModelState.RESIDENT or s in WAITS_FOR_WAKE for s in states.values()) and not self.draining
-        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": states}
-        described = next((r.residency.describe() for r in self.routes.values() if r.residency is not None), {})
-        if described:
-            body["residency"] = described
-        return Reply(200 if ready else 503, json.dumps(body).encode())
+
+def readyz(routes: dict[str, ModelRoute], draining: bool) -> Reply:
+    """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
+    states = {name: route.state for name, route in routes.items()}
+    ready = all(s == ModelState.RESIDENT or s in WAITS_FOR_WAKE for s in states.values()) and not draining
+    body: dict[str, Any] = {"ready": ready, "draining": draining, "models": states}
+    described = next((r.residency.describe() for r in routes.values() if r.residency is not None), {})
+    if described:
+        body["residency"] = described
+    return Reply(200 if ready else 503, json.dumps(body).encode())

@@ -9,10 +9,13 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from app.gateway.errors import Reply
 from app.gateway.routes import Route
+
+if TYPE_CHECKING:
+    from app.gateway.keys import KeyState
 
 # Largest request head: every byte of the request line and the header block as received, separators, line ends and
 # blank lines before it included (nginx's default large_client_header_buffers: 4 x 8 KiB = 32 KiB). A head is held
@@ -58,6 +61,11 @@ class Request:
     route: Route | None = None  # what the screen read of its method and path, for the handler
     counted: bool = True  # False for the deployment's own benchmark: in no counter, and not activity
     authenticated: bool = False  # the screen verified its token: its answer is private (never cached)
+    key: KeyState | None = None  # the key its token is (None: no token, or the benchmark's)
+    rate_headers: bytes = b""  # its key's x-ratelimit-* fields, sent with its answer
+    admitted: bool = False  # its key's limits took it in: it holds a place until it ends
+    rate_limited: bool = False  # its key's limits refused it (429)
+    strip_usage: bool = False  # a stream asked for its usage by the gateway, not by its client
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -5,6 +5,7 @@ engine: a prompt too long for the model's context, a model that cannot answer ye
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,8 +14,9 @@ from urllib.parse import urlsplit
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterLoader
 from app.gateway.errors import Reply, error_reply
+from app.gateway.keys import KeyState
 from app.gateway.messages import Request
-from app.gateway.relay import RETRY_AFTER_SECONDS, json_object, model_field, text_bytes
+from app.gateway.relay import RETRY_AFTER_SECONDS, json_object, lora_paths, model_field, text_bytes
 from app.gateway.upstream import Upstream
 from app.states import ASLEEP, AdapterState, EngineState, ModelState, model_state
 
@@ -178,3 +180,40 @@ def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> l
         data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
                   "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
     return data
+
+
+def cards_for(routes: dict[str, ModelRoute], key: KeyState | None, endpoint: str | None = None) -> list[dict[str, Any]]:
+    """The model cards a key sees: the models and adapters it may use."""
+    cards = model_cards(routes, endpoint)
+    if key is None or key.grants is None:
+        return cards
+    return [c for c in cards if key.may_use(c.get("parent") or c["id"],
+                                            [c["id"].split(":", 1)[1]] if "parent" in c else [])]
+
+
+def no_model(model: str, visible: dict[str, ModelRoute]) -> Reply:
+    """The 404 for a model that does not exist for the caller (whether or not it exists for another key)."""
+    return error_reply(404, f"The model {model[:200]!r} does not exist; available: " + ", ".join(sorted(visible)),
+                       "model_not_found", param="model")
+
+
+def named_adapters(body: bytes, endpoint: str) -> list[str]:
+    """The adapters of `endpoint` a request names: in its `model` (`endpoint:adapter`) and SGLang's `lora_path`."""
+    model = model_field(body)
+    named = [model[len(endpoint) + 1:]] if model is not None and model.startswith(endpoint + ":") else []
+    try:
+        named += lora_paths(body) or []
+    except ValueError:
+        pass  # (not a list of names: the engine refuses it)
+    return named
+
+
+def models_answer(cards: list[dict[str, Any]], route: paths.Route) -> Reply:
+    """`GET /v1/models` (the list), or `/v1/models/{id}` (one card, or 404)."""
+    if route.model_id is None:
+        return Reply(200, json.dumps({"object": "list", "data": cards}).encode())
+    for card in cards:
+        if route.model_id == card["id"] or (route.endpoint is not None
+                                             and f"{route.endpoint}:{route.model_id}" == card["id"]):
+            return Reply(200, json.dumps(card).encode())
+    return error_reply(404, f"The model {route.model_id!r} does not exist", "model_not_found", param="model")

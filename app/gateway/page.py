@@ -8,12 +8,14 @@ this origin's own script and style (no inline script or style), no framing, no M
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from importlib import resources
 from typing import Any
 
 from app.gateway.errors import Reply
+from app.keys import KeyLimits, KeyUsage
 
 SECURITY_HEADERS = (
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -37,8 +39,17 @@ def asset(path: str) -> Reply:
 
 
 def status(models: list[dict[str, Any]], counters: dict[str, dict[str, Any]], in_flight: int,
-           task_url: str | None) -> Reply:
-    """What the page shows once it has a token: every model and adapter with its state, each endpoint's counters."""
+           task_url: str | None, caller: dict[str, Any] | None = None) -> Reply:
+    """What the page shows once it has a token: every model and adapter (that the caller's key may use) with its
+    state, each endpoint's counters, and the caller's own key: its name, limits and usage."""
     body = {"models": [{"id": m["id"], "state": m["state"], "parent": m.get("parent")} for m in models],
-            "endpoints": counters, "in_flight": in_flight, "task_url": task_url}
+            "endpoints": counters, "in_flight": in_flight, "task_url": task_url, "key": caller}
     return Reply(200, json.dumps(body).encode(), headers=SECURITY_HEADERS)
+
+
+def caller(name: str, limits: KeyLimits, usage: KeyUsage | None, in_flight: int) -> dict[str, Any]:
+    """The caller's key as the page shows it: never its token."""
+    set_limits = {k: (list(v) if isinstance(v, tuple) else v)
+                  for k, v in dataclasses.asdict(limits).items() if v is not None}
+    return {"name": name, "limits": set_limits, "usage": dataclasses.asdict(usage or KeyUsage()),
+            "in_flight": in_flight}

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.gateway.bodies import MAX_COUNTED_RESPONSE_BYTES, UsageScanner, UsageStripper
 from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, sse_error_event
 from app.gateway.messages import PENDING, Handled, Request, Responder
 from app.gateway.stats import RequestRecord, RequestStats
@@ -35,8 +36,6 @@ from app.gateway.upstream import (
 
 logger = logging.getLogger(__name__)
 
-# Largest non-streamed response kept in memory to count its tokens; larger ones pass through uncounted.
-MAX_COUNTED_RESPONSE_BYTES = 4 * 1024 * 1024
 # Largest error body read from an engine to re-shape it (the message is what is kept).
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # What a 503 tells clients to wait before retrying (loading, restarting, draining).
@@ -106,7 +105,7 @@ class Relay:
     sink of its exchange with the engine (`response_head`, `response_body`, `response_end`)."""
 
     __slots__ = ("ctx", "request", "conn", "target", "data", "started", "sent_at", "usage", "status",
-                 "streamed", "exchange", "attempt", "reused", "error_body")
+                 "streamed", "exchange", "attempt", "reused", "error_body", "stripper", "began", "events")
 
     def __init__(self, ctx: RelayContext, request: Request, conn: Responder, target: Target, path: bytes):
         self.ctx, self.request, self.conn, self.target = ctx, request, conn, target
@@ -118,6 +117,11 @@ class Relay:
         self.exchange: Exchange | None = None
         self.attempt, self.reused = 0, False
         self.error_body: list[bytes] | None = None  # an engine's error response, read to be re-shaped
+        self.stripper = UsageStripper() if request.strip_usage else None  # the usage chunk its client did not ask
+        self.began = False  # its answer went out as a success (a failure after it is a stream cut)
+        key = request.key
+        # a key's tokens per minute: its stream's events are counted, for a stream cut before its usage came
+        self.events: int | None = 0 if request.admitted and key is not None and key.limits.tpm is not None else None
         self.sent_at = ctx.loop.time()  # the exchange's clock, for the time to the first chunk
         ctx.flight.enter(self.started, request.counted)
         conn.on_lost = self._lost
@@ -166,7 +170,10 @@ class Relay:
         self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
             b"text/event-stream")
         self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
-        self.conn.start(head.status, response_head(head), head.content_length)
+        if self.stripper is not None and not self.streamed:
+            self.stripper = None  # (the engine answered whole after all)
+        self.began = True
+        self.conn.start(head.status, response_head(head), None if self.stripper else head.content_length)
 
     def response_body(self, data: bytes) -> bool:
         if self.error_body is not None:
@@ -174,8 +181,13 @@ class Relay:
                 self.error_body.append(data)
             return True
         conn = self.conn
-        conn.write(data)
+        if self.stripper is None:
+            conn.write(data)
+        else:
+            conn.write(self.stripper.feed(data))
         self.usage.feed(data)
+        if self.events is not None:
+            self.events += data.count(b"data:")
         return conn.writable
 
     def response_end(self, exchange: Exchange) -> None:
@@ -191,6 +203,8 @@ class Relay:
         elif exchange.error is not None:
             self.status = failed(self.conn, exchange, self.target.endpoint)
         else:
+            if self.stripper is not None:
+                self.conn.write(self.stripper.flush())
             self.conn.end()
         self._finish()
         self.conn.request_done()
@@ -239,15 +253,29 @@ class Relay:
         self.conn.on_lost = self.conn.on_writable = None
         first = exchange.first_byte_at if exchange is not None else None
         ttft = first - self.sent_at if self.streamed and first is not None else None
-        found = self.usage.result()
+        found = self.usage.result() or {}
+        prompt, completion = found.get("prompt_tokens"), found.get("completion_tokens")
+        request = self.request
+        key = request.key
+        if request.admitted:
+            assert key is not None
+            request.admitted = False
+            key.release(ended, (prompt or 0) + (completion or 0) if found else self._estimate())
         if counted:
             ctx.stats.record(RequestRecord(
                 endpoint=self.target.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
-                prompt_tokens=(found or {}).get("prompt_tokens"),
-                completion_tokens=(found or {}).get("completion_tokens"), stream=self.streamed))
+                prompt_tokens=prompt, completion_tokens=completion, stream=self.streamed,
+                key=key.name if key is not None else None, cut=self.began and self.status >= 500))
         self.started = None
         self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
         self.target.leave(ended)
+
+
+    def _estimate(self) -> int:
+        """The tokens of a request that ended without the engine's usage (its client left, or the engine failed): a
+        token per event relayed, and one per 4 bytes of its prompt's text (a rate limit is not passed by leaving
+        a stream before its last chunk)."""
+        return (self.events or 0) + text_bytes(self.request.body)[0] // 4 if self.events is not None else 0
 
 
 def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
@@ -275,7 +303,6 @@ def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
-_USAGE_RE = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
 
 
 def model_field(body: bytes) -> str | None:
@@ -333,47 +360,3 @@ def text_bytes(body: bytes) -> tuple[int, int]:
     if b'"data:' in plain:
         strings = [text for text in strings if not text.startswith(b"data:")]
     return sum(map(len, strings)), max(map(len, strings), default=0)
-
-
-def _usage_from_json(data: bytes) -> dict[str, int] | None:
-    """The token counts of a usage block."""
-    at = data.find(b'"usage"')
-    if at < 0 or data.startswith(b"null", at + 8) or data.startswith(b" null", at + 8):
-        return None
-    found = {k.decode(): int(v) for k, v in _USAGE_RE.findall(data, at)}
-    return found or None
-
-
-class UsageScanner:
-    """Finds a response's token usage: in a whole JSON body, or in a stream's SSE events (usually the last one)."""
-
-    def __init__(self) -> None:
-        self.usage: dict[str, int] | None = None
-        self.whole = False  # the response is one JSON document: keep it to read its usage at the end
-        self._body: list[bytes] = []
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if self.whole:
-            self._body.append(chunk)
-            return
-        if b'"usage"' not in chunk and not self._partial:
-            return
-        text = self._partial + chunk
-        events = text.split(b"\n\n")
-        self._partial = events.pop() if not text.endswith(b"\n\n") else b""
-        if len(self._partial) > MAX_COUNTED_RESPONSE_BYTES:
-            self._partial = b""
-        for event in events:
-            if b'"usage"' not in event:
-                continue
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    usage = _usage_from_json(line[5:].strip())
-                    if usage:
-                        self.usage = usage
-
-    def result(self) -> dict[str, int] | None:
-        if self.whole and self._body:
-            return _usage_from_json(b"".join(self._body))
-        return self.usage

@@ -41,21 +41,23 @@ from app.gateway.reader import AUTHENTICATED, BEGAN, CONTINUE, STOP, Deadlines, 
 
 logger = logging.getLogger(__name__)
 
+_NO_REQUEST = Request("GET", "", b"", [])  # (before the first request)
+
 
 class ResponseWriter:
     """The writing side of a client connection: whole answers (`reply`, `respond`) and streamed ones (`start`,
     `write`, `end`), chunked when their length is not known; a HEAD answer without its body."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_response: Callable[[int, str], None] | None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_response: Callable[[int, Request], None] | None):
         self._loop = loop
-        self._on_response = on_response  # told the status of every response sent
+        self._on_response = on_response  # told the status of every response sent, and its request
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.keep_alive = True
-        self._method = "GET"  # of the request being answered (HEAD: no body in the answer)
-        self._path = ""  # (and its path, for whoever counts answers)
-        self._counted = True  # (and whether it is counted at all)
-        self._private = False  # (and whether it was authenticated: its answer is never cached)
+        self._request = _NO_REQUEST  # the request being answered: its method (HEAD: no body in the answer), ...
+        self._method = "GET"
+        self._counted = True  # (whether it is counted at all)
+        self._private = False  # (whether it was authenticated: its answer is never cached)
         self._chunked = False
         self._pending_head: bytes | None = None
         self._write_paused = False
@@ -69,11 +71,13 @@ class ResponseWriter:
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if self._on_response is not None and self._counted:
-            self._on_response(status, self._path)
+            self._on_response(status, self._request)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         if self._private and all(name != b"cache-control" for name, _ in headers):
             head.append(b"cache-control: no-store\r\n")
+        if self._request.rate_headers:  # (its key's x-ratelimit-* fields, as they stood when it was admitted)
+            head.append(self._request.rate_headers)
         head.append(b"content-length: %d\r\n" % len(body))
         if not self.keep_alive:
             head.append(b"connection: close\r\n")
@@ -85,11 +89,11 @@ class ResponseWriter:
         follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
         they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
         if self._on_response is not None and self._counted:
-            self._on_response(status, self._path)
+            self._on_response(status, self._request)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
         if self._private:
-            extra += b"cache-control: no-store\r\n"
+            extra += b"cache-control: no-store\r\n" + self._request.rate_headers
         if not self.keep_alive:
             extra += b"connection: close\r\n"
         self._pending_head = head + extra + b"\r\n"
@@ -147,7 +151,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     at a time, in order, by the handler: `reply`/`respond` (whole) or `start`/`write`/`end` (streamed)."""
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, limits: Limits, *,
-                 screen: Screen | None = None, on_response: Callable[[int, str], None] | None = None):
+                 screen: Screen | None = None, on_response: Callable[[int, Request], None] | None = None):
         super().__init__(loop, on_response)
         self._handler = handler
         self._limits = limits
@@ -259,7 +263,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def _next(self) -> None:
         while self._pending and not self.closed:
             request = self._pending.popleft()
-            self._method, self._path, self._counted = request.method, request.path, request.counted
+            self._request, self._method, self._counted = request, request.method, request.counted
             self._private = request.authenticated
             self.keep_alive = request.keep_alive and request.refusal is None and not (
                 self.stopped and not self._pending)  # the last answer of a stopped connection closes it

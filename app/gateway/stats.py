@@ -11,7 +11,9 @@ import collections
 import random
 from dataclasses import dataclass
 
+from app.gateway.messages import Request
 from app.gateway.routes import OPEN
+from app.keys import KeyUsage
 from app.states import ModelState
 from app.statistics import WindowSummary, percentile
 
@@ -30,6 +32,20 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     stream: bool = False
+    key: str | None = None  # the name of the key it came with
+    cut: bool = False  # its answer had begun well, and failed (an SSE error event, or a body cut short)
+
+
+class KeyCounters:
+    """One key's usage so far (`app.keys.KeyUsage`), as it is counted."""
+
+    __slots__ = ("requests", "errors", "rate_limited", "prompt_tokens", "completion_tokens")
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.rate_limited = self.prompt_tokens = self.completion_tokens = 0
+
+    def usage(self) -> KeyUsage:
+        return KeyUsage(self.requests, self.errors, self.rate_limited, self.prompt_tokens, self.completion_tokens)
 
 
 class RequestStats:
@@ -45,6 +61,28 @@ class RequestStats:
         self._recent: dict[str, collections.deque[RequestRecord]] = {}
         self._window_count = 0
         self._sampler = random.Random(0)
+        self.keys: dict[str, KeyCounters] = {}  # by key name: every key's, from the start (zeros included)
+
+    def add_keys(self, names: list[str]) -> None:
+        """The keys whose usage is counted (each reported from the start, zeros included)."""
+        for name in names:
+            self.keys.setdefault(name, KeyCounters())
+
+    def key_answered(self, name: str, status: int, rate_limited: bool = False) -> None:
+        """A key's inference request was answered (its head went out): counted, and as an error or a refusal of its
+        rate limits."""
+        counters = self.keys.get(name)
+        if counters is None:
+            counters = self.keys[name] = KeyCounters()
+        counters.requests += 1
+        if rate_limited:
+            counters.rate_limited += 1
+        elif status >= 400:
+            counters.errors += 1
+
+    def key_usage(self) -> dict[str, KeyUsage]:
+        """Every key's usage so far, by name (a copy)."""
+        return {name: counters.usage() for name, counters in self.keys.items()}
 
     def record(self, record: RequestRecord) -> None:
         self.requests[record.endpoint] += 1
@@ -54,6 +92,13 @@ class RequestStats:
             self.prompt_tokens[record.endpoint] += record.prompt_tokens
         if record.completion_tokens:
             self.completion_tokens[record.endpoint] += record.completion_tokens
+        if record.key is not None:
+            counters = self.keys.get(record.key)
+            if counters is None:
+                counters = self.keys[record.key] = KeyCounters()
+            counters.prompt_tokens += record.prompt_tokens or 0
+            counters.completion_tokens += record.completion_tokens or 0
+            counters.errors += record.cut
         self._window_count += 1
         recent = self._recent.get(record.endpoint)
         if recent is None:  # (not setdefault: that would build a deque for every request)
@@ -66,12 +111,16 @@ class RequestStats:
             if slot < MAX_WINDOW_SAMPLES:
                 self._window[slot] = record
 
-    def count_response(self, status: int, path: str = "") -> None:
+    def count_response(self, status: int, request: Request) -> None:
         """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines; the
-        window's count leaves out the health and readiness checks (a 503 from `/readyz` is news, not an error)."""
+        window's count leaves out the health and readiness checks (a 503 from `/readyz` is news, not an error). An
+        inference request's answer counts for its key."""
         self.answered[status] += 1
-        if path not in OPEN:
+        if request.path not in OPEN:
             self._window_answers[status] += 1
+        key, route = request.key, request.route
+        if key is not None and route is not None and route.kind == "relay":
+            self.key_answered(key.name, status, request.rate_limited)
 
     @property
     def total_requests(self) -> int:
@@ -103,30 +152,57 @@ class RequestStats:
             answers=dict(answers),
         )
 
-    def prometheus(self, in_flight: int, states: dict[str, ModelState]) -> str:
-        """The gateway's own metrics in Prometheus text format."""
+    def prometheus(self, in_flight: int, states: dict[str, ModelState], *, keys: set[str] | None = None,
+                   endpoints: set[str] | None = None) -> str:
+        """The gateway's own metrics in Prometheus text format: of the `endpoints` and `keys` given (None: all)."""
+        def shown(endpoint: str) -> bool:
+            return endpoints is None or endpoint in endpoints
+
         lines = [
             "# HELP clearml_sglang_responses_total Every response the endpoint sent, its own and relayed, by status.",
             "# TYPE clearml_sglang_responses_total counter",
         ]
-        lines += [f'clearml_sglang_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.answered.items())]
+        if endpoints is None:
+            lines += [f'clearml_sglang_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.answered.items())]
         lines += [
             "# HELP clearml_sglang_requests_total Requests proxied to an engine, by endpoint and status.",
             "# TYPE clearml_sglang_requests_total counter",
         ]
         lines += [f'clearml_sglang_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                  for (e, s), n in sorted(self.responses.items())]
+                  for (e, s), n in sorted(self.responses.items()) if shown(e)]
         lines += ["# HELP clearml_sglang_request_duration_seconds_sum Time spent serving requests, by endpoint.",
                   "# TYPE clearml_sglang_request_duration_seconds_sum counter"]
         lines += [f'clearml_sglang_request_duration_seconds_sum{{endpoint="{e}"}} {v:.6f}'
-                  for e, v in sorted(self.latency_sum_s.items())]
+                  for e, v in sorted(self.latency_sum_s.items()) if shown(e)]
         for name, counter in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
             lines += [f"# HELP clearml_sglang_{name}_tokens_total {name.title()} tokens reported in usage.",
                       f"# TYPE clearml_sglang_{name}_tokens_total counter"]
-            lines += [f'clearml_sglang_{name}_tokens_total{{endpoint="{e}"}} {n}' for e, n in sorted(counter.items())]
-        lines += ["# HELP clearml_sglang_requests_in_flight Requests being served now.",
-                  "# TYPE clearml_sglang_requests_in_flight gauge", f"clearml_sglang_requests_in_flight {in_flight}",
-                  "# HELP clearml_sglang_model_state 1 for each model's current state.",
+            lines += [f'clearml_sglang_{name}_tokens_total{{endpoint="{e}"}} {n}'
+                      for e, n in sorted(counter.items()) if shown(e)]
+        lines += self._key_lines(keys)
+        if endpoints is None:  # (the whole endpoint's)
+            lines += ["# HELP clearml_sglang_requests_in_flight Requests being served now.",
+                      "# TYPE clearml_sglang_requests_in_flight gauge",
+                      f"clearml_sglang_requests_in_flight {in_flight}"]
+        lines += ["# HELP clearml_sglang_model_state 1 for each model's current state.",
                   "# TYPE clearml_sglang_model_state gauge"]
         lines += [f'clearml_sglang_model_state{{endpoint="{e}",state="{s}"}} 1' for e, s in sorted(states.items())]
         return "\n".join(lines) + "\n"
+
+    def _key_lines(self, keys: set[str] | None) -> list[str]:
+        """Each key's usage, labelled by its name (never its token)."""
+        lines = []
+        for metric, what, field in KEY_METRICS:
+            lines += [f"# HELP clearml_sglang_key_{metric}_total {what}, by key.",
+                      f"# TYPE clearml_sglang_key_{metric}_total counter"]
+            lines += [f'clearml_sglang_key_{metric}_total{{key="{name}"}} {getattr(counters, field)}'
+                      for name, counters in sorted(self.keys.items()) if keys is None or name in keys]
+        return lines
+
+
+# The per-key metrics: (metric name, help, KeyCounters field).
+KEY_METRICS = (("requests", "Inference requests answered", "requests"),
+               ("errors", "Inference requests answered with an error (its rate limits apart)", "errors"),
+               ("rate_limited_requests", "Inference requests refused by the key's rate limits", "rate_limited"),
+               ("prompt_tokens", "Prompt tokens reported in usage", "prompt_tokens"),
+               ("completion_tokens", "Completion tokens reported in usage", "completion_tokens"))

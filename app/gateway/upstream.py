@@ -24,9 +24,15 @@ MAX_UPSTREAM_CONNECTIONS = 16384
 # How often requests in flight are checked for an engine that went silent (their idle timeout's resolution).
 SWEEP_SECONDS = 0.5
 
+# Request headers not relayed: hop-by-hop and framing ones, the client's token, and SGLang's request overrides
+# (`x-override-*`, srt/entrypoints/request_headers.py: honoured where SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES is set in
+# an engine's environment; `x-override-priority` would outrank the priority the gateway writes for the key).
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"trailers",
     b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization", b"expect",
+    b"x-override-rid", b"x-override-bootstrap-host", b"x-override-bootstrap-port", b"x-override-bootstrap-room",
+    b"x-override-conversation-id", b"x-override-routed-dp-rank", b"x-override-disagg-prefill-dp-rank",
+    b"x-override-priority",
 })
 # Response headers not relayed: framing (the gateway frames its own), the engine's identity, its caching (every answer
 # to a token holder is `no-store`: `app.gateway.server`) and its CORS answers (SGLang allows every origin with

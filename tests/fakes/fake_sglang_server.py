@@ -85,7 +85,8 @@ Faults and pacing, read from the environment at startup:
     FAKE_SGLANG_HTTP_LOG=path         append `{"method","path","headers":[names]}` for every request received (any
                                       route, before the auth check).
     FAKE_SGLANG_REQUEST_LOG=path      append one JSON line per inference request received (before the auth check):
-                                      `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`,
+                                      `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`
+                                      (and the body's priority, max_tokens and stream_options where it has them),
                                       and `{"event":"disconnect","path":...,"model":...,"stream":...,"tokens_sent":N}`
                                       when a client goes away before its response is complete; and one per
                                       authorised memory call: `{"event":"release"|"resume","model":<served
@@ -759,8 +760,10 @@ class FakeSGLangServer:
         body = await _json_body(request)
         model = body.get("model") if isinstance(body, dict) else None
         stream = bool(body.get("stream")) if isinstance(body, dict) else False
+        sent = {name: body.get(name) for name in ("priority", "max_tokens", "stream_options")
+                if isinstance(body, dict) and name in body}
         self._append_log({"event": "request", "path": request.path, "model": model, "stream": stream,
-                          "authorized": authorized})
+                          "authorized": authorized, **sent})
 
     def _client_gone(self, job: Job, tokens_sent: int) -> None:
         if self.shutting_down:

@@ -9,24 +9,31 @@ from pathlib import Path
 import pytest
 
 from app.gateway.adapters import AdapterRefused, Refusal
-from app.gateway.auth import TokenChecker, generate_token
+from app.gateway.auth import generate_token
+from app.gateway.bodies import UsageScanner as _UsageScanner
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
+from app.gateway.keys import KeyRing
 from app.gateway.messages import Request
 from app.gateway.model_routes import MAX_PROMPT_BYTES_PER_TOKEN, ModelRoute, prompt_too_long
-from app.gateway.relay import UsageScanner as _UsageScanner
 from app.gateway.relay import text_bytes
 from app.gateway.routes import classify
 from app.gateway.stats import RequestRecord, RequestStats, percentile
+from app.keys import NO_LIMITS
 
 
-def test_token_checker():
-    checker = TokenChecker(["a" * 20, "b" * 20])
-    assert checker.check("Bearer " + "a" * 20) and checker.check("Bearer " + "b" * 20)
+def test_a_token_is_found_as_its_key():
+    ring = KeyRing([("alice", "a" * 20, NO_LIMITS), ("token-2", "b" * 20, NO_LIMITS)])
+
+    def name(header: str | None) -> str | None:
+        key = ring.find(header.encode() if header is not None else None)
+        return key.name if key is not None else None
+
+    assert name("Bearer " + "a" * 20) == "alice" and name("Bearer " + "b" * 20) == "token-2"
     # the scheme is case-insensitive (RFC 9110 11.1), and spaces before the token do not matter
-    assert checker.check("bearer " + "a" * 20) and checker.check("BEARER   " + "b" * 20)
+    assert name("bearer " + "a" * 20) == "alice" and name("BEARER   " + "b" * 20) == "token-2"
     for bad in (None, "", "Bearer", "Bearer " + "c" * 20, "Basic " + "a" * 20, "a" * 20, "Bearer " + "a" * 19,
-                "Bearer" + "a" * 20, "Bearerx " + "a" * 20):
-        assert not checker.check(bad)
+                "Bearer" + "a" * 20, "Bearerx " + "a" * 20, "Bearer alice"):
+        assert name(bad) is None
 
 
 def test_text_bytes_counts_a_bodys_strings_without_inline_data():
@@ -164,7 +171,7 @@ def test_an_engines_error_message_loses_the_key():
 def test_responses_are_counted_by_status():
     stats = RequestStats()
     for status in (401, 401, 404, 200):
-        stats.count_response(status)
+        stats.count_response(status, Request("POST", "/v1/chat/completions", b"", []))
     text = stats.prometheus(in_flight=0, states={})
     assert 'clearml_sglang_responses_total{status="401"} 2' in text
     assert 'clearml_sglang_responses_total{status="404"} 1' in text

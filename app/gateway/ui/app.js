@@ -36,6 +36,7 @@ function signOut(message) {
   timer = null;
   $("models").querySelector("tbody").replaceChildren();
   $("model").replaceChildren();
+  renderKey(null);
   show(false);
   $("signin-error").hidden = !message;
   $("signin-error").textContent = message || "";
@@ -56,6 +57,52 @@ function cell(text, className) {
 }
 
 function number(value) { return value === null || value === undefined ? "–" : String(Math.round(value)); }
+
+function count(value) { return Number(value || 0).toLocaleString("en-US"); }
+
+// Each limit of the caller's key in words; one the page does not know yet is shown as its name and value.
+const LIMITS = new Map([
+  ["rpm", (v) => count(v) + (v === 1 ? " request/min" : " requests/min")],
+  ["tpm", (v) => count(v) + (v === 1 ? " token/min" : " tokens/min")],
+  ["concurrent", (v) => count(v) + " at once"],
+  ["max_tokens", (v) => "max_tokens " + count(v)],
+  ["priority", (v) => "priority " + count(v)],
+  ["models", (v) => "models: " + ([].concat(v).join(", ") || "none")],
+]);
+
+function limitWords(limits) {
+  const words = [];
+  for (const [name, value] of Object.entries(limits || {})) {
+    if (value === null || value === undefined) continue;
+    const word = LIMITS.get(name);
+    words.push(word ? word(value) : name + " " + (Array.isArray(value) ? value.join(", ") : String(value)));
+  }
+  return words;
+}
+
+function item(text, className) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  if (className) li.className = className;
+  return li;
+}
+
+// The caller's own key (null: none, or signed out): its name, limits and usage, never its token.
+function renderKey(key) {
+  $("key").hidden = !key;
+  $("key-name").textContent = key ? key.name : "";
+  const words = key ? limitWords(key.limits) : [];
+  const items = words.map((text) => item(text));
+  if (key && !items.length) items.push(item("no limits", "muted"));
+  $("key-limits").replaceChildren(...items);
+  const usage = (key && key.usage) || {};
+  for (const [id, value] of [["key-requests", usage.requests], ["key-rate-limited", usage.rate_limited],
+                             ["key-errors", usage.errors], ["key-prompt-tokens", usage.prompt_tokens],
+                             ["key-completion-tokens", usage.completion_tokens],
+                             ["key-in-flight", key && key.in_flight]]) {
+    $(id).textContent = key ? count(value) : "";
+  }
+}
 
 function render(status) {
   const now = Date.now() / 1000;
@@ -80,6 +127,7 @@ function render(status) {
   }
   body.replaceChildren(...rows);
   $("in-flight").textContent = String(status.in_flight);
+  renderKey(status.key || null);
   const select = $("model");
   const ids = status.models.map((m) => m.id);
   if ([...select.options].map((o) => o.value).join() !== ids.join()) {

@@ -2,10 +2,10 @@
 records").
 
 `TaskReporter` turns the deployment's events into task properties (status, status_reason, idle_since, endpoint,
-models, curl, and a generated access token), scalars (iteration = seconds since start), the `Deployed Models`
-table, and Model Endpoints telemetry; it also logs status changes to the console. It talks to the task only
-through `app.clearml.task.DeploymentTask`'s methods, so tests give it a recording stand-in. What it reports comes
-as the frozen values of `app.serving.report`, the one part of serving it reads.
+models, curl, and a generated access token), scalars (iteration = seconds since start), the `Deployed Models` and
+`Key Usage` tables, and Model Endpoints telemetry; it also logs status changes to the console. It talks to the task
+only through `app.clearml.task.DeploymentTask`'s methods, so tests give it a recording stand-in. What it reports
+comes as the frozen values of `app.serving.report`, the one part of serving it reads.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from app.keys import KeyUsage
 from app.serving.report import AdapterLoads, BenchmarkResult, Report, StartupSummary, Wakes, table_rows
 from app.states import ModelState, Status
 
@@ -40,6 +41,14 @@ BENCH_ITL = "Benchmark Inter-Token Latency (ms)"
 BENCH_TABLE = "Benchmark"
 TABLE = "Deployed Models"
 TABLE_HEADER = ["Model", "Endpoint name", "URL", "Status", "Last wake-up"]
+# Each key's usage since the start: a figure per kind of count, one series per key (its name), and a table.
+USAGE_REQUESTS = "Usage: Requests"
+USAGE_ERRORS = "Usage: Errors"
+USAGE_RATE_LIMITED = "Usage: Rate-Limited Requests"
+USAGE_PROMPT_TOKENS = "Usage: Prompt Tokens"
+USAGE_COMPLETION_TOKENS = "Usage: Completion Tokens"
+KEY_TABLE = "Key Usage"
+KEY_TABLE_HEADER = ["Key", "Requests", "Errors", "Rate-limited", "Prompt tokens", "Completion tokens"]
 
 
 class TaskReporter:
@@ -56,6 +65,7 @@ class TaskReporter:
         self._idle_since = ""
         self._last_wake: dict[str, float] = {}
         self._adapters: dict[str, str] = {}  # adapters loaded on request -> their state
+        self._keys: dict[str, KeyUsage] = {}  # each key's usage, as the Key Usage table last showed it
 
     # ----- Reporter -----
 
@@ -158,7 +168,22 @@ class TaskReporter:
         if report.adapters is not None:
             self._report_adapters(report.adapters, iteration, rewrite)
         self.states(report.states)
+        if report.keys:
+            self._report_keys(report.keys, iteration)
         self._feed_telemetry(report)
+
+    def _report_keys(self, keys: dict[str, KeyUsage], iteration: int) -> None:
+        """Each key's usage since the start: a series per key in each `Usage: *` figure, and the table when it
+        changed."""
+        for name in sorted(keys):
+            usage = keys[name]
+            for title, value in ((USAGE_REQUESTS, usage.requests), (USAGE_ERRORS, usage.errors),
+                                 (USAGE_RATE_LIMITED, usage.rate_limited), (USAGE_PROMPT_TOKENS, usage.prompt_tokens),
+                                 (USAGE_COMPLETION_TOKENS, usage.completion_tokens)):
+                self.task.report_scalar(title, name, float(value), iteration)
+        if keys != self._keys:
+            self._keys = dict(keys)
+            self.task.report_table(KEY_TABLE, "keys", key_rows(keys), iteration=0)
 
     def _report_wakes(self, wakes: Wakes, iteration: int, rewrite: bool) -> None:
         """Models sharing GPUs: wake-ups per model, wake latency, and each model's last wake-up in the table."""
@@ -206,3 +231,9 @@ class TaskReporter:
             if count > fed_count:
                 telemetry.feed(count - fed_count, (latency_s - fed_latency) * 1000)
             self._fed[name] = (count, latency_s)
+
+
+def key_rows(keys: dict[str, KeyUsage]) -> list[list[object]]:
+    """The `Key Usage` table, header first: a row per key, by name."""
+    return [KEY_TABLE_HEADER] + [[name, u.requests, u.errors, u.rate_limited, u.prompt_tokens, u.completion_tokens]
+                                 for name, u in sorted(keys.items())]

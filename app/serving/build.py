@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from app.config.types import GeneralConfig
-from app.gateway import Gateway, GatewayLimits, ModelRoute, RequestStats, TokenChecker
+from app.gateway import Gateway, GatewayLimits, KeyRing, ModelRoute, RequestStats
 from app.serving.adapter_files import Fetcher
 from app.serving.adapters import AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
@@ -117,15 +117,16 @@ class _Engines:
     remote_workers: dict[str, RemoteWorkers] = field(default_factory=dict)
 
 
-def build(plan: DeploymentPlan, tokens: list[str], using: Collaborators, *, startup_deadline_s: float,
+def build(plan: DeploymentPlan, keys: list[tuple[str, str]], using: Collaborators, *, startup_deadline_s: float,
           gateway_options: GatewayOptions = GatewayOptions(), on_change: Callable[[Engine], None] | None = None,
           on_phase: OnPhase | None = None) -> Built:
-    """The deployment's objects. The tokens and the config's secrets are masked in every engine's log; `on_change`
+    """The deployment's objects; `keys` are the access tokens, (name, token) each, whose limits the config says.
+    The tokens and the config's secrets are masked in every engine's log; `on_change`
     hears every engine's news (the deployment passes them on to the residency and the routers); `on_phase` each
     SGLang server's startup phases."""
     config = plan.config
     stats, client, clock = using.stats, using.client, using.clock
-    made = _engines(plan, [*tokens, *config.secrets], using, on_phase)
+    made = _engines(plan, [*(token for _, token in keys), *config.secrets], using, on_phase)
     front, servers, routed, remote_workers = made.front, made.servers, made.routed, made.remote_workers
     residency = _residency(plan, [front[c.endpoint] for c in plan.commands], client, clock)
     tracker = IdleTracker(config.idle.time_limit_hours * 3600 if config.idle.shuts_down else None,
@@ -137,7 +138,8 @@ def build(plan: DeploymentPlan, tokens: list[str], using: Collaborators, *, star
                          wake_deadline_s=config.general.wake_deadline_seconds,
                          restart_hold_s=config.general.restart_hold_seconds)
               for c in plan.commands]
-    gateway = Gateway(routes, TokenChecker(tokens), stats, activity=tracker, clock=clock,
+    ring = KeyRing((name, token, config.auth.limits_for(name)) for name, token in keys)
+    gateway = Gateway(routes, ring, stats, activity=tracker, clock=clock,
                       limits=gateway_options.limits(config.general), task_url=gateway_options.task_url)
     supervisor = EngineSupervisor(
         servers, startup_deadline_s=startup_deadline_s, clock=clock,

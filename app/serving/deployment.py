@@ -30,7 +30,7 @@ from app.serving.gpus import Gpu, detect_gpus
 from app.serving.idle import IdleDecision
 from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
 from app.serving.models import ModelRegistry, resolve
-from app.serving.network import access_tokens, curl_command, engine_key, free_ports, public_address
+from app.serving.network import access_keys, curl_command, engine_key, free_ports, public_address
 from app.serving.plan import DeploymentPlan, layout, plan
 from app.serving.readings import Readings, model_states
 from app.serving.report import Span
@@ -146,17 +146,17 @@ class Deployment(Lifecycle):
             await self.tell(self.reporter.close)
 
     async def _run(self) -> int:
+        keys, generated = access_keys(self.config, self.environ)  # (a ConfigError before anything is fetched)
         await self.tell(self.reporter.status, Status.LOADING, "fetching models")
         fetching = self.clock()
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
         self.timeline.fetched(self.clock() - fetching)
         planned = self.plan(resolved)
-        tokens, generated = access_tokens(self.config, self.environ)
         if generated:
-            await self.tell(self.reporter.access_token, tokens[0])
+            await self.tell(self.reporter.access_token, keys[0][1])
         options = self.options
         self.built = built = build(
-            planned, tokens, Collaborators(self.stats, self.client, self.registry, self.worker_pool, self.clock),
+            planned, keys, Collaborators(self.stats, self.client, self.registry, self.worker_pool, self.clock),
             startup_deadline_s=options.startup_deadline_s,
             gateway_options=GatewayOptions(options.upstream_read_timeout_s, options.request_receive_timeout_s,
                                            options.write_timeout_s, options.task_url, options.max_connections),

@@ -5,19 +5,32 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
+from collections.abc import Mapping
 
 from app import constants
+from app.config import check_key_names
 from app.config.types import DeploymentConfig
+from app.errors import ConfigError, Problem
 from app.gateway.auth import generate_token
+from app.keys import UNNAMED, named_tokens
 
 
-def access_tokens(config: DeploymentConfig, environ: dict[str, str]) -> tuple[list[str], bool]:
-    """The gateway's tokens: the config's and CLEARML_SGLANG_API_TOKENS'; one generated when there are none."""
-    tokens = list(config.auth.tokens)
-    tokens += [t.strip() for t in environ.get(constants.API_TOKENS_ENV, "").split(",") if t.strip()]
-    if tokens:
-        return tokens, False
-    return [generate_token()], True
+def access_keys(config: DeploymentConfig, environ: Mapping[str, str]) -> tuple[list[tuple[str, str]], bool]:
+    """The gateway's keys, (name, token) each: the config's and CLEARML_SGLANG_API_TOKENS' (`NAME=TOKEN` or a
+    token, named `token-<position>` in the two lists together); one generated when there are none. A ConfigError when
+    two keys have one name, or the config's limits name a key there is not."""
+    entries = list(config.auth.tokens)
+    entries += [t.strip() for t in environ.get(constants.API_TOKENS_ENV, "").split(",") if t.strip()]
+    if not entries:
+        return [(UNNAMED.format(1), generate_token())], True
+    keys = named_tokens(entries)
+    names = [name for name, _ in keys]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(Problem(constants.API_TOKENS_ENV, "names a key that auth.tokens names too: "
+                                  + ", ".join(repeated), "give each key its own name (NAME=TOKEN)"))
+    check_key_names(config.auth, names)
+    return keys, False
 
 
 def free_ports(count: int, host: str = constants.ENGINE_HOST, exclude: frozenset[int] = frozenset()) -> list[int]:

@@ -2,9 +2,10 @@
 `app.serving.report.Report`.
 
 `Readings.take` reads SGLang's token counters off every serving engine and each router's count per replica server
-(over the network), takes the gateway's window of requests (and logs it as one console line), and copies the
-gateway's counters, the residency's wake-ups and the adapters' loads: the reporter reads the copy on its own thread
-while the deployment goes on counting. `model_states` is each model's state as the dashboard lists them.
+(over the network), takes the gateway's window of requests (and logs it as one console line, with each key's
+requests since the previous report), and copies the gateway's counters, each key's usage, the residency's wake-ups
+and the adapters' loads: the reporter reads the copy on its own thread while the deployment goes on counting.
+`model_states` is each model's state as the dashboard lists them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from app.config.types import DeploymentConfig
 from app.gateway import RequestStats
+from app.keys import KeyUsage
 from app.serving.adapters import AdapterStats, OnRequestAdapters
 from app.serving.build import Built, RoutedModel
 from app.serving.engine import Engine
@@ -26,13 +28,15 @@ from app.sglang.command import MultiNode
 from app.sglang.metrics import ZERO, TokenRate, TokenTotals, parse_prometheus
 from app.sglang.router import requests_per_worker
 from app.states import ASLEEP, EngineState, ModelState, model_state
+from app.statistics import usage_since
 
 logger = logging.getLogger(__name__)
 
 
 class Readings:
     """What every report reads, and what it keeps between them: when the deployment began (a report's iteration is
-    the seconds since) and the last reading of SGLang's token counters (their rate is taken between readings)."""
+    the seconds since), the last reading of SGLang's token counters (their rate is taken between readings) and of
+    each key's usage (the console line's requests by key are those since)."""
 
     def __init__(self, stats: RequestStats, client: SGLangClient, clock: Callable[[], float]):
         self.stats = stats
@@ -40,6 +44,7 @@ class Readings:
         self.clock = clock
         self.started = clock()
         self._rate = TokenRate()
+        self._keys: dict[str, KeyUsage] = {}
 
     def begin(self) -> None:
         """The deployment begins now."""
@@ -48,8 +53,9 @@ class Readings:
     async def take(self, built: Built, decision: IdleDecision, states: dict[str, ModelState]) -> Report:
         now = self.clock()
         tokens = self._rate.update(now, await scrape_tokens(self.client, built.supervisor.engines, built.residency))
-        window = self.stats.take_window()
-        if line := window.console_line(tokens.generation if tokens else None):
+        window, keys = self.stats.take_window(), self.stats.key_usage()
+        by_key, self._keys = usage_since(self._keys, keys), keys
+        if line := window.console_line(tokens.generation if tokens else None, by_key):
             logger.info("%s", line)  # (a line per report interval with traffic, however heavy: not one per request)
         return Report(
             elapsed_s=now - self.started, status=decision.state, in_flight=decision.in_flight,
@@ -58,7 +64,7 @@ class Readings:
             generation_per_s=tokens.generation if tokens else None, prompt_per_s=tokens.prompt if tokens else None,
             wakes=wakes(built.residency.wake_stats()) if built.residency is not None else None,
             replica_requests=await replica_requests(self.client, built.routed) if built.routed else None,
-            adapters=adapter_loads(built.adapters, built.adapter_stats) if built.adapters else None)
+            adapters=adapter_loads(built.adapters, built.adapter_stats) if built.adapters else None, keys=keys)
 
 
 def model_states(built: Built, config: DeploymentConfig, multi_node: MultiNode | None) -> dict[str, ModelState]:

@@ -10,8 +10,9 @@ on its own thread while the deployment goes on counting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from app.keys import KeyUsage
 from app.states import AdapterState, ModelState, Status
 from app.statistics import WindowSummary
 
@@ -40,8 +41,8 @@ class AdapterLoads:
 @dataclass(frozen=True)
 class Report:
     """One report interval: the idle policy's decision, the requests so far and in the window, each model's state,
-    and what the deployment has of token rates, wake-ups, replica servers and adapters on request (None: nothing of
-    that kind here, or no reading yet)."""
+    each key's usage so far, and what the deployment has of token rates, wake-ups, replica servers and adapters on
+    request (None: nothing of that kind here, or no reading yet)."""
 
     elapsed_s: float  # since the deployment began: the scalars' iteration
     status: Status  # the idle policy's: active or idle
@@ -56,6 +57,7 @@ class Report:
     wakes: Wakes | None = None
     replica_requests: dict[str, float] | None = None  # each replica server's, as its router counts them
     adapters: AdapterLoads | None = None
+    keys: dict[str, KeyUsage] = field(default_factory=dict)  # each key's usage since the start, by name
 
     @property
     def total_requests(self) -> int:

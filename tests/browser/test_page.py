@@ -7,6 +7,7 @@ screenshots (the README's are made so).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -28,6 +30,11 @@ pytestmark = pytest.mark.browser
 
 TOKEN = "page-token-" + "p" * 20
 ENDPOINT = "zephyr"  # a name that appears nowhere on the page unless the deployment is shown
+READER = "reader-token-" + "r" * 20  # the named, limited key's token (`keyed_endpoint`)
+ALICE = {"name": "alice", "limits": {"rpm": 5, "tpm": 1000, "concurrent": 2, "max_tokens": 64, "priority": 10,
+                                     "models": ["m"]},
+         "usage": {"requests": 3, "errors": 0, "rate_limited": 1, "prompt_tokens": 40, "completion_tokens": 12},
+         "in_flight": 0}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,29 @@ def endpoint(tmp_path_factory):
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=120)
     no_process_left()
+
+
+@pytest.fixture
+def keyed_endpoint(tmp_path):
+    """A deployment of its own whose one key is named and limited as the config says (`auth.tokens` NAME=TOKEN,
+    `auth.limits`); its processes are awaited here, `endpoint`'s being alive beside them."""
+    cache = tmp_path / "keyed"
+    cache.mkdir()
+    process, base = start(cache, "models.0.model=org/m", f"models.0.endpoint_name={ENDPOINT}", "general.device=cpu",
+                          f"auth.tokens=reader={READER}",
+                          "auth.limits=" + json.dumps({"reader": {"rpm": 600, "max_tokens": 128}}),
+                          "idle.time_limit_hours=1")
+    try:
+        wait_ready(process, base)
+        yield base
+    finally:
+        try:
+            children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+        assert not psutil.wait_procs(children, timeout=10)[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +95,27 @@ def open_page(browser, base: str, width: int = 1280, height: int = 800):
 def sign_in(page, token: str = TOKEN) -> None:
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_label("Token", exact=True).press("Enter")  # the keyboard is enough
+
+
+def answer_with_key(page, keys: list) -> None:
+    """The page's data route answers as the deployment does, with `keys[-1]` as the caller's key (what a test sets
+    there shows at the page's next refresh)."""
+    def fulfill(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "key": keys[-1]})
+    page.route("**/ui/api/status", fulfill)
+
+
+def key_pairs(page) -> dict[str, str]:
+    """The key's definition list as read: term -> definition."""
+    return dict(zip(page.locator("#key dt").all_inner_texts(), page.locator("#key dd").all_inner_texts(),
+                    strict=True))
+
+
+def token_anywhere(page, token: str) -> bool:
+    """The token is in the page's DOM: its markup, its text or a field's value."""
+    values = page.evaluate("[...document.querySelectorAll('input, textarea, select')].map((e) => e.value).join(' ')")
+    return any(token in text for text in (page.content(), page.locator("body").inner_text(), values))
 
 
 def shoot(page, name: str, tmp_path: Path) -> Path:
@@ -180,4 +231,47 @@ def test_the_keyboard_is_enough(endpoint, browser):
     page.get_by_role("button", name="Send").focus()
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s")
+    context.close()
+
+
+def test_the_callers_key_its_limits_in_words_and_its_usage_refreshed_on_a_phone(endpoint, browser, tmp_path):
+    base, _ = endpoint
+    context, page = open_page(browser, base, 390, 844)
+    keys = [ALICE]
+    answer_with_key(page, keys)
+    sign_in(page)
+    section = page.get_by_role("region", name="Your key")
+    sync_api.expect(section).to_be_visible()
+    sync_api.expect(page.locator("#key-name")).to_have_text("alice")
+    assert page.locator("#key-limits li").all_inner_texts() == [
+        "5 requests/min", "1,000 tokens/min", "2 at once", "max_tokens 64", "priority 10", "models: m"]
+    pairs = key_pairs(page)
+    assert {term: pairs[term] for term in ("Name", "Requests", "Rate-limited", "Errors", "Prompt tokens",
+                                           "Completion tokens", "In flight")} == {
+        "Name": "alice", "Requests": "3", "Rate-limited": "1", "Errors": "0", "Prompt tokens": "40",
+        "Completion tokens": "12", "In flight": "0"}
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+    assert not token_anywhere(page, TOKEN)
+    shoot(page, "page-key-phone.png", tmp_path)
+
+    keys.append({**ALICE, "limits": {}, "usage": {**ALICE["usage"], "requests": 4, "prompt_tokens": 1234567}})
+    sync_api.expect(page.locator("#key-limits li")).to_have_text(["no limits"])  # at the next refresh, no reload
+    assert key_pairs(page)["Requests"] == "4" and key_pairs(page)["Prompt tokens"] == "1,234,567"
+    keys.append(None)  # a deployment that names no key for its caller
+    sync_api.expect(section).to_be_hidden()
+    sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)  # the rest of the page is as it was
+    context.close()
+
+
+def test_a_user_sees_their_keys_name_and_limits_and_their_token_nowhere_in_the_page(keyed_endpoint, browser):
+    context, page = open_page(browser, keyed_endpoint)
+    sign_in(page, READER)
+    sync_api.expect(page.get_by_role("region", name="Your key")).to_be_visible()
+    sync_api.expect(page.locator("#key-name")).to_have_text("reader")
+    sync_api.expect(page.locator("#key-limits li")).to_have_text(["600 requests/min", "max_tokens 128"])
+    page.get_by_label("Max tokens", exact=True).fill("3")
+    page.get_by_role("button", name="Send").click()
+    sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s")
+    sync_api.expect(page.locator("#key-requests")).to_have_text("1")  # counted at the next refresh, no reload
+    assert not token_anywhere(page, READER)
     context.close()

@@ -2,7 +2,8 @@
 
 Each test runs `clearml-sglang run` (app.run.run_service) in a process of its own, with stand-in engines and
 ClearML in offline mode, sends it real traffic, lets it shut down, and reads the session's `metrics.jsonl`,
-`log.jsonl` and `task.json` as the dashboard would.
+`log.jsonl` and `task.json` as the dashboard would. Each key's usage is also reported straight through the reporter,
+on a real offline task of its own, with counts that must read back exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from tests.conftest import ROOT
 TOKEN = "offline-test-token-" + "k" * 16
 HF_TOKEN = "hf_" + "W" * 34
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CAPPED = "offline-test-capped-" + "c" * 16  # a named key with 2 requests a minute
+KEYS = (f"auth.tokens={TOKEN},capped={CAPPED}", 'auth.limits={"capped": {"rpm": 2}}')
 # the stand-in engines run anywhere: "cpu" keeps the app from asking for an NVIDIA GPU
 MODEL = ("models.0.model=org/m", "models.0.endpoint_name=m", "general.device=cpu")
 LOCAL_RUN_SETTINGS = ("idle.time_limit_hours=0.0014", "idle.report_interval_seconds=1",
@@ -65,17 +68,39 @@ def wait_ready(process: subprocess.Popen, base: str, deadline_s: float = 60) -> 
     raise AssertionError("not ready in time")
 
 
-def traffic(base: str) -> None:
+def traffic(base: str) -> dict[str, list[int]]:
+    """Requests of two keys; what their clients counted: [requests, errors, rate-limited, prompt, completion
+    tokens] by key, from the answers (their statuses, and the engine's `usage` in each)."""
+    counted = {"token-1": [0] * 5, "capped": [0] * 5}
+
+    def count(key: str, status: int, usage: dict | None) -> None:
+        row = counted[key]
+        row[0] += 1
+        row[1] += status >= 400 and status != 429
+        row[2] += status == 429
+        row[3] += (usage or {}).get("prompt_tokens", 0)
+        row[4] += (usage or {}).get("completion_tokens", 0)
+
     for i in range(3):
         r = requests.post(base + "/v1/chat/completions", headers=AUTH, timeout=10,
                           json={"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}],
                                 "max_tokens": 8})
         assert r.status_code == 200
+        count("token-1", r.status_code, r.json()["usage"])
     for _ in range(2):
         r = requests.post(base + "/m/v1/chat/completions", headers=AUTH, timeout=10, stream=True,
                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
                                 "stream": True, "stream_options": {"include_usage": True}})
-        assert r.status_code == 200 and b"[DONE]" in r.content
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+        assert r.status_code == 200 and chunks[-1]["choices"] == []
+        count("token-1", r.status_code, chunks[-1]["usage"])
+    for i in range(3):  # the third is over its rpm
+        r = requests.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {CAPPED}"}, timeout=10,
+                          json={"model": "m", "messages": [{"role": "user", "content": f"capped {i}"}],
+                                "max_tokens": 5})
+        count("capped", r.status_code, r.json().get("usage"))
+    assert [row[2] for row in counted.values()] == [0, 1]
+    return counted
 
 
 def session(cache: Path, task_id: str | None = None) -> Path:
@@ -134,12 +159,11 @@ def no_process_left() -> None:
 def local_run(tmp_path_factory):
     """One local run, offline: traffic, then an idle shutdown (5 s limit, 1 s reports)."""
     cache = tmp_path_factory.mktemp("clearml")
-    process, base = start(cache, *MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}",
-                          *LOCAL_RUN_SETTINGS)
+    process, base = start(cache, *MODEL, *KEYS, f"general.hf_token={HF_TOKEN}", *LOCAL_RUN_SETTINGS)
     try:
         wait_ready(process, base)
         wait_status(cache, "idle")  # the dashboard saw it idle before any request
-        traffic(base)
+        (cache / "client-counts.json").write_text(json.dumps(traffic(base)))
         code = process.wait(timeout=60)
         output = process.stdout.read()
     finally:
@@ -163,7 +187,7 @@ def test_every_dashboard_series_is_recorded_with_plausible_values(local_run):
                 ("Latency (ms)", "time to first token p50"), ("Requests in Flight", "total"),
                 ("Idle Time (hours)", "idle")]:
         assert key in series, key
-    assert series[("Total Number of Requests", "total")][-1][1] == 5
+    assert series[("Total Number of Requests", "total")][-1][1] == 7  # (the rate-limited request reached none)
     assert max(v for _, v in series[("Tokens per Second", "generation")]) > 0
     assert all(0 < v < 10_000 for _, v in series[("Latency (ms)", "p50")])
     assert all(v >= 0 for _, v in series[("Requests in Flight", "total")])
@@ -242,8 +266,7 @@ def test_the_form_written_by_the_real_sdk_reads_back_as_the_config(local_run):
     hyperparams = json.loads((folder / "task.json").read_text())["hyperparams"]
     params = {f"{section}/{name}": item["value"] for section, items in hyperparams.items()
               for name, item in items.items()}
-    expected = load_config(overrides=[*MODEL, f"auth.tokens={TOKEN}", f"general.hf_token={HF_TOKEN}",
-                                      *LOCAL_RUN_SETTINGS])
+    expected = load_config(overrides=[*MODEL, *KEYS, f"general.hf_token={HF_TOKEN}", *LOCAL_RUN_SETTINGS])
     assert load_config(hyperparameters=params) == expected.without_secrets()
 
 
@@ -252,8 +275,25 @@ def test_tokens_appear_in_no_session_file_and_not_on_the_console(local_run):
     for path in folder.rglob("*"):
         if path.is_file():
             text = path.read_bytes()
-            assert TOKEN.encode() not in text and HF_TOKEN.encode() not in text, path
-    assert TOKEN not in output and HF_TOKEN not in output
+            assert not any(secret.encode() in text for secret in (TOKEN, CAPPED, HF_TOKEN)), path
+    assert not any(secret in output for secret in (TOKEN, CAPPED, HF_TOKEN))
+
+
+def test_each_keys_usage_on_the_task_is_what_its_clients_counted(local_run):
+    _, output, folder = local_run
+    counted = json.loads((folder.parent.parent / "client-counts.json").read_text())
+    series = scalars(folder)
+    for index, title in enumerate(["Usage: Requests", "Usage: Errors", "Usage: Rate-Limited Requests",
+                                   "Usage: Prompt Tokens", "Usage: Completion Tokens"]):
+        for key, counts in counted.items():
+            assert series[(title, key)][-1][1] == counts[index], (title, key)
+    tables = [json.loads(e["plot_str"])["data"][0] for e in events(folder, "metrics.jsonl")
+              if e["type"] == "plot" and e.get("metric") == "Key Usage"]
+    columns = tables[-1]["cells"]["values"]
+    assert [list(row) for row in zip(*columns, strict=True)] == [
+        ["capped", *counted["capped"]], ["token-1", *counted["token-1"]]]
+    lines = (console(folder) + "\n" + output).splitlines()
+    assert any("Traffic: " in line and "by key: " in line and "rate-limited" in line for line in lines)
 
 
 def test_a_generated_token_is_shown_only_in_the_task_properties(tmp_path):
@@ -286,7 +326,7 @@ def test_simulated_agent_run_deploys_the_values_edited_in_the_ui(local_run, tmp_
     params["General"]["max-running-requests"] = {"section": "General", "name": "max-running-requests",
                                                  "value": "7", "type": "int", "description": ""}
     params["Idle"]["time_limit_hours"]["value"] = "0.0006"
-    params["Auth"]["tokens"]["value"] = f'["{TOKEN}"]'
+    params["Auth"]["tokens"]["value"] = json.dumps([TOKEN, f"capped={CAPPED}"])  # (auth.limits names capped)
     params.pop("properties", None)
     seeded = tmp_path / "offline" / task_id
     seeded.mkdir(parents=True)
@@ -330,3 +370,49 @@ def test_the_app_dashboard_plots_series_this_run_recorded(local_run):
             elif element["type"] == "html":
                 for name in [p.split(".")[0] for p in element["text"].split("${hyperparams.properties.")[1:]]:
                     assert name in props, name
+
+
+# Reports with each key's usage so far, through the reporter, on a real task (offline): (elapsed, {key: usage}).
+KEY_REPORTS = [(1.2, {"alice": [0, 0, 0, 0, 0], "token-2": [0, 0, 0, 0, 0]}),
+               (2.5, {"alice": [3, 1, 2, 40, 25], "token-2": [1, 0, 0, 10, 5]}),
+               (3.1, {"alice": [3, 1, 2, 40, 25], "token-2": [1, 0, 0, 10, 5]}),  # nothing new: no table written
+               (4.0, {"alice": [7, 1, 2, 95, 61], "token-2": [4, 2, 1, 33, 17]})]
+KEY_SNIPPET = """
+import json, sys
+from app.clearml.reporting import TaskReporter
+from app.clearml.task import DeploymentTask
+from app.keys import KeyUsage
+from app.serving.report import Report
+from app.states import Status
+from app.statistics import WindowSummary
+task = DeploymentTask.start(project="p", name="key-usage", offline=True, monitor_interval_s=5)
+reporter = TaskReporter(task, models={"m": "org/m"})
+quiet = WindowSummary(0, 0, None, None, None, None, 0, 0)
+for elapsed, keys in json.loads(sys.argv[1]):
+    usage = {name: KeyUsage(*counts) for name, counts in keys.items()}
+    reporter.report(Report(elapsed, Status.ACTIVE, 0, 0.0, {"m": "resident"}, {"m": 0}, {"m": 0.0}, quiet, keys=usage))
+sys.exit(0 if task.close() else 1)
+"""
+
+
+def test_each_keys_usage_reads_back_from_the_offline_session_as_reported(tmp_path):
+    env = {**os.environ, "CLEARML_CACHE_DIR": str(tmp_path), "CLEARML_OFFLINE_MODE": "1", "PYTHONPATH": str(ROOT),
+           "HOME": str(tmp_path / "home")}
+    env.pop("CLEARML_TASK_ID", None)
+    result = subprocess.run([sys.executable, "-c", KEY_SNIPPET, json.dumps(KEY_REPORTS)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = session(tmp_path)
+    series = scalars(folder)
+    for index, title in enumerate(["Usage: Requests", "Usage: Errors", "Usage: Rate-Limited Requests",
+                                   "Usage: Prompt Tokens", "Usage: Completion Tokens"]):
+        assert {variant for metric, variant in series if metric == title} == {"alice", "token-2"}, title
+        for key in ("alice", "token-2"):  # iteration: whole seconds since start; the value: the count so far
+            assert series[(title, key)] == [(int(elapsed), keys[key][index]) for elapsed, keys in KEY_REPORTS]
+    tables = [json.loads(e["plot_str"])["data"][0] for e in events(folder, "metrics.jsonl")
+              if e["type"] == "plot" and e.get("metric") == "Key Usage"]
+    assert len(tables) == 3  # written when it changed
+    header, columns = tables[-1]["header"]["values"], tables[-1]["cells"]["values"]
+    assert header == ["Key", "Requests", "Errors", "Rate-limited", "Prompt tokens", "Completion tokens"]
+    assert [list(row) for row in zip(*columns, strict=True)] == [
+        ["alice", 7, 1, 2, 95, 61], ["token-2", 4, 2, 1, 33, 17]]

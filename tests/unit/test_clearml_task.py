@@ -299,3 +299,59 @@ def test_adapters_loaded_on_request_get_their_loads_load_time_and_rows():
                              adapters=loaded))
     tables = logger.named("report_table")
     assert len(tables) == 2 and tables[-1][1]["table_plot"][-1][3] == "loaded"  # rewritten: a state changed
+
+
+def key_stats() -> RequestStats:
+    """The gateway's counts of two keys and a third that sent nothing: alice's request served, two refused by her rate
+    limits; token-2's two served, one answered 500."""
+    stats = RequestStats()
+    stats.add_keys(["alice", "idle-key", "token-2"])
+    for key, status, prompt, completion in (("alice", 200, 11, 7), ("token-2", 200, 5, 3), ("token-2", 500, 4, 0)):
+        stats.key_answered(key, status)
+        stats.record(RequestRecord("m", status, 0.1, prompt_tokens=prompt, completion_tokens=completion, key=key))
+    for _ in range(2):
+        stats.key_answered("alice", 429, rate_limited=True)
+    return stats
+
+
+def test_each_keys_usage_is_a_series_of_every_usage_figure_and_a_row_of_the_key_usage_table():
+    adapter, _, logger, _ = make_task()
+    reporter = TaskReporter(adapter, models={"m": "org/m"})
+    stats = key_stats()
+    decision = IdleDecision(False, 0.0, 0, "active", 0.0)
+    reporter.report(snapshot(12.9, decision, stats, {"m": "resident"}, keys=stats.key_usage()))
+    usage = {(k["title"], k["series"]): (k["value"], k["iteration"]) for _, k in logger.named("report_scalar")
+             if k["title"].startswith("Usage: ")}
+    assert usage == {
+        ("Usage: Requests", "alice"): (3.0, 12), ("Usage: Requests", "idle-key"): (0.0, 12),
+        ("Usage: Requests", "token-2"): (2.0, 12),
+        ("Usage: Errors", "alice"): (0.0, 12), ("Usage: Errors", "idle-key"): (0.0, 12),
+        ("Usage: Errors", "token-2"): (1.0, 12),
+        ("Usage: Rate-Limited Requests", "alice"): (2.0, 12), ("Usage: Rate-Limited Requests", "idle-key"): (0.0, 12),
+        ("Usage: Rate-Limited Requests", "token-2"): (0.0, 12),
+        ("Usage: Prompt Tokens", "alice"): (11.0, 12), ("Usage: Prompt Tokens", "idle-key"): (0.0, 12),
+        ("Usage: Prompt Tokens", "token-2"): (9.0, 12),
+        ("Usage: Completion Tokens", "alice"): (7.0, 12), ("Usage: Completion Tokens", "idle-key"): (0.0, 12),
+        ("Usage: Completion Tokens", "token-2"): (3.0, 12)}
+    (table,) = [k for _, k in logger.named("report_table") if k["title"] == "Key Usage"]
+    assert table["iteration"] == 0 and table["table_plot"] == [
+        ["Key", "Requests", "Errors", "Rate-limited", "Prompt tokens", "Completion tokens"],
+        ["alice", 3, 0, 2, 11, 7], ["idle-key", 0, 0, 0, 0, 0], ["token-2", 2, 1, 0, 9, 3]]
+
+    reporter.report(snapshot(14, decision, stats, {"m": "resident"}, keys=stats.key_usage()))  # nothing changed
+    assert len([k for _, k in logger.named("report_scalar") if k["title"] == "Usage: Requests"]) == 6  # still plotted
+    assert len([k for _, k in logger.named("report_table") if k["title"] == "Key Usage"]) == 1  # not rewritten
+    stats.key_answered("idle-key", 200)
+    reporter.report(snapshot(16, decision, stats, {"m": "resident"}, keys=stats.key_usage()))
+    tables = [k for _, k in logger.named("report_table") if k["title"] == "Key Usage"]
+    assert len(tables) == 2 and tables[-1]["table_plot"][2] == ["idle-key", 1, 0, 0, 0, 0]
+
+
+def test_without_keys_no_usage_is_reported():
+    adapter, _, logger, _ = make_task()
+    reporter = TaskReporter(adapter, models={"m": "org/m"})
+    stats = RequestStats()
+    stats.record(RequestRecord("m", 200, 0.1))
+    reporter.report(snapshot(5, IdleDecision(False, 0.0, 0, "active", 0.0), stats, {"m": "resident"}))
+    assert not [k for _, k in logger.named("report_scalar") if k["title"].startswith("Usage: ")]
+    assert [k["title"] for _, k in logger.named("report_table")] == ["Deployed Models"]

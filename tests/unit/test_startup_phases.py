@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.gateway.messages import Request
 from app.gateway.stats import RequestRecord, RequestStats
 from app.serving.startup import EnginePhases, Span, StartupTimeline
 from app.sglang.logs import Phase, is_batch_stats, startup_phase
@@ -78,11 +79,11 @@ def test_a_window_with_traffic_is_one_console_line():
     stats = RequestStats()
     for status, latency in ((200, 0.1), (200, 0.3), (500, 0.2)):
         stats.record(RequestRecord("m", status, latency))
-        stats.count_response(status, "/v1/chat/completions")
-    stats.count_response(401, "/v1/chat/completions")
-    stats.count_response(503, "/readyz")  # a readiness check: not an error of serving
+        stats.count_response(status, Request("POST", "/v1/chat/completions", b"", []))
+    stats.count_response(401, Request("POST", "/v1/chat/completions", b"", []))
+    stats.count_response(503, Request("GET", "/readyz", b"", []))  # a readiness check: not an error of serving
     line = stats.take_window().console_line(12.34)
     assert line == ("Traffic: 3 request(s) served; errors: 1 × 401, 1 × 500; 12.3 tokens/s generated; "
                     "latency p50 200 ms, p95 300 ms")
-    stats.count_response(200, "/healthz")
+    stats.count_response(200, Request("GET", "/healthz", b"", []))
     assert stats.take_window().console_line(0.0) is None  # health checks alone: no line

@@ -10,6 +10,9 @@ answering `return 200` with a fixed OpenAI-shaped body; for streams `bench/sse_u
 event, every event's bytes made once); the real SGLang on the CPU for tokens per second. Four ways to reach them:
     direct    the upstream itself
     gateway   app.gateway.Gateway (uvloop, bearer check), one process
+    limits    the same, its key with rate limits (rpm, tpm, concurrent: none ever reached), so that their
+              bookkeeping is measured against `gateway` in the same runs
+    shaped    the same, its key with a priority and a max_tokens: each request's body gets fields written in
     clearml   ClearML's local proxy, `Task.get_http_router()`, a route with a bearer-check callback, access log on
               as shipped (clearml[router]: fastapi, uvicorn, httpx)
     nginx     Debian's nginx, one worker, keep-alive upstream, buffering off, the same bearer check
@@ -55,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
 TOKEN = "bench-token-0123456789abcdef"
 SSE = ROOT / "bench" / "sse_upstream.py"
-ALL_CONFIGS = ("direct", "gateway", "clearml", "nginx")
+ALL_CONFIGS = ("direct", "gateway", "limits", "shaped", "clearml", "nginx")
 CONFIGS: tuple[str, ...] = ALL_CONFIGS  # what this run measures (--configs, --baseline)
 BASELINE_TREE: Path | None = None  # --baseline: the other revision's worktree
 # Direct access must be this much faster than the best proxy, or the proxies' figures measure the upstream.
@@ -205,12 +208,14 @@ def start_proxy(kind: str, upstream: str, workdir: Path) -> Proc:
         popen = start_nginx(NGINX_CONF.format(port=port, upstream=upstream.removeprefix("http://"), token=TOKEN,
                                               prefix=workdir), f"nginx-{port}", workdir, PROXY_CORES)
     else:  # the baseline's gateway is served by its own revision of this script, which imports its own app
-        script, serve = (BASELINE_TREE / "bench" / "gateway.py", "gateway") if kind == "baseline" else (__file__, kind)
+        script, serve = ((BASELINE_TREE / "bench" / "gateway.py", "gateway") if kind == "baseline"
+                         else (__file__, f"gateway-{kind}") if kind in ("limits", "shaped") else (__file__, kind))
         argv = pinned([sys.executable, str(script), f"--serve-{serve}", str(port), upstream], PROXY_CORES)
         popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
                                  env={**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(workdir)})
     proc = Proc(popen, f"http://127.0.0.1:{port}")
-    wait_http(proc.url + ("/healthz" if kind in ("gateway", "baseline") else "/health"))  # nginx, ClearML: proxied
+    own = kind in ("gateway", "limits", "shaped", "baseline")
+    wait_http(proc.url + ("/healthz" if own else "/health"))  # (nginx's and ClearML's: proxied)
     return proc
 
 
@@ -241,16 +246,20 @@ http {{
 """
 
 
-def serve_gateway(port: int, upstream: str) -> None:
+def serve_gateway(port: int, upstream: str, limits_of: str = "") -> None:
     import uvloop
 
-    from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+    from app.gateway import Gateway, KeyRing, ModelRoute, RequestStats
+    from app.keys import NO_LIMITS, KeyLimits
 
     class Engine:
         url, state = upstream, "resident"
 
+    limits = {"limits": KeyLimits(rpm=10**9, tpm=10**12, concurrent=10**6),
+              "shaped": KeyLimits(max_tokens=10**6, priority=1)}.get(limits_of, NO_LIMITS)
+
     async def main() -> None:
-        gateway = Gateway([ModelRoute("m", Engine())], TokenChecker([TOKEN]), RequestStats())
+        gateway = Gateway([ModelRoute("m", Engine())], KeyRing([("bench", TOKEN, limits)]), RequestStats())
         await gateway.start("127.0.0.1", port)
         await asyncio.Event().wait()
 
@@ -558,13 +567,15 @@ def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
 def serve_gateway_with_key(port: int, upstream: str) -> None:
     import uvloop
 
-    from app.gateway import Gateway, ModelRoute, RequestStats, TokenChecker
+    from app.gateway import Gateway, KeyRing, ModelRoute, RequestStats
+    from app.keys import NO_LIMITS
 
     class Engine:
         url, state = upstream, "resident"
 
     async def main() -> None:
-        gateway = Gateway([ModelRoute("tiny", Engine(), api_key="engine-key")], TokenChecker([TOKEN]), RequestStats())
+        gateway = Gateway([ModelRoute("tiny", Engine(), api_key="engine-key")], KeyRing([("bench", TOKEN, NO_LIMITS)]),
+                          RequestStats())
         await gateway.start("127.0.0.1", port)
         await asyncio.Event().wait()
 
@@ -607,6 +618,7 @@ def summarise(results: dict, runs: int) -> dict:
     that got no requests, is left out rather than failing the summary)."""
     r_ = range(1, runs + 1)
     g, d, n, c, b = (results.get(k, {}) for k in ("gateway", "direct", "nginx", "clearml", "baseline"))
+    lim, sha = results.get("limits", {}), results.get("shaped", {})
     checked = "direct" in results and any(k in results for k in CONFIGS if k != "direct")
     bound = [reason for r in r_ for reason in upstream_bound(results, r)] if checked else []
 
@@ -646,6 +658,14 @@ def summarise(results: dict, runs: int) -> dict:
         "cpu_per_event_ratio_vs_baseline": lambda: each(
             lambda r: g[r]["stream_rate"]["cpu_us_per_event"] / b[r]["stream_rate"]["cpu_us_per_event"]),
         "throughput_ratio_vs_baseline": lambda: each(lambda r: g[r]["c16"]["rps"] / b[r]["c16"]["rps"]),
+        # the same run, interleaved: what a key's limits add to each request and stream event
+        "limits_cpu_us_per_request": lambda: each(lambda r: lim[r]["c16"]["cpu_us_per_request"]),
+        "limits_added_cpu_us_per_request": lambda: each(
+            lambda r: lim[r]["c16"]["cpu_us_per_request"] - g[r]["c16"]["cpu_us_per_request"]),
+        "limits_added_cpu_us_per_event": lambda: each(
+            lambda r: lim[r]["stream_rate"]["cpu_us_per_event"] - g[r]["stream_rate"]["cpu_us_per_event"]),
+        "shaped_added_cpu_us_per_request": lambda: each(
+            lambda r: sha[r]["c16"]["cpu_us_per_request"] - g[r]["c16"]["cpu_us_per_request"]),
     }
     # ratios against nginx and ClearML's proxy only where the proxies, not the upstream, were measured
     if checked and not any(upstream_bound(results, r, ("plain",)) for r in r_):
@@ -710,11 +730,17 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go (JSON)")
     parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-key", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway-limits", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway-shaped", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-clearml", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_gateway:
         serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1])
         return 0
+    for kind, served in (("limits", args.serve_gateway_limits), ("shaped", args.serve_gateway_shaped)):
+        if served:
+            serve_gateway(int(served[0]), served[1], kind)
+            return 0
     if args.serve_gateway_key:
         serve_gateway_with_key(int(args.serve_gateway_key[0]), args.serve_gateway_key[1])
         return 0

@@ -11,7 +11,9 @@ event, every event's bytes made once); the real SGLang on the CPU for tokens per
     direct    the upstream itself
     gateway   app.gateway.Gateway (uvloop, bearer check), one process
     limits    the same, its key with rate limits (rpm, tpm, concurrent: none ever reached), so that their
-              bookkeeping is measured against `gateway` in the same runs
+              bookkeeping is measured against `gateway` in the same runs, and again side by side with it
+              (alternating wrk measurements, `paired_phase`): a difference of a few microseconds is less than two
+              runs of one configuration differ by
     shaped    the same, its key with a priority and a max_tokens: each request's body gets fields written in
     clearml   ClearML's local proxy, `Task.get_http_router()`, a route with a bearer-check callback, access log on
               as shipped (clearml[router]: fastapi, uvicorn, httpx)
@@ -522,6 +524,50 @@ def plain_and_stream_phase(results: dict, run: int, seconds: float, workdir: Pat
             upstream.stop()
 
 
+# What a key's limits add to a request is a few microseconds of the gateway's ~70: less than two runs of one
+# configuration differ by. So `gateway`, `limits` and `shaped` run side by side against one upstream, their wrk
+# measurements alternating, this many rounds of this many seconds a run, each round's order rotated; what the limits
+# add is the median of the rounds' differences.
+PAIRED_ROUNDS = 10
+PAIRED_SECONDS = 2
+
+
+def paired_phase(results: dict, run: int, workdir: Path) -> None:
+    kinds = [k for k in ("gateway", "limits", "shaped") if k in CONFIGS]
+    if "gateway" not in kinds or len(kinds) < 2:
+        return
+    upstream = start_plain_upstream(workdir)
+    proxies: dict[str, Proc] = {}
+    try:
+        for kind in kinds:
+            proxies[kind] = start_proxy(kind, upstream.url, workdir)
+            wrk(proxies[kind].url, 16, 1, workdir)  # warm-up, not recorded
+        for round_ in range(PAIRED_ROUNDS):
+            shift = round_ % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                proxy, before = proxies[kind], proxies[kind].cpu_seconds()
+                measured = wrk(proxy.url, 16, PAIRED_SECONDS, workdir)
+                cpu_us = (proxy.cpu_seconds() - before) / measured["requests"] * 1e6 if measured["requests"] else None
+                results[kind][run].setdefault("paired_cpu_us_per_request", []).append(cpu_us)
+        print(f"run {run} paired CPU us/request: " + ", ".join(
+            f"{k} " + " ".join(f"{v:.1f}" for v in results[k][run]["paired_cpu_us_per_request"] if v is not None)
+            for k in kinds), flush=True)
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        upstream.stop()
+
+
+def paired_added(results: dict, kind: str, runs: int) -> dict:
+    """What `kind` adds to the gateway's CPU per request: every round's difference, over every run."""
+    differences = [mine - base for r in range(1, runs + 1)
+                   for mine, base in zip(results[kind][r]["paired_cpu_us_per_request"],
+                                         results["gateway"][r]["paired_cpu_us_per_request"], strict=True)
+                   if mine is not None and base is not None]
+    return {**spread(differences), "p25": statistics.quantiles(differences, n=4)[0],
+            "p75": statistics.quantiles(differences, n=4)[2]}
+
+
 def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
     try:
         import sglang  # noqa: F401
@@ -666,6 +712,9 @@ def summarise(results: dict, runs: int) -> dict:
             lambda r: lim[r]["stream_rate"]["cpu_us_per_event"] - g[r]["stream_rate"]["cpu_us_per_event"]),
         "shaped_added_cpu_us_per_request": lambda: each(
             lambda r: sha[r]["c16"]["cpu_us_per_request"] - g[r]["c16"]["cpu_us_per_request"]),
+        # side by side, alternating (`paired_phase`): the same, measured closer
+        "limits_added_cpu_us_per_request_paired": lambda: paired_added(results, "limits", runs),
+        "shaped_added_cpu_us_per_request_paired": lambda: paired_added(results, "shaped", runs),
     }
     # ratios against nginx and ClearML's proxy only where the proxies, not the upstream, were measured
     if checked and not any(upstream_bound(results, r, ("plain",)) for r in r_):
@@ -765,6 +814,7 @@ def main() -> int:
         try:
             for run in range(1, args.runs + 1):
                 plain_and_stream_phase(results, run, args.seconds, workdir)
+                paired_phase(results, run, workdir)
                 write_results(results, run, args.baseline, args.output)
             if not args.skip_tokens:
                 tokens_phase(results, args.runs, workdir)

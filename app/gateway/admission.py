@@ -56,7 +56,7 @@ class Admission:
     def stamp(self, request: Request) -> None:
         """An answer other than an admitted request's carries its key's x-ratelimit-* fields too, as they stand."""
         key = request.key
-        if key is not None and key.limits.rated and not request.rate_headers:
+        if key is not None and key.rated and not request.rate_headers:
             request.rate_headers = key.rate_headers(self.clock())
 
     def judge(self, request: Request, model: ModelRoute, route: paths.Route) -> Reply | None:
@@ -69,7 +69,7 @@ class Admission:
         limits = key.limits
         if key.grants is not None and not key.may_use(model.endpoint, named_adapters(request.body, model.endpoint)):
             return no_model(model_field(request.body) or model.endpoint, self._visible[key.name])
-        if limits.bounds_tokens and route.path not in TOKEN_BOUNDED:
+        if key.bounds_tokens and route.path not in TOKEN_BOUNDED:
             return error_reply(403, f"Key {key.name!r} has token limits (tpm, max_tokens), which the endpoint "
                                f"enforces where it counts a request's tokens: {route.path} is not one of those routes; "
                                "use /v1/chat/completions or /v1/completions", "route_not_allowed")
@@ -78,7 +78,7 @@ class Admission:
         if not isinstance(shaped, Shaped):
             return shaped
         request.body, request.strip_usage = shaped.body, shaped.strip_usage
-        if not limits.admits:
+        if not key.admits:
             return None
         refusal = key.admit(self.clock())
         request.rate_headers = key.headers

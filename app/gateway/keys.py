@@ -33,22 +33,29 @@ CONCURRENT_RETRY_SECONDS = 1.0
 
 
 class Window:
-    """Amounts added over the last `span_s` seconds, and when they leave it."""
+    """Amounts added over the last `span_s` seconds, and when they leave it. `first` and `last`: the times of its
+    oldest and newest entries (infinite when it is empty), for the callers' one-comparison checks."""
 
-    __slots__ = ("span_s", "grain_s", "_entries", "total")
+    __slots__ = ("span_s", "grain_s", "_entries", "total", "first", "last")
 
     def __init__(self, span_s: float = WINDOW_SECONDS, grain_s: float = GRAIN_SECONDS):
         self.span_s, self.grain_s = span_s, grain_s
         self._entries: collections.deque[list[float]] = collections.deque()  # [time, amount], oldest first
         self.total = 0
+        self.first, self.last = math.inf, -math.inf
 
     def add(self, now: float, amount: int) -> None:
         entries = self._entries
-        if entries and now - entries[-1][0] < self.grain_s:
-            last = entries[-1]
-            last[0], last[1] = max(last[0], now), last[1] + amount
+        if now - self.last < self.grain_s:
+            entry = entries[-1]
+            entry[1] += amount
+            if now > entry[0]:
+                entry[0] = self.last = now
+                self.first = entries[0][0]
         else:
             entries.append([now, amount])
+            self.last = now
+            self.first = entries[0][0]
         self.total += amount
 
     def expire(self, now: float) -> int:
@@ -56,6 +63,7 @@ class Window:
         entries, oldest = self._entries, now - self.span_s
         while entries and entries[0][0] <= oldest:
             self.total -= int(entries.popleft()[1])
+        self.first, self.last = (entries[0][0], entries[-1][0]) if entries else (math.inf, -math.inf)
         return self.total
 
     def wait(self, now: float, limit: int) -> float:
@@ -71,7 +79,7 @@ class Window:
 
     def reset(self, now: float) -> float:
         """Seconds until the window is empty again."""
-        return max(0.0, self._entries[-1][0] + self.span_s - now) if self._entries else 0.0
+        return max(0.0, self.last + self.span_s - now) if self._entries else 0.0
 
 
 def duration(seconds: float) -> str:
@@ -87,6 +95,8 @@ def duration(seconds: float) -> str:
 # window is 60 s: every value it can take is here).
 _RESET_MS = [duration(ms / 1000).encode() for ms in range(1000)]
 _RESET_S = [duration(s).encode() for s in range(int(WINDOW_SECONDS) + 2)]
+_WHOLE_WINDOW = _RESET_S[int(WINDOW_SECONDS)]  # a request admitted now is its window's newest
+_NO_WAIT = _RESET_MS[0]  # an empty window
 
 
 def reset_field(seconds: float) -> bytes:
@@ -99,18 +109,23 @@ def reset_field(seconds: float) -> bytes:
 class KeyState:
     """One key: its name, limits and what it is using now. The gateway's requests are its one writer."""
 
-    __slots__ = ("name", "limits", "grants", "in_flight", "requests", "tokens", "headers", "_requests_head",
-                 "_tokens_head")
+    __slots__ = ("name", "limits", "grants", "rated", "admits", "bounds_tokens", "in_flight", "requests", "tokens",
+                 "headers", "_template")
 
     def __init__(self, name: str, limits: KeyLimits):
         self.name, self.limits = name, limits
         self.grants = frozenset(limits.models) if limits.models is not None else None
+        self.rated, self.admits, self.bounds_tokens = limits.rated, limits.admits, limits.bounds_tokens  # (per request)
         self.in_flight = 0
         self.requests = Window()
         self.tokens = Window()
         self.headers = b""  # the x-ratelimit-* fields of its latest answer
-        self._requests_head = b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: " % (limits.rpm or 0)
-        self._tokens_head = b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: " % (limits.tpm or 0)
+        rpm, tpm = limits.rpm, limits.tpm
+        # the fields as one template, its limits written in: remaining and reset of requests, then of tokens
+        self._template = ((b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %%d\r\n"
+                           b"x-ratelimit-reset-requests: %%s\r\n" % rpm if rpm is not None else b"")
+                          + (b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %%d\r\n"
+                             b"x-ratelimit-reset-tokens: %%s\r\n" % tpm if tpm is not None else b""))
 
     # ----- which models it may use -----
 
@@ -128,51 +143,52 @@ class KeyState:
         return bool(named) and all(f"{endpoint}:{adapter}" in grants for adapter in named)
 
     # ----- rate limits -----
+    # (`admit` and `release` run for every request of a key with limits: each window is looked into only when its
+    # oldest entry has left it, and the fields are written with one template.)
 
     def rate_headers(self, now: float) -> bytes:
         """OpenAI's `x-ratelimit-*` fields for the limits it has, as they stand now."""
-        rpm, tpm = self.limits.rpm, self.limits.tpm
-        self.headers = self._fields(now, self.requests.expire(now) if rpm is not None else 0,
-                                    self.tokens.expire(now) if tpm is not None else 0)
+        self.headers = self._fields(now, self.requests.expire(now), self.tokens.expire(now))
         return self.headers
 
-    def _fields(self, now: float, requests: int, tokens: int) -> bytes:
-        """The fields, given the requests and tokens in the windows now."""
-        rpm, tpm, fields = self.limits.rpm, self.limits.tpm, b""
-        if rpm is not None:
-            fields = self._requests_head + b"%d\r\nx-ratelimit-reset-requests: %s\r\n" % (
-                max(0, rpm - requests), reset_field(self.requests.reset(now)))
-        if tpm is not None:
-            fields += self._tokens_head + b"%d\r\nx-ratelimit-reset-tokens: %s\r\n" % (
-                max(0, tpm - tokens), reset_field(self.tokens.reset(now)))
-        return fields
+    def _fields(self, now: float, requests: int, tokens: int, requests_reset: bytes | None = None) -> bytes:
+        """The fields of the limits it has (of requests, of tokens, or both), given the windows' totals."""
+        rpm, tpm = self.limits.rpm, self.limits.tpm
+        if rpm is None and tpm is None:
+            return b""
+        tokens_reset = reset_field(self.tokens.last + WINDOW_SECONDS - now) if tokens else _NO_WAIT
+        if requests_reset is None:
+            requests_reset = reset_field(self.requests.last + WINDOW_SECONDS - now) if requests else _NO_WAIT
+        if rpm is None:
+            return self._template % (max(0, tpm - tokens), tokens_reset)  # type: ignore[operator]
+        if tpm is None:
+            return self._template % (max(0, rpm - requests), requests_reset)
+        return self._template % (max(0, rpm - requests), requests_reset, max(0, tpm - tokens), tokens_reset)
 
     def admit(self, now: float) -> Reply | None:
         """Take a request in (None), or the 429 that refuses it: the first of its limits it would pass."""
-        limits = self.limits
+        limits, requests, tokens = self.limits, self.requests, self.tokens
         rpm, tpm, concurrent = limits.rpm, limits.tpm, limits.concurrent
-        requests = self.requests.expire(now) if rpm is not None else 0
-        tokens = self.tokens.expire(now) if tpm is not None else 0
+        if requests.first <= now - WINDOW_SECONDS:
+            requests.expire(now)
+        if tokens.first <= now - WINDOW_SECONDS:
+            tokens.expire(now)
+        if ((concurrent is None or self.in_flight < concurrent) and (rpm is None or requests.total < rpm)
+                and (tpm is None or tokens.total < tpm)):
+            self.in_flight += 1
+            if rpm is not None:
+                requests.add(now, 1)  # (the window's newest: the window is whole again in 60 s)
+            if self.rated:
+                self.headers = self._fields(now, requests.total, tokens.total, _WHOLE_WINDOW)
+            return None
         if concurrent is not None and self.in_flight >= concurrent:
             refusal = (f"{concurrent} requests in flight (concurrent)", CONCURRENT_RETRY_SECONDS)
-        elif rpm is not None and requests >= rpm:
-            refusal = (f"{rpm} requests per minute (rpm)", self.requests.wait(now, rpm))
-        elif tpm is not None and tokens >= tpm:
-            refusal = (f"{tpm} tokens per minute (tpm)", self.tokens.wait(now, tpm))
+        elif rpm is not None and requests.total >= rpm:
+            refusal = (f"{rpm} requests per minute (rpm)", requests.wait(now, rpm))
         else:
-            self.in_flight += 1
-            fields = b""
-            if rpm is not None:  # (it is the window's newest: the window is whole again in 60 s)
-                self.requests.add(now, 1)
-                fields = self._requests_head + b"%d\r\nx-ratelimit-reset-requests: %s\r\n" % (
-                    rpm - requests - 1, _RESET_S[int(WINDOW_SECONDS)])
-            if tpm is not None:
-                fields += self._tokens_head + b"%d\r\nx-ratelimit-reset-tokens: %s\r\n" % (
-                    tpm - tokens, reset_field(self.tokens.reset(now)))
-            self.headers = fields
-            return None
-        if rpm is not None or tpm is not None:
-            self.headers = self._fields(now, requests, tokens)
+            assert tpm is not None
+            refusal = (f"{tpm} tokens per minute (tpm)", tokens.wait(now, tpm))
+        self.headers = self._fields(now, requests.total, tokens.total)
         what, wait_s = refusal
         wait_s = max(wait_s, 0.001)
         return error_reply(429, f"Rate limit reached for key {self.name!r}: {what}; retry in {duration(wait_s)}",

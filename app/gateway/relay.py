@@ -170,8 +170,9 @@ class Relay:
         self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(
             b"text/event-stream")
         self.usage.whole = not self.streamed and (head.content_length or 0) <= MAX_COUNTED_RESPONSE_BYTES
-        if self.stripper is not None and not self.streamed:
+        if not self.streamed:
             self.stripper = None  # (the engine answered whole after all)
+            self.events = None  # (only a stream's events are counted)
         self.began = True
         self.conn.start(head.status, response_head(head), None if self.stripper else head.content_length)
 

@@ -288,7 +288,7 @@ class Gateway:
             return page.status(cards_for(routes, key), live, self.in_flight, self.task_url, caller)
         if route.kind == "metrics":
             own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
-            text = self.stats.prometheus(self.in_flight, {e: r.state for e, r in routes.items()},
+            text = self.stats.prometheus(self.in_flight, states_of(routes),
                                          keys={key.name} if own and key is not None else None,
                                          endpoints=set(routes) if own else None) + self.connections.prometheus()
             return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
@@ -296,15 +296,20 @@ class Gateway:
 
     def states(self) -> dict[str, ModelState]:
         """Each model's state, as requests find it."""
-        return {name: route.state for name, route in self.routes.items()}
+        return states_of(self.routes)
 
 
 def readyz(routes: dict[str, ModelRoute], draining: bool) -> Reply:
     """Ready when every model can answer: resident, or sleeping/waking (a request wakes it)."""
-    states = {name: route.state for name, route in routes.items()}
+    states = states_of(routes)
     ready = all(s == ModelState.RESIDENT or s in WAITS_FOR_WAKE for s in states.values()) and not draining
     body: dict[str, Any] = {"ready": ready, "draining": draining, "models": states}
     described = next((r.residency.describe() for r in routes.values() if r.residency is not None), {})
     if described:
         body["residency"] = described
     return Reply(200 if ready else 503, json.dumps(body).encode())
+
+
+def states_of(routes: dict[str, ModelRoute]) -> dict[str, ModelState]:
+    """Each model's state, as requests find it."""
+    return {name: route.state for name, route in routes.items()}

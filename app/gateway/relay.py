@@ -271,7 +271,6 @@ class Relay:
         self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
         self.target.leave(ended)
 
-
     def _estimate(self) -> int:
         """The tokens of a request that ended without the engine's usage (its client left, or the engine failed): a
         token per event relayed, and one per 4 bytes of its prompt's text (a rate limit is not passed by leaving

@@ -68,12 +68,17 @@ class RequestStats:
         for name in names:
             self.keys.setdefault(name, KeyCounters())
 
+    def _key(self, name: str) -> KeyCounters:
+        """A key's counters (a key not added yet: from zero)."""
+        counters = self.keys.get(name)
+        if counters is None:  # (not setdefault: that would build counters for every request)
+            counters = self.keys[name] = KeyCounters()
+        return counters
+
     def key_answered(self, name: str, status: int, rate_limited: bool = False) -> None:
         """A key's inference request was answered (its head went out): counted, and as an error or a refusal of its
         rate limits."""
-        counters = self.keys.get(name)
-        if counters is None:
-            counters = self.keys[name] = KeyCounters()
+        counters = self._key(name)
         counters.requests += 1
         if rate_limited:
             counters.rate_limited += 1
@@ -93,9 +98,7 @@ class RequestStats:
         if record.completion_tokens:
             self.completion_tokens[record.endpoint] += record.completion_tokens
         if record.key is not None:
-            counters = self.keys.get(record.key)
-            if counters is None:
-                counters = self.keys[record.key] = KeyCounters()
+            counters = self._key(record.key)
             counters.prompt_tokens += record.prompt_tokens or 0
             counters.completion_tokens += record.completion_tokens or 0
             counters.errors += record.cut

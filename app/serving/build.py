@@ -121,9 +121,8 @@ def build(plan: DeploymentPlan, keys: list[tuple[str, str]], using: Collaborator
           gateway_options: GatewayOptions = GatewayOptions(), on_change: Callable[[Engine], None] | None = None,
           on_phase: OnPhase | None = None) -> Built:
     """The deployment's objects; `keys` are the access tokens, (name, token) each, whose limits the config says.
-    The tokens and the config's secrets are masked in every engine's log; `on_change`
-    hears every engine's news (the deployment passes them on to the residency and the routers); `on_phase` each
-    SGLang server's startup phases."""
+    The tokens and the config's secrets are masked in every engine's log; `on_change` hears every engine's news (the
+    deployment passes them on to the residency and the routers); `on_phase` each SGLang server's startup phases."""
     config = plan.config
     stats, client, clock = using.stats, using.client, using.clock
     made = _engines(plan, [*(token for _, token in keys), *config.secrets], using, on_phase)

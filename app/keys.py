@@ -9,9 +9,11 @@ Pure values, shared by those layers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 # The limits entry for every key without one of its own.
 DEFAULT = "default"
@@ -52,6 +54,11 @@ class KeyLimits:
         """Its tokens are bounded (per minute or per request): only routes whose tokens the gateway can count and
         cap are open to it."""
         return self.tpm is not None or self.max_tokens is not None
+
+    def set_values(self) -> dict[str, Any]:
+        """The limits that are set, as a config file writes them (a list where it holds a tuple)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 NO_LIMITS = KeyLimits()

@@ -56,10 +56,8 @@ def _auth_mapping(auth: AuthConfig, *, secrets: bool) -> dict[str, Any]:
 
 
 def limits_mapping(auth: AuthConfig) -> dict[str, dict[str, Any]]:
-    """`auth.limits` as the file has it: each name's limits that are set, in the schema's order."""
-    return {name: {f.key: list(v) if isinstance(v := getattr(limits, f.key), tuple) else v
-                   for f in schema.LIMIT_FIELDS if getattr(limits, f.key) is not None}
-            for name, limits in auth.limits}
+    """`auth.limits` as the file has it: each name's limits that are set."""
+    return {name: limits.set_values() for name, limits in auth.limits}
 
 
 def _fields(section: object, fields: tuple[Field, ...]) -> dict[str, Any]:

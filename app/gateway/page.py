@@ -49,7 +49,5 @@ def status(models: list[dict[str, Any]], counters: dict[str, dict[str, Any]], in
 
 def caller(name: str, limits: KeyLimits, usage: KeyUsage | None, in_flight: int) -> dict[str, Any]:
     """The caller's key as the page shows it: never its token."""
-    set_limits = {k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in dataclasses.asdict(limits).items() if v is not None}
-    return {"name": name, "limits": set_limits, "usage": dataclasses.asdict(usage or KeyUsage()),
+    return {"name": name, "limits": limits.set_values(), "usage": dataclasses.asdict(usage or KeyUsage()),
             "in_flight": in_flight}

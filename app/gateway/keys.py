@@ -110,7 +110,7 @@ class KeyState:
     """One key: its name, limits and what it is using now. The gateway's requests are its one writer."""
 
     __slots__ = ("name", "limits", "grants", "rated", "admits", "bounds_tokens", "in_flight", "requests", "tokens",
-                 "headers", "_template")
+                 "headers", "_template", "_concurrent", "_rpm", "_tpm", "_rates")
 
     def __init__(self, name: str, limits: KeyLimits):
         self.name, self.limits = name, limits
@@ -121,6 +121,10 @@ class KeyState:
         self.tokens = Window()
         self.headers = b""  # the x-ratelimit-* fields of its latest answer
         rpm, tpm = limits.rpm, limits.tpm
+        # the limits as numbers (infinite where none is set), and which of rpm (1) and tpm (2) it has: what `admit`
+        # reads for every request
+        self._concurrent, self._rpm, self._tpm = (math.inf if v is None else v for v in (limits.concurrent, rpm, tpm))
+        self._rates = (rpm is not None) + 2 * (tpm is not None)
         # the fields as one template, its limits written in: remaining and reset of requests, then of tokens
         self._template = ((b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %%d\r\n"
                            b"x-ratelimit-reset-requests: %%s\r\n" % rpm if rpm is not None else b"")
@@ -144,21 +148,21 @@ class KeyState:
 
     # ----- rate limits -----
     # (`admit` and `release` run for every request of a key with limits: each window is looked into only when its
-    # oldest entry has left it, and the fields are written with one template.)
+    # oldest entry has left it, the limits are compared as numbers, and the fields of a request taken in are written
+    # with one template and no other call; a refusal is the rare case, `_refuse`.)
 
     def rate_headers(self, now: float) -> bytes:
         """OpenAI's `x-ratelimit-*` fields for the limits it has, as they stand now."""
         self.headers = self._fields(now, self.requests.expire(now), self.tokens.expire(now))
         return self.headers
 
-    def _fields(self, now: float, requests: int, tokens: int, requests_reset: bytes | None = None) -> bytes:
+    def _fields(self, now: float, requests: int, tokens: int) -> bytes:
         """The fields of the limits it has (of requests, of tokens, or both), given the windows' totals."""
         rpm, tpm = self.limits.rpm, self.limits.tpm
         if rpm is None and tpm is None:
             return b""
         tokens_reset = reset_field(self.tokens.last + WINDOW_SECONDS - now) if tokens else _NO_WAIT
-        if requests_reset is None:
-            requests_reset = reset_field(self.requests.last + WINDOW_SECONDS - now) if requests else _NO_WAIT
+        requests_reset = reset_field(self.requests.last + WINDOW_SECONDS - now) if requests else _NO_WAIT
         if rpm is None:
             return self._template % (max(0, tpm - tokens), tokens_reset)  # type: ignore[operator]
         if tpm is None:
@@ -167,29 +171,42 @@ class KeyState:
 
     def admit(self, now: float) -> Reply | None:
         """Take a request in (None), or the 429 that refuses it: the first of its limits it would pass."""
-        limits, requests, tokens = self.limits, self.requests, self.tokens
-        rpm, tpm, concurrent = limits.rpm, limits.tpm, limits.concurrent
-        if requests.first <= now - WINDOW_SECONDS:
+        requests, tokens = self.requests, self.tokens
+        oldest = now - WINDOW_SECONDS
+        if requests.first <= oldest:
             requests.expire(now)
-        if tokens.first <= now - WINDOW_SECONDS:
+        if tokens.first <= oldest:
             tokens.expire(now)
-        if ((concurrent is None or self.in_flight < concurrent) and (rpm is None or requests.total < rpm)
-                and (tpm is None or tokens.total < tpm)):
-            self.in_flight += 1
-            if rpm is not None:
-                requests.add(now, 1)  # (the window's newest: the window is whole again in 60 s)
-            if self.rated:
-                self.headers = self._fields(now, requests.total, tokens.total, _WHOLE_WINDOW)
+        if self.in_flight >= self._concurrent or requests.total >= self._rpm or tokens.total >= self._tpm:
+            return self._refuse(now)
+        self.in_flight += 1
+        rates = self._rates
+        if not rates:
             return None
-        if concurrent is not None and self.in_flight >= concurrent:
-            refusal = (f"{concurrent} requests in flight (concurrent)", CONCURRENT_RETRY_SECONDS)
-        elif rpm is not None and requests.total >= rpm:
-            refusal = (f"{rpm} requests per minute (rpm)", requests.wait(now, rpm))
+        # the fields as they stand once it is in (below its limits: nothing remaining is negative)
+        if rates == 1:
+            requests.add(now, 1)
+            self.headers = self._template % (self._rpm - requests.total, _WHOLE_WINDOW)
+            return None
+        used = tokens.total
+        tokens_reset = reset_field(tokens.last + WINDOW_SECONDS - now) if used else _NO_WAIT
+        if rates == 2:
+            self.headers = self._template % (self._tpm - used, tokens_reset)
+            return None
+        requests.add(now, 1)  # (the window's newest: the window is whole again in 60 s)
+        self.headers = self._template % (self._rpm - requests.total, _WHOLE_WINDOW, self._tpm - used, tokens_reset)
+        return None
+
+    def _refuse(self, now: float) -> Reply:
+        """The 429 for a request over one of its limits (`concurrent` first, then `rpm`, then `tpm`)."""
+        limits, requests, tokens = self.limits, self.requests, self.tokens
+        if self.in_flight >= self._concurrent:
+            what, wait_s = f"{limits.concurrent} requests in flight (concurrent)", CONCURRENT_RETRY_SECONDS
+        elif requests.total >= self._rpm:
+            what, wait_s = f"{limits.rpm} requests per minute (rpm)", requests.wait(now, self._rpm)
         else:
-            assert tpm is not None
-            refusal = (f"{tpm} tokens per minute (tpm)", tokens.wait(now, tpm))
+            what, wait_s = f"{limits.tpm} tokens per minute (tpm)", tokens.wait(now, self._tpm)
         self.headers = self._fields(now, requests.total, tokens.total)
-        what, wait_s = refusal
         wait_s = max(wait_s, 0.001)
         return error_reply(429, f"Rate limit reached for key {self.name!r}: {what}; retry in {duration(wait_s)}",
                            "rate_limit_exceeded", retry_after_s=math.ceil(wait_s),
@@ -198,7 +215,7 @@ class KeyState:
     def release(self, now: float, tokens: int) -> None:
         """A request it was admitted has ended, having used `tokens` (prompt and completion)."""
         self.in_flight -= 1
-        if tokens and self.limits.tpm is not None:
+        if tokens and self._rates & 2:
             self.tokens.add(now, tokens)
 
 

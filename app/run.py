@@ -13,12 +13,9 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import replace
 
-import psutil
-
-from app import constants
+from app import STARTED, constants
 from app.clearml.reporting import TaskReporter
 from app.clearml.task import WORKER_KEY, WORKER_OF, WORKER_URL, ClearMLModelRegistry, DeploymentTask
 from app.config import load_config, to_hyperparameters
@@ -40,7 +37,7 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                 benchmark_only: bool = False) -> int:
     """Serve until idle shutdown, a signal or abort (`benchmark_only`: until the benchmark at ready is reported);
     the exit code."""
-    started = _process_started()
+    started = STARTED
     environ = dict(os.environ) if environ is None else environ
     config = None
     demo = not environ.get("CLEARML_TASK_ID") and config_path is None and not overrides
@@ -89,12 +86,6 @@ def _demo(task: DeploymentTask, options: RunOptions, environ: dict[str, str]) ->
     prior = [Span(name, s) for name, s in (("fetching the demo model", demo.fetch_s),
                                            ("converting the demo model", demo.convert_s)) if s]
     return demo.config, replace(options, prior=tuple(prior))
-
-
-def _process_started() -> float:
-    """When this process began, on the monotonic clock (the startup summary counts from it)."""
-    age = time.time() - psutil.Process().create_time()
-    return time.monotonic() - max(0.0, age)
 
 
 def _task_config(task: DeploymentTask, config: DeploymentConfig | None, overrides: list[str]) -> DeploymentConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,11 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cache: Path, *overrides: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start(cache: Path, *overrides: str, env: dict[str, str] | None = None,
+          shell_first: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`shell_first`: a shell command run before the app, in the shape of a Dockerfile's or an agent's
+    `bash -c "pip install … && clearml-sglang run"` (bash execs the last command: the app runs in the shell's
+    process)."""
     port = free_port()
     argv = [sys.executable, "-m", "tests.integration.clearml_run", "--port", str(port)]
     for override in overrides:
         argv += ["--set", override]
+    if shell_first is not None:
+        argv = ["bash", "-c", f"{shell_first} && exec {shlex.join(argv)}"]
     environment = {**os.environ, "CLEARML_CACHE_DIR": str(cache), "CLEARML_OFFLINE_MODE": "1",
                    "HOME": str(cache / "home"), **(env or {})}
     environment.pop("CLEARML_TASK_ID", None) if not env or "CLEARML_TASK_ID" not in env else None
@@ -313,6 +320,23 @@ def test_a_generated_token_is_shown_only_in_the_task_properties(tmp_path):
     assert len(token) >= 40
     assert token not in output and token not in console(folder)
     assert token not in (folder / "metrics.jsonl").read_text()
+    no_process_left()
+
+
+def test_ready_in_counts_from_the_apps_start_not_from_the_shell_that_execd_it(tmp_path):
+    began = time.monotonic()
+    process, base = start(tmp_path, *MODEL, "idle.time_limit_hours=0.0003", "idle.report_interval_seconds=1",
+                          shell_first="sleep 4")
+    try:
+        wait_ready(process, base)
+        wall_s = time.monotonic() - began - 4
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    reported = float(properties(session(tmp_path))["startup_seconds"])
+    assert wall_s - 2 <= reported <= wall_s + 0.5, (reported, wall_s)  # (ready is noticed up to 0.1 s late)
     no_process_left()
 
 

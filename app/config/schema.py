@@ -170,6 +170,10 @@ GENERAL_FIELDS = (
     Field("general", "restart_hold_seconds", "Restart Hold (Seconds)",
           "Longest a request waits while its model restarts after a crash; past it the answer is 503 with "
           "Retry-After (the model goes on restarting). 0: answer 503 at once.", INT, 180, minimum=0, maximum=3600),
+    Field("general", "sleep_on_idle", "Engines Sleep When Idle",
+          "SGLang's scheduler waits for work instead of polling for it while it has none (SGLang --sleep-on-idle): "
+          "an idle engine uses no CPU instead of a whole core. It wakes on the request itself, so the first "
+          "request after idling is not slower (docs/sglang.md has the figures).", BOOL, True),
     Field("general", "max_request_body_mib", "Max Request Body (MiB)",
           "Largest request body a token holder may send (413 past it, before it is read): chat traffic is a few "
           "KiB, a full 128k-token prompt a few hundred, an inline image a few MiB. A prompt that cannot fit its "
@@ -319,6 +323,7 @@ OWNED_FLAGS: dict[str, str] = {
     "enable_memory_saver": "set `general.auto_cpu_offload` or `general.disk_swap`",
     "enable_weights_cpu_backup": "set `general.auto_cpu_offload`",
     "device": "set `general.device`",
+    "sleep_on_idle": "set `general.sleep_on_idle` (on unless you turn it off)",
     "enable_metrics": "the app always turns SGLang's metrics on: the dashboard reads them",
     "api_key": "the gateway holds the access tokens: set `auth.tokens`",
     "admin_api_key": "the gateway holds the access tokens: set `auth.tokens`",

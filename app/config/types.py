@@ -90,6 +90,7 @@ class GeneralConfig:
     sleep_after_idle_seconds: int = field_default("general", "sleep_after_idle_seconds")
     wake_deadline_seconds: int = field_default("general", "wake_deadline_seconds")
     restart_hold_seconds: int = field_default("general", "restart_hold_seconds")
+    sleep_on_idle: bool = field_default("general", "sleep_on_idle")
     max_request_body_mib: float = field_default("general", "max_request_body_mib")
     max_connections_per_address: int = field_default("general", "max_connections_per_address")
     flags: Flags = ()

@@ -103,6 +103,8 @@ def engine_spec(config: DeploymentConfig, index: int, resolved: Resolved, *, por
     if placement is not None and placement.memory_fraction is not None and "mem_fraction_static" not in argv.dests:
         argv.add("mem-fraction-static", placement.memory_fraction)
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
+    if config.general.sleep_on_idle and "sleep_on_idle" not in argv.dests:
+        argv.add("sleep-on-idle", True)  # an idle scheduler waits on its sockets instead of polling them
     _add_quiet_console(argv, config.general.debug)
     problems = table.check_argv(["--model-path", resolved.model_path, *argv.tokens])
     if problems:

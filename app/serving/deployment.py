@@ -30,7 +30,7 @@ from app.serving.gpus import Gpu, detect_gpus
 from app.serving.idle import IdleDecision
 from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
 from app.serving.models import ModelRegistry, resolve
-from app.serving.network import access_keys, curl_command, engine_key, free_ports, public_address
+from app.serving.network import access_keys, curl_command, engine_key, free_ports, public_address, token_reference
 from app.serving.plan import DeploymentPlan, layout, plan
 from app.serving.readings import Readings, model_states
 from app.serving.report import Span
@@ -116,6 +116,7 @@ class Deployment(Lifecycle):
         self._routing = False  # the routers are up: worker deaths and returns are passed on to them
         self._reporting = False  # the serving loop has begun: a last report is owed at the end
         self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior))
+        self._token_reference = "YOUR_TOKEN"  # what the printed curl sends: where the token is (run() knows)
 
     # what was built, by name (None before run() has built it)
     gateway = property(lambda self: self.built.gateway if self.built else None)
@@ -147,6 +148,7 @@ class Deployment(Lifecycle):
 
     async def _run(self) -> int:
         keys, generated = access_keys(self.config, self.environ)  # (a ConfigError before anything is fetched)
+        self._token_reference = token_reference(self.config, self.environ, generated)
         await self.tell(self.reporter.status, Status.LOADING, "fetching models")
         fetching = self.clock()
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
@@ -197,8 +199,10 @@ class Deployment(Lifecycle):
                 self.chores.spawn(_router_change(change, engine))
 
     def _engine_phase(self, endpoint: str, phase: Phase, left: Span | None) -> None:
-        """An SGLang server moved on in its startup: a console line; the status reason while the deployment loads."""
-        logger.info("Engine %s: %s%s", endpoint, phase.value, f" ({left} done)" if left else "")
+        """An SGLang server moved on in its startup: the status reason while the deployment loads (its console line
+        says it), else a console line."""
+        logger.log(logging.INFO if self._reporting else logging.DEBUG, "Engine %s: %s%s", endpoint, phase.value,
+                   f" ({left} done)" if left else "")
         if not self._reporting:
             self.chores.spawn(self.tell(self.reporter.status, Status.LOADING, f"{endpoint}: {phase.value}"))
 
@@ -220,7 +224,8 @@ class Deployment(Lifecycle):
         local = f"http://{host}:{gateway.port}"
         base = await self.tell(self.reporter.base_url, gateway.port, local) or local
         models = {name: f"{base}/{name}/v1" for name in gateway.routes}
-        await self.tell(self.reporter.endpoints, base, models, curl_command(base, next(iter(models))))
+        curl = curl_command(base, next(iter(models)), self._token_reference)
+        await self.tell(self.reporter.endpoints, base, models, curl)
         await self.tell(self.reporter.states, self.states())
         if self.config.benchmark.enable:
             self.chores.spawn(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))

@@ -34,7 +34,7 @@ from app.serving.startup import EnginePhases, OnPhase
 from app.sglang.api import http_health_probe
 from app.sglang.command import EngineCommand
 from app.sglang.launch import SECRET_ARGS_ENV, engine_environment
-from app.sglang.logs import Phase, is_batch_stats
+from app.sglang.logs import ConsoleLevels, Phase
 from app.states import EngineState
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ class Engine:
         self._said_ready.clear()
         self._set(state)
         argv = launch_argv(self.command, env)
-        logger.info("Starting engine %s: %s", self.endpoint, self.command.shell_line())
+        logger.info("Starting engine %s on port %d (its command line in debug mode)", self.endpoint, self.command.port)
+        logger.debug("Engine %s: %s", self.endpoint, self.command.shell_line())
         self._process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=MAX_LOG_LINE_BYTES)
@@ -169,6 +170,7 @@ class Engine:
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
         engine_log = logging.getLogger("app.serving.engine." + self.endpoint)
+        levels = ConsoleLevels()
         while True:
             try:
                 raw = await process.stdout.readline()
@@ -180,8 +182,8 @@ class Engine:
             self._tail.append(line)
             if self.phases.saw(line) == Phase.READY:
                 self._said_ready.set()
-            # SGLang's per-batch statistics: the console's in debug mode only (the task's scalars carry them)
-            engine_log.log(logging.DEBUG if is_batch_stats(line) else logging.INFO, "[%s] %s", self.endpoint, line)
+            level, shown = levels.classify(line)  # what an operator needs at info level; the rest in debug mode
+            engine_log.log(level, "[%s] %s", self.endpoint, shown)
         self._crashed()  # its output ended: the launcher is going
         self.exit_code = await process.wait()
         self._members.close()

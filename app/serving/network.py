@@ -12,7 +12,7 @@ from app.config import check_key_names
 from app.config.types import DeploymentConfig
 from app.errors import ConfigError, Problem
 from app.gateway.auth import generate_token
-from app.keys import UNNAMED, named_tokens
+from app.keys import UNNAMED, named_tokens, split_entry
 
 
 def access_keys(config: DeploymentConfig, environ: Mapping[str, str]) -> tuple[list[tuple[str, str]], bool]:
@@ -64,9 +64,22 @@ def public_address(environ: dict[str, str]) -> str:
     return "127.0.0.1"
 
 
-def curl_command(base_url: str, endpoint: str, token_placeholder: str = "YOUR_GENERATED_TOKEN") -> str:
-    """A command that works as printed (once the placeholder is replaced by a token)."""
+def token_reference(config: DeploymentConfig, environ: Mapping[str, str], generated: bool) -> str:
+    """What the printed curl sends as its token: where the token is, never the token. The environment variable
+    itself where it holds the one token (`${VAR#*=}` drops a `NAME=`), so the command runs as printed in the shell
+    that started the app; else a placeholder."""
+    entries = [t.strip() for t in environ.get(constants.API_TOKENS_ENV, "").split(",") if t.strip()]
+    if not config.auth.tokens and len(entries) == 1:
+        named = split_entry(entries[0])[0] is not None
+        return f"${{{constants.API_TOKENS_ENV}#*=}}" if named else f"${constants.API_TOKENS_ENV}"
+    return "YOUR_GENERATED_TOKEN" if generated else "YOUR_TOKEN"
+
+
+def curl_command(base_url: str, endpoint: str, token: str = "YOUR_TOKEN") -> str:
+    """A command that works as printed: `token` is a shell variable (in double quotes, so the shell expands it) or a
+    placeholder to replace."""
+    header = f'"Authorization: Bearer {token}"' if token.startswith("$") else f"'Authorization: Bearer {token}'"
     return (f"curl {base_url}/{endpoint}/v1/chat/completions \\\n"
-            f"  -H 'Authorization: Bearer {token_placeholder}' -H 'Content-Type: application/json' \\\n"
+            f"  -H {header} -H 'Content-Type: application/json' \\\n"
             f"  -d '{{\"model\": \"{endpoint}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
             f"\"max_tokens\": 64}}'")

@@ -12,10 +12,17 @@ An engine's output is the app's console (and the ClearML task's log). SGLang 0.5
 and, while it serves, one `Prefill batch, ...` line per prefill batch and a `Decode batch, ...` line every
 `--decode-log-interval` steps (scheduler_components/metrics_reporter.py): at load, many lines a second, which the
 console shows only in debug mode (the task's scalars carry the same figures as time series).
+
+SGLang's format has no level (`[time] message`), so `ConsoleLevels` decides which lines an operator needs at info
+level: problems (errors, failures, tracebacks whole, a kill), and what sizes the engine (its KV cache). The rest of
+a start, some 80 lines on the CPU, is there in debug mode: the imports' Python warnings (`…/awq.py:53: UserWarning:
+Only CUDA, HIP and XPU support AWQ currently.` and the source line under it), the one 19.5 KB `server_args=…` line,
+the model registry's `Ignore import error when loading …`, the progress bars, the per-batch lines.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from enum import Enum
 
@@ -43,6 +50,16 @@ _PHASES = (
     (re.compile(_PREFIX + r"The server is fired up and ready to roll!"), Phase.READY),
 )
 _BATCH_STATS = re.compile(_PREFIX + r"(?:Prefill|Decode) batch\b")
+_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")  # Python's `path:line: Category: message`
+_TRACEBACK = "Traceback (most recent call last):"
+_NOISE = re.compile(_PREFIX + r"(?:server_args=|Ignore import error when loading |"
+                    r".*\bloading (?:shards|(?:safetensors )?checkpoint shards)\b)", re.IGNORECASE)
+_PROBLEM = re.compile(r"\b(?:error|exception|fail(?:s|ed|ure)?|fatal|killed|out of memory|oom|abort(?:ed|ing)?|"
+                      r"timed? ?out|cannot|unable|refused|denied|not found|invalid)\b|Errno|\w+Error:", re.IGNORECASE)
+_SIZING = re.compile(_PREFIX + r"(?:KV Cache is allocated\b|max_total_num_tokens=)")
+# The longest engine line the console shows at info level (the app's prefix brings it under 300 characters);
+# longer ones end in `…`, whole in debug mode. A traceback is shown whole.
+MAX_INFO_CHARS = 220
 _PHASE_ORDER = list(Phase)
 
 
@@ -59,6 +76,29 @@ def later(phase: Phase, than: Phase) -> bool:
     return _PHASE_ORDER.index(phase) > _PHASE_ORDER.index(than)
 
 
-def is_batch_stats(line: str) -> bool:
-    """A per-batch statistics line (`Prefill batch, ...`, `Decode batch, ...`): debug-mode console only."""
-    return _BATCH_STATS.search(line) is not None
+
+class ConsoleLevels:
+    """The logging level and text of each line of one engine's output, in order (a line's meaning can depend on the
+    line before it: what follows a warning or a traceback is indented)."""
+
+    def __init__(self) -> None:
+        self._block: int | None = None  # the level of the indented lines that follow: a warning's, a traceback's
+
+    def classify(self, line: str) -> tuple[int, str]:
+        if self._block is not None and line[:1].isspace():
+            return self._block, line
+        in_traceback = self._block == logging.INFO
+        self._block = None
+        if _TRACEBACK in line:  # (SGLang's scheduler: `[time TP0] Scheduler hit an exception: Traceback …`)
+            self._block = logging.INFO
+            return logging.INFO, line
+        if in_traceback:  # its last line: the exception
+            return logging.INFO, line
+        if _WARNING.search(line):
+            self._block = logging.DEBUG
+            return logging.DEBUG, line
+        if _BATCH_STATS.search(line) or _NOISE.search(line):
+            return logging.DEBUG, line
+        if _PROBLEM.search(line) or _SIZING.search(line):
+            return logging.INFO, line if len(line) <= MAX_INFO_CHARS else line[:MAX_INFO_CHARS - 1] + "…"
+        return logging.DEBUG, line

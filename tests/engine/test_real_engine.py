@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import shutil
 import threading
 import time
@@ -22,6 +23,7 @@ pytest.importorskip("sglang")
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
+from app.cli import CONSOLE_FORMAT  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.demo.tiny_model import make_tiny_models  # noqa: E402
 from app.serving.deployment import Deployment, RunOptions  # noqa: E402
@@ -124,8 +126,41 @@ def served(tmp_path_factory):
         "models.0.lora.max_loras=2", "models.0.lora.max_lora_rank=8",
         "general.device=cpu", f"auth.tokens={TOKEN}", "idle.report_interval_seconds=2",
     ])
-    with Served.serving(config) as server:
+    console = StartupConsole()
+    with console.capturing(), Served.serving(config) as server:
+        server.startup_console = console.lines
+        console.close()
         yield server
+
+
+class StartupConsole(logging.Handler):
+    """The console's lines at info level as the app writes them (`app.cli`), from the start until ready."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+        self.lines: list[str] = []
+        self.open = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.open:
+            self.lines += self.format(record).splitlines()
+
+    def close(self) -> None:
+        self.open = False
+        super().close()
+
+    @contextlib.contextmanager
+    def capturing(self):
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.INFO)
+        root.addHandler(self)
+        try:
+            yield self
+        finally:
+            root.removeHandler(self)
+            root.setLevel(level)
 
 
 def chat(served: Served, model: str, stream: bool = False, max_tokens: int = 12, headers_extra=None,
@@ -156,6 +191,14 @@ def test_startup_phases_are_read_from_sglangs_own_lines_and_its_probes_stay_out_
     # the app has probed /health and scraped /metrics every 2 s since: SGLang printed no access line for either
     requests.get(served.base + "/metrics", headers=AUTH, timeout=30)
     assert not [line for line in engine.tail if '"GET /health' in line or '"GET /metrics' in line]
+
+
+def test_the_console_from_start_to_ready_is_short_and_its_lines_fit_a_screen(served):
+    lines = served.startup_console
+    assert any("Starting engine tiny on port" in line for line in lines)  # (captured from the start)
+    assert len(lines) <= 40, "\n".join(lines)
+    assert max(map(len, lines)) <= 300, max(lines, key=len)
+    assert not [line for line in lines if "server_args=" in line or "Warning:" in line]
 
 
 def test_models_lists_the_model_and_its_adapters(served):

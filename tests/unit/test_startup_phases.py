@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from app.gateway.messages import Request
 from app.gateway.stats import RequestRecord, RequestStats
 from app.serving.startup import EnginePhases, Span, StartupTimeline
-from app.sglang.logs import Phase, is_batch_stats, startup_phase
+from app.sglang.logs import MAX_INFO_CHARS, ConsoleLevels, Phase, startup_phase
 
 # Lines as SGLang 0.5.23 printed them on this machine's CPU (the demo's engine), in order, with others between.
 SGLANG_STARTUP = [
@@ -69,10 +71,59 @@ def test_the_summary_names_each_phase_and_the_apps_own_time():
     assert summary.lines()[0].startswith(f"Ready in {summary.total_s:.1f} s, of which the app's own 0.9 s")
 
 
-def test_per_batch_lines_are_told_apart():
-    assert is_batch_stats("[2026-12-02 15:40:12] Prefill batch, #new-seq: 1, #new-token: 9, #cached-token: 0")
-    assert is_batch_stats("[2026-12-02 15:40:41 TP0] Decode batch, #running-req: 1, #token: 1327")
-    assert not is_batch_stats("[2026-12-02 15:40:10] Load weight begin. avail mem=19.11 GB")
+# SGLang 0.5.23's output while the demo starts on this CPU (the CI log of 2026-12-06), the server_args line cut short
+DEMO_START = """\
+/venv/lib/python3.11/site-packages/sglang/launch_server.py:71: UserWarning: 'python -m sglang.launch_server' is still \
+supported, but 'sglang serve' is the recommended entrypoint.
+  Example: sglang serve --model-path <model> [options]
+  warnings.warn(
+/venv/lib/python3.11/site-packages/sglang/srt/layers/quantization/awq/awq.py:53: UserWarning: Only CUDA, HIP and XPU \
+support AWQ currently.
+  warnings.warn(f"Only CUDA, HIP and XPU support AWQ currently.")
+[2026-12-06 02:41:56] The current platform does not support Intel AMX, will fallback to torch_native backend.
+[2026-12-06 02:41:57] Fail to set RLIMIT_NOFILE: current limit exceeds maximum limit
+[2026-12-06 02:41:57] server_args={'model_path': '/root/.cache/clearml-sglang/smollm2/SmolLM2-135M-Instruct', \
+'tokenizer_path': '/root/.cache/clearml-sglang/smollm2/SmolLM2-135M-Instruct', 'tokenizer_mode': 'auto'}
+[2026-12-06 02:42:01] Using default HuggingFace chat template with detected content format: string
+[2026-12-06 02:42:19] Init parallel begin.
+[2026-12-06 02:42:22] Ignore import error when loading sglang.srt.models.grok: '_OpNamespace' 'sgl_kernel' object \
+has no attribute 'fused_moe_router_cpu'
+[2026-12-06 02:42:22] Load weight begin. avail mem=19.82 GB
+Multi-thread loading shards:   0% Completed | 0/1 [00:00<?, ?it/s]Multi-thread loading shards: 100% Completed | 1/1
+[2026-12-06 02:42:27] KV Cache is allocated. dtype: torch.bfloat16, #tokens: 16384, K size: 0.18 GB, V size: 0.18 GB
+[2026-12-06 02:42:27] max_total_num_tokens=16384, chunked_prefill_size=4096, max_prefill_tokens=16384, \
+max_running_requests=2048, context_len=8192, available_cpu_mem=19.31 GB
+[2026-12-06 02:42:30] The server is fired up and ready to roll!
+/venv/lib/python3.11/site-packages/sglang/srt/entrypoints/http_server.py:489: FastAPIDeprecationWarning: \
+ORJSONResponse is deprecated
+  return await original_handler(ORJSONRequest(request.scope, request.receive))
+[2026-12-06 02:42:31] Prefill batch, #new-seq: 1, #new-token: 9, #cached-token: 0
+"""
+
+
+def test_an_engines_start_shows_at_info_level_only_its_problems_and_its_sizing():
+    levels = ConsoleLevels()
+    shown = [text for level, text in map(levels.classify, DEMO_START.splitlines()) if level == logging.INFO]
+    assert shown == [
+        "[2026-12-06 02:41:57] Fail to set RLIMIT_NOFILE: current limit exceeds maximum limit",
+        "[2026-12-06 02:42:27] KV Cache is allocated. dtype: torch.bfloat16, #tokens: 16384, K size: 0.18 GB, "
+        "V size: 0.18 GB",
+        "[2026-12-06 02:42:27] max_total_num_tokens=16384, chunked_prefill_size=4096, max_prefill_tokens=16384, "
+        "max_running_requests=2048, context_len=8192, available_cpu_mem=19.31 GB"]
+
+
+def test_a_traceback_is_shown_whole_and_a_long_problem_line_cut_short():
+    levels = ConsoleLevels()
+    lines = ["[2026-12-06 02:42:22 TP0] Scheduler hit an exception: Traceback (most recent call last):",
+             '  File "/venv/lib/python3.11/site-packages/sglang/srt/managers/scheduler.py", line 3100, in run',
+             "    self.event_loop()",
+             "torch.OutOfMemoryError: " + "x" * 400,
+             "  warnings.warn(",  # an indented line after the traceback's end belongs to nothing shown
+             "[2026-12-06 02:42:23] Received sigquit from a child process. It usually means the child failed. " * 3]
+    classified = [levels.classify(line) for line in lines]
+    assert [level for level, _ in classified] == [logging.INFO] * 4 + [logging.DEBUG, logging.INFO]
+    assert classified[3][1] == lines[3]  # whole
+    assert len(classified[5][1]) == MAX_INFO_CHARS and classified[5][1].endswith("…")
 
 
 def test_a_window_with_traffic_is_one_console_line():

@@ -26,8 +26,9 @@ setup(
         # The engine: pinned to the release the argument table and reference notes describe.
         # accelerate and gguf: transformers' GGUF loader, which makes the demo's model (app.demo.smollm).
         "engine": ["sglang==0.5.23", "sglang-router==0.3.2", "accelerate>=1.0", "gguf>=0.10"],
-        # playwright drives Debian's chromium for the page's browser tests (tests/browser)
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyhocon>=0.3.60", "playwright>=1.40"],
+        # playwright drives Debian's chromium for the page's browser tests (tests/browser); openai: what its SDK
+        # makes of the endpoint's answers (tests/integration/test_client_errors.py)
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyhocon>=0.3.60", "playwright>=1.40", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["clearml-sglang=app.cli:main"]},
 )

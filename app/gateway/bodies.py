@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.gateway.errors import Reply, error_reply
+from app.gateway.errors import Reply, error_reply, invalid_json
 
 # The OpenAI routes whose tokens the gateway counts and caps: `max_tokens` and `stream_options` are theirs.
 GOVERNED = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -62,8 +62,8 @@ def shape(path: str, body: bytes, *, priority: int | None, max_tokens: int | Non
         named = b'"stream' in body or (max_tokens is not None and any(b'"%s"' % n in body for n in names))
         data = _parse(body) if named else {}
         if data is None:  # (passed on, it would go uncapped or uncounted where SGLang's orjson reads it)
-            return error_reply(400, "The request body is not JSON the endpoint can read (malformed, or nested "
-                               "too deep)", "invalid_json")
+            return invalid_json(body) or error_reply(400, "The request body is not one JSON object the endpoint can "
+                                                     "read (nested too deep)", "invalid_json")
         if max_tokens is not None:
             refusal = _cap(names, data, max_tokens, key, tail)
             if refusal is not None:

@@ -74,11 +74,21 @@ def _exception_line(traceback: re.Match[str]) -> str:
     return lines[-1] if len(lines) > 1 else ""
 
 
+# A Python container's repr (`dict_keys(['a', 'b'])`, SGLang's list of loaded adapters): its items, as words.
+_REPR = re.compile(r"\b(?:dict_keys|dict_values|set|frozenset|tuple|list)\(\[([^\]]*)\]\)")
+
+
+def _items(container: re.Match[str]) -> str:
+    return ", ".join(item.strip().strip("'\"") for item in container.group(1).split(",") if item.strip()) or "none"
+
+
 def clean_message(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """An engine's error message with secrets, tracebacks, source locations and server paths taken out."""
+    """An engine's error message with secrets, tracebacks, source locations, server paths and Python reprs taken
+    out."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
+    text = _REPR.sub(_items, text)
     text = _TRACEBACK.sub(_exception_line, text)
     text = _SOURCE_LINE.sub("", text)
     text = _PATH.sub("<path>", text)
@@ -137,3 +147,22 @@ def _validation_item(item: object) -> str:
         return str(item)
     where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
     return f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid"))
+
+
+def invalid_json(body: bytes) -> Reply | None:
+    """The 400 for a request body that is not JSON, saying where it goes wrong in words; None for one that is."""
+    try:
+        json.loads(body)
+    except UnicodeDecodeError:
+        return error_reply(400, "The request body is not valid JSON: it is not UTF-8 text", "invalid_json")
+    except json.JSONDecodeError as exc:
+        what = exc.msg[:1].lower() + exc.msg[1:]
+        if exc.pos >= len(exc.doc.rstrip()):
+            return error_reply(400, f"The request body is not valid JSON: it ends after {len(exc.doc)} characters "
+                               f"where more is expected ({what}); was it cut short?", "invalid_json")
+        where = f"line {exc.lineno}, column {exc.colno}" if exc.lineno > 1 else f"character {exc.pos + 1}"
+        return error_reply(400, f"The request body is not valid JSON: {what} at {where}", "invalid_json")
+    except RecursionError:
+        return error_reply(400, "The request body is not JSON the endpoint can read: it is nested too deeply",
+                           "invalid_json")
+    return None

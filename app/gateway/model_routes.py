@@ -28,6 +28,8 @@ RESTART_HOLD_SECONDS = 120.0
 # context at this rate cannot fit, and is refused before the engine tokenizes it: SGLang tokenizes a whole prompt
 # before it checks its length, and meanwhile serves nobody (30 MB took it 125 s).
 MAX_PROMPT_BYTES_PER_TOKEN = 32
+# Most model names a 404 lists.
+MAX_NAMES_SHOWN = 20
 # A request for a model in these states waits for it to wake.
 WAITS_FOR_WAKE = ASLEEP
 
@@ -123,23 +125,33 @@ class ModelRoute:
 
 
 def find_model(routes: dict[str, ModelRoute], route: paths.Route, request: Request) -> ModelRoute | Reply:
-    """The model a relayed request goes to: the path's, or the one its JSON body names."""
+    """The model a relayed request goes to: the path's, or the one its JSON body names; a 404 where the body names
+    a model or an adapter that is not there (on `/<endpoint>/v1` too: another name is not served by this one)."""
     if route.takes_json(request.method) and not json_object(request.body):
         return error_reply(400, "The request body must be one JSON object", "invalid_json")
-    if route.endpoint is not None:
-        return routes[route.endpoint]
     model = model_field(request.body)
-    if model is None:
+    if route.endpoint is not None:
+        found = routes[route.endpoint]
+    elif model is None:
         if len(routes) == 1:
             return next(iter(routes.values()))
         return error_reply(400, "The request names no model: set \"model\" to one of "
                            + ", ".join(sorted(routes)), "model_required", param="model")
-    endpoint = model if model in routes else model.split(":", 1)[0]
-    found = routes.get(endpoint)
-    if found is None:
-        return error_reply(404, f"The model {model[:200]!r} does not exist; available: "
-                           + ", ".join(sorted(routes)), "model_not_found", param="model")
+    else:
+        found = routes.get(model if model in routes else model.split(":", 1)[0])
+    if model is not None and (found is None or not serves(found, model)):
+        return no_model(model, routes if route.endpoint is None else {route.endpoint: routes[route.endpoint]})
+    assert found is not None
     return found
+
+
+def serves(route: ModelRoute, model: str) -> bool:
+    """Whether `model` names this model or one of its adapters (any, where adapters load on request: the loader
+    finds it or says it cannot)."""
+    if model == route.endpoint:
+        return True
+    base, colon, adapter = model.partition(":")
+    return bool(colon) and base == route.endpoint and (adapter in route.adapters or route.adapter_loader is not None)
 
 
 def unavailable(route: ModelRoute, state: ModelState, waited_s: float | None = None) -> Reply:
@@ -192,8 +204,12 @@ def cards_for(routes: dict[str, ModelRoute], key: KeyState | None, endpoint: str
 
 
 def no_model(model: str, visible: dict[str, ModelRoute]) -> Reply:
-    """The 404 for a model that does not exist for the caller (whether or not it exists for another key)."""
-    return error_reply(404, f"The model {model[:200]!r} does not exist; available: " + ", ".join(sorted(visible)),
+    """The 404 for a model that does not exist for the caller (whether or not it exists for another key), naming
+    those that do: the models and their configured adapters (GET /v1/models lists adapters loaded on request)."""
+    names = [n for name in sorted(visible) for n in (name, *(f"{name}:{a}" for a in visible[name].adapters))]
+    shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f" and {len(names) - MAX_NAMES_SHOWN} more (GET /v1/models)"
+                                                  if len(names) > MAX_NAMES_SHOWN else "")
+    return error_reply(404, f"The model {model[:200]!r} does not exist; available: {shown or 'none'}",
                        "model_not_found", param="model")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.gateway.bodies import MAX_COUNTED_RESPONSE_BYTES, UsageScanner, UsageStripper
-from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, sse_error_event
+from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, invalid_json, sse_error_event
 from app.gateway.messages import PENDING, Handled, Request, Responder
 from app.gateway.stats import RequestRecord, RequestStats
 from app.gateway.upstream import (
@@ -227,6 +227,10 @@ class Relay:
                                retry_after_s=RETRY_AFTER_SECONDS)
         if status >= 500:
             return error_reply(status, f"Model {endpoint!r} failed: {message}", "engine_error")
+        if status in (400, 422):  # the engine's words for a body that is not JSON name no place in it: ours do
+            not_json = invalid_json(self.request.body)
+            if not_json is not None:
+                return not_json
         return error_reply(status, message, _ENGINE_CODES.get(status, "invalid_request"))
 
     async def _retry(self, connecting: Awaitable[object]) -> None:

@@ -157,6 +157,8 @@ SGLANG_400 = (b'{"object":"error","message":"1 validation error:\\n  {\'type\': 
      "Cannot load <path>"),
     (b'{"message":"x\\nTraceback (most recent call last):\\n  File \\"/a/b.py\\", line 3, in f\\n    f()\\n'
      b'ValueError: boom"}', "x ValueError: boom"),
+    (b'{"object":"error","message":"Got LoRA adapter that has never been loaded: x\\nAll loaded adapters: '
+     b'dict_keys([\'a\', \'b\'])."}', "Got LoRA adapter that has never been loaded: x All loaded adapters: a, b."),
 ])
 def test_an_engines_error_message_keeps_no_path_or_traceback(body, message):
     cleaned = clean_message(engine_error_message(400, body), ("sk-engine-key",))

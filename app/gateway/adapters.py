@@ -17,7 +17,7 @@ from typing import Protocol
 
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
-from app.gateway.relay import RETRY_AFTER_SECONDS, Target, lora_paths, with_model
+from app.gateway.relay import RETRY_AFTER_SECONDS, Target, failed_before_answering, lora_paths, with_model
 from app.states import AdapterState
 
 
@@ -183,6 +183,11 @@ class LeasedTarget:
         for lease in self.leases:
             lease.release(now)
         self.route.leave(now)
+
+    async def after_failure(self) -> Reply | None:
+        """As its model's route, but where it holds adapters loaded on request: a restarted engine has none of
+        them, so it is not sent again."""
+        return await self.route.after_failure() if not self.leases else failed_before_answering(self.route.endpoint)
 
 
 def hold_named(names: list[str], endpoint: str, configured: Collection[str],

@@ -235,14 +235,14 @@ class Gateway:
         return self._relay(request, conn, model, path, adapter)
 
     def _relay(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
-               adapter: str | None = None) -> Handled:
+               adapter: str | None = None, held_s: float = 0.0) -> Handled:
         assert self._relays is not None
         if adapter is not None or b'"lora_path"' in request.body:
-            return self._relay_with_adapters(request, conn, route, path, adapter)
-        return Relay(self._relays, request, conn, route, path).start()
+            return self._relay_with_adapters(request, conn, route, path, adapter, held_s)
+        return Relay(self._relays, request, conn, route, path, held_s).start()
 
     async def _relay_with_adapters(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
-                                   adapter: str | None) -> Pending | None:
+                                   adapter: str | None, held_s: float = 0.0) -> Pending | None:
         """Relay a request holding every adapter it names (`lease_adapters`: loading the one its model names)."""
         assert self._relays is not None
         try:
@@ -254,13 +254,14 @@ class Gateway:
                 raise
             conn.reply(failed.reply())
             return None
-        started = Relay(self._relays, request, conn, LeasedTarget(route, tuple(leases)), path).start()
+        started = Relay(self._relays, request, conn, LeasedTarget(route, tuple(leases)), path, held_s).start()
         return started if started is None or started is PENDING else await started
 
     async def _held(self, request: Request, conn: Responder, route: ModelRoute, path: bytes,
                     state: ModelState, adapter: str | None) -> Pending | None:
         """Hold a request for a model that is waking or restarting (`ModelRoute.wait`), then relay it, or answer
         503 + Retry-After."""
+        arrived = self.clock()
         try:
             refusal = await route.wait(state)
         except BaseException:  # the client went away
@@ -270,7 +271,7 @@ class Gateway:
             self.admission.settle(request)
             conn.reply(refusal)
             return None
-        started = self._relay(request, conn, route, path, adapter)
+        started = self._relay(request, conn, route, path, adapter, held_s=self.clock() - arrived)
         return started if started is None or started is PENDING else await started
 
     # ----- answers of the gateway itself -----
@@ -307,7 +308,8 @@ def readyz(routes: dict[str, ModelRoute], draining: bool) -> Reply:
     described = next((r.residency.describe() for r in routes.values() if r.residency is not None), {})
     if described:
         body["residency"] = described
-    return Reply(200 if ready else 503, json.dumps(body).encode())
+    return Reply(200 if ready else 503, json.dumps(body).encode(),
+                 () if ready else ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),))
 
 
 def states_of(routes: dict[str, ModelRoute]) -> dict[str, ModelState]:

@@ -16,11 +16,21 @@ from app.gateway.adapters import AdapterLoader
 from app.gateway.errors import Reply, error_reply
 from app.gateway.keys import KeyState
 from app.gateway.messages import Request
-from app.gateway.relay import RETRY_AFTER_SECONDS, json_object, lora_paths, model_field, text_bytes
+from app.gateway.relay import (
+    RETRY_AFTER_SECONDS,
+    failed_before_answering,
+    json_object,
+    lora_paths,
+    model_field,
+    text_bytes,
+)
 from app.gateway.upstream import Upstream
 from app.states import ASLEEP, AdapterState, EngineState, ModelState, model_state
 
 UPSTREAM_CONNECT_TIMEOUT_SECONDS = 10.0
+# How long a request its engine failed before answering waits for the crash to be noticed, and how often it looks.
+CRASH_NOTICE_SECONDS = 3.0
+CRASH_NOTICE_POLL_SECONDS = 0.05
 # How long a request for a restarting model is held before 503 (the deployment's config sets it).
 RESTART_HOLD_SECONDS = 120.0
 # A prompt's text takes at least one token per this many bytes of its JSON (the densest real text: a long word, a run
@@ -98,6 +108,17 @@ class ModelRoute:
     def leave(self, now: float) -> None:
         if self.residency is not None:
             self.residency.leave(self.endpoint, now)
+
+    async def after_failure(self) -> Reply | None:
+        """A request its engine failed before answering: held like one that arrived during the restart once the
+        crash is noticed (`CRASH_NOTICE_SECONDS` at most: SGLang's processes are watched, its launcher's exit is
+        seen at once), then None to send it once more; an engine still serving failed that request alone: 502."""
+        end = time.monotonic() + CRASH_NOTICE_SECONDS
+        while self.engine.state == EngineState.RESIDENT and time.monotonic() < end:
+            await asyncio.sleep(CRASH_NOTICE_POLL_SECONDS)
+        if self.state != ModelState.RESTARTING:
+            return failed_before_answering(self.endpoint)
+        return await self.wait(ModelState.RESTARTING)
 
     async def wait(self, state: ModelState) -> Reply | None:
         """Hold a request while the model wakes (one wake-up for all) or restarts after a crash (`state`), at most

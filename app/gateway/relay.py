@@ -88,6 +88,10 @@ class Target(Protocol):
     def leave(self, now: float) -> None:
         """The request has ended (models sharing GPUs count them)."""
 
+    async def after_failure(self) -> Reply | None:
+        """The engine failed before answering: None once it serves again (send the request once more), else the
+        answer (`ModelRoute.after_failure`)."""
+
 
 @dataclass
 class RelayContext:
@@ -105,13 +109,15 @@ class Relay:
     sink of its exchange with the engine (`response_head`, `response_body`, `response_end`)."""
 
     __slots__ = ("ctx", "request", "conn", "target", "data", "started", "sent_at", "usage", "status",
-                 "streamed", "exchange", "attempt", "reused", "error_body", "stripper", "began", "events")
+                 "streamed", "exchange", "attempt", "reused", "error_body", "stripper", "began", "events", "resent")
 
-    def __init__(self, ctx: RelayContext, request: Request, conn: Responder, target: Target, path: bytes):
+    def __init__(self, ctx: RelayContext, request: Request, conn: Responder, target: Target, path: bytes,
+                 held_s: float = 0.0):
+        """`held_s`: how long the request was held before it could be sent (its latency counts from its arrival)."""
         self.ctx, self.request, self.conn, self.target = ctx, request, conn, target
         self.data = request_bytes(request.method, path, target.host, request.headers, request.body,
                                   target.authorization)
-        self.started: float | None = ctx.clock()
+        self.started: float | None = ctx.clock() - held_s
         self.usage = UsageScanner()
         self.status, self.streamed = 502, False
         self.exchange: Exchange | None = None
@@ -122,7 +128,8 @@ class Relay:
         key = request.key
         # a key's tokens per minute: its stream's events are counted, for a stream cut before its usage came
         self.events: int | None = 0 if request.admitted and key is not None and key.limits.tpm is not None else None
-        self.sent_at = ctx.loop.time()  # the exchange's clock, for the time to the first chunk
+        self.sent_at = ctx.loop.time() - held_s  # the exchange's clock, for the time to the first chunk
+        self.resent = False  # sent again after its engine failed before answering (once)
         ctx.flight.enter(self.started, request.counted)
         conn.on_lost = self._lost
 
@@ -192,15 +199,22 @@ class Relay:
         return conn.writable
 
     def response_end(self, exchange: Exchange) -> None:
-        if exchange.error is not None and exchange.head is None and self.reused and self.attempt == 1 \
-                and not exchange.timed_out:
-            # a kept-alive connection the engine had closed meanwhile: once more, on a fresh one
-            result = self.start()
-            if result is not PENDING:
-                self.ctx.loop.create_task(self._retry(result))  # type: ignore[arg-type]
-            return
+        if exchange.error is not None and exchange.head is None and not exchange.timed_out:
+            if self.reused and self.attempt == 1:
+                # a kept-alive connection the engine had closed meanwhile: once more, on a fresh one
+                result = self.start()
+                if result is not PENDING:
+                    self.ctx.loop.create_task(self._retry(result))  # type: ignore[arg-type]
+                return
+            if not self.resent:  # no byte of an answer went out: the client need not know the engine failed
+                self.resent = True
+                self.ctx.loop.create_task(self._resend())
+                return
         if self.error_body is not None:
-            self.conn.reply(self._engine_error(exchange))
+            assert exchange.head is not None
+            reply = engine_error(exchange.head.status, b"".join(self.error_body), self.target, self.request.body)
+            self.status = reply.status
+            self.conn.reply(reply)
         elif exchange.error is not None:
             self.status = failed(self.conn, exchange, self.target.endpoint)
         else:
@@ -210,28 +224,21 @@ class Relay:
         self._finish()
         self.conn.request_done()
 
-    def _engine_error(self, exchange: Exchange) -> Reply:
-        """The engine's error in the one shape, its message cleaned of paths, tracebacks and keys. An engine that
-        refuses the gateway's own key is the gateway's fault to report: 502."""
-        assert self.error_body is not None and exchange.head is not None
-        status = exchange.head.status
-        message = clean_message(engine_error_message(status, b"".join(self.error_body)),
-                                (self.target.api_key or "",))
-        endpoint = self.target.endpoint
-        if status in (401, 403):
-            self.status = 502
-            logger.error("Model %s refused the gateway's key (%d)", endpoint, status)
-            return error_reply(502, f"Model {endpoint!r} refused the gateway's request", "engine_refused")
-        if status == 503:
-            return error_reply(503, f"Model {endpoint!r} is busy: {message}", "engine_unavailable",
-                               retry_after_s=RETRY_AFTER_SECONDS)
-        if status >= 500:
-            return error_reply(status, f"Model {endpoint!r} failed: {message}", "engine_error")
-        if status in (400, 422):  # the engine's words for a body that is not JSON name no place in it: ours do
-            not_json = invalid_json(self.request.body)
-            if not_json is not None:
-                return not_json
-        return error_reply(status, message, _ENGINE_CODES.get(status, "invalid_request"))
+    async def _resend(self) -> None:
+        """The engine failed before answering: held through its restart like a request that arrived during it
+        (`Target.after_failure`), then sent once more; or answered what the target says."""
+        refusal = await self.target.after_failure()
+        if self.started is None:
+            return  # its client went away meanwhile (recorded as such)
+        if refusal is not None:
+            self.status = refusal.status
+            self._answer(refusal)
+            self.conn.request_done()
+            return
+        self.attempt = 0  # (a kept-alive connection to the engine that died is retried on a fresh one, as ever)
+        result = self.start()
+        if result is not PENDING:
+            await self._retry(result)  # type: ignore[arg-type]
 
     async def _retry(self, connecting: Awaitable[object]) -> None:
         if await connecting is not PENDING:
@@ -270,7 +277,8 @@ class Relay:
             ctx.stats.record(RequestRecord(
                 endpoint=self.target.endpoint, status=self.status, latency_s=ended - self.started, ttft_s=ttft,
                 prompt_tokens=prompt, completion_tokens=completion, stream=self.streamed,
-                key=key.name if key is not None else None, cut=self.began and self.status >= 500))
+                key=key.name if key is not None else None, cut=self.began and self.status >= 500,
+                sent_status=exchange.head.status if exchange is not None and exchange.head is not None else 200))
         self.started = None
         self.exchange = None  # the exchange's callbacks point back here: no cycle left for the collector
         self.target.leave(ended)
@@ -282,6 +290,30 @@ class Relay:
         return (self.events or 0) + text_bytes(self.request.body)[0] // 4 if self.events is not None else 0
 
 
+def engine_error(status: int, body: bytes, target: Target, request_body: bytes) -> Reply:
+    """The engine's error in the one shape, its message cleaned of paths, tracebacks and keys. An engine that
+    refuses the gateway's own key is the gateway's fault to report: 502."""
+    message = clean_message(engine_error_message(status, body), (target.api_key or "",))
+    endpoint = target.endpoint
+    if status in (401, 403):
+        logger.error("Model %s refused the gateway's key (%d)", endpoint, status)
+        return error_reply(502, f"Model {endpoint!r} refused the gateway's request", "engine_refused")
+    if status == 503:
+        return error_reply(503, f"Model {endpoint!r} is busy: {message}", "engine_unavailable",
+                           retry_after_s=RETRY_AFTER_SECONDS)
+    if status >= 500:
+        return error_reply(status, f"Model {endpoint!r} failed: {message}", "engine_error")
+    if status in (400, 422):  # the engine's words for a body that is not JSON name no place in it: ours do
+        not_json = invalid_json(request_body)
+        if not_json is not None:
+            return not_json
+    return error_reply(status, message, _ENGINE_CODES.get(status, "invalid_request"))
+
+
+def failed_before_answering(endpoint: str) -> Reply:
+    return error_reply(502, f"Model {endpoint!r} failed before answering", "engine_unreachable")
+
+
 def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
     """The engine failed or went silent: say so in the way the client can still hear; the status recorded."""
     timed_out = exchange.timed_out
@@ -291,7 +323,7 @@ def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
         if timed_out:
             conn.reply(error_reply(504, f"Model {endpoint!r} did not answer in time", reason))
         else:
-            conn.reply(error_reply(502, f"Model {endpoint!r} failed before answering", "engine_unreachable"))
+            conn.reply(failed_before_answering(endpoint))
         return code
     logger.warning("Response from %s was cut: the engine %s", endpoint, what)
     if (exchange.head.header(b"content-type") or b"").startswith(b"text/event-stream"):

@@ -34,6 +34,7 @@ class RequestRecord:
     stream: bool = False
     key: str | None = None  # the name of the key it came with
     cut: bool = False  # its answer had begun well, and failed (an SSE error event, or a body cut short)
+    sent_status: int = 200  # where it was cut: the status its head went out with
 
 
 class KeyCounters:
@@ -102,6 +103,10 @@ class RequestStats:
             counters.prompt_tokens += record.prompt_tokens or 0
             counters.completion_tokens += record.completion_tokens or 0
             counters.errors += record.cut
+        if record.cut:  # an answer that went out as a success and failed: the endpoint's count says what it became
+            self.answered[record.sent_status] -= 1
+            self.answered[record.status] += 1
+            self._window_answers[record.status] += 1  # (its head was counted in the window it went out in)
         self._window_count += 1
         recent = self._recent.get(record.endpoint)
         if recent is None:  # (not setdefault: that would build a deque for every request)

@@ -241,14 +241,15 @@ class Deployment(Lifecycle):
         self._reporting = True
         interval = self.config.idle.report_interval_seconds
         next_report = self.clock()
-        state = None
+        shown: tuple[Status, str] | None = None
         states = self.states()
         while True:
             now = self.clock()
             decision = built.tracker.decide(now)
-            if decision.state != state:
-                state = decision.state
-                await self.tell(self.reporter.status, state)  # the idle policy's active or idle
+            status = dashboard_status(decision, built.supervisor.restarting())
+            if status != shown:
+                shown = status
+                await self.tell(self.reporter.status, *status)
             if self.states() != states:
                 states = self.states()
                 await self.tell(self.reporter.states, states)
@@ -293,6 +294,14 @@ class Deployment(Lifecycle):
         self.chores.cancel()
         await gateway.close()
         logger.info("Deployment stopped")
+
+
+def dashboard_status(decision: IdleDecision, restarting: list[str]) -> tuple[Status, str]:
+    """The status the dashboard shows, and its reason: loading while an engine comes back from a crash (the
+    dashboard's four states have no other word for it), else the idle policy's active or idle."""
+    if restarting:
+        return Status.LOADING, "; ".join(restarting)
+    return decision.state, ""
 
 
 async def learn_context_lengths(built: Built, client: SGLangClient) -> None:

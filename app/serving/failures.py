@@ -131,12 +131,20 @@ class RestartPolicy:
     window_s: float = RESTART_WINDOW_SECONDS
     backoff_s: tuple[float, ...] = RESTART_BACKOFF_SECONDS
 
+    def recent(self, crashes: Iterable[float], now: float) -> int:
+        """The crashes within the window."""
+        return sum(1 for t in crashes if now - t < self.window_s)
+
     def delay(self, crashes: Iterable[float], now: float) -> float | None:
         """Seconds to wait before restarting, given every crash time (this one included); None: give up."""
-        recent = sum(1 for t in crashes if now - t < self.window_s)
+        recent = self.recent(crashes, now)
         if recent > self.budget:
             return None
         return self.backoff_s[min(max(recent, 1), len(self.backoff_s)) - 1]
+
+    def describe(self, crashes: Iterable[float], now: float) -> str:
+        """`restart 2 of 5 in the last 60 min`: where the latest crash's restart stands in the budget."""
+        return f"restart {max(1, self.recent(crashes, now))} of {self.budget} in the last {self.window_s / 60:g} min"
 
 
 class EngineStartupError(Exception):

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError, RestartPolicy, classify_failure
+from app.states import EngineState
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ class EngineSupervisor:
             cause = classify_failure(code, engine.tail, engine.evidence)
             delay = self.restarts.delay(engine.crashes, now)
             if delay is None:
-                logger.error("Engine %s crashed (exit code %s, %s): %s", engine.endpoint, code, cause.kind, cause.hint)
+                logger.error("Engine %s crashed (exit code %s, %s): %s; no restart left (%d in the last %g min)",
+                             engine.endpoint, code, cause.kind, cause.hint, self.restarts.budget,
+                             self.restarts.window_s / 60)
                 engine.give_up()
                 self._on_change(engine)
                 window = self.restarts.window_s
@@ -112,8 +115,10 @@ class EngineSupervisor:
                     cause, code, engine.tail)
                 self.failed.set()
                 return
-            logger.error("Engine %s crashed (exit code %s, %s): %s; restarting in %g s", engine.endpoint, code,
-                         cause.kind, cause.hint, delay)
+            logger.error("Engine %s crashed (exit code %s, %s): %s; restarting in %g s (%s; %d left)",
+                         engine.endpoint, code, cause.kind, cause.hint, delay,
+                         self.restarts.describe(engine.crashes, now),
+                         self.restarts.budget - self.restarts.recent(engine.crashes, now))
             engine.restart_pending()
             self._on_change(engine)
             await engine.reap()  # what the crash left of its process group
@@ -131,6 +136,12 @@ class EngineSupervisor:
                 logger.error("Engine %s did not come back: %s", engine.endpoint, exc)
                 await engine.reap(grace_s=5.0)  # so the next round counts it as another crash
             self._on_change(engine)
+
+    def restarting(self) -> list[str]:
+        """`restarting <model> (restart N of M in the last T min)` for each engine coming back from a crash."""
+        now = self._clock()
+        return [f"restarting {e.endpoint} ({self.restarts.describe(e.crashes, now)})" for e in self.engines
+                if e.state == EngineState.RESTARTING]
 
     async def stop_all(self, grace_s: float) -> None:
         self._stopping = True

@@ -78,6 +78,9 @@ Faults and pacing, read from the environment at startup:
     FAKE_SGLANG_CRASH_AFTER_TOKENS=N  once a response has produced N tokens, the process dies at once
                                       (`os._exit(1)`), cutting the stream (no finish chunk, no [DONE]). Applies to
                                       non-streamed requests that ask for at least N tokens too.
+    FAKE_SGLANG_CRASH_ONCE=path       the crash above happens once for every server started with this path: the
+                                      first to crash creates the file, and none crashes while it exists (a
+                                      restarted engine serves).
     FAKE_SGLANG_HANG_AFTER_TOKENS=N   once a response has produced N tokens it produces nothing more, forever;
                                       the server stays up and /health keeps answering 200.
     FAKE_SGLANG_STATUS=CODE           every inference route answers CODE with SGLang's error body
@@ -86,7 +89,8 @@ Faults and pacing, read from the environment at startup:
                                       route, before the auth check).
     FAKE_SGLANG_REQUEST_LOG=path      append one JSON line per inference request received (before the auth check):
                                       `{"event":"request","path":...,"model":...,"stream":...,"authorized":...}`
-                                      (and the body's priority, max_tokens and stream_options where it has them),
+                                      (and the body's priority, max_tokens, stream_options and messages where it
+                                      has them),
                                       and `{"event":"disconnect","path":...,"model":...,"stream":...,"tokens_sent":N}`
                                       when a client goes away before its response is complete; and one per
                                       authorised memory call: `{"event":"release"|"resume","model":<served
@@ -323,6 +327,7 @@ class Faults:
     token_delay_seconds: float = 0.0
     crash_at_startup: str | None = None
     crash_after_tokens: int | None = None
+    crash_once: Path | None = None
     hang_after_tokens: int | None = None
     status: int | None = None
     request_log: Path | None = None
@@ -373,6 +378,7 @@ class Faults:
             token_delay_seconds=number("FAKE_SGLANG_TOKEN_DELAY_SECONDS", 0.0),
             crash_at_startup=env.get("FAKE_SGLANG_CRASH_AT_STARTUP") or None,
             crash_after_tokens=count("FAKE_SGLANG_CRASH_AFTER_TOKENS"),
+            crash_once=Path(env["FAKE_SGLANG_CRASH_ONCE"]) if env.get("FAKE_SGLANG_CRASH_ONCE", "").strip() else None,
             hang_after_tokens=count("FAKE_SGLANG_HANG_AFTER_TOKENS"),
             status=status,
             request_log=Path(log_path) if log_path else None,
@@ -760,7 +766,7 @@ class FakeSGLangServer:
         body = await _json_body(request)
         model = body.get("model") if isinstance(body, dict) else None
         stream = bool(body.get("stream")) if isinstance(body, dict) else False
-        sent = {name: body.get(name) for name in ("priority", "max_tokens", "stream_options")
+        sent = {name: body.get(name) for name in ("priority", "max_tokens", "stream_options", "messages")
                 if isinstance(body, dict) and name in body}
         self._append_log({"event": "request", "path": request.path, "model": model, "stream": stream,
                           "authorized": authorized, **sent})
@@ -1114,6 +1120,12 @@ class FakeSGLangServer:
 
     def _fault_point(self, tokens_done: int) -> None:
         if tokens_done == self.faults.crash_after_tokens:
+            once = self.faults.crash_once
+            if once is not None:
+                try:
+                    once.open("x").close()  # (created by the first to crash: the others serve)
+                except FileExistsError:
+                    return
             self._die(f"Fault injection: engine crashed after {tokens_done} tokens (FAKE_SGLANG_CRASH_AFTER_TOKENS)")
 
     async def _respond(self, request: web.Request, job: Job, fmt: Format) -> web.StreamResponse:

@@ -370,13 +370,60 @@ def test_a_dead_scheduler_is_felt_at_once_and_held_requests_ride_through_the_res
                 assert ended - killed < 1.0, ended - killed
             async with run.session.get(run.url("/readyz")) as r:
                 assert r.status == 503 and (await r.json())["models"]["m"] == "restarting"
+                assert r.headers["Retry-After"] == "5"
+            before = await held_seconds(run)
+            sent = time.monotonic()
             held = await run.chat(max_tokens=3)  # arrives during the restart: held, then served
+            waited = time.monotonic() - sent
             assert held.status == 200 and (await held.json())["usage"]["completion_tokens"] == 3
             assert time.monotonic() - killed > 1.0  # (it was held through the restart's 1.5 s start)
             assert run.deployment.supervisor.engines[0].restarts == 1
+            assert await held_seconds(run) - before >= waited - 0.05  # its latency counts from its arrival
+            metrics = await metrics_text(run)  # the three streams cut by the crash: errors, not successes
+            assert 'clearml_sglang_responses_total{status="502"} 3' in metrics
+            assert 'clearml_sglang_requests_total{endpoint="m",status="502"} 3' in metrics
+            reason = "restarting m (restart 1 of 5 in the last 60 min)"
+            await _until(lambda: said(run, ("loading", reason)), "the dashboard to say the restart", 5)
+            await _until(lambda: said(run, ("idle", "")), "the dashboard to say it serves again", 5)
+            await _until(lambda: reported_answers(run, 502, 3), "a report to count the cut streams", 5)
     run_async(scenario())
     crash = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Engine m crashed")]
     assert crash and "sglang::schedul" in crash[0] and "memory?" not in crash[0]  # (the kernel keeps 15 bytes)
+    assert crash[0].endswith("(restart 1 of 5 in the last 60 min; 4 left)")
+
+
+async def metrics_text(run: Running) -> str:
+    async with run.session.get(run.url("/metrics"), headers=AUTH) as response:
+        return await response.text()
+
+
+async def held_seconds(run: Running) -> float:
+    """The endpoint's time spent serving requests so far, as /metrics says."""
+    line = next(line for line in (await metrics_text(run)).splitlines()
+                if line.startswith('clearml_sglang_request_duration_seconds_sum{endpoint="m"}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def said(run: Running, status: tuple[str, str]) -> bool:
+    return status in run.reporter.statuses
+
+
+async def reported_answers(run: Running, status: int, count: int) -> bool:
+    """Whether the reports' windows (the console's Traffic line) have counted `count` answers of `status`."""
+    return sum(report.window.answers.get(status, 0) for report in run.reporter.reports) == count
+
+
+def test_a_request_its_engine_failed_before_answering_is_sent_again_to_the_restarted_engine(tmp_path):
+    async def scenario():
+        async with running("env.FAKE_SGLANG_CRASH_AFTER_TOKENS=2", f"env.FAKE_SGLANG_CRASH_ONCE={tmp_path / 'once'}",
+                           "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05", "env.FAKE_SGLANG_STARTUP_SECONDS=1.5") as run:
+            sent = time.monotonic()
+            answer = await run.chat(max_tokens=5)  # not streamed: the engine dies before its first byte
+            assert answer.status == 200 and (await answer.json())["usage"]["completion_tokens"] == 5
+            assert time.monotonic() - sent > 1.5  # (answered by the restarted engine)
+            assert run.deployment.supervisor.engines[0].restarts == 1
+            assert 'clearml_sglang_responses_total{status="502"}' not in await metrics_text(run)
+    run_async(scenario())
 
 
 def test_past_the_hold_a_restarting_model_answers_503_with_retry_after():

@@ -280,7 +280,7 @@ def test_hang_keeps_health_and_logs_the_client_disconnect(start_fake, tmp_path):
             break
         time.sleep(0.02)
     assert records[0] == {"event": "request", "path": "/v1/chat/completions", "model": "tiny", "stream": True,
-                          "authorized": True}
+                          "authorized": True, "messages": [{"role": "user", "content": "hi"}]}
     assert {"event": "disconnect", "path": "/v1/chat/completions", "model": "tiny", "stream": True,
             "tokens_sent": 2} in records
     assert server.proc.poll() is None

@@ -23,14 +23,17 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from app.config.types import DeploymentConfig
+from app.gateway.errors import clean_message
 from app.serving.report import BenchmarkResult, table_rows
 from app.sglang.command import EngineCommand
 from app.sglang.launch import engine_environment
@@ -43,6 +46,10 @@ BENCH_MODULE = "sglang.benchmark.serving"
 BENCH_BACKEND = "sglang-oai-chat"
 # Past its time limit a run is stopped; it then has this long to go before it is killed.
 STOP_GRACE_SECONDS = 5.0
+# A line of the benchmark's output that says what went wrong (an exception's, or its own error words).
+_ERROR_LINE = re.compile(r"\b\w*(?:Error|Exception)\b|\berror\b|\bfailed\b|Traceback", re.IGNORECASE)
+# Longest reason kept in a result's row.
+MAX_REASON_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -80,13 +87,15 @@ def plan_runs(config: DeploymentConfig, base_url: str, tokenizers: Mapping[str, 
     return runs
 
 
-def read_result(run: BenchmarkRun) -> BenchmarkResult:
-    """The benchmark's JSON line for a run (the last line of its output file), or why there is none."""
+def read_result(run: BenchmarkRun, last_error: str = "") -> BenchmarkResult:
+    """The benchmark's JSON line for a run (the last line of its output file), or why there is none (`last_error`:
+    the benchmark's own last error line, as its console said it)."""
     try:
         lines = Path(run.output_file).read_text().splitlines()
         data = json.loads(lines[-1])
     except (OSError, IndexError, ValueError):
-        return BenchmarkResult(run.endpoint, run.concurrency, error="no result: the benchmark's console says why")
+        why = clean_message(last_error)[:MAX_REASON_CHARS] or "the benchmark printed no error"
+        return BenchmarkResult(run.endpoint, run.concurrency, error=f"no result: {why}")
     if not data.get("completed"):
         return BenchmarkResult(run.endpoint, run.concurrency, error="no request completed")
 
@@ -99,50 +108,80 @@ def read_result(run: BenchmarkRun) -> BenchmarkResult:
                            value("p99_ttft_ms"), value("median_itl_ms"), value("p99_itl_ms"))
 
 
+class EngineWatch(Protocol):
+    """What the benchmark needs to know of the engines (the deployment's supervisor has it): how often a model's
+    engines have restarted, and when they serve again."""
+
+    def restarts(self, endpoint: str) -> int: ...
+
+    async def serving(self, endpoint: str, deadline_s: float) -> bool: ...
+
+
 async def benchmark_deployment(config: DeploymentConfig, commands: Sequence[EngineCommand], base_url: str,
-                               token: str) -> list[BenchmarkResult]:
+                               token: str, watch: EngineWatch | None = None) -> list[BenchmarkResult]:
     """Every model's runs, through the endpoint at `base_url`, each model's tokenizer its own files (or name)."""
     tokenizers = {c.endpoint: c.model_path or c.endpoint for c in commands}
     with tempfile.TemporaryDirectory(prefix="clearml-sglang-benchmark-") as out:
         runs = plan_runs(config, base_url, tokenizers, Path(out))
-        results = await run_all(runs, token, deadline_s=config.benchmark.max_seconds)
+        results = await run_all(runs, token, deadline_s=config.benchmark.max_seconds, watch=watch)
     logger.info("Benchmark at ready (SGLang's %s through the endpoint):\n%s", BENCH_MODULE, table_text(results))
     return results
 
 
 async def run_all(runs: list[BenchmarkRun], token: str, *, deadline_s: float,
-                  environ: Mapping[str, str] | None = None) -> list[BenchmarkResult]:
+                  environ: Mapping[str, str] | None = None, watch: EngineWatch | None = None) -> list[BenchmarkResult]:
     """Each run in turn; the token reaches the benchmark in its environment (`OPENAI_API_KEY`, which it sends as a
-    Bearer token), never on its command line, and no secret of the app's does (`engine_environment`)."""
+    Bearer token), never on its command line, and no secret of the app's does (`engine_environment`). A run its
+    model's engine restarted under is run again, once, when the engine is back."""
     env = engine_environment(environ if environ is not None else os.environ, {"OPENAI_API_KEY": token})
     results = []
     for run in runs:
         logger.info("Benchmark: %s at concurrency %d (%s requests)", run.endpoint, run.concurrency,
                     run.argv[run.argv.index("--num-prompts") + 1])
-        finished = await _run_one(run, env, deadline_s)
-        result = read_result(run) if finished else BenchmarkResult(
-            run.endpoint, run.concurrency, error=f"stopped after its time limit ({deadline_s:g} s)")
+        restarts = watch.restarts(run.endpoint) if watch is not None else 0
+        result = await _measure(run, env, deadline_s)
+        if watch is not None and watch.restarts(run.endpoint) != restarts:
+            logger.info("Benchmark: %s restarted during the run at concurrency %d; it runs again once the engine "
+                        "is back", run.endpoint, run.concurrency)
+            if await watch.serving(run.endpoint, deadline_s):
+                Path(run.output_file).unlink(missing_ok=True)
+                result = await _measure(run, env, deadline_s)
         logger.info("%s", result.line())
         results.append(result)
     return results
 
 
-async def _run_one(run: BenchmarkRun, env: dict[str, str], deadline_s: float) -> bool:
-    """Run the benchmark, its output to this process's log at debug level; False when it ran past its deadline."""
+async def _measure(run: BenchmarkRun, env: dict[str, str], deadline_s: float) -> BenchmarkResult:
+    finished, last_error = await _run_one(run, env, deadline_s)
+    if not finished:
+        return BenchmarkResult(run.endpoint, run.concurrency, error=f"stopped after its time limit ({deadline_s:g} s)")
+    return read_result(run, last_error)
+
+
+async def _run_one(run: BenchmarkRun, env: dict[str, str], deadline_s: float) -> tuple[bool, str]:
+    """Run the benchmark, its output to this process's log at debug level: whether it ended before its deadline,
+    and its last error line."""
     process = await asyncio.create_subprocess_exec(*run.argv, env=env, stdout=asyncio.subprocess.PIPE,
                                                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     assert process.stdout is not None
+    last_error = ""
 
     async def relay() -> None:
-        async for line in process.stdout:  # type: ignore[union-attr]
-            logger.debug("[benchmark] %s", line.decode(errors="replace").rstrip())
+        nonlocal last_error
+        async for raw in process.stdout:  # type: ignore[union-attr]
+            line = raw.decode(errors="replace").rstrip()
+            logger.debug("[benchmark] %s", line)
+            if _ERROR_LINE.search(line):
+                last_error = line
 
     relaying = asyncio.create_task(relay())
     try:
         await asyncio.wait_for(process.wait(), deadline_s)
-        return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(relaying), STOP_GRACE_SECONDS)  # (its last lines read)
+        return True, last_error
     except asyncio.TimeoutError:
-        return False
+        return False, last_error
     finally:  # (also when the deployment stops meanwhile: the benchmark goes with it)
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -232,7 +232,8 @@ class Deployment(Lifecycle):
 
     async def _benchmark(self, built: Built, base: str) -> None:
         """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0)."""
-        results = await benchmark_deployment(self.config, built.plan.commands, base, built.gateway.quiet_token)
+        results = await benchmark_deployment(self.config, built.plan.commands, base, built.gateway.quiet_token,
+                                             built.supervisor)
         await self.tell(self.reporter.benchmark, results)
         if self.options.exit_after_benchmark:
             self.request_stop(0, "benchmark finished")

@@ -137,6 +137,18 @@ class EngineSupervisor:
                 await engine.reap(grace_s=5.0)  # so the next round counts it as another crash
             self._on_change(engine)
 
+    def _of(self, endpoint: str) -> list[Engine]:
+        """A model's engines: its own, or its replica servers (`<endpoint>/<n>`)."""
+        return [e for e in self.engines if e.endpoint == endpoint or e.endpoint.startswith(endpoint + "/")]
+
+    def restarts(self, endpoint: str) -> int:
+        """How often a model's engines have been restarted (the benchmark at ready reruns a run they cut)."""
+        return sum(e.restarts for e in self._of(endpoint))
+
+    async def serving(self, endpoint: str, deadline_s: float) -> bool:
+        """Until every engine of a model serves (True), or one failed for good, or the deadline passed."""
+        return all(await asyncio.gather(*(e.wait_serving(deadline_s) for e in self._of(endpoint))))
+
     def restarting(self) -> list[str]:
         """`restarting <model> (restart N of M in the last T min)` for each engine coming back from a crash."""
         now = self._clock()

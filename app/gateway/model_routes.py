@@ -205,13 +205,14 @@ def model_cards(routes: dict[str, ModelRoute], endpoint: str | None = None) -> l
         if endpoint is not None and name != endpoint:
             continue
         state = route.state
+        context = {"max_model_len": route.context_tokens} if route.context_tokens else {}  # (SGLang's name)
         data.append({"id": name, "object": "model", "created": created, "owned_by": "clearml-sglang",
-                     "state": state})
+                     "state": state, **context})
         adapters: list[tuple[str, ModelState | AdapterState]] = [(adapter, state) for adapter in route.adapters]
         if route.adapter_loader is not None:
             adapters += route.adapter_loader.cards()
         data += [{"id": f"{name}:{adapter}", "object": "model", "created": created, "owned_by": "clearml-sglang",
-                  "parent": name, "state": adapter_state} for adapter, adapter_state in adapters]
+                  "parent": name, "state": adapter_state, **context} for adapter, adapter_state in adapters]
     return data
 
 

@@ -1,4 +1,5 @@
-"""The endpoint's own page: `GET /` and its two assets, shipped in the package (`app/gateway/ui/`), and its data.
+"""The endpoint's own page: `GET /` and its assets (script, style, icon), shipped in the package
+(`app/gateway/ui/`), and its data.
 
 The page is static and the same for everyone; it holds nothing about the deployment. Given a token (kept in the
 tab's sessionStorage), it reads `GET /ui/api/status` (models, their states, live counters) with it, and calls the
@@ -27,7 +28,8 @@ SECURITY_HEADERS = (
 )
 _ASSETS = {"/": ("index.html", b"text/html; charset=utf-8"),
            "/ui/app.js": ("app.js", b"text/javascript; charset=utf-8"),
-           "/ui/app.css": ("app.css", b"text/css; charset=utf-8")}
+           "/ui/app.css": ("app.css", b"text/css; charset=utf-8"),
+           "/favicon.ico": ("favicon.svg", b"image/svg+xml")}
 
 
 @functools.cache
@@ -42,7 +44,8 @@ def status(models: list[dict[str, Any]], counters: dict[str, dict[str, Any]], in
            task_url: str | None, caller: dict[str, Any] | None = None) -> Reply:
     """What the page shows once it has a token: every model and adapter (that the caller's key may use) with its
     state, each endpoint's counters, and the caller's own key: its name, limits and usage."""
-    body = {"models": [{"id": m["id"], "state": m["state"], "parent": m.get("parent")} for m in models],
+    body = {"models": [{"id": m["id"], "state": m["state"], "parent": m.get("parent"),
+                        "context": m.get("max_model_len")} for m in models],
             "endpoints": counters, "in_flight": in_flight, "task_url": task_url, "key": caller}
     return Reply(200, json.dumps(body).encode(), headers=SECURITY_HEADERS)
 

@@ -30,7 +30,7 @@ load, an operator's view), the health and readiness routes (the gateway's `/heal
 `/model_info` (it names the model's path on the server: the gateway's `/v1/models/{id}` does not).
 The gateway's own: `GET /v1/models`, `GET /v1/models/{id}` (also under `/<endpoint>/`), `GET /metrics`,
 `GET /ui/api/status` (the page's data), and the open `GET /healthz`, `GET /readyz`, and the page (`GET /`,
-`/ui/app.js`, `/ui/app.css`: static, the same for everyone, no data in them).
+`/ui/app.js`, `/ui/app.css`, `/favicon.ico`: static, the same for everyone, no data in them).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ ONE_PROMPT = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/messages/co
                         "/api/chat", "/api/generate"})
 
 OPEN = frozenset({"/healthz", "/readyz"})  # answered without a token
-PAGE = frozenset({"/", "/ui/app.js", "/ui/app.css"})  # the endpoint's page: without a token too (it holds no data)
+# the endpoint's page: without a token too (it holds no data); a browser asks for /favicon.ico on its own
+PAGE = frozenset({"/", "/ui/app.js", "/ui/app.css", "/favicon.ico"})
 PAGE_STATUS = "/ui/api/status"  # what the page shows: models, states, counters (with a token)
 MODELS = "/v1/models"
 METRICS = "/metrics"

@@ -167,8 +167,10 @@ def test_models_states_and_a_snippet_whose_curl_works(endpoint, browser, tmp_pat
     sign_in(page)
     rows = page.locator("#models tbody tr")
     sync_api.expect(rows).to_have_count(2)
-    assert rows.nth(0).inner_text().split("\t")[:2] == [ENDPOINT, "resident"]
-    assert rows.nth(1).inner_text().split("\t")[:2] == [f"{ENDPOINT}:sql", "resident"]
+    model, adapter = (rows.nth(i).locator("td").all_inner_texts() for i in range(2))
+    assert model[:2] == [ENDPOINT, "resident"] and re.fullmatch(r"[\d,]+", model[2])  # its context length
+    assert adapter[:3] == [f"{ENDPOINT}:sql\nadapter of {ENDPOINT}", "resident", model[2]]
+    assert adapter[3:] == ["—"] * 5  # (its requests count with its base model's)
     assert page.evaluate("sessionStorage.getItem('clearml-sglang-token')") == TOKEN
     assert TOKEN not in page.url and not context.cookies()
 
@@ -182,7 +184,6 @@ def test_models_states_and_a_snippet_whose_curl_works(endpoint, browser, tmp_pat
     page.get_by_role("tab", name="Python").click()
     assert "from openai import OpenAI" in page.locator("#snippet").inner_text()
     sync_api.expect(rows.nth(0).locator("td").nth(2)).not_to_have_text("0")  # counted, without a reload
-    shoot(page, "page-desktop.png", tmp_path)
     page.get_by_label("Put my token in the snippets").check()
     assert TOKEN in page.locator("#snippet").inner_text()
     context.close()
@@ -238,10 +239,78 @@ def test_the_keyboard_is_enough(endpoint, browser):
     page.keyboard.type(TOKEN)
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)
-    page.get_by_label("Max tokens", exact=True).fill("3")
-    page.get_by_role("button", name="Send").focus()
-    page.keyboard.press("Enter")
-    sync_api.expect(page.locator("#answer-stats")).to_contain_text("tokens/s")
+    assert page.evaluate("document.activeElement.id") == "prompt"  # where the next thing is written
+    page.keyboard.press("Enter")  # sends the message in the box
+    answer = page.locator("#chat .turn").nth(1).locator("span")
+    sync_api.expect(answer).not_to_be_empty()
+    sync_api.expect(page.locator("#send")).to_be_enabled()  # (the stream has ended)
+    assert re.search(r"TTFT \d+ ms · [\d.]+ tokens/s", page.locator("#answer-stats").inner_text())
+    assert page.evaluate("document.activeElement.id") == "prompt"  # focus stayed where the user is
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    assert page.get_by_label("Message", exact=True).input_value() == "first line\nsecond line"  # (not sent)
+    context.close()
+
+
+def test_a_conversation_sends_every_turn_and_clear_starts_a_new_one(endpoint, browser, tmp_path):
+    base, cache = endpoint
+    context, page = open_page(browser, base)
+    sign_in(page)
+    sync_api.expect(page.locator("#models tbody tr")).to_have_count(2)
+    page.get_by_label("System prompt", exact=True).fill("Answer in one word.")
+    page.get_by_label("Max tokens", exact=True).fill("6")
+    box = page.get_by_label("Message", exact=True)
+    turns = page.locator("#chat .turn")
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    sync_api.expect(turns).to_have_count(2)
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    first_answer = turns.nth(1).locator("span").inner_text()
+    assert first_answer
+    box.fill("And of Germany?")
+    page.get_by_role("button", name="Send").click()
+    sync_api.expect(turns).to_have_count(4)
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    asked = [r["messages"] for r in engine_requests(cache) if r.get("event") == "request" and "messages" in r]
+    assert asked[-1] == [{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": "What is the capital of France?"},
+                         {"role": "assistant", "content": first_answer},
+                         {"role": "user", "content": "And of Germany?"}]  # what the engine got: both turns
+    snippet = page.locator("#snippet").inner_text()  # what is sent next: the conversation and the box's message
+    assert first_answer in snippet and "And of Germany?" in snippet
+    shoot(page, "page-desktop.png", tmp_path)
+    page.get_by_role("button", name="Clear").click()
+    sync_api.expect(turns).to_have_count(0)
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    box.fill("Hello?")
+    box.press("Enter")
+    sync_api.expect(turns).to_have_count(2)
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    asked = [r["messages"] for r in engine_requests(cache) if r.get("event") == "request" and "messages" in r]
+    assert asked[-1] == [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hello?"}]
+    context.close()
+
+
+def test_the_base_url_copies_with_feedback_and_the_icon_needs_no_token(endpoint, browser):
+    base, _ = endpoint
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(base + "/")
+    sign_in(page)
+    sync_api.expect(page.locator("#base-url")).to_have_text(base + "/v1")
+    page.locator("#copy-base").click()
+    sync_api.expect(page.locator("#copied-base")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == base + "/v1"
+    page.locator("#copy").click()
+    sync_api.expect(page.locator("#copied")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == page.locator("#snippet").inner_text()
+    assert not errors  # (no 401 for the icon the browser asks for on its own)
+    icon = page.request.get(base + "/favicon.ico")
+    assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml"
     context.close()
 
 

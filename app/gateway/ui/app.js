@@ -8,6 +8,7 @@ let timer = null;
 let previous = {};  // endpoint -> [completion_tokens, time]: tokens per second between two refreshes
 let lang = "curl";
 let controller = null;
+let history = [];  // the conversation so far: {role, content}, sent whole with each new message
 
 function token() { return sessionStorage.getItem(KEY); }
 
@@ -108,11 +109,23 @@ function render(status) {
   const now = Date.now() / 1000;
   const body = $("models").querySelector("tbody");
   const rows = [];
+  const labels = [...$("models").querySelectorAll("thead th")].map((th) => th.textContent);
   for (const model of status.models) {
     const tr = document.createElement("tr");
     tr.dataset.model = model.id;
-    tr.appendChild(cell(model.id));
+    const name = document.createElement("td");
+    const label = document.createElement("span");  // (one box: the phone's layout puts it beside its column's name)
+    label.textContent = model.id;
+    if (model.parent) {
+      const base = document.createElement("small");
+      base.className = "muted";
+      base.textContent = "adapter of " + model.parent;
+      label.append(document.createElement("br"), base);
+    }
+    name.appendChild(label);
+    tr.appendChild(name);
     tr.appendChild(cell(model.state, "state state-" + model.state));
+    tr.appendChild(cell(model.context ? count(model.context) : "–"));
     const counters = model.parent ? null : status.endpoints[model.id];
     if (counters) {
       const last = previous[model.id];
@@ -121,8 +134,9 @@ function render(status) {
       for (const value of [counters.requests, rate === null ? null : Math.max(0, rate), counters.latency_p50_ms,
                            counters.latency_p95_ms, counters.ttft_p50_ms]) tr.appendChild(cell(number(value)));
     } else {
-      for (let i = 0; i < 5; i++) tr.appendChild(cell(model.parent ? "(" + model.parent + ")" : "–"));
+      for (let i = 0; i < 5; i++) tr.appendChild(cell("—"));  // (counted with its base model)
     }
+    [...tr.children].forEach((td, i) => { td.dataset.label = labels[i]; });
     rows.push(tr);
   }
   body.replaceChildren(...rows);
@@ -160,24 +174,40 @@ async function signIn(value) {
   $("signin-error").hidden = true;
   show(true);
   render(await response.json());
+  $("prompt").focus();  // (the next thing to do: write a message)
   timer = setInterval(refresh, 2000);
 }
 
+// What Send sends: the system prompt, the conversation so far and the message being written.
 function request() {
+  const system = $("system").value.trim();
   return {
     model: $("model").value,
-    messages: [{ role: "user", content: $("prompt").value }],
+    messages: [...(system ? [{ role: "system", content: system }] : []), ...history,
+               { role: "user", content: $("prompt").value }],
     max_tokens: Number($("max-tokens").value) || 64,
     temperature: Number($("temperature").value),
     stream: $("stream").checked,
   };
 }
 
+// Copy `text`, then say so beside the button (`status`): "Copied", or how to copy by hand where the browser
+// refuses (a page served over plain HTTP from another host has no clipboard API).
+async function copy(text, status) {
+  try {
+    await navigator.clipboard.writeText(text);
+    status.textContent = "Copied";
+  } catch (e) {
+    status.textContent = "Select it and press Ctrl+C to copy";
+  }
+  setTimeout(() => { status.textContent = ""; }, 2000);
+}
+
 function snippet() {
   const body = request();
   const shown = $("include-token").checked ? token() : "YOUR_TOKEN";
   const base = location.origin;
-  const json = JSON.stringify(body);
+  const json = JSON.stringify(body, null, 1).replace(/\n\s*/g, " ");  // one line that wraps between values
   let text;
   if (lang === "curl") {
     text = "curl " + base + "/v1/chat/completions" + (body.stream ? " -N" : "") + " \\\n" +
@@ -214,22 +244,29 @@ function turn(who, text) {
 
 async function send() {
   const body = request();
+  const asked = $("prompt").value;
+  if (!asked.trim() || controller) return;
   $("play-error").hidden = true;
-  turn("You:", body.messages[0].content);
+  turn("You:", asked);
   const out = turn(body.model + ":", "");
-  out.dataset.answer = "";
+  $("prompt").value = "";
+  snippet();
   controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
+  $("prompt").focus();  // (where the user writes the next message)
   const started = performance.now();
   let first = null;
   let pieces = 0;
-  const stats = () => {
+  const stats = (tokens) => {
     const now = performance.now();
     const ttft = first === null ? "–" : Math.round(first - started) + " ms";
-    const rate = first !== null && now > first ? (pieces / ((now - first) / 1000)).toFixed(1) : "–";
-    $("answer-stats").textContent = "TTFT " + ttft + " · " + rate + " tokens/s";
+    // a stream's rate over the pieces after the first (the first's time is its TTFT); a whole answer's over all
+    const rate = body.stream ? (pieces > 1 && now - first > 100 ? (pieces - 1) / ((now - first) / 1000) : null)
+                             : (tokens && now > started ? tokens / ((now - started) / 1000) : null);
+    $("answer-stats").textContent = "TTFT " + ttft + " · " + (rate === null ? "–" : rate.toFixed(1)) + " tokens/s";
   };
+  let answered = false;
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
@@ -240,7 +277,7 @@ async function send() {
       const answer = await response.json();
       first = performance.now();
       out.textContent = answer.choices[0].message.content || "";
-      pieces = (answer.usage && answer.usage.completion_tokens) || 0;
+      stats((answer.usage && answer.usage.completion_tokens) || 0);
     } else {
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -264,20 +301,38 @@ async function send() {
           }
         }
       }
+      stats();
     }
-    stats();
+    answered = true;
   } catch (e) {
     if (e.name === "AbortError") {
+      answered = out.textContent !== "";  // what came before Stop stays in the conversation
       turn("", "(stopped)");
     } else {
       $("play-error").textContent = String(e.message || e);
       $("play-error").hidden = false;
+      out.closest(".turn").remove();
+      $("chat").lastElementChild.remove();  // the message goes back to the box, to send again
+      $("prompt").value = asked;
     }
   } finally {
+    if (answered) history.push({ role: "user", content: asked }, { role: "assistant", content: out.textContent });
     controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
+    $("prompt").focus();
+    snippet();
   }
+}
+
+function clear() {
+  if (controller) controller.abort();
+  history = [];
+  $("chat").replaceChildren();
+  $("answer-stats").textContent = "";
+  $("play-error").hidden = true;
+  $("prompt").focus();
+  snippet();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -288,7 +343,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (value) signIn(value);
   });
   $("forget").addEventListener("click", () => signOut(""));
-  for (const id of ["model", "max-tokens", "temperature", "stream", "include-token", "prompt"]) {
+  for (const id of ["model", "max-tokens", "temperature", "stream", "include-token", "prompt", "system"]) {
     $(id).addEventListener("input", snippet);
     $(id).addEventListener("change", snippet);
   }
@@ -299,8 +354,14 @@ document.addEventListener("DOMContentLoaded", () => {
       snippet();
     });
   }
-  $("copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("snippet").textContent));
-  $("send").addEventListener("click", send);
+  $("base-url").textContent = location.origin + "/v1";
+  $("copy-base").addEventListener("click", () => copy($("base-url").textContent, $("copied-base")));
+  $("copy").addEventListener("click", () => copy($("snippet").textContent, $("copied")));
+  $("chat-form").addEventListener("submit", (event) => { event.preventDefault(); send(); });
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); send(); }
+  });
   $("stop").addEventListener("click", () => controller && controller.abort());
+  $("clear").addEventListener("click", clear);
   if (token()) signIn(token()); else show(false);
 });

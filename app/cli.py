@@ -1,4 +1,4 @@
-"""The `clearml-sglang` command line (also `python -m app`): the README's "Commands".
+"""The `clearml-sglang` command line (also `python -m app`): docs/deploying.md, "Commands".
 
 Exit codes: 0 success; 2 invalid configuration or usage (one message on stderr listing every problem as
 `field: problem (fix)`; nothing launched); 3 engine failed to start; 130/143 on SIGINT/SIGTERM.

@@ -12,10 +12,10 @@ SGLANG_LAUNCH_MODULE = "sglang.launch_server"
 # Engines listen on loopback only: the gateway is the one authenticated way in.
 ENGINE_HOST = "127.0.0.1"
 
-# The gateway's default port (`run --port`; README, "Commands").
+# The gateway's default port (`run --port`; docs/deploying.md, "Commands").
 GATEWAY_DEFAULT_PORT = 8000
 
-# Environment variable with comma-separated access tokens for the gateway (README, "The endpoint").
+# Environment variable with comma-separated access tokens for the gateway (docs/serving.md, "The endpoint").
 API_TOKENS_ENV = "CLEARML_SGLANG_API_TOKENS"
 
 # huggingface_hub reads the token from here; it never goes on a command line.
@@ -37,9 +37,9 @@ ENGINE_BASE_PORT = 30000
 # multi-node launch default, overridable by CLEARML_MULTI_NODE_MASTER_DEF_PORT as ClearML reads it.
 MULTI_NODE_PORT = 29500
 
-# Exit codes of `clearml-sglang` (README, "Commands"): success (an idle shutdown included), an invalid configuration
-# or usage (nothing launched), an engine that failed to start or crashed past its restart budget; after SIGINT or
-# SIGTERM and a clean drain, 128 + the signal's number, as shells report a process a signal ended.
+# Exit codes of `clearml-sglang` (docs/deploying.md, "Commands"): success (an idle shutdown included), an invalid
+# configuration or usage (nothing launched), an engine that failed to start or crashed past its restart budget;
+# after SIGINT or SIGTERM and a clean drain, 128 + the signal's number, as shells report a process a signal ended.
 EXIT_OK, EXIT_USAGE, EXIT_ENGINE = 0, 2, 3
 
 

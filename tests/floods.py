@@ -1,9 +1,9 @@
 """Floods against the endpoint's edge, with raw sockets, and what a well-behaved client sees meanwhile.
 
 Shared by the reliability tier (`tests/reliability/test_floods.py`, the stand-in engine, bounded to seconds) and the
-measurement against the real SGLang (`bench/edge.py`, the figures the README and the issue quote). Each attacker runs
-off the event loop it attacks (threads, or a process of its own where it holds thousands of sockets), and each
-observer measures from outside that loop, so a blocked loop shows as time.
+measurement against the real SGLang (`bench/edge.py`, the figures docs/performance.md and the issue quote). Each
+attacker runs off the event loop it attacks (threads, or a process of its own where it holds thousands of sockets),
+and each observer measures from outside that loop, so a blocked loop shows as time.
 
     python -m tests.floods idle --port 8000 --source 127.0.0.2 --connections 8000 --seconds 60
 

@@ -1,5 +1,5 @@
-"""What the deployment tells its ClearML task, under the names the dashboard reads (README, "ClearML: what the task
-records").
+"""What the deployment tells its ClearML task, under the names the dashboard reads (docs/clearml-task.md,
+"ClearML: what the task records").
 
 `TaskReporter` turns the deployment's events into task properties (status, status_reason, idle_since, endpoint,
 models, curl, and a generated access token), scalars (iteration = seconds since start), the `Deployed Models` and

@@ -2,7 +2,7 @@
 
 One definition, derived from the schema and the pinned SGLang, feeds `clearml-sglang template` / `launch` (through
 `app.clearml.task.TaskService`), the committed `task_templates/sglang_deployment.yaml` (a test regenerates it), and
-the README's `clearml-task` command (generated here; a test parses it with clearml-task's own parser).
+the `clearml-task` command of docs/deploying.md (generated here; a test parses it with clearml-task's own parser).
 """
 
 from __future__ import annotations
@@ -83,14 +83,14 @@ def clearml_task_argv(definition: TaskDefinition, *, repo: str, branch: str, que
     return argv + ["--queue", queue]
 
 
-README_CLEARML_TASK_EXAMPLE = dict(
+CLEARML_TASK_EXAMPLE = dict(
     repo="https://github.com/<you>/clearml-sglang.git", branch="main", queue="gpu",
     overrides=["models.0.model=Qwen/Qwen2.5-7B-Instruct", "models.0.gpus=1", "idle.time_limit_hours=4"],
     name="qwen-7b")
 
 
-def readme_clearml_task_command() -> str:
-    argv = clearml_task_argv(TaskDefinition(), **README_CLEARML_TASK_EXAMPLE)
+def example_clearml_task_command() -> str:
+    argv = clearml_task_argv(TaskDefinition(), **CLEARML_TASK_EXAMPLE)
     return " \\\n    ".join(_pairs(argv))
 
 
@@ -105,5 +105,5 @@ def _pairs(argv: list[str]) -> list[str]:
 
 
 def render_clearml_task_block() -> str:
-    """The README's generated `clearml-task` block."""
-    return task_block(readme_clearml_task_command())
+    """The generated `clearml-task` block of docs/deploying.md."""
+    return task_block(example_clearml_task_command())

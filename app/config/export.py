@@ -33,7 +33,7 @@ class Hyperparameter:
 
 
 def to_mapping(config: DeploymentConfig, *, secrets: bool = False) -> dict[str, Any]:
-    """The config in the config file format (README, "Configuration") (every field written, in the form's order)."""
+    """The config in the config file format (docs/configuration.md) (every field written, in the form's order)."""
     general = {f.key: getattr(config.general, f.key) for f in schema.GENERAL_FIELDS
                if not f.is_flag and (secrets or not f.secret)}
     general.update(dict(config.general.flags))

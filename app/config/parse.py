@@ -159,7 +159,8 @@ def _parse_flag(
         hint = table.suggest(key)
         fix = f"did you mean {hint[2:]}?" if hint else did_you_mean(key, app_keys)
         problems.add(where, "is neither a setting of this section nor an SGLang flag",
-                     fix or "see the README's configuration table, or `python -m sglang.launch_server --help`")
+                     fix or "see the configuration table in docs/configuration.md, "
+                            "or `python -m sglang.launch_server --help`")
         return
     if spec.dest in schema.OWNED_FLAGS:
         if spec.dest == "enable_metrics" and value is not None and _is_true(value):

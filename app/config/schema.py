@@ -1,10 +1,10 @@
 """The configuration schema: every field of the deployment form, in the form's order.
 
 This is the single source of truth. Loading (YAML/JSON files, ClearML hyperparameters, `--set`), validation,
-export, the SGLang command line, the README's configuration table and (later) the wizard form and the task
-template all read these definitions; none of them lists fields of its own.
+export, the SGLang command line, the configuration table (docs/configuration.md) and (later) the wizard form and
+the task template all read these definitions; none of them lists fields of its own.
 
-Sections, as in the config file (README, "Configuration"):
+Sections, as in the config file (docs/configuration.md):
     instance  where the app instance lives (name, project, queue, AI Gateway Route)
     models    a list; each item: model, endpoint name, GPUs, CLI, LoRA (`lora` sub-section), any SGLang flag
     general   debug, device, memory options, HF token, the form's SGLang options, any SGLang flag
@@ -373,7 +373,7 @@ def default(section: str, key: str) -> Any:
 
 def flag(section: str, key: str) -> str:
     """The SGLang flag a field maps to, by its name without dashes (`max-loras-per-batch`): the one place the form's
-    fields are tied to SGLang's flags (the builder, the README's table and the form's help all read it here)."""
+    fields are tied to SGLang's flags (the builder, the docs' table and the form's help all read it here)."""
     (found,) = [f for f in SECTION_FIELDS[section] if f.key == key]
     assert found.sglang_flag is not None, (section, key)
     return found.sglang_flag.removeprefix("--")

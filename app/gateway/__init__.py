@@ -1,4 +1,4 @@
-"""The endpoint: one authenticated port in front of every engine (README, "The endpoint").
+"""The endpoint: one authenticated port in front of every engine (docs/serving.md, "The endpoint").
 
 `routes` decides what is served (pure), `server`, `reader` and `upstream` speak HTTP/1.1 to clients and engines,
 `connections` keeps the table of client connections, `relay` carries one request across, `model_routes` is each

@@ -8,7 +8,7 @@ later. SGLang's own parser, where sglang is installed, checks the rendered comma
 `args`; under `run` each engine's own parser does, as it starts, without the seconds an import of SGLang costs the
 app). A deployment's commands are made in one place, `app.serving.plan`.
 
-How the form becomes flags (the README's "Form fields and SGLang flags" section says the same to users):
+How the form becomes flags (docs/configuration.md, "Form fields and SGLang flags", says the same to users):
     model -> --model-path, endpoint name -> --served-model-name, gpus -> --tp-size, replicas -> --dp-size,
     lora.* -> --enable-lora --lora-paths --max-loras-per-batch --max-lora-rank --max-loaded-loras,
     auto_cpu_offload -> --enable-memory-saver --enable-weights-cpu-backup, disk_swap -> --enable-memory-saver,

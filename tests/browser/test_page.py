@@ -2,7 +2,7 @@
 the stand-in engine (offline ClearML), as a user would use it.
 
 Skipped where Playwright or chromium is missing; CI installs both (`.ci/run`). `SCREENSHOTS=dir` keeps the
-screenshots (the README's are made so).
+screenshots (docs/serving.md's are made so).
 """
 
 from __future__ import annotations

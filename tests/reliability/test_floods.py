@@ -22,7 +22,7 @@ from tests.harness import TOKEN, Running, _until, requests_logged, run_async, ru
 from tests.reliability.test_reliability import RSS_BOUND, PeakRss
 
 MB = 2**20
-# How long the connection floods last here (the figures in the README are bench/edge.py's 60 s).
+# How long the connection floods last here (the figures in docs/performance.md are bench/edge.py's 60 s).
 FLOOD_SECONDS = 15
 CHAT = "/m/v1/chat/completions"
 AUTH_JSON = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -67,8 +67,9 @@ def _idle_flood_beside_a_token_holder(*overrides: str, connections: int, **optio
         async with running(*overrides, **options) as run:
             port = run.deployment.gateway.port
             # The token holder's kept-alive connection is open before the flood: one opened while the flood fills
-            # the kernel's accept queue can wait for its SYN to be sent again (1 s; the README's edge figures give
-            # new connections' times). Here what the gateway does with it is judged: never closed, always answered.
+            # the kernel's accept queue can wait for its SYN to be sent again (1 s; docs/performance.md's edge
+            # figures give new connections' times). Here what the gateway does with it is judged: never closed,
+            # always answered.
             holder = Observer(port, CHAT, every_s=0.1, headers=AUTH_JSON, body=chat_body("hi"), source="127.0.0.3")
             holder.start()
             await _until(lambda: _answered(holder), "the token holder's first answer", 20)

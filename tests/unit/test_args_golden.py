@@ -1,7 +1,7 @@
 """Golden command lines: what `clearml-sglang args` prints for representative configs, pinned flag by flag.
 
-Each case is what a user runs and the SGLang command they should get; if one changes, the README's mapping of
-form fields to flags has changed too.
+Each case is what a user runs and the SGLang command they should get; if one changes, the mapping of form fields
+to flags in docs/configuration.md has changed too.
 """
 
 from __future__ import annotations

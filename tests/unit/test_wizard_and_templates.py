@@ -25,6 +25,7 @@ from app.clearml.templates import (
 from app.clearml.wizard import APP_FILE, render, wizard_entries
 from app.cli import _cmd_clone, _cmd_export, _cmd_launch, _cmd_template, build_parser
 from app.config import load_config, parse_config, schema, to_hyperparameters, to_mapping
+from app.config.docs import DEPLOYING_PAGE
 from app.config.sources import parse_config_text
 from app.errors import ConfigError
 from tests.conftest import EXAMPLES, ROOT, run_cli
@@ -38,7 +39,7 @@ SECRET = "hf_" + "S" * 34
 def test_committed_app_definition_and_template_are_what_the_schema_generates():
     assert (ROOT / APP_FILE).read_text() == render(), "run scripts/update_generated.py"
     assert (ROOT / TEMPLATE_FILE).read_text() == TaskDefinition().to_yaml(), "run scripts/update_generated.py"
-    assert render_clearml_task_block() in (ROOT / "README.md").read_text(), "run scripts/update_generated.py"
+    assert render_clearml_task_block() in (ROOT / DEPLOYING_PAGE).read_text(), "run scripts/update_generated.py"
 
 
 def test_app_definition_parses_as_hocon_with_its_parts():

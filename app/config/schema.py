@@ -172,8 +172,8 @@ GENERAL_FIELDS = (
           "Retry-After (the model goes on restarting). 0: answer 503 at once.", INT, 180, minimum=0, maximum=3600),
     Field("general", "sleep_on_idle", "Engines Sleep When Idle",
           "SGLang's scheduler waits for work instead of polling for it while it has none (SGLang --sleep-on-idle): "
-          "an idle engine uses no CPU instead of a whole core. It wakes on the request itself, so the first "
-          "request after idling is not slower (docs/sglang.md has the figures).", BOOL, True),
+          "an idle deployment uses 3% of a core instead of a whole one. It wakes on the request itself; the first "
+          "request after a pause took about 0.1 s longer on the CPU (docs/sglang.md has the figures).", BOOL, True),
     Field("general", "max_request_body_mib", "Max Request Body (MiB)",
           "Largest request body a token holder may send (413 past it, before it is read): chat traffic is a few "
           "KiB, a full 128k-token prompt a few hundred, an inline image a few MiB. A prompt that cannot fit its "

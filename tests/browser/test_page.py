@@ -205,6 +205,7 @@ def test_a_streamed_answer_arrives_token_by_token_and_stop_aborts_it(endpoint, b
     assert re.search(r"TTFT \d+ ms · [\d.]+ tokens/s", page.locator("#answer-stats").inner_text())
     page.get_by_role("button", name="Stop").click()
     sync_api.expect(page.locator("#chat")).to_contain_text("(stopped)")
+    assert page.evaluate("document.activeElement.id") == "prompt"  # (not the page's body: Stop is disabled now)
     context.close()
     # the engine aborted the request: what it saw
     deadline = time.monotonic() + 60

@@ -48,8 +48,9 @@ BENCH_BACKEND = "sglang-oai-chat"
 STOP_GRACE_SECONDS = 5.0
 # A line of the benchmark's output that says what went wrong (an exception's, or its own error words).
 _ERROR_LINE = re.compile(r"\b\w*(?:Error|Exception)\b|\berror\b|\bfailed\b|Traceback", re.IGNORECASE)
-# Longest reason kept in a result's row.
+# Longest reason kept in a result's row; longest line of the benchmark's output read whole.
 MAX_REASON_CHARS = 200
+MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ class EngineWatch(Protocol):
     """What the benchmark needs to know of the engines (the deployment's supervisor has it): how often a model's
     engines have restarted, and when they serve again."""
 
-    def restarts(self, endpoint: str) -> int: ...
+    def restarts_of(self, endpoint: str) -> int: ...
 
-    async def serving(self, endpoint: str, deadline_s: float) -> bool: ...
+    async def serving_again(self, endpoint: str, deadline_s: float) -> bool: ...
 
 
 async def benchmark_deployment(config: DeploymentConfig, commands: Sequence[EngineCommand], base_url: str,
@@ -138,12 +139,12 @@ async def run_all(runs: list[BenchmarkRun], token: str, *, deadline_s: float,
     for run in runs:
         logger.info("Benchmark: %s at concurrency %d (%s requests)", run.endpoint, run.concurrency,
                     run.argv[run.argv.index("--num-prompts") + 1])
-        restarts = watch.restarts(run.endpoint) if watch is not None else 0
+        restarts = watch.restarts_of(run.endpoint) if watch is not None else 0
         result = await _measure(run, env, deadline_s)
-        if watch is not None and watch.restarts(run.endpoint) != restarts:
+        if watch is not None and watch.restarts_of(run.endpoint) != restarts:
             logger.info("Benchmark: %s restarted during the run at concurrency %d; it runs again once the engine "
                         "is back", run.endpoint, run.concurrency)
-            if await watch.serving(run.endpoint, deadline_s):
+            if await watch.serving_again(run.endpoint, deadline_s):
                 Path(run.output_file).unlink(missing_ok=True)
                 result = await _measure(run, env, deadline_s)
         logger.info("%s", result.line())
@@ -162,23 +163,29 @@ async def _run_one(run: BenchmarkRun, env: dict[str, str], deadline_s: float) ->
     """Run the benchmark, its output to this process's log at debug level: whether it ended before its deadline,
     and its last error line."""
     process = await asyncio.create_subprocess_exec(*run.argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                                                   stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                                                   limit=MAX_LINE_BYTES)
     assert process.stdout is not None
     last_error = ""
 
     async def relay() -> None:
         nonlocal last_error
-        async for raw in process.stdout:  # type: ignore[union-attr]
+        while True:
+            try:
+                raw = await process.stdout.readline()  # type: ignore[union-attr]
+            except ValueError:  # a line longer than the limit (a progress bar redrawn in place): the rest goes on
+                continue
+            if not raw:
+                return
             line = raw.decode(errors="replace").rstrip()
             logger.debug("[benchmark] %s", line)
             if _ERROR_LINE.search(line):
-                last_error = line
+                last_error = line[-MAX_REASON_CHARS * 2:]
 
     relaying = asyncio.create_task(relay())
     try:
         await asyncio.wait_for(process.wait(), deadline_s)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(relaying), STOP_GRACE_SECONDS)  # (its last lines read)
+        await asyncio.wait({relaying}, timeout=STOP_GRACE_SECONDS)  # (its last lines read)
         return True, last_error
     except asyncio.TimeoutError:
         return False, last_error

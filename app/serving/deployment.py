@@ -231,12 +231,16 @@ class Deployment(Lifecycle):
             self.chores.spawn(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))
 
     async def _benchmark(self, built: Built, base: str) -> None:
-        """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0)."""
-        results = await benchmark_deployment(self.config, built.plan.commands, base, built.gateway.quiet_token,
-                                             built.supervisor)
-        await self.tell(self.reporter.benchmark, results)
-        if self.options.exit_after_benchmark:
-            self.request_stop(0, "benchmark finished")
+        """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0), whatever happened."""
+        try:
+            results = await benchmark_deployment(self.config, built.plan.commands, base, built.gateway.quiet_token,
+                                                 built.supervisor)
+            await self.tell(self.reporter.benchmark, results)
+        except Exception:
+            logger.exception("The benchmark at ready failed")
+        finally:
+            if self.options.exit_after_benchmark:
+                self.request_stop(0, "benchmark finished")
 
     async def _serve(self, built: Built) -> int:
         self._reporting = True

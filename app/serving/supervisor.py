@@ -141,11 +141,11 @@ class EngineSupervisor:
         """A model's engines: its own, or its replica servers (`<endpoint>/<n>`)."""
         return [e for e in self.engines if e.endpoint == endpoint or e.endpoint.startswith(endpoint + "/")]
 
-    def restarts(self, endpoint: str) -> int:
+    def restarts_of(self, endpoint: str) -> int:
         """How often a model's engines have been restarted (the benchmark at ready reruns a run they cut)."""
         return sum(e.restarts for e in self._of(endpoint))
 
-    async def serving(self, endpoint: str, deadline_s: float) -> bool:
+    async def serving_again(self, endpoint: str, deadline_s: float) -> bool:
         """Until every engine of a model serves (True), or one failed for good, or the deadline passed."""
         return all(await asyncio.gather(*(e.wait_serving(deadline_s) for e in self._of(endpoint))))
 

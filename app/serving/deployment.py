@@ -116,7 +116,6 @@ class Deployment(Lifecycle):
         self._routing = False  # the routers are up: worker deaths and returns are passed on to them
         self._reporting = False  # the serving loop has begun: a last report is owed at the end
         self.timeline = StartupTimeline(options.process_started or clock(), list(options.prior))
-        self._token_reference = "YOUR_TOKEN"  # what the printed curl sends: where the token is (run() knows)
 
     # what was built, by name (None before run() has built it)
     gateway = property(lambda self: self.built.gateway if self.built else None)
@@ -148,7 +147,6 @@ class Deployment(Lifecycle):
 
     async def _run(self) -> int:
         keys, generated = access_keys(self.config, self.environ)  # (a ConfigError before anything is fetched)
-        self._token_reference = token_reference(self.config, self.environ, generated)
         await self.tell(self.reporter.status, Status.LOADING, "fetching models")
         fetching = self.clock()
         resolved = await asyncio.to_thread(resolve, self.config, self.registry)
@@ -224,7 +222,7 @@ class Deployment(Lifecycle):
         local = f"http://{host}:{gateway.port}"
         base = await self.tell(self.reporter.base_url, gateway.port, local) or local
         models = {name: f"{base}/{name}/v1" for name in gateway.routes}
-        curl = curl_command(base, next(iter(models)), self._token_reference)
+        curl = curl_command(base, next(iter(models)), token_reference(self.config, self.environ))
         await self.tell(self.reporter.endpoints, base, models, curl)
         await self.tell(self.reporter.states, self.states())
         if self.config.benchmark.enable:
@@ -233,9 +231,8 @@ class Deployment(Lifecycle):
     async def _benchmark(self, built: Built, base: str) -> None:
         """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0), whatever happened."""
         try:
-            results = await benchmark_deployment(self.config, built.plan.commands, base, built.gateway.quiet_token,
-                                                 built.supervisor)
-            await self.tell(self.reporter.benchmark, results)
+            await self.tell(self.reporter.benchmark, await benchmark_deployment(
+                self.config, built.plan.commands, base, built.gateway.quiet_token, built.supervisor))
         except Exception:
             logger.exception("The benchmark at ready failed")
         finally:

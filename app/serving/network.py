@@ -64,15 +64,15 @@ def public_address(environ: dict[str, str]) -> str:
     return "127.0.0.1"
 
 
-def token_reference(config: DeploymentConfig, environ: Mapping[str, str], generated: bool) -> str:
+def token_reference(config: DeploymentConfig, environ: Mapping[str, str]) -> str:
     """What the printed curl sends as its token: where the token is, never the token. The environment variable
     itself where it holds the one token (`${VAR#*=}` drops a `NAME=`), so the command runs as printed in the shell
-    that started the app; else a placeholder."""
+    that started the app; else a placeholder (for a generated token where neither names one: `access_keys`)."""
     entries = [t.strip() for t in environ.get(constants.API_TOKENS_ENV, "").split(",") if t.strip()]
     if not config.auth.tokens and len(entries) == 1:
         named = split_entry(entries[0])[0] is not None
         return f"${{{constants.API_TOKENS_ENV}#*=}}" if named else f"${constants.API_TOKENS_ENV}"
-    return "YOUR_GENERATED_TOKEN" if generated else "YOUR_TOKEN"
+    return "YOUR_GENERATED_TOKEN" if not config.auth.tokens and not entries else "YOUR_TOKEN"
 
 
 def curl_command(base_url: str, endpoint: str, token: str = "YOUR_TOKEN") -> str:

@@ -21,7 +21,7 @@ def argv_of(command: str, environ: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize("tokens", ["plain-token-0123456789", "alice=plain-token-0123456789"])
 def test_one_token_in_the_environment_is_sent_from_the_variable_itself(tokens):
-    reference = token_reference(load_config(overrides=[MODEL]), {"CLEARML_SGLANG_API_TOKENS": tokens}, False)
+    reference = token_reference(load_config(overrides=[MODEL]), {"CLEARML_SGLANG_API_TOKENS": tokens})
     command = curl_command("http://h:8000", "m", reference)
     assert "plain-token" not in command
     assert "Authorization: Bearer plain-token-0123456789" in argv_of(command, {"CLEARML_SGLANG_API_TOKENS": tokens})
@@ -29,8 +29,8 @@ def test_one_token_in_the_environment_is_sent_from_the_variable_itself(tokens):
 
 def test_elsewhere_a_placeholder_names_the_token_to_put_in():
     env = {"CLEARML_SGLANG_API_TOKENS": "a-token-0123456789,b-token-0123456789"}
-    several = token_reference(load_config(overrides=[MODEL]), env, False)
-    in_config = token_reference(load_config(overrides=[MODEL, "auth.tokens=c-token-0123456789"]), {}, False)
-    generated = token_reference(load_config(overrides=[MODEL]), {}, True)
+    several = token_reference(load_config(overrides=[MODEL]), env)
+    in_config = token_reference(load_config(overrides=[MODEL, "auth.tokens=c-token-0123456789"]), {})
+    generated = token_reference(load_config(overrides=[MODEL]), {})
     assert (several, in_config, generated) == ("YOUR_TOKEN", "YOUR_TOKEN", "YOUR_GENERATED_TOKEN")
     assert "Authorization: Bearer YOUR_TOKEN" in argv_of(curl_command("http://h:8000", "m", several), {})

@@ -230,7 +230,8 @@ def test_startup_phases_in_order_in_the_console_the_status_reasons_and_the_prope
     phases = ["starting SGLang", "loading weights", "allocating memory", "warming up", "ready"]
     reasons = [next(i for i, line in enumerate(lines) if f"Status: loading (m: {phase})" in line) for phase in phases]
     summary = next(i for i, line in enumerate(lines) if "Ready in " in line)
-    assert reasons == sorted(reasons) and summary > reasons[-1]
+    # (the `ready` reason is told on the reporter's thread: its line may come just after the summary's)
+    assert reasons == sorted(reasons) and summary > reasons[-2]
     assert "fetching models" in lines[summary + 1]  # the summary's phases follow its first line
     props = properties(folder)
     assert props["startup"].startswith("fetching models ") and "m: starting SGLang " in props["startup"]

@@ -3,7 +3,7 @@
 that are never the bottleneck.
 
     .venv/bin/python bench/gateway.py [--seconds 4] [--runs 3] [--skip-tokens] [--configs direct,gateway,...]
-                                      [--baseline REV] [--output bench/results/gateway.json]
+                                      [--baseline REV] [--keys-only] [--output bench/results/gateway.json]
 
 Everything runs on this machine's loopback. Upstreams far faster than any proxy: for plain requests Debian's nginx
 answering `return 200` with a fixed OpenAI-shaped body; for streams `bench/sse_upstream.py` (uvloop, one write per
@@ -11,9 +11,10 @@ event, every event's bytes made once); the real SGLang on the CPU for tokens per
     direct    the upstream itself
     gateway   app.gateway.Gateway (uvloop, bearer check), one process
     limits    the same, its key with rate limits (rpm, tpm, concurrent: none ever reached), so that their
-              bookkeeping is measured against `gateway` in the same runs, and again side by side with it
-              (alternating wrk measurements, `paired_phase`): a difference of a few microseconds is less than two
-              runs of one configuration differ by
+              bookkeeping is measured against `gateway` in the same runs, again side by side with it
+              (alternating wrk measurements, `paired_phase`), and in one process (a key of each kind, the wrk
+              measurements alternating between their tokens, `one_process_phase`): a difference of a few
+              microseconds is less than two runs, or two processes, of one configuration differ by
     shaped    the same, its key with a priority and a max_tokens: each request's body gets fields written in
     clearml   ClearML's local proxy, `Task.get_http_router()`, a route with a bearer-check callback, access log on
               as shipped (clearml[router]: fastapi, uvicorn, httpx)
@@ -27,7 +28,8 @@ cold); 64 concurrent streams from the real SGLang engine. CPU from the OS (psuti
 generator's from getrusage). The whole set runs `--runs` times, interleaved; every figure is the median with its range
 over the runs, ratios computed within each run. A run in which direct access is not at least 3x the best proxy
 (requests/s at 16 connections, events/s of unpaced streams) is upstream-bound: then no ratio is reported.
-`--configs` runs only some of them (direct is needed for the upstream-bound check and the added latencies).
+`--configs` runs only some of them (direct is needed for the upstream-bound check and the added latencies);
+`--keys-only` only what keys' limits add (side by side and in one process: about 2 minutes a run).
 `--baseline REV` adds `baseline`: the gateway of another revision of this repository (a git worktree, this venv),
 started by that revision's own copy of this script, measured in the same runs, interleaved with the current one;
 the summary then gives the current gateway's CPU per request and per stream event over the baseline's, per run.
@@ -42,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -59,6 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
 TOKEN = "bench-token-0123456789abcdef"
+# `one_process_phase`: one gateway, a key per configuration, each with its own token
+KIND_TOKENS = {"gateway": TOKEN, "limits": "bench-limits-0123456789abcdef", "shaped": "bench-shaped-0123456789abcdef"}
 SSE = ROOT / "bench" / "sse_upstream.py"
 ALL_CONFIGS = ("direct", "gateway", "limits", "shaped", "clearml", "nginx")
 CONFIGS: tuple[str, ...] = ALL_CONFIGS  # what this run measures (--configs, --baseline)
@@ -211,12 +216,13 @@ def start_proxy(kind: str, upstream: str, workdir: Path) -> Proc:
                                               prefix=workdir), f"nginx-{port}", workdir, PROXY_CORES)
     else:  # the baseline's gateway is served by its own revision of this script, which imports its own app
         script, serve = ((BASELINE_TREE / "bench" / "gateway.py", "gateway") if kind == "baseline"
-                         else (__file__, f"gateway-{kind}") if kind in ("limits", "shaped") else (__file__, kind))
+                         else (__file__, f"gateway-{kind}") if kind in ("limits", "shaped", "keys")
+                         else (__file__, kind))
         argv = pinned([sys.executable, str(script), f"--serve-{serve}", str(port), upstream], PROXY_CORES)
         popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
                                  env={**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(workdir)})
     proc = Proc(popen, f"http://127.0.0.1:{port}")
-    own = kind in ("gateway", "limits", "shaped", "baseline")
+    own = kind in ("gateway", "limits", "shaped", "keys", "baseline")
     wait_http(proc.url + ("/healthz" if own else "/health"))  # (nginx's and ClearML's: proxied)
     return proc
 
@@ -254,14 +260,19 @@ def serve_gateway(port: int, upstream: str, limits_of: str = "") -> None:
     from app.gateway import Gateway, KeyRing, ModelRoute, RequestStats
     from app.keys import NO_LIMITS, KeyLimits
 
+    KIND_LIMITS = {"limits": KeyLimits(rpm=10**9, tpm=10**12, concurrent=10**6),  # (none ever reached)
+                   "shaped": KeyLimits(max_tokens=10**6, priority=1)}
+
     class Engine:
         url, state = upstream, "resident"
 
-    limits = {"limits": KeyLimits(rpm=10**9, tpm=10**12, concurrent=10**6),
-              "shaped": KeyLimits(max_tokens=10**6, priority=1)}.get(limits_of, NO_LIMITS)
+    if limits_of == "keys":  # one process, a key of each kind (`one_process_phase`)
+        keys = [("bench", TOKEN, NO_LIMITS)] + [(kind, KIND_TOKENS[kind], KIND_LIMITS[kind]) for kind in KIND_LIMITS]
+    else:
+        keys = [("bench", TOKEN, KIND_LIMITS.get(limits_of, NO_LIMITS))]
 
     async def main() -> None:
-        gateway = Gateway([ModelRoute("m", Engine())], KeyRing([("bench", TOKEN, limits)]), RequestStats())
+        gateway = Gateway([ModelRoute("m", Engine())], KeyRing(keys), RequestStats())
         await gateway.start("127.0.0.1", port)
         await asyncio.Event().wait()
 
@@ -297,11 +308,11 @@ def serve_clearml(port: int, upstream: str) -> None:
 # load
 
 
-def wrk(url: str, connections: int, seconds: float, workdir: Path) -> dict:
-    script = workdir / "post.lua"
+def wrk(url: str, connections: int, seconds: float, workdir: Path, token: str = TOKEN) -> dict:
+    script = workdir / f"post-{token}.lua"
     script.write_text(f'wrk.method = "POST"\nwrk.body = \'{json.dumps(CHAT)}\'\n'
                       f'wrk.headers["Content-Type"] = "application/json"\n'
-                      f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n')
+                      f'wrk.headers["Authorization"] = "Bearer {token}"\n')
     threads = 1 if connections == 1 else len(LOAD_CORES)
     before = _children_cpu()
     out = subprocess.run(pinned(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
@@ -528,7 +539,7 @@ def plain_and_stream_phase(results: dict, run: int, seconds: float, workdir: Pat
 # configuration differ by. So `gateway`, `limits` and `shaped` run side by side against one upstream, their wrk
 # measurements alternating, this many rounds of this many seconds a run, each round's order rotated; what the limits
 # add is the median of the rounds' differences.
-PAIRED_ROUNDS = 10
+PAIRED_ROUNDS = 10  # (--rounds)
 PAIRED_SECONDS = 2
 
 
@@ -548,7 +559,8 @@ def paired_phase(results: dict, run: int, workdir: Path) -> None:
                 proxy, before = proxies[kind], proxies[kind].cpu_seconds()
                 measured = wrk(proxy.url, 16, PAIRED_SECONDS, workdir)
                 cpu_us = (proxy.cpu_seconds() - before) / measured["requests"] * 1e6 if measured["requests"] else None
-                results[kind][run].setdefault("paired_cpu_us_per_request", []).append(cpu_us)
+                results.setdefault(kind, {}).setdefault(run, {}).setdefault("paired_cpu_us_per_request", []).append(
+                    cpu_us)
         print(f"run {run} paired CPU us/request: " + ", ".join(
             f"{k} " + " ".join(f"{v:.1f}" for v in results[k][run]["paired_cpu_us_per_request"] if v is not None)
             for k in kinds), flush=True)
@@ -558,14 +570,59 @@ def paired_phase(results: dict, run: int, workdir: Path) -> None:
         upstream.stop()
 
 
+def one_process_phase(results: dict, run: int, workdir: Path) -> None:
+    """The same, closer still: one gateway process with a key of each kind (`--serve-gateway-keys`), the wrk
+    measurements alternating between their tokens. What the limits add is then the only difference: two processes of
+    one configuration differ by a few microseconds a request (their memory's layout), one process not."""
+    kinds = [k for k in ("gateway", "limits", "shaped") if k in CONFIGS]
+    if "gateway" not in kinds or len(kinds) < 2:
+        return
+    upstream = start_plain_upstream(workdir)
+    proxy = None
+    try:
+        proxy = start_proxy("keys", upstream.url, workdir)
+        for kind in kinds:
+            wrk(proxy.url, 16, 1, workdir, KIND_TOKENS[kind])  # warm-up, not recorded
+        measured_ = results.setdefault("one_process", {}).setdefault(run, {k: [] for k in kinds})
+        for round_ in range(PAIRED_ROUNDS):
+            shift = round_ % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                before = proxy.cpu_seconds()
+                measured = wrk(proxy.url, 16, PAIRED_SECONDS, workdir, KIND_TOKENS[kind])
+                ok = measured["requests"] and not measured["non_2xx"]
+                measured_[kind].append((proxy.cpu_seconds() - before) / measured["requests"] * 1e6 if ok else None)
+        print(f"run {run} one process, CPU us/request: " + ", ".join(
+            f"{k} " + " ".join(f"{v:.1f}" for v in measured_[k] if v is not None) for k in kinds), flush=True)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        upstream.stop()
+
+
+def one_process_added(results: dict, kind: str, runs: int) -> dict:
+    """What `kind`'s key adds to the CPU per request of one gateway process: every round's difference, every run."""
+    rounds = [results["one_process"][r] for r in range(1, runs + 1) if r in results["one_process"]]
+    return quartiles([mine - base for measured in rounds
+                      for mine, base in zip(measured[kind], measured["gateway"], strict=True)
+                      if mine is not None and base is not None])
+
+
+def quartiles(values: list[float]) -> dict:
+    """The spread of `values`, their quartiles, and a 95% interval of their median (a percentile bootstrap, 2,000
+    resamples, seeded: the same values give the same interval)."""
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(2000))
+    return {**spread(values), "p25": statistics.quantiles(values, n=4)[0],
+            "p75": statistics.quantiles(values, n=4)[2], "median_ci95": [medians[50], medians[1949]]}
+
+
 def paired_added(results: dict, kind: str, runs: int) -> dict:
     """What `kind` adds to the gateway's CPU per request: every round's difference, over every run."""
     differences = [mine - base for r in range(1, runs + 1)
                    for mine, base in zip(results[kind][r]["paired_cpu_us_per_request"],
                                          results["gateway"][r]["paired_cpu_us_per_request"], strict=True)
                    if mine is not None and base is not None]
-    return {**spread(differences), "p25": statistics.quantiles(differences, n=4)[0],
-            "p75": statistics.quantiles(differences, n=4)[2]}
+    return quartiles(differences)
 
 
 def tokens_phase(results: dict, runs: int, workdir: Path) -> None:
@@ -715,6 +772,9 @@ def summarise(results: dict, runs: int) -> dict:
         # side by side, alternating (`paired_phase`): the same, measured closer
         "limits_added_cpu_us_per_request_paired": lambda: paired_added(results, "limits", runs),
         "shaped_added_cpu_us_per_request_paired": lambda: paired_added(results, "shaped", runs),
+        # one process, its keys alternating (`one_process_phase`): the same, without two processes' difference
+        "limits_added_cpu_us_per_request_one_process": lambda: one_process_added(results, "limits", runs),
+        "shaped_added_cpu_us_per_request_one_process": lambda: one_process_added(results, "shaped", runs),
     }
     # ratios against nginx and ClearML's proxy only where the proxies, not the upstream, were measured
     if checked and not any(upstream_bound(results, r, ("plain",)) for r in r_):
@@ -769,6 +829,7 @@ def print_table(results: dict, runs: int) -> None:
 
 
 def main() -> int:
+    global CONFIGS, BASELINE_TREE, PAIRED_ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each wrk measurement")
     parser.add_argument("--runs", type=int, default=3)
@@ -777,16 +838,22 @@ def main() -> int:
                         help="which of direct,gateway,clearml,nginx to measure (comma-separated)")
     parser.add_argument("--baseline", metavar="REV", help="also measure the gateway of this git revision")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go (JSON)")
+    parser.add_argument("--rounds", type=int, default=PAIRED_ROUNDS,
+                        help="rounds of the side-by-side and one-process measurements of keys' limits, a run")
+    parser.add_argument("--keys-only", action="store_true",
+                        help="only what keys' limits add (side by side, and in one process): no other figure")
     parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-key", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-limits", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-shaped", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway-keys", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-clearml", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_gateway:
         serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1])
         return 0
-    for kind, served in (("limits", args.serve_gateway_limits), ("shaped", args.serve_gateway_shaped)):
+    for kind, served in (("limits", args.serve_gateway_limits), ("shaped", args.serve_gateway_shaped),
+                         ("keys", args.serve_gateway_keys)):
         if served:
             serve_gateway(int(served[0]), served[1], kind)
             return 0
@@ -796,7 +863,7 @@ def main() -> int:
     if args.serve_clearml:
         serve_clearml(int(args.serve_clearml[0]), args.serve_clearml[1])
         return 0
-    global CONFIGS, BASELINE_TREE
+    PAIRED_ROUNDS = args.rounds
     CONFIGS = tuple(k for k in ALL_CONFIGS if k in args.configs.split(","))
     if unknown := set(args.configs.split(",")) - set(ALL_CONFIGS):
         parser.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ALL_CONFIGS)}")
@@ -813,8 +880,10 @@ def main() -> int:
             CONFIGS = (*CONFIGS, "baseline")
         try:
             for run in range(1, args.runs + 1):
-                plain_and_stream_phase(results, run, args.seconds, workdir)
+                if not args.keys_only:
+                    plain_and_stream_phase(results, run, args.seconds, workdir)
                 paired_phase(results, run, workdir)
+                one_process_phase(results, run, workdir)
                 write_results(results, run, args.baseline, args.output)
             if not args.skip_tokens:
                 tokens_phase(results, args.runs, workdir)

@@ -2,15 +2,16 @@
 """Keys' priorities through SGLang, measured: the README's model (SmolLM2 on the real SGLang, on this CPU) behind
 `clearml-sglang run`, with two keys, `low` and `high`.
 
-    .venv/bin/python bench/priority.py [--low-streams 6] [--high-requests 12]
+    .venv/bin/python bench/priority.py [--low-streams 6] [--probes 12]
 
-The engine runs at most 2 requests at once (`max-running-requests: 2`). The low key keeps `--low-streams` streams in
-flight all along (each asking for 48 tokens, a new one as soon as one ends): the engine is saturated, requests wait
-in its queue. Meanwhile the high key sends `--high-requests` streams one after another (8 tokens each). Each
-request's time to first token is measured by its client (to the first content chunk). Two runs side by side, the
-same load: with `auth.limits` giving `high` priority 100 and `low` 0 (SGLang's priority scheduling: the waiting queue
-by priority, and preemption past a gap of 10), and without limits (first come, first served). Results:
-bench/results/priority.json.
+The engine runs at most 2 requests at once (`max-running-requests: 2`). The low key keeps `--low-streams` background
+streams in flight all along (each asking for 48 tokens, a new one as soon as one ends): the engine is saturated,
+requests wait in its queue. Meanwhile `--probes` pairs of probe streams (8 tokens each), one high key's and one low
+key's, are sent one at a time, alternating: alike in everything but their key. Each request's time to first token is
+measured by its client (to the first content chunk). Two runs, the same load: with `auth.limits` giving `high`
+priority 100 and `low` 0 (SGLang's priority scheduling: the waiting queue by priority, and preemption past a gap of
+10), and without limits (first come, first served). For each, the medians, their ratio high / low and its 95%
+interval (a bootstrap): without priorities the ratio's interval should hold 1. Results: bench/results/priority.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -70,47 +72,65 @@ async def stream_ttft(session: aiohttp.ClientSession, base: str, token: str, max
     return first
 
 
-async def load(base: str, low_streams: int, high_requests: int) -> dict[str, list[float]]:
-    measured: dict[str, list[float]] = {"low": [], "high": []}
+async def load(base: str, low_streams: int, probes: int) -> dict[str, list[float]]:
+    """The low key's background streams keep the engine saturated; meanwhile `probes` pairs of probes, a high key's
+    and a low key's, one at a time, alternating (which goes first alternates too): each measured by its time to the
+    first token. The two keys' probes are alike in everything but the key, so without priorities they find the same
+    queue; the background's own times are measured too (a request sent as one ends finds a fuller queue than one
+    sent at a random moment)."""
+    measured: dict[str, list[float]] = {"high": [], "low": [], "background": []}
     stop = asyncio.Event()
     measuring = asyncio.Event()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        async def low_worker(i: int) -> None:
+        async def background(i: int) -> None:
             n = 0
             while not stop.is_set():
                 n += 1
                 ttft = await stream_ttft(session, base, LOW, 48, f"Low {i}.{n}: write about the sea.")
                 if ttft is not None and measuring.is_set() and not stop.is_set():
-                    measured["low"].append(ttft)
+                    measured["background"].append(ttft)
 
-        workers = [asyncio.create_task(low_worker(i)) for i in range(low_streams)]
-        await asyncio.sleep(15)  # the queue fills: every low worker's first request is under way or waiting
+        workers = [asyncio.create_task(background(i)) for i in range(low_streams)]
+        await asyncio.sleep(15)  # the queue fills: every background stream's first request is under way or waiting
         measuring.set()
-        for j in range(high_requests):
-            ttft = await stream_ttft(session, base, HIGH, 8, f"High {j}: name a colour.")
-            if ttft is not None:
-                measured["high"].append(ttft)
-            await asyncio.sleep(1.0)
+        for j in range(probes):
+            for key in (("high", "low") if j % 2 == 0 else ("low", "high")):
+                token = HIGH if key == "high" else LOW
+                ttft = await stream_ttft(session, base, token, 8, f"Probe {key} {j}: name a colour.")
+                if ttft is not None:
+                    measured[key].append(ttft)
+                await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*workers)
     return measured
 
 
+def ratio_interval(high: list[float], low: list[float]) -> list[float]:
+    """A 95% interval of median(high) / median(low): a percentile bootstrap, 2,000 resamples, seeded."""
+    draw = random.Random(0)
+    median = statistics.median
+    ratios = sorted(median(draw.choices(high, k=len(high))) / median(draw.choices(low, k=len(low)))
+                    for _ in range(2000))
+    return [round(ratios[50], 3), round(ratios[1949], 3)]
+
+
 def summary(measured: dict[str, list[float]]) -> dict[str, object]:
-    low, high = (statistics.median(measured[k]) if measured[k] else None for k in ("low", "high"))
-    return {"low_ttft_median_s": low, "high_ttft_median_s": high, "low_requests": len(measured["low"]),
-            "high_requests": len(measured["high"]),
-            "high_over_low": high / low if low and high is not None else None,
-            "low_ttft_s": [round(t, 3) for t in measured["low"]],
-            "high_ttft_s": [round(t, 3) for t in measured["high"]]}
+    medians = {k: statistics.median(v) if v else None for k, v in measured.items()}
+    high, low = medians["high"], medians["low"]
+    both = bool(measured["high"]) and bool(measured["low"])
+    return {"high_ttft_median_s": high, "low_ttft_median_s": low, "background_ttft_median_s": medians["background"],
+            "high_over_low": high / low if both else None,  # type: ignore[operator]
+            "high_over_low_ci95": ratio_interval(measured["high"], measured["low"]) if both else None,
+            **{f"{k}_requests": len(v) for k, v in measured.items()},
+            **{f"{k}_ttft_s": [round(t, 3) for t in v] for k, v in measured.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--low-streams", type=int, default=6)
-    parser.add_argument("--high-requests", type=int, default=12)
+    parser.add_argument("--probes", type=int, default=12, help="probes of each key")
     args = parser.parse_args()
-    results: dict[str, object] = {"low_streams": args.low_streams, "high_requests": args.high_requests,
+    results: dict[str, object] = {"low_streams": args.low_streams, "probes": args.probes,
                                   "max_running_requests": 2}
     with tempfile.TemporaryDirectory(prefix="bench-priority-") as tmp:
         scratch = Path(tmp)
@@ -119,14 +139,14 @@ def main() -> None:
             print(f"{name}: starting the deployment", flush=True)
             deployment = Deployment(ROOT, config(scratch, prioritized), scratch)
             try:
-                measured = asyncio.run(load(f"http://127.0.0.1:{deployment.port}", args.low_streams,
-                                            args.high_requests))
+                measured = asyncio.run(load(f"http://127.0.0.1:{deployment.port}", args.low_streams, args.probes))
             finally:
                 deployment.stop()
             results[name] = summary(measured)
             r = results[name]
             print(f"{name}: time to first token, median: high {r['high_ttft_median_s']} s, low "  # type: ignore[index]
-                  f"{r['low_ttft_median_s']} s (high/low {r['high_over_low']})", flush=True)  # type: ignore[index]
+                  f"{r['low_ttft_median_s']} s (high/low {r['high_over_low']}, 95% interval "  # type: ignore[index]
+                  f"{r['high_over_low_ci95']})", flush=True)  # type: ignore[index]
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clearml-sglang {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serving_commands(sub)
+    _add_check_command(sub)
     _add_task_commands(sub)
     return parser
 
@@ -85,6 +86,20 @@ def _add_serving_commands(sub) -> None:
                       help="port of the first engine; the next models take the following ports")
 
 
+def _add_check_command(sub) -> None:
+    check = sub.add_parser("check", help="pre-flight: can each model be found, run and fit? (seconds, nothing "
+                                         "launched)",
+                           description="Check, in seconds and without launching anything, that each model can be "
+                                       "found, that SGLang runs its architecture, that its weights and one full "
+                                       "context fit its engine's share of memory and that its adapters fit it. "
+                                       "Exit 0, or 2 with every problem.")
+    _config_options(check)
+    check.add_argument("--gpu-count", type=int, metavar="N", help="GPUs of the target machine (default: this one's)")
+    check.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                       help="memory of one target GPU (default: this machine's, read through NVML)")
+    check.add_argument("--json", action="store_true", help="one JSON object a model instead of the text report")
+
+
 def _add_task_commands(sub) -> None:
     """The commands around the ClearML task: launch, clone, template, wizard, export."""
     launch = sub.add_parser("launch", help="create a deployment task from a config and enqueue it")
@@ -133,7 +148,8 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     try:
         return COMMANDS[options.command](options, out)
     except ConfigError as exc:
-        err.write(str(exc) + "\n")
+        if not exc.told:  # (`run` logs it at once, before ClearML's session closes)
+            err.write(str(exc) + "\n")
         return EXIT_USAGE
 
 
@@ -181,6 +197,24 @@ def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
     check_commands(list(planned.commands))  # SGLang's own parser, where it is installed
     for command in planned.processes:
         out.write(json.dumps(command.describe(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _cmd_check(options: argparse.Namespace, out: TextIO) -> int:
+    """Pre-flight (`app.preflight`): a report per model; every problem at once, exit 2."""
+    from app.preflight import HubFiles, preflight, problems_of
+    from app.preflight.report import render, target_of
+    from app.serving.models import describe
+
+    _require_source(options)
+    config = load_config(options.config, options.overrides)
+    checks = preflight(config, describe(config), target_of(config, options.gpu_count, options.gpu_memory_gib),
+                       HubFiles(config.general.hf_token))
+    for line in ([json.dumps(c.to_json(), ensure_ascii=False) for c in checks] if options.json else render(checks)):
+        out.write(line + "\n")
+    problems = problems_of(checks)
+    if problems:
+        raise ConfigError(problems)
     return EXIT_OK
 
 
@@ -307,5 +341,5 @@ def _require_source(options: argparse.Namespace) -> None:
                                   "pass --config FILE, or --set models.0.model=<HF name or ClearML Model ID>"))
 
 
-COMMANDS = {"args": _cmd_args, "export": _cmd_export, "run": _cmd_run, "bench": _cmd_bench, "launch": _cmd_launch,
-            "clone": _cmd_clone, "template": _cmd_template, "wizard": _cmd_wizard}
+COMMANDS = {"args": _cmd_args, "check": _cmd_check, "export": _cmd_export, "run": _cmd_run, "bench": _cmd_bench,
+            "launch": _cmd_launch, "clone": _cmd_clone, "template": _cmd_template, "wizard": _cmd_wizard}

@@ -24,6 +24,8 @@ class ConfigError(Exception):
     The CLI turns it into exit code 2 and one message on stderr; nothing has been launched.
     """
 
+    told = False  # already on the console (`run` logs it at once, before ClearML's session closes)
+
     def __init__(self, problems: list[Problem] | Problem):
         self.problems = [problems] if isinstance(problems, Problem) else list(problems)
         super().__init__(self.render())

@@ -23,6 +23,7 @@ from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, EXIT_OK
 from app.demo import DEMO_NAME, demo_config
 from app.errors import ConfigError, Problem
+from app.preflight import run_checks
 from app.serving.deployment import Deployment, RunOptions
 from app.serving.network import access_keys, public_address
 from app.serving.node import Master, RankNode, ReplicaWorker, WorkerOrder
@@ -50,7 +51,8 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
                                 monitor_interval_s=monitor_s, environ=environ)
     try:
         options = RunOptions(host=host, port=port, launcher=launcher, process_started=started,
-                             task_url=task.web_url(), exit_after_benchmark=benchmark_only, environ=environ)
+                             task_url=task.web_url(), exit_after_benchmark=benchmark_only, environ=environ,
+                             preflight=run_checks)
         if demo:
             config, options = _demo(task, options, environ)
         config = _task_config(task, config, overrides)
@@ -59,6 +61,9 @@ def run_service(*, config_path: str | None, overrides: list[str], host: str, por
         deployment = _deployment(config, task, options, environ)
         code = event_loop_runner()(_serve(deployment, task))
     except ConfigError as exc:
+        if not exc.told:
+            logger.error("%s", exc)  # at once: closing ClearML's session can take seconds
+        exc.told = True
         task.finish(Outcome.FAILED, str(exc))
         task.close()
         raise

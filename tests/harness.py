@@ -41,6 +41,7 @@ class RecordingReporter:
     wakes: list = field(default_factory=list)  # (wake-ups per model, p50 ms, p95 ms) at each report
     startups: list = field(default_factory=list)  # the startup summary, once ready
     benchmarks: list = field(default_factory=list)  # each benchmark at ready's results
+    preflights: list = field(default_factory=list)  # pre-flight's findings, as told
 
     def status(self, state: str, reason: str = "") -> None:
         self.statuses.append((state, reason))
@@ -50,6 +51,9 @@ class RecordingReporter:
 
     def access_token(self, token: str) -> None:
         self.tokens.append(token)
+
+    def preflight(self, findings) -> None:
+        self.preflights.append(findings)
 
     def report(self, report) -> None:
         self.reports.append(report)

@@ -73,6 +73,10 @@ class TaskReporter:
         logger.info("Status: %s%s", state, f" ({reason})" if reason else "")
         self.task.set_properties(status=state, status_reason=reason)
 
+    def preflight(self, findings: list[str]) -> None:
+        """Pre-flight's problems and warnings (`preflight`: "ok" when it found none)."""
+        self.task.set_properties(preflight="; ".join(findings) or "ok")
+
     def access_token(self, token: str) -> None:
         # the one place a token may be shown: the task's properties, which only the project's members read
         self.task.set_properties(access_token=token)

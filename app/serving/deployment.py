@@ -29,7 +29,7 @@ from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu, detect_gpus
 from app.serving.idle import IdleDecision
 from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
-from app.serving.models import ModelRegistry, resolve
+from app.serving.models import ModelRegistry
 from app.serving.network import access_keys, curl_command, engine_key, free_ports, public_address, token_reference
 from app.serving.plan import DeploymentPlan, layout, plan
 from app.serving.readings import Readings, model_states
@@ -147,10 +147,8 @@ class Deployment(Lifecycle):
 
     async def _run(self) -> int:
         keys, generated = access_keys(self.config, self.environ)  # (a ConfigError before anything is fetched)
-        await self.tell(self.reporter.status, Status.LOADING, "fetching models")
-        fetching = self.clock()
-        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
-        self.timeline.fetched(self.clock() - fetching)
+        resolved, fetched_s = await self.resolve_and_check()  # (pre-flight's problems: a ConfigError, nothing started)
+        self.timeline.fetched(fetched_s)
         planned = self.plan(resolved)
         if generated:
             await self.tell(self.reporter.access_token, keys[0][1])

@@ -17,7 +17,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,9 +25,10 @@ from typing import Protocol
 from app import constants
 from app.config.types import DeploymentConfig
 from app.constants import EXIT_ENGINE, EXIT_OK, exit_after_signal
+from app.errors import ConfigError, Problem
 from app.serving.failures import EngineStartupError
 from app.serving.gpus import Gpu
-from app.serving.models import ModelRegistry
+from app.serving.models import ModelRegistry, ResolvedModel, resolve
 from app.serving.report import BenchmarkResult, Report, Span, StartupSummary
 from app.sglang.command import MultiNode
 from app.states import ModelState, Status
@@ -62,6 +63,9 @@ class RunOptions:
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
     exit_after_benchmark: bool = False  # `bench`: stop (exit 0) once the benchmark at ready has been reported
     environ: Mapping[str, str] | None = None  # where tokens and this machine's address are read (None: os.environ)
+    # pre-flight (`app.preflight`, composed in by `app.run`): the resolved models' problems and warnings, before any
+    # engine starts
+    preflight: Callable[[DeploymentConfig, Sequence[ResolvedModel]], tuple[list[Problem], list[str]]] | None = None
 
 
 class Reporter(Protocol):
@@ -70,6 +74,8 @@ class Reporter(Protocol):
     def status(self, state: Status, reason: str = "") -> None: ...
 
     def access_token(self, token: str) -> None: ...
+
+    def preflight(self, findings: list[str]) -> None: ...
 
     def base_url(self, port: int, local_url: str) -> str: ...
 
@@ -143,6 +149,9 @@ class ConsoleReporter:
     def close(self) -> None:
         pass
 
+    def preflight(self, findings: list[str]) -> None:
+        pass  # (the deployment prints them)
+
     def access_token(self, token: str) -> None:
         """Never printed: written to a file only this user can read, whose path is printed."""
         path = self.token_file
@@ -199,6 +208,26 @@ class Lifecycle:
         except Exception:
             logger.exception("Reporting failed")
         return None
+
+    async def resolve_and_check(self) -> tuple[list[ResolvedModel], float]:
+        """The models resolved (ClearML's fetched), then pre-flight (`options.preflight`): its warnings told, its
+        problems a ConfigError before any engine starts; and how long fetching took."""
+        await self.tell(self.reporter.status, Status.LOADING, "fetching models")
+        fetching = self.clock()
+        resolved = await asyncio.to_thread(resolve, self.config, self.registry)
+        fetched_s = self.clock() - fetching
+        if self.options.preflight is not None:
+            await self.tell(self.reporter.status, Status.LOADING, "pre-flight checks")
+            problems, warnings = await asyncio.to_thread(self.options.preflight, self.config, resolved)
+            for warning in warnings:
+                logger.warning("Pre-flight: %s", warning)
+            await self.tell(self.reporter.preflight, [*map(str, problems), *warnings])
+            if problems:
+                error = ConfigError(problems)
+                await self.tell(self.reporter.status, Status.FAILED, error.render())
+                error.told = True  # (the status line said it)
+                raise error
+        return resolved, fetched_s
 
     async def fail(self, failure: EngineStartupError) -> int:
         logger.error("%s", failure.render())

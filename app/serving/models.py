@@ -12,6 +12,7 @@ tests).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from app.config.flags import FlagTable
 from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule
 from app.errors import ModelNotFound, ModelResolutionError, Problem
+from app.sglang.parsers import NONE, Parsers, chat_template_of, choose_parsers
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class ResolvedModel:
     model_path: str
     source: str
     lora_modules: tuple[LoraModule, ...] = ()
+    parsers: Parsers = NONE  # its family's tool-call and reasoning parsers, where its files say it (`model_parsers`)
 
 
 def classify(reference: str) -> str:
@@ -88,10 +92,42 @@ def _resolve_all(config: DeploymentConfig, registry: ModelRegistry | None) -> li
                 if module_path is not None:
                     modules.append(LoraModule(module.name, module_path))
         if path is not None:
-            resolved.append(ResolvedModel(model.endpoint, path, classify(model.model), tuple(modules)))
+            resolved.append(ResolvedModel(model.endpoint, path, classify(model.model), tuple(modules),
+                                          model_parsers(path, model.model)))
     if problems:
         raise ModelResolutionError(problems)
     return resolved
+
+
+def model_parsers(path: str, reference: str) -> Parsers:
+    """The parsers its family gets (`app.sglang.parsers`), read from a local folder or the local HuggingFace cache
+    (nothing fetched): its config.json, its chat template."""
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return NONE
+        cached = try_to_load_from_cache(path, "config.json") if is_hf_repo(path) else None
+        if not isinstance(cached, str):
+            return NONE
+        folder = Path(cached).parent
+    config, tokenizer = _json(folder / "config.json"), _json(folder / "tokenizer_config.json")
+    if config is None:
+        return NONE
+    template = folder / "chat_template.jinja"
+    table = FlagTable.load()
+    return choose_parsers(config, chat_template_of(tokenizer, template.read_text() if template.is_file() else None),
+                          reference, tool_choices=frozenset(table.lookup_key("tool-call-parser").choices or ()),
+                          reasoning_choices=frozenset(table.lookup_key("reasoning-parser").choices or ()))
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _resolve_one(reference: str, where: str, registry: ModelRegistry | None, problems: list[Problem]) -> str | None:

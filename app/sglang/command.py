@@ -105,6 +105,7 @@ def engine_spec(config: DeploymentConfig, index: int, resolved: Resolved, *, por
     argv.add("enable-metrics", True)  # the dashboard's tokens per second come from SGLang's counters
     if config.general.sleep_on_idle and "sleep_on_idle" not in argv.dests:
         argv.add("sleep-on-idle", True)  # an idle scheduler waits on its sockets instead of polling them
+    _add_parsers(argv, getattr(resolved, "parsers", None), notes)
     _add_quiet_console(argv, config.general.debug)
     problems = table.check_argv(["--model-path", resolved.model_path, *argv.tokens])
     if problems:
@@ -276,6 +277,20 @@ def _flags_by_name(model: ModelConfig, config: DeploymentConfig) -> dict[str, An
         flags[PRIORITY_SCHEDULING] = True
         flags.setdefault(DEFAULT_PRIORITY, 0)
     return flags
+
+
+def _add_parsers(argv: _Argv, parsers: Any, notes: list[str]) -> None:
+    """The model family's tool-call and reasoning parsers (`app.sglang.parsers`) where the user set neither."""
+    if not parsers:
+        return
+    chosen = [(flag, value) for flag, value in (("tool-call-parser", parsers.tool_call),
+                                                ("reasoning-parser", parsers.reasoning))
+              if value and flag.replace("-", "_") not in argv.dests]  # (the user's own value wins)
+    if not chosen:
+        return
+    for flag, value in chosen:
+        argv.add(flag, value)
+    notes.append(f"parsers for {parsers.family}: " + ", ".join(f"{flag} {value}" for flag, value in chosen))
 
 
 def _add_quiet_console(argv: _Argv, debug: bool) -> None:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from app.cli import _configure_logging
+from app.constants import EXIT_USAGE
+from app.errors import ConfigError
 from app.run import run_service
 
 FAKE = Path(__file__).resolve().parent.parent / "fakes" / "fake_sglang_server.py"
@@ -25,5 +27,10 @@ if __name__ == "__main__":
     options = parser.parse_args()
     _configure_logging(sys.stderr)
     logging.getLogger("app").info("test driver: engines are the stand-in server")
-    sys.exit(run_service(config_path=options.config, overrides=options.overrides, host="127.0.0.1",
-                         port=options.port, offline=True, launcher=(sys.executable, str(FAKE))))
+    try:
+        sys.exit(run_service(config_path=options.config, overrides=options.overrides, host="127.0.0.1",
+                             port=options.port, offline=True, launcher=(sys.executable, str(FAKE))))
+    except ConfigError as exc:  # as `clearml-sglang run` answers it (app.cli.main)
+        if not exc.told:
+            sys.stderr.write(str(exc) + "\n")
+        sys.exit(EXIT_USAGE)

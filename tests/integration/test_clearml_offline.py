@@ -441,3 +441,26 @@ def test_each_keys_usage_reads_back_from_the_offline_session_as_reported(tmp_pat
     assert header == ["Key", "Requests", "Errors", "Rate-limited", "Prompt tokens", "Completion tokens"]
     assert [list(row) for row in zip(*columns, strict=True)] == [
         ["alice", 7, 1, 2, 95, 61], ["token-2", 4, 2, 1, 33, 17]]
+
+
+def test_a_model_that_cannot_fit_is_refused_in_seconds_before_any_engine_starts(tmp_path):
+    from tests.unit.test_preflight import LLAMA_70B, fabricate, llama_tensors
+
+    big = fabricate(tmp_path / "llama-70b", LLAMA_70B, llama_tensors(LLAMA_70B))
+    began = time.monotonic()
+    process, _ = start(tmp_path, f"models.0.model={big}", "general.device=cpu")
+    said_at, lines = None, []
+    for line in process.stdout:  # the refusal is on the console before ClearML's session closes
+        lines.append(line)
+        if "its weights take 131.4 GiB, more than the" in line and said_at is None:
+            said_at = time.monotonic() - began
+            assert not [p for p in psutil.Process(process.pid).children(recursive=True)
+                        if "sglang" in " ".join(p.cmdline())], "an engine was started"
+    code = process.wait(timeout=60)
+    assert code == 2, "".join(lines)
+    assert said_at is not None and said_at <= 5, (said_at, "".join(lines))
+    props = properties(session(tmp_path))
+    assert props["status"] == "failed" and "its weights take 131.4 GiB" in props["status_reason"]
+    assert "131.4 GiB" in props["preflight"]
+    assert "".join(lines).count("its weights take 131.4 GiB") == 1  # told once
+    no_process_left()

@@ -3,7 +3,8 @@
 Layers (a package may import the ones listed for it, and `app/constants.py`, `app/errors.py`, `app/keys.py`,
 `app/states.py`, `app/statistics.py`):
 config (the schema, its sources and SGLang's flag table) → sglang (its commands, API, router, CPU mode) → serving
-(plan, engines, residency, deployment), which wires the gateway (which imports none of them); clearml at the side,
+(plan, engines, residency, deployment), which wires the gateway (which imports none of them); preflight reads a
+config and its resolved models (serving's) before any of it runs; clearml at the side,
 reading the config and the report snapshot serving produces, nothing else; `app/run.py` composes them; `app/cli.py`
 on top. No cycles, not even among imports made only for type checking.
 """
@@ -24,8 +25,9 @@ ALLOWED = {
     "serving": {"config", "sglang", "gateway"},
     "clearml": {"config", "serving"},
     "demo": {"config"},
-    "run": {"config", "sglang", "gateway", "serving", "clearml", "demo"},
-    "cli": {"config", "sglang", "gateway", "serving", "clearml", "demo", "run"},
+    "preflight": {"config", "sglang", "serving"},
+    "run": {"config", "sglang", "gateway", "serving", "clearml", "demo", "preflight"},
+    "cli": {"config", "sglang", "gateway", "serving", "clearml", "demo", "run", "preflight"},
     "__main__": {"cli"},
 }
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES, MAX_CONSTRUCTOR_PARAMETERS = 400, 50, 200, 8

@@ -1,0 +1,99 @@
+"""Pre-flight: what can be known before a process starts, checked in seconds (docs/deploying.md, "Pre-flight").
+
+    config ─► settings (per engine: tp, memory flags) ─┐
+    resolved models ─► files (config.json, safetensors headers, adapters' configs: local, cache or hub)
+                                                       ▼
+                      checks (pure): found · architecture · tensor parallel · fit · adapters ─► findings
+
+`preflight` returns one `ModelCheck` per model; a finding that is a problem stops `run` before any engine starts
+(exit 2, the task's status reason), a warning is told. `clearml-sglang check` prints the same report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from app.config.types import DeploymentConfig
+from app.errors import Problem
+from app.preflight.checks import (
+    Finding,
+    ModelCheck,
+    Target,
+    adapter_findings,
+    architecture_findings,
+    fit_findings,
+    found_findings,
+    parallel_findings,
+)
+from app.preflight.files import FOUND, HubFiles, Lookup, ModelFiles, read_local
+from app.preflight.registry import sglang_architectures, transformers_knows
+from app.preflight.settings import engine_settings
+from app.serving.models import CLEARML, LOCAL_PATH, ResolvedModel, classify
+from app.sglang.spec import Machine
+
+__all__ = ["Finding", "HubFiles", "ModelCheck", "Target", "preflight", "problems_of", "run_checks"]
+
+
+def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], target: Target, files: ModelFiles, *,
+              supported: frozenset[str] | None | bool = True,
+              knows: Callable[[str], bool | None] = transformers_knows) -> list[ModelCheck]:
+    """Every model's check (`supported`: the architectures SGLang runs; True: read from the installed SGLang)."""
+    archs = sglang_architectures() if supported is True else supported or None
+    machine = Machine(gpu_count=target.gpu_count, gpu_memory_gib=target.gpu_memory_gib)
+    checks = []
+    for index, model in enumerate(resolved):
+        where = f"models[{index}]"
+        check = ModelCheck(model.endpoint, config.models[index].model)
+        checks.append(check)
+        lookup = _look(model.model_path, files)
+        if lookup is None:
+            check.found = "ClearML model, not fetched"
+            check.findings.append(Finding(f"{where}.model", "not verified here: a ClearML model is read when `run` "
+                                          "fetches it", "", problem=False))
+            continue
+        check.found = lookup.where or lookup.outcome
+        check.findings += found_findings(where, model.model_path, lookup, bool(config.general.hf_token))
+        if lookup.outcome != FOUND:
+            continue
+        settings = engine_settings(config, index, machine)
+        if model.parsers and not (settings.tool_call_parser or settings.reasoning_parser):
+            check.parsers = ", ".join(f"{flag} {value}" for flag, value in (
+                ("tool-call-parser", model.parsers.tool_call), ("reasoning-parser", model.parsers.reasoning))
+                if value) + f" (for {model.parsers.family})"
+        check.architecture, found = architecture_findings(where, lookup.config, archs, knows)
+        check.findings += found
+        check.findings += parallel_findings(where, lookup.config, settings.tp)
+        check.findings += fit_findings(where, check, lookup.config, lookup.tensors, settings, target)
+        adapters = [(m.name, _look(m.path, files, "adapter_config.json")) for m in model.lora_modules]
+        check.findings += adapter_findings(where, [(n, a) for n, a in adapters if a is not None], lookup.tensors,
+                                           settings.max_lora_rank)
+    return checks
+
+
+def _look(reference: str, files: ModelFiles, config_name: str = "config.json") -> Lookup | None:
+    """A model's or adapter's metadata (None: a ClearML model not fetched)."""
+    try:
+        kind = classify(reference)
+    except ValueError:
+        kind = LOCAL_PATH
+    if kind == CLEARML:
+        return None
+    if kind == LOCAL_PATH:
+        return read_local(Path(os.path.expanduser(reference)), config_name)
+    return files.lookup(reference, (config_name,))
+
+
+def problems_of(checks: Sequence[ModelCheck]) -> list[Problem]:
+    """The findings that stop a launch, as config problems (`field: problem (fix)`)."""
+    return [Problem(f.field, f.message, f.fix) for c in checks for f in c.findings if f.problem]
+
+
+def run_checks(config: DeploymentConfig, resolved: Sequence[ResolvedModel]) -> tuple[list[Problem], list[str]]:
+    """What `run` does before any engine starts (`app.serving.lifecycle.RunOptions.preflight`): this machine's
+    check, its problems and its warnings."""
+    from app.preflight.report import target_of
+
+    checks = preflight(config, resolved, target_of(config, None, None), HubFiles(config.general.hf_token))
+    return problems_of(checks), [str(f) for c in checks for f in c.findings if not f.problem]

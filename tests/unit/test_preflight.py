@@ -140,26 +140,26 @@ def test_a_name_the_hub_does_not_have_is_a_problem():
                         "https://huggingface.co)"]
 
 
-def test_an_adapter_of_rank_64_with_max_lora_rank_8_is_refused(tmp_path):
+def adapter_problems(tmp_path: Path, adapter_config: dict, **lora) -> list[str]:
+    """The problems of a one-layer Llama base on 4 GPUs with one adapter `sql` of this adapter_config.json."""
     base = fabricate(tmp_path / "base", LLAMA_70B, llama_tensors({**LLAMA_70B, "num_hidden_layers": 1}))
     adapter = tmp_path / "sql"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 64, "target_modules": ["q_proj", "v_proj"]}))
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
     raw = {"models": [{"model": str(base), "gpus": 4,
-                       "lora": {"enable": True, "modules": [f"sql={adapter}"], "max_lora_rank": 8}}]}
-    _, problems = check(raw, Target("cuda", 4, 80))
+                       "lora": {"enable": True, "modules": [f"sql={adapter}"], **lora}}]}
+    return check(raw, Target("cuda", 4, 80))[1]
+
+
+def test_an_adapter_of_rank_64_with_max_lora_rank_8_is_refused(tmp_path):
+    problems = adapter_problems(tmp_path, {"r": 64, "target_modules": ["q_proj", "v_proj"]}, max_lora_rank=8)
     assert problems == ["models[0].lora.modules[0]: adapter sql has rank 64, above max_lora_rank 8 (set "
                         "lora.max_lora_rank to 64 or more)"]
 
 
 def test_an_adapter_for_modules_the_base_lacks_is_refused(tmp_path):
-    base = fabricate(tmp_path / "base", LLAMA_70B, llama_tensors({**LLAMA_70B, "num_hidden_layers": 1}))
-    adapter = tmp_path / "other"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["query_key_value"]}))
-    _, problems = check({"models": [{"model": str(base), "gpus": 4,
-                                     "lora": {"enable": True, "modules": [f"o={adapter}"]}}]}, Target("cuda", 4, 80))
-    assert problems == ["models[0].lora.modules[0]: adapter o targets modules its base model does not have: "
+    problems = adapter_problems(tmp_path, {"r": 8, "target_modules": ["query_key_value"]})
+    assert problems == ["models[0].lora.modules[0]: adapter sql targets modules its base model does not have: "
                         "query_key_value (use an adapter trained for this base model)"]
 
 

@@ -27,8 +27,8 @@ DOCKER_ARGS = f"--ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -p {const
               f"{constants.GATEWAY_DEFAULT_PORT}"
 # What the agent installs into the image's Python: the control plane, as in requirements.txt (a test keeps the two
 # equal); SGLang and torch are the image's own.
-REQUIREMENTS = ("clearml==2.1.12", "clearml-agent>=3.0.3", "PyYAML>=6.0", "requests>=2.31", "aiohttp>=3.9",
-                "httptools>=0.6", "uvloop>=0.19",
+REQUIREMENTS = ("clearml==2.1.12", "clearml-agent>=3.0.3", "PyYAML>=6.0", "requests>=2.31", "huggingface_hub>=1.0",
+                "aiohttp>=3.9", "httptools>=0.6", "uvloop>=0.19",
                 "psutil>=5.9", "nvidia-ml-py>=12.535")
 TEMPLATE_FILE = "task_templates/sglang_deployment.yaml"
 

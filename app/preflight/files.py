@@ -9,6 +9,7 @@ replace. Nothing here decides what is wrong: `app.preflight.checks` does.
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import logging
 import struct
@@ -133,14 +134,15 @@ class HubFiles:
         return answer[0] if answer else otherwise
 
     def _fetch(self, name: str, files: tuple[str, ...]) -> Lookup:
-        import httpx
         from huggingface_hub import hf_hub_url
         from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+        session = get_session()  # huggingface_hub's own client: httpx's (hub 1.x) or httpx2's (2.x)
+        transport = importlib.import_module(type(session).__module__.partition(".")[0])
         try:
-            response = httpx.get(hf_hub_url(name, files[0], endpoint=self.endpoint), follow_redirects=True,
-                                 headers=build_hf_headers(token=self.token), timeout=self.timeout_s)
+            response = session.get(hf_hub_url(name, files[0], endpoint=self.endpoint), follow_redirects=True,
+                                   headers=build_hf_headers(token=self.token), timeout=self.timeout_s)
             hf_raise_for_status(response)  # (the hub's answer as huggingface_hub's own errors)
             config = response.json()
         except GatedRepoError:
@@ -152,7 +154,7 @@ class HubFiles:
             return Lookup(INVALID, detail=f"the model on the hub has no {files[0]}")
         except (HfHubHTTPError, ValueError) as exc:
             return self._unreachable(name, f"it answered {str(exc).splitlines()[0][:80]}")
-        except (httpx.HTTPError, OSError) as exc:
+        except (transport.HTTPError, OSError) as exc:
             return self._unreachable(name, type(exc).__name__)
         if not isinstance(config, dict):
             return Lookup(INVALID, detail=f"the model's {files[0]} on the hub is not a JSON object")

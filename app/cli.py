@@ -180,14 +180,15 @@ def _cmd_args(options: argparse.Namespace, out: TextIO) -> int:
     """What `run` would run, from the same plan (`app.serving.plan`): every process's command line and environment,
     on a machine described by --gpu-count/--gpu-memory-gib (an agent's: replicas beyond its GPUs go to worker
     tasks)."""
-    from app.serving.gpus import Gpu
+    from app.serving.gpus import Gpu, available_memory
     from app.serving.models import describe
     from app.serving.plan import layout, plan
     from app.sglang.command import Launch, Machine, check_commands
 
     _require_source(options)
     config = load_config(options.config, options.overrides)
-    machine = Machine(gpu_count=options.gpu_count, gpu_memory_gib=options.gpu_memory_gib)
+    machine = Machine(gpu_count=options.gpu_count, gpu_memory_gib=options.gpu_memory_gib,
+                      memory_available_bytes=available_memory() if config.general.device == "cpu" else None)
     gpus = [Gpu(i, "described", options.gpu_memory_gib or 0.0) for i in range(options.gpu_count or 0)] or None
     where = layout(config, gpus, can_spawn=True, machine=machine)
     # "python": the interpreter of the machine that runs the deployment, not of the one asking; the engine key

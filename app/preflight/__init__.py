@@ -90,10 +90,12 @@ def problems_of(checks: Sequence[ModelCheck]) -> list[Problem]:
     return [Problem(f.field, f.message, f.fix) for c in checks for f in c.findings if f.problem]
 
 
-def run_checks(config: DeploymentConfig, resolved: Sequence[ResolvedModel]) -> tuple[list[Problem], list[str]]:
+def run_checks(config: DeploymentConfig,
+               resolved: Sequence[ResolvedModel]) -> tuple[list[Problem], list[str], list[str]]:
     """What `run` does before any engine starts (`app.serving.lifecycle.RunOptions.preflight`): this machine's
-    check, its problems and its warnings."""
+    check, its problems, its warnings and what it chose (each model's parsers)."""
     from app.preflight.report import target_of
 
     checks = preflight(config, resolved, target_of(config, None, None), HubFiles(config.general.hf_token))
-    return problems_of(checks), [str(f) for c in checks for f in c.findings if not f.problem]
+    return (problems_of(checks), [str(f) for c in checks for f in c.findings if not f.problem],
+            [f"{c.endpoint}: {c.parsers}" for c in checks if c.parsers])

@@ -26,7 +26,7 @@ from app.serving.benchmark import benchmark_deployment
 from app.serving.build import Built, Collaborators, GatewayOptions, build
 from app.serving.engine import Engine
 from app.serving.failures import EngineStartupError
-from app.serving.gpus import Gpu, detect_gpus
+from app.serving.gpus import Gpu, available_memory, detect_gpus
 from app.serving.idle import IdleDecision
 from app.serving.lifecycle import Lifecycle, Reporter, RunOptions
 from app.serving.models import ModelRegistry
@@ -37,7 +37,7 @@ from app.serving.report import Span
 from app.serving.scale_out import RemoteWorkers, WorkerPool
 from app.serving.startup import StartupTimeline
 from app.sglang.api import SGLangClient
-from app.sglang.command import Launch, MultiNode
+from app.sglang.command import Launch, Machine, MultiNode
 from app.sglang.logs import Phase
 from app.sglang.router import RouterError
 from app.states import EngineState, ModelState, Status
@@ -127,14 +127,16 @@ class Deployment(Lifecycle):
 
     def plan(self, resolved: list) -> DeploymentPlan:
         """Lay the models out on this machine and plan every command (pure, given the GPUs and free ports)."""
-        where = layout(self.config, self.detect() if self.config.general.device == "cuda" else [],
-                       can_spawn=self.worker_pool is not None)
+        cpu = self.config.general.device == "cpu"
+        where = layout(self.config, [] if cpu else self.detect(), can_spawn=self.worker_pool is not None,
+                       machine=Machine(memory_available_bytes=available_memory()) if cpu else None)
         for model, placement in zip(self.config.models, where.placements or (), strict=False):
             logger.info("Model %s on GPU %s%s", model.endpoint, placement.cuda_visible_devices,
                         f" (shared; memory fraction {placement.memory_fraction:g})" if placement.shared else "")
         ports = free_ports(where.ports_needed, exclude=frozenset({self.options.port}))
         planned = plan(where, resolved, ports, launch=Launch(engine_key(), launcher=self.options.launcher),
                        multi_node=self.multi_node)
+        self.timeline.notes = {command.endpoint: command.notes for command in planned.commands if command.notes}
         return planned  # (SGLang's own parser checks them as each engine starts: importing it here costs seconds)
 
     async def run(self) -> int:

@@ -62,6 +62,13 @@ class Placement:
         return ",".join(str(d) for d in self.devices)
 
 
+def available_memory() -> int:
+    """This machine's available RAM in bytes (the CPU development mode's engines keep their KV cache there)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def detect_gpus() -> list[Gpu]:
     """The GPUs this process may use, from NVML; empty without a driver (a CPU machine)."""
     try:

@@ -63,9 +63,10 @@ class RunOptions:
     task_url: str | None = None  # the ClearML task's page, where there is one (the endpoint's page links to it)
     exit_after_benchmark: bool = False  # `bench`: stop (exit 0) once the benchmark at ready has been reported
     environ: Mapping[str, str] | None = None  # where tokens and this machine's address are read (None: os.environ)
-    # pre-flight (`app.preflight`, composed in by `app.run`): the resolved models' problems and warnings, before any
-    # engine starts
-    preflight: Callable[[DeploymentConfig, Sequence[ResolvedModel]], tuple[list[Problem], list[str]]] | None = None
+    # pre-flight (`app.preflight`, composed in by `app.run`): the resolved models' problems, warnings and choices (their
+    # parsers), before any engine starts
+    preflight: Callable[[DeploymentConfig, Sequence[ResolvedModel]],
+                        tuple[list[Problem], list[str], list[str]]] | None = None
 
 
 class Reporter(Protocol):
@@ -218,10 +219,10 @@ class Lifecycle:
         fetched_s = self.clock() - fetching
         if self.options.preflight is not None:
             await self.tell(self.reporter.status, Status.LOADING, "pre-flight checks")
-            problems, warnings = await asyncio.to_thread(self.options.preflight, self.config, resolved)
+            problems, warnings, notes = await asyncio.to_thread(self.options.preflight, self.config, resolved)
             for warning in warnings:
                 logger.warning("Pre-flight: %s", warning)
-            await self.tell(self.reporter.preflight, [*map(str, problems), *warnings])
+            await self.tell(self.reporter.preflight, [*map(str, problems), *warnings, *notes])
             if problems:
                 error = ConfigError(problems)
                 await self.tell(self.reporter.status, Status.FAILED, error.render())

@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.config.flags import FlagTable
 from app.config.types import CLEARML_MODEL_ID, DeploymentConfig, LoraModule
@@ -50,6 +51,10 @@ class ResolvedModel:
     source: str
     lora_modules: tuple[LoraModule, ...] = ()
     parsers: Parsers = NONE  # its family's tool-call and reasoning parsers, where its files say it (`model_parsers`)
+    # What its files say of its size, where they are here (a local folder, the local HuggingFace cache): its
+    # config.json, and its weights' bytes on disk (the CPU's KV pool is sized from them, `app.sglang.pool`)
+    config: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    weights_bytes: int = 0
 
 
 def classify(reference: str) -> str:
@@ -92,34 +97,52 @@ def _resolve_all(config: DeploymentConfig, registry: ModelRegistry | None) -> li
                 if module_path is not None:
                     modules.append(LoraModule(module.name, module_path))
         if path is not None:
+            folder = local_folder(path)
             resolved.append(ResolvedModel(model.endpoint, path, classify(model.model), tuple(modules),
-                                          model_parsers(path, model.model)))
+                                          model_parsers(folder, model.model), _json(folder / "config.json")
+                                          if folder else None, _weights_on_disk(folder) if folder else 0))
     if problems:
         raise ModelResolutionError(problems)
     return resolved
 
 
-def model_parsers(path: str, reference: str) -> Parsers:
-    """The parsers its family gets (`app.sglang.parsers`), read from a local folder or the local HuggingFace cache
-    (nothing fetched): its config.json, its chat template."""
+def local_folder(path: str) -> Path | None:
+    """Where a model's files are on this machine without fetching anything: a local folder, or the local HuggingFace
+    cache's snapshot of a name (None: neither)."""
     folder = Path(path)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return NONE
-        cached = try_to_load_from_cache(path, "config.json") if is_hf_repo(path) else None
-        if not isinstance(cached, str):
-            return NONE
-        folder = Path(cached).parent
-    config, tokenizer = _json(folder / "config.json"), _json(folder / "tokenizer_config.json")
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(path, "config.json") if is_hf_repo(path) else None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def model_parsers(folder: Path | None, reference: str) -> Parsers:
+    """The parsers its family gets (`app.sglang.parsers`), read from its files here (`local_folder`): its config.json,
+    its chat template."""
+    config = _json(folder / "config.json") if folder else None
     if config is None:
         return NONE
+    tokenizer = _json(folder / "tokenizer_config.json")
     template = folder / "chat_template.jinja"
     table = FlagTable.load()
     return choose_parsers(config, chat_template_of(tokenizer, template.read_text() if template.is_file() else None),
                           reference, tool_choices=frozenset(table.lookup_key("tool-call-parser").choices or ()),
                           reasoning_choices=frozenset(table.lookup_key("reasoning-parser").choices or ()))
+
+
+def _weights_on_disk(folder: Path) -> int:
+    """The bytes of a model's safetensors files (the cache's links followed)."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        try:
+            total += file.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _json(path: Path) -> dict | None:

@@ -162,7 +162,7 @@ def layout(config: DeploymentConfig, gpus: Sequence[Gpu] | None, *, can_spawn: b
     """
     replicas = tuple(m.replicas for m in config.models)
     if config.general.device != "cuda":
-        return Layout(config, local_replicas=replicas)
+        return Layout(config, machine or Machine(), local_replicas=replicas)
     if gpus is None:
         return Layout(config, machine or Machine(), local_replicas=replicas)
     if not gpus:

@@ -83,11 +83,13 @@ class StartupSummary:
     own_s: float
     app: list[Span]
     engines: dict[str, list[Span]]
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per model: what its plan chose (pool, parsers)
 
     def lines(self) -> list[str]:
         lines = [f"Ready in {self.total_s:.1f} s, of which the app's own {self.own_s:.1f} s:"]
         lines += [f"  {span}" for span in self.app]
         lines += [f"  {name}: " + ", ".join(str(s) for s in spans) for name, spans in self.engines.items()]
+        lines += [f"  {name}: {note}" for name, notes in self.notes.items() for note in notes]
         return lines
 
     def text(self) -> str:

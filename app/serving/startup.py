@@ -86,6 +86,7 @@ class StartupTimeline:
     first_spawn: float | None = None
     engines: dict[str, tuple[list[Span], float]] = field(default_factory=dict)  # name -> spans, handover
     serving: float | None = None
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per model: its plan's notes (`EngineCommand`)
 
     def fetched(self, seconds: float) -> None:
         self.app_spans.append(Span("fetching models", seconds))
@@ -112,4 +113,5 @@ class StartupTimeline:
         handover = max((h for _, h in self.engines.values()), default=0.0)
         fetching = sum(span.seconds for span in self.app_spans)
         return StartupSummary(total_s=end - self.process_started, own_s=max(0.0, before - fetching) + handover,
-                              app=list(self.app_spans), engines={k: v[0] for k, v in self.engines.items()})
+                              app=list(self.app_spans), engines={k: v[0] for k, v in self.engines.items()},
+                              notes=dict(self.notes))

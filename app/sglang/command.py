@@ -14,6 +14,7 @@ How the form becomes flags (docs/configuration.md, "Form fields and SGLang flags
     auto_cpu_offload -> --enable-memory-saver --enable-weights-cpu-backup, disk_swap -> --enable-memory-saver,
     max_cuda_memory_gib above the GPU's memory -> --cpu-offload-gb, debug -> --log-level debug,
     device cpu -> --device cpu + SGLANG_USE_CPU_ENGINE=1 (+ --lora-backend torch_native),
+    device cpu without max-total-tokens -> --max-total-tokens sized from the model (`app.sglang.pool`),
     every other flag by its CLI name, general first and the model's own on top; --enable-metrics always;
     a priority in auth.limits -> --enable-priority-scheduling --default-priority-value 0 (unless set).
 With `cli` set, its arguments are used as they are, with only the model, address, name, metrics and priority
@@ -34,6 +35,7 @@ from app.config.flags import FlagTable, check_with_real_parser
 from app.config.types import DeploymentConfig, GeneralConfig, ModelConfig
 from app.errors import ConfigError, Problem
 from app.sglang.cpu import cpu_engine_env
+from app.sglang.pool import cpu_pool
 from app.sglang.spec import (
     EngineCommand,
     EngineSpec,
@@ -261,7 +263,35 @@ def _add_form(argv: _Argv, model: ModelConfig, replicas: int, config: Deployment
     flags = _flags_by_name(model, config)
     for name in sorted(flags):
         argv.add(name, flags[name])
+    if general.device == "cpu" and "max_total_tokens" not in argv.dests:
+        _add_cpu_pool(argv, config, resolved, machine, flags, notes)
     return Parallelism(tp=tp, dp=dp, pp=int(flags.get("pp-size") or 1))
+
+
+def _add_cpu_pool(argv: _Argv, config: DeploymentConfig, resolved: Resolved, machine: Machine, flags: dict[str, Any],
+                  notes: list[str]) -> None:
+    """On the CPU, the KV pool sized from the model (`app.sglang.pool`), where its files and the machine's available
+    RAM are known; else SGLang's own sizing, a share of the RAM, is said."""
+    model_config = getattr(resolved, "config", None)
+    pool = cpu_pool(dict(model_config), weights_bytes=getattr(resolved, "weights_bytes", 0),
+                    available_bytes=machine.memory_available_bytes, engines=sum(m.replicas for m in config.models),
+                    running=_int_or_none(flags.get("max-running-requests")),
+                    context_flag=_int_or_none(flags.get("context-length")),
+                    kv_cache_dtype=str(flags.get("kv-cache-dtype") or "auto")) \
+        if model_config and machine.memory_available_bytes else None
+    if pool is None:
+        notes.append("KV pool: SGLang sizes it from the available RAM (its model's size is not known here); "
+                     "max-total-tokens bounds it")
+        return
+    argv.add("max-total-tokens", pool.tokens)
+    notes.append(pool.note())
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _flags_by_name(model: ModelConfig, config: DeploymentConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class Machine:
 
     gpu_count: int | None = None
     gpu_memory_gib: float | None = None
+    memory_available_bytes: int | None = None  # RAM (the CPU development mode's engines keep their KV cache there)
 
 
 class Resolved(Protocol):

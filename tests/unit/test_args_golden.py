@@ -125,7 +125,10 @@ CASES = {
           "argv": base("org/tiny", 30000, "tiny")
           + ["--device", "cpu", "--enable-lora", "--lora-paths", "a=org/a", "--lora-backend", "torch_native",
              *ALWAYS],
-          "env": {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_SHIM_UNPIN": "1", "PYTHONPATH": str(SHIM_DIR)}}],
+          "env": {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_SHIM_UNPIN": "1", "PYTHONPATH": str(SHIM_DIR)},
+          # (a name not in the local cache: its size is not known here)
+          "notes": ["KV pool: SGLang sizes it from the available RAM (its model's size is not known here); "
+                    "max-total-tokens bounds it"]}],
     ),
     "automatic CPU offloading prepares the engine to sleep": (
         ["--set", "models.0.model=org/m", "--set", "general.auto_cpu_offload=true"],

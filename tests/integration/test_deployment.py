@@ -102,6 +102,11 @@ def test_slow_start_answers_503_then_serves():
             assert response.status == 503 and response.headers["Retry-After"]
             await _until(lambda: _ready(run), "readiness")
             assert (await run.chat()).status == 200
+
+            async def told_idle() -> bool:  # (the reporter is called on its own thread: "idle" can come just after)
+                return "idle" in [s for s, _ in run.reporter.statuses]
+
+            await _until(told_idle, "the idle status")
             states = [s for s, _ in run.reporter.statuses]
             assert set(states[:states.index("idle")]) == {"loading"}  # loading, phase by phase, then idle
             reasons = [r for s, r in run.reporter.statuses if s == "loading"]

@@ -38,18 +38,37 @@ from app.serving.models import describe  # noqa: E402
 from app.serving.plan import demands  # noqa: E402
 from app.sglang.command import Machine, Site, build_engine_commands  # noqa: E402
 
+# The offline session's folder, on a line of its own: clearml's own lines come around it (`Task.close()` prints
+# "ClearML Task: Offline session stored in ….zip" last), so it is found by this prefix, never by its place.
+FOLDER_PREFIX = "offline folder: "
 MONITOR = """
-import json, sys, time, torch
+import sys, time
 from app.clearml.task import DeploymentTask
 task = DeploymentTask.start(project="gpu-check", name="monitor", offline=True, monitor_interval_s=5)
-a = torch.randn(4096, 4096, device="cuda")
-end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:  # keep the GPU busy, so utilisation is not 0
-    a = (a @ a).tanh()
-    torch.cuda.synchronize()
-print(task.offline_folder, flush=True)
+print(sys.argv[2] + str(task.offline_folder), flush=True)
+if float(sys.argv[1]) > 0:
+    import torch
+    a = torch.randn(4096, 4096, device="cuda")
+    end = time.monotonic() + float(sys.argv[1])
+    while time.monotonic() < end:  # keep the GPU busy, so utilisation is not 0
+        a = (a @ a).tanh()
+        torch.cuda.synchronize()
 task.close()
 """
+
+
+def offline_folder(stdout: str) -> Path | None:
+    """The monitor run's offline session folder, from its output (None: it never said)."""
+    said = [line[len(FOLDER_PREFIX):].strip() for line in stdout.splitlines() if line.startswith(FOLDER_PREFIX)]
+    return Path(said[-1]) if said else None
+
+
+def run_monitor(seconds: float, cache: str) -> subprocess.CompletedProcess:
+    """The app's offline ClearML task for `seconds` with the GPU busy (0: no GPU work), closed as the app closes it."""
+    root = str(Path(__file__).resolve().parents[2])
+    return subprocess.run([sys.executable, "-c", MONITOR, str(seconds), FOLDER_PREFIX], capture_output=True, text=True,
+                          timeout=seconds + 90, env={**os.environ, "CLEARML_CACHE_DIR": cache, "PYTHONPATH": root,
+                                                     "CLEARML_OFFLINE_MODE": "1"})
 
 CHILD = """
 import json, sys, time, torch
@@ -72,12 +91,9 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 def check_monitor(seconds: float = 60.0) -> None:
     import tempfile
 
-    root = str(Path(__file__).resolve().parents[2])
     with tempfile.TemporaryDirectory() as cache:
-        run = subprocess.run([sys.executable, "-c", MONITOR, str(seconds)], capture_output=True, text=True,
-                             timeout=seconds + 60, env={**os.environ, "CLEARML_CACHE_DIR": cache, "PYTHONPATH": root,
-                                                        "CLEARML_OFFLINE_MODE": "1"})
-        folder = Path(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else None
+        run = run_monitor(seconds, cache)
+        folder = offline_folder(run.stdout)
         series: dict[str, list[float]] = {}
         if folder is not None and (folder / "metrics.jsonl").exists():
             for line in (folder / "metrics.jsonl").read_text().splitlines():

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cpu_pool.json"
 TOKEN = "bench-token-0123456789"
 SAMPLE_S = 0.25
-EXPECTED = re.compile(r"expected resident ([0-9.]+) GiB")
+EXPECTED = re.compile(r"expected resident ([0-9.]+) (GiB|MiB)")
 GIB = 1024**3
 
 
@@ -43,20 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_rss(root: psutil.Process) -> int:
-    """The resident bytes of the engines under a deployment's process: each launcher and its descendants."""
-    total = 0
+def engine_memory(root: psutil.Process) -> tuple[int, int]:
+    """The resident bytes of the engines under a deployment's process (each launcher and its descendants), summed
+    over the processes (RSS: shared pages counted in each) and proportionally (PSS: shared pages split)."""
+    rss = pss = 0
     try:
         descendants = root.children(recursive=True)
     except psutil.Error:
-        return 0
+        return 0, 0
     for process in descendants:
         try:
-            if "sglang.launch_server" in " ".join(process.cmdline()):
-                total += sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+            if "sglang.launch_server" not in " ".join(process.cmdline()):
+                continue
+            for member in [process, *process.children(recursive=True)]:
+                info = member.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
         except psutil.Error:
             continue
-    return total
+    return rss, pss
 
 
 def run_one(index: int, base: Path, model: Path, concurrency: int, rounds: int, settings: list[str], out: dict) -> None:
@@ -74,19 +78,25 @@ def run_one(index: int, base: Path, model: Path, concurrency: int, rounds: int, 
     log = base / f"console-{index}.txt"
     with log.open("w") as console:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(process.pid), 0
+        root, peak, at_ready = psutil.Process(process.pid), (0, 0), None
         while process.poll() is None:
-            peak = max(peak, engine_rss(root))
+            now = engine_memory(root)
+            peak = (max(peak[0], now[0]), max(peak[1], now[1]))
+            if at_ready is None and "Ready in" in log.read_text(errors="replace"):
+                at_ready = now
             time.sleep(SAMPLE_S)
     text = log.read_text(errors="replace")
     expected = EXPECTED.search(text)
-    out.update(exit=process.returncode, peak_rss_gib=round(peak / GIB, 3),
-               expected_gib=float(expected.group(1)) if expected else None,
+    at_ready = at_ready or (0, 0)
+    out.update(exit=process.returncode, peak_rss_gib=round(peak[0] / GIB, 3), peak_pss_gib=round(peak[1] / GIB, 3),
+               ready_rss_gib=round(at_ready[0] / GIB, 3), ready_pss_gib=round(at_ready[1] / GIB, 3),
+               expected_gib=float(expected[1]) / (1024 if expected[2] == "MiB" else 1) if expected else None,
                pool=next((line.strip() for line in text.splitlines() if "KV pool" in line), None),
-               benchmark=[line.strip() for line in text.splitlines() if line.lstrip().startswith("Benchmark tiny")],
+               benchmark=[line.split(": ", 1)[-1] for line in text.splitlines() if "Benchmark tiny" in line],
                oom="out of memory" in text.lower() or "killed" in text.lower())
     if out["expected_gib"]:
-        out["peak_over_expected"] = round(peak / GIB / out["expected_gib"], 3)
+        out["peak_rss_over_expected"] = round(peak[0] / GIB / out["expected_gib"], 3)
+        out["peak_pss_over_expected"] = round(peak[1] / GIB / out["expected_gib"], 3)
 
 
 def main() -> int:
@@ -95,6 +105,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=8, help="each run sends this many times its concurrency")
     parser.add_argument("--set", action="append", default=[], dest="settings")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     options = parser.parse_args()
     from app.demo.tiny_model import make_tiny_models
 
@@ -109,7 +120,7 @@ def main() -> int:
         thread.start()
     for thread in threads:
         thread.join()
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")  # what it has, as each ends
+        options.results.write_text(json.dumps(results, indent=1) + "\n")  # what it has, as each ends
     print(json.dumps(results, indent=1))
     return 0
 

@@ -86,9 +86,10 @@ def context_length(config: dict[str, Any], flag: int | None) -> int | None:
 CPU_CONTEXTS = 8
 # The most of the available RAM the deployment's CPU engines' pools take together.
 CPU_RAM_SHARE = 0.25
-# SGLang's own resident memory on the CPU before weights and pool, over its processes (tokenizer manager, scheduler,
-# detokenizer: each imports torch); measured with the tiny test model on SGLang 0.5.23 (docs/sglang.md).
-CPU_RUNTIME_BYTES = int(1.6 * GIB)
+# SGLang's own resident memory on the CPU besides weights and pool, summed over its processes (tokenizer manager,
+# scheduler, detokenizer: each imports torch, and each counts the libraries they share): 3.39 GiB at ready with the
+# tiny test model on SGLang 0.5.23, 3.45-3.57 GiB at most under a benchmark at concurrency 8 (bench/cpu_pool.py).
+CPU_RUNTIME_BYTES = int(3.5 * GIB)
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,14 @@ class CpuPool:
         held = f"{self.tokens // self.context_tokens} full contexts" if self.capped else \
             f"{self.wanted_contexts} contexts of {self.context_tokens:,} tokens"
         why = f", capped by {CPU_RAM_SHARE:.0%} of the available RAM" if self.capped else ""
-        return (f"KV pool {self.tokens:,} tokens ({held}{why}): {self.pool_bytes / GIB:.2f} GiB; expected resident "
-                f"{self.resident_bytes / GIB:.1f} GiB (weights {self.weights_bytes / GIB:.2f} GiB, SGLang's runtime "
-                f"~{CPU_RUNTIME_BYTES / GIB:.1f} GiB); max-total-tokens sets it")
+        return (f"KV pool {self.tokens:,} tokens ({held}{why}): {size(self.pool_bytes)}; expected resident "
+                f"{size(self.resident_bytes)} (weights {size(self.weights_bytes)}, SGLang's runtime "
+                f"~{size(CPU_RUNTIME_BYTES)}); max-total-tokens sets it")
+
+
+def size(n: int) -> str:
+    """Bytes in words: GiB from one, else MiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
 
 
 def cpu_pool(config: dict[str, Any], *, weights_bytes: int, available_bytes: int, engines: int = 1,

@@ -464,3 +464,27 @@ def test_a_model_that_cannot_fit_is_refused_in_seconds_before_any_engine_starts(
     assert "131.4 GiB" in props["preflight"]
     assert "".join(lines).count("its weights take 131.4 GiB") == 1  # told once
     no_process_left()
+
+
+def test_the_startup_summary_and_the_preflight_property_say_the_pool_and_the_parsers_chosen(tmp_path):
+    from tests.unit.test_preflight import LLAMA3_TEMPLATE, fabricate
+
+    small = fabricate(tmp_path / "llama3-small", {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "torch_dtype": "bfloat16"})
+    (small / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_TEMPLATE}))
+    process, base = start(tmp_path, f"models.0.model={small}", "models.0.endpoint_name=m", "general.device=cpu")
+    try:
+        wait_ready(process, base)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    folder = session(tmp_path)
+    text = console(folder)
+    # 2 layers x 2 KV heads x 16 x 2 x 2 bytes = 256 a token; 8 contexts of 1,024 tokens
+    assert "  m: KV pool 8,192 tokens (8 contexts of 1,024 tokens): 2.0 MiB; expected resident" in text
+    assert "  m: parsers for Llama 3.1+: tool-call-parser llama3" in text
+    assert "m: tool-call-parser llama3 (for Llama 3.1+)" in properties(folder)["preflight"]
+    no_process_left()

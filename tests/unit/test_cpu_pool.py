@@ -41,6 +41,8 @@ def test_a_cpu_engine_pool_holds_its_default_contexts_of_the_models_own_length(t
     pool_gib = CPU_CONTEXTS * CONTEXT * PER_TOKEN / GIB
     assert f"KV pool {CPU_CONTEXTS * CONTEXT:,} tokens ({CPU_CONTEXTS} contexts of 8,192 tokens)" in note
     assert f"{pool_gib:.2f} GiB" in note and "expected resident" in note
+    assert f"{args_of(f'models.0.model={folder}', 'models.0.context-length=512')['notes'][-1]}".startswith(
+        "KV pool 4,096 tokens (8 contexts of 512 tokens): 90.0 MiB")  # (23,040 x 4,096 bytes)
 
 
 def test_max_running_requests_and_context_length_size_it_and_max_total_tokens_replaces_it(tmp_path):

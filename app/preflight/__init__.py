@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from app.config.types import DeploymentConfig
-from app.errors import Problem
+from app.errors import ConfigError, Problem
 from app.preflight.checks import (
     Finding,
     ModelCheck,
@@ -30,7 +31,9 @@ from app.preflight.checks import (
 from app.preflight.files import FOUND, HubFiles, Lookup, ModelFiles, read_local
 from app.preflight.registry import sglang_architectures, transformers_knows
 from app.preflight.settings import engine_settings
+from app.serving.gpus import Gpu
 from app.serving.models import CLEARML, LOCAL_PATH, ResolvedModel, classify
+from app.serving.plan import layout
 from app.sglang.spec import Machine
 
 __all__ = ["Finding", "HubFiles", "ModelCheck", "Target", "preflight", "problems_of", "run_checks"]
@@ -42,6 +45,7 @@ def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], targe
     """Every model's check (`supported`: the architectures SGLang runs; True: read from the installed SGLang)."""
     archs = sglang_architectures() if supported is True else supported or None
     machine = Machine(gpu_count=target.gpu_count, gpu_memory_gib=target.gpu_memory_gib)
+    fractions, placing = _shared_fractions(config, target, machine)
     checks = []
     for index, model in enumerate(resolved):
         where = f"models[{index}]"
@@ -58,6 +62,8 @@ def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], targe
         if lookup.outcome != FOUND:
             continue
         settings = engine_settings(config, index, machine)
+        if settings.mem_fraction is None and index in fractions:  # (models sharing GPUs: the plan's split)
+            settings = replace(settings, mem_fraction=fractions[index])
         if model.parsers and not (settings.tool_call_parser or settings.reasoning_parser):
             check.parsers = ", ".join(f"{flag} {value}" for flag, value in (
                 ("tool-call-parser", model.parsers.tool_call), ("reasoning-parser", model.parsers.reasoning))
@@ -69,7 +75,23 @@ def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], targe
         adapters = [(m.name, _look(m.path, files, "adapter_config.json")) for m in model.lora_modules]
         check.findings += adapter_findings(where, [(n, a) for n, a in adapters if a is not None], lookup.tensors,
                                            settings.max_lora_rank)
+    if checks:
+        checks[0].findings += placing
     return checks
+
+
+def _shared_fractions(config: DeploymentConfig, target: Target,
+                      machine: Machine) -> tuple[dict[int, float], list[Finding]]:
+    """Where models share the target's GPUs, each one's memory fraction as the plan splits them
+    (`app.serving.plan.layout`); or why they cannot be placed at all, as problems."""
+    if target.device != "cuda" or not target.gpu_count or not target.gpu_memory_gib:
+        return {}, []
+    gpus = [Gpu(i, "described", target.gpu_memory_gib) for i in range(target.gpu_count)]
+    try:
+        where = layout(config, gpus, can_spawn=True, machine=machine)
+    except ConfigError as exc:
+        return {}, [Finding(p.field, p.problem, p.fix) for p in exc.problems]
+    return {i: p.memory_fraction for i, p in enumerate(where.placements or ()) if p.memory_fraction is not None}, []
 
 
 def _look(reference: str, files: ModelFiles, config_name: str = "config.json") -> Lookup | None:

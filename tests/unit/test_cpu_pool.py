@@ -77,3 +77,4 @@ def test_the_expected_resident_memory_is_runtime_weights_and_pool():
                                     {**SMOLLM2, "layer_types": ["sliding_attention", "full_attention"]}])
 def test_a_model_whose_kv_cache_or_context_is_not_known_is_left_to_sglang(config):
     assert cpu_pool(config, weights_bytes=0, available_bytes=64 * GIB) is None
+

@@ -104,6 +104,24 @@ def test_tp_size_2_leaves_too_little_for_one_context_and_says_how_many_tokens_fi
     assert "tp-size 4 (4 GPUs) would fit" in problems[0] and "lower context-length (at most" in problems[0]
 
 
+
+def test_models_sharing_a_gpu_are_judged_against_the_share_the_plan_gives_each(tmp_path):
+    """A 30-layer Llama (51.7 GiB of weights) fits one 80 GiB GPU alone, not beside another model: the plan splits the
+    card (mem-fraction-static 0.44 each), and pre-flight judges each against its part."""
+    config = {**LLAMA_70B, "num_hidden_layers": 30}
+    folder = fabricate(tmp_path / "llama-30-layers", config, llama_tensors(config))
+    models = [{"model": str(folder), "endpoint_name": f"m{i}", "gpus": 1} for i in range(2)]
+    assert check({"models": models[:1]}, GPU_80)[1] == []
+    _, shared = check({"models": models}, GPU_80)
+    assert len(shared) == 2 and all("mem-fraction-static 0.44" in p and "weights alone take 51.7 GiB" in p
+                                    for p in shared), shared
+
+
+def test_models_that_cannot_be_placed_are_a_problem_of_check_too(tmp_path):
+    folder = fabricate(tmp_path / "llama-70b", LLAMA_70B, llama_tensors(LLAMA_70B))
+    _, problems = check({"models": [{"model": str(folder), "gpus": 2}]}, GPU_80)
+    assert any("needs 2 GPUs; this machine has 1" in p for p in problems), problems
+
 def test_a_folder_without_config_json_is_named_with_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     _, problems = check({"models": [{"model": str(tmp_path / "empty")}]}, GPU_80)

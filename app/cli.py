@@ -210,13 +210,24 @@ def _cmd_check(options: argparse.Namespace, out: TextIO) -> int:
     _require_source(options)
     config = load_config(options.config, options.overrides)
     checks = preflight(config, describe(config), target_of(config, options.gpu_count, options.gpu_memory_gib),
-                       HubFiles(config.general.hf_token))
+                       HubFiles(config.general.hf_token), registry=_model_names(config))
     for line in ([json.dumps(c.to_json(), ensure_ascii=False) for c in checks] if options.json else render(checks)):
         out.write(line + "\n")
     problems = problems_of(checks)
     if problems:
         raise ConfigError(problems)
     return EXIT_OK
+
+
+def _model_names(config) -> object | None:
+    """ClearML's model registry, where a model is a ClearML Model ID and a server is configured here (None: not)."""
+    from app.config.types import CLEARML_MODEL_ID
+
+    if not any(CLEARML_MODEL_ID.match(m.model) for m in config.models):
+        return None
+    from app.clearml.task import ClearMLModelRegistry, server_configured
+
+    return ClearMLModelRegistry(offline=lambda: False) if server_configured() else None
 
 
 def _cmd_export(options: argparse.Namespace, out: TextIO, service=None) -> int:

@@ -354,7 +354,11 @@ class ClearMLModelRegistry:
     def __init__(self, model: Callable[[str], Any] = Model, offline: Callable[[], bool] = Task.is_offline):
         self._model, self._offline = model, offline
 
-    def get_local_copy(self, model_id: str) -> str:
+    def name_of(self, model_id: str) -> str:
+        """The model's name on the server, nothing downloaded (`clearml-sglang check`); raises ModelNotFound."""
+        return self._named(model_id)[1]
+
+    def _named(self, model_id: str) -> tuple[Any, str]:
         if self._offline():
             raise ModelNotFound("ClearML runs in offline mode here, so a Model ID cannot be looked up")
         model = self._model(model_id)
@@ -364,6 +368,10 @@ class ClearMLModelRegistry:
             raise ModelNotFound(f"the server does not know it: {type(exc).__name__}") from None
         if name is None:
             raise ModelNotFound("the server returned no model")
+        return model, name
+
+    def get_local_copy(self, model_id: str) -> str:
+        model, name = self._named(model_id)
         logger.info("Downloading ClearML model %s (%s)", model_id, name)
         try:  # an archive (a package, or a zip uploaded as the weights) unpacked: SGLang loads a directory
             path = model.get_local_copy(extract_archive=True, raise_on_error=True)

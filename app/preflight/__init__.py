@@ -15,9 +15,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from app.config.types import DeploymentConfig
-from app.errors import ConfigError, Problem
+from app.errors import ConfigError, ModelNotFound, Problem
 from app.preflight.checks import (
     Finding,
     ModelCheck,
@@ -28,7 +29,7 @@ from app.preflight.checks import (
     found_findings,
     parallel_findings,
 )
-from app.preflight.files import FOUND, HubFiles, Lookup, ModelFiles, read_local
+from app.preflight.files import FOUND, HubFiles, Lookup, ModelFiles, bounded, read_local
 from app.preflight.registry import sglang_architectures, transformers_knows
 from app.preflight.settings import engine_settings
 from app.serving.gpus import Gpu
@@ -36,13 +37,19 @@ from app.serving.models import CLEARML, LOCAL_PATH, ResolvedModel, classify
 from app.serving.plan import layout
 from app.sglang.spec import Machine
 
+# How long `check` waits for the ClearML server to name a model.
+CLEARML_TIMEOUT_SECONDS = 4.0
+
 __all__ = ["Finding", "HubFiles", "ModelCheck", "Target", "preflight", "problems_of", "run_checks"]
 
 
 def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], target: Target, files: ModelFiles, *,
               supported: frozenset[str] | None | bool = True,
-              knows: Callable[[str], bool | None] = transformers_knows) -> list[ModelCheck]:
-    """Every model's check (`supported`: the architectures SGLang runs; True: read from the installed SGLang)."""
+              knows: Callable[[str], bool | None] = transformers_knows,
+              registry: ModelNames | None = None,
+              clearml_timeout_s: float = CLEARML_TIMEOUT_SECONDS) -> list[ModelCheck]:
+    """Every model's check (`supported`: the architectures SGLang runs; True: read from the installed SGLang;
+    `registry`: where ClearML Model IDs are looked up, None where no ClearML server is configured)."""
     archs = sglang_architectures() if supported is True else supported or None
     machine = Machine(gpu_count=target.gpu_count, gpu_memory_gib=target.gpu_memory_gib)
     fractions, placing = _shared_fractions(config, target, machine)
@@ -53,9 +60,8 @@ def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], targe
         checks.append(check)
         lookup = _look(model.model_path, files)
         if lookup is None:
-            check.found = "ClearML model, not fetched"
-            check.findings.append(Finding(f"{where}.model", "not verified here: a ClearML model is read when `run` "
-                                          "fetches it", "", problem=False))
+            check.found, found = _clearml_model(f"{where}.model", model.model_path, registry, clearml_timeout_s)
+            check.findings += found
             continue
         check.found = lookup.where or lookup.outcome
         check.findings += found_findings(where, model.model_path, lookup, bool(config.general.hf_token))
@@ -78,6 +84,41 @@ def preflight(config: DeploymentConfig, resolved: Sequence[ResolvedModel], targe
     if checks:
         checks[0].findings += placing
     return checks
+
+
+class ModelNames(Protocol):
+    """ClearML's model registry, asked for a model's name only (`app.clearml.task.ClearMLModelRegistry`)."""
+
+    def name_of(self, model_id: str) -> str:
+        """Raises ModelNotFound."""
+        ...
+
+
+def _clearml_model(field: str, model_id: str, registry: ModelNames | None,
+                   timeout_s: float) -> tuple[str, list[Finding]]:
+    """A ClearML Model ID: known to the server (its files are read when `run` fetches it), unknown (a problem), or
+    not verified (no server configured here, or no answer in time)."""
+    later = "its files are checked when `run` fetches it"
+    if registry is None:
+        return "ClearML model, not verified", [Finding(field, f"not verified: no ClearML server is configured here; "
+                                                       f"{later}", "", problem=False)]
+
+    def ask() -> tuple[str | None, str]:
+        try:
+            return registry.name_of(model_id), ""
+        except ModelNotFound as exc:
+            return None, str(exc)
+
+    answer = bounded(ask, timeout_s, None)
+    if answer is None:
+        return "ClearML model, not verified", [Finding(
+            field, f"not verified: the ClearML server did not answer in {timeout_s:g} s; {later}", "",
+            problem=False)]
+    name, why = answer
+    if name is None:
+        return "not found", [Finding(field, f"no ClearML model {model_id} ({why})",
+                                     "copy the ID from the model's page in the ClearML web app (Models)")]
+    return f"ClearML model '{name}'", [Finding(field, later, "", problem=False)]
 
 
 def _shared_fractions(config: DeploymentConfig, target: Target,

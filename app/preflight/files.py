@@ -14,6 +14,7 @@ import json
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,13 +126,8 @@ class HubFiles:
             name, f"no answer in {self.timeout_s * 2:g} s")
 
     def _bounded(self, ask, otherwise):
-        """`ask()`, or `otherwise` when it has no answer in twice the timeout: bounded as a whole, name resolution
-        included (which no HTTP timeout covers), on a daemon thread left behind (it keeps no process alive)."""
-        answer: list = []
-        asking = threading.Thread(target=lambda: answer.append(ask()), daemon=True, name="preflight-hub")
-        asking.start()
-        asking.join(self.timeout_s * 2)
-        return answer[0] if answer else otherwise
+        """`ask()`, or `otherwise` when it has no answer in twice the timeout (`bounded`)."""
+        return bounded(ask, self.timeout_s * 2, otherwise)
 
     def _fetch(self, name: str, files: tuple[str, ...]) -> Lookup:
         from huggingface_hub import hf_hub_url
@@ -174,6 +170,16 @@ class HubFiles:
     def _unreachable(self, name: str, why: str) -> Lookup:
         return Lookup(UNREACHABLE, detail=f"the hub cannot be reached from here ({why})",
                       similar=similar_cached(name, self.cache_dir))
+
+
+def bounded(ask: Callable[[], Any], seconds: float, otherwise: Any) -> Any:
+    """`ask()`, or `otherwise` when it has no answer in `seconds`: bounded as a whole, name resolution included (which
+    no HTTP timeout covers), on a daemon thread left behind (it keeps no process alive)."""
+    answer: list = []
+    asking = threading.Thread(target=lambda: answer.append(ask()), daemon=True, name="preflight-ask")
+    asking.start()
+    asking.join(seconds)
+    return answer[0] if answer else otherwise
 
 
 def similar_cached(name: str, cache_dir: Path | None = None) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from app.cli import main
 from app.config import parse_config
+from app.errors import ModelNotFound
 from app.preflight import Target, preflight, problems_of
 from app.preflight.estimate import kv_bytes_per_token
 from app.preflight.files import FOUND, NOT_FOUND, UNREACHABLE, Lookup, read_local
@@ -302,3 +304,59 @@ def test_a_model_of_no_known_family_gets_no_parser(tmp_path):
     out = io.StringIO()
     main(["args", "--set", f"models.0.model={folder}"], out, io.StringIO())
     assert "--tool-call-parser" not in json.loads(out.getvalue())["argv"]
+
+
+class Registry:
+    """ClearML's model registry at its seam: names by ID; `hold` keeps it from answering."""
+
+    def __init__(self, names: dict[str, str], hold: threading.Event | None = None):
+        self.names, self.hold = names, hold
+
+    def name_of(self, model_id: str) -> str:
+        if self.hold is not None:
+            self.hold.wait()
+        if model_id not in self.names:
+            raise ModelNotFound("the server does not know it: ValueError")
+        return self.names[model_id]
+
+
+MODEL_ID = "0123456789abcdef0123456789abcdef"
+
+
+def clearml_check(registry, timeout_s: float = 4.0):
+    config = parse_config({"models": [{"model": MODEL_ID, "endpoint_name": "m"}]})
+    [checked] = preflight(config, describe(config), GPU_80, FakeHub(), supported=frozenset(), registry=registry,
+                          clearml_timeout_s=timeout_s)
+    return checked, [str(f) for f in checked.findings]
+
+
+def test_a_clearml_model_id_is_asked_of_the_registry_by_name_only():
+    checked, findings = clearml_check(Registry({MODEL_ID: "llama-finetune"}))
+    assert checked.found == "ClearML model 'llama-finetune'" and problems_of([checked]) == []
+    assert findings == ["models[0].model: its files are checked when `run` fetches it"]
+    checked, findings = clearml_check(Registry({}))
+    assert [str(p) for p in problems_of([checked])] == [
+        f"models[0].model: no ClearML model {MODEL_ID} (the server does not know it: ValueError) (copy the ID from "
+        "the model's page in the ClearML web app (Models))"]
+
+
+def test_a_clearml_model_id_without_a_server_or_an_answer_is_not_verified_a_warning():
+    _, findings = clearml_check(None)
+    assert findings == ["models[0].model: not verified: no ClearML server is configured here; its files are checked "
+                        "when `run` fetches it"]
+    hold = threading.Event()
+    began = time.monotonic()
+    checked, findings = clearml_check(Registry({MODEL_ID: "x"}, hold), timeout_s=0.2)
+    hold.set()
+    assert time.monotonic() - began < 2 and problems_of([checked]) == []
+    assert findings[0].startswith("models[0].model: not verified: the ClearML server did not answer in 0.2 s")
+
+
+def test_check_says_a_clearml_model_id_is_not_verified_where_no_server_is_configured(monkeypatch, tmp_path):
+    for name in ("CLEARML_API_HOST", "CLEARML_TASK_ID", "CLEARML_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/clearml.conf)
+    out = io.StringIO()
+    assert main(["check", "--set", f"models.0.model={MODEL_ID}", "--set", "models.0.endpoint_name=m",
+                 "--gpu-count", "1", "--gpu-memory-gib", "80"], out, io.StringIO()) == 0
+    assert "not verified: no ClearML server is configured here" in out.getvalue()

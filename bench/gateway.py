@@ -179,7 +179,9 @@ def start_nginx(conf_text: str, name: str, workdir: Path, cores: list[int]) -> s
 
 def start_stream_upstream(pace_s: float) -> Proc:
     port = free_port()
-    popen = subprocess.Popen(pinned([sys.executable, str(SSE), str(port), str(pace_s)], UPSTREAM_CORES),
+    # one process per upstream core (SO_REUSEPORT): one Python process relays no more than one core's worth
+    popen = subprocess.Popen(pinned([sys.executable, str(SSE), str(port), str(pace_s), str(len(UPSTREAM_CORES))],
+                                    UPSTREAM_CORES),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = Proc(popen, f"http://127.0.0.1:{port}")
     wait_http(proc.url + "/health")

@@ -2,7 +2,7 @@
 """An upstream that is never the bottleneck for streams: any POST is answered with an OpenAI-shaped SSE stream of
 `max_tokens` events (from the JSON body), each its own chunk, then `data: [DONE]`; every event's bytes are made once.
 
-    python bench/sse_upstream.py PORT [PACE_SECONDS]
+    python bench/sse_upstream.py PORT [PACE_SECONDS [PROCESSES]]
 
 With a pace of 0 the events are written back to back, one transport write each (how an engine that batches many
 tokens at once hands them over); with a pace they come one per pace. uvloop and a bare protocol: no framework, no
@@ -13,6 +13,7 @@ than the best proxy before it reports any ratio.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 
@@ -75,12 +76,27 @@ class Stream(asyncio.Protocol):
 
 async def main(port: int, pace: float) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Stream(pace), "127.0.0.1", port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(lambda: Stream(pace), "127.0.0.1", port, backlog=4096, reuse_address=True,
+                                      reuse_port=True)
     async with server:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
+def serve(port: int, pace: float, processes: int) -> None:
+    """`processes` servers on one port (SO_REUSEPORT: the kernel spreads the connections), each its own process, so
+    that on a many-core machine the upstream is not the bottleneck; the forks die with the first (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
     import uvloop
 
-    uvloop.run(main(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
+    for _ in range(processes - 1):
+        if os.fork() == 0:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            break
+    uvloop.run(main(port, pace))
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
+          int(sys.argv[3]) if len(sys.argv) > 3 else 1)

@@ -157,6 +157,10 @@ class UsageStripper:
         return rest
 
 
+# A usage block with counts (a stream's chunks carry `"usage":null` until the last one).
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
 def _usage_from_json(data: bytes) -> dict[str, int] | None:
     """The token counts of a usage block."""
     at = data.find(b'"usage"')
@@ -176,14 +180,20 @@ class UsageScanner:
         self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
+        """A piece of the answer, cut anywhere (a read of the engine's socket ends where it ends, mid-event too)."""
         if self.whole:
             self._body.append(chunk)
             return
-        if b'"usage"' not in chunk and not self._partial:
+        text = self._partial + chunk if self._partial else chunk
+        if not _USAGE_OBJECT.search(text):  # (every piece of a stream but the last) only the event it ends inside
+            # is kept
+            end = text.rfind(b"\n\n")
+            self._partial = text[end + 2:] if end >= 0 else text
+            if len(self._partial) > MAX_COUNTED_RESPONSE_BYTES:
+                self._partial = b""
             return
-        text = self._partial + chunk
         events = text.split(b"\n\n")
-        self._partial = events.pop() if not text.endswith(b"\n\n") else b""
+        self._partial = events.pop()
         if len(self._partial) > MAX_COUNTED_RESPONSE_BYTES:
             self._partial = b""
         for event in events:

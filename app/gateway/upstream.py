@@ -80,19 +80,31 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.used = False  # has carried an exchange: an idle connection the engine may have closed meanwhile
         self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []  # the body pieces of the read being parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        """One read of the engine's socket. The body pieces the parser finds in it (a stream's chunks: many events of
+        a fast engine) are relayed together, as one piece: one write to the client, one chunk frame."""
         if self.exchange is None:  # bytes from an idle connection: it is not in a state to reuse
             self.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.exchange.failed(UpstreamError(f"malformed response: {exc}"))
+            self._body = []
+            if self.exchange is not None:
+                self.exchange.failed(UpstreamError(f"malformed response: {exc}"))
             self.close()
+            return
+        self._relay_body()
+
+    def _relay_body(self) -> None:
+        pieces, self._body = self._body, []
+        if pieces and self.exchange is not None:
+            self.exchange.body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -115,10 +127,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.headers(head)
 
     def on_body(self, body: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.body(body)
+        self._body.append(body)  # (relayed once the read is parsed, or when the message ends within it)
 
     def on_message_complete(self) -> None:
+        self._relay_body()
         self.reusable = self.parser.should_keep_alive()
         self.used = True
         exchange, self.exchange = self.exchange, None

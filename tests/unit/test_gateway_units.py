@@ -105,12 +105,13 @@ def test_usage_is_found_in_a_stream_however_it_is_chunked():
     events = [b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
               b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n',
               b"data: [DONE]\n\n"]
-    whole = b"".join(events)
-    for cut in (len(events[0]) + 40, len(events[0]) + 5, len(whole) - 3):
-        scanner = _UsageScanner()
-        scanner.feed(whole[:cut])
-        scanner.feed(whole[cut:])
-        assert scanner.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, cut
+    no_usage_field = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'  # (an engine that writes none)
+    for whole in (b"".join(events), no_usage_field + b"".join(events[1:])):
+        for cut in range(1, len(whole)):  # (a read of the engine's socket ends anywhere)
+            scanner = _UsageScanner()
+            scanner.feed(whole[:cut])
+            scanner.feed(whole[cut:])
+            assert scanner.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, (cut, whole)
 
 
 def test_engine_keys_never_read_as_an_option():

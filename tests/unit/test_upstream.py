@@ -59,3 +59,31 @@ def test_a_connection_lost_before_the_request_was_sent_ends_the_exchange_at_once
         engine.close()
         await engine.wait_closed()
     asyncio.run(scenario())
+
+
+def test_what_one_read_brings_is_relayed_as_one_piece_not_a_piece_a_chunk():
+    """A fast engine's stream: 200 events in one write. The sink (the client's side) gets them in one piece a read of
+    the socket (one write, one chunk frame to the client), the bytes unchanged."""
+    events = [b'data: {"choices":[{"delta":{"content":" w%d"}}]}\n\n' % i for i in range(200)]
+
+    async def scenario() -> None:
+        async def fast_engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+            await writer.drain()
+
+        engine = await asyncio.start_server(fast_engine, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        upstream = Upstream("127.0.0.1", engine.sockets[0].getsockname()[1], connect_timeout_s=5, loop=loop)
+        done: asyncio.Future[Exchange] = loop.create_future()
+        sink = _Sink(done)
+        Exchange(sink, loop, 600.0).send(await upstream.acquire(), b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
+        ended = await asyncio.wait_for(done, ANSWER_WITHIN_S)
+        assert ended.error is None and b"".join(sink.written) == b"".join(events)
+        assert len(sink.written) <= 3, len(sink.written)  # (one a read: 200 before)
+        upstream.close()
+        engine.close()
+        await engine.wait_closed()
+
+    asyncio.run(scenario())

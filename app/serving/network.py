@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 from app import constants
 from app.config import check_key_names
@@ -33,10 +35,45 @@ def access_keys(config: DeploymentConfig, environ: Mapping[str, str]) -> tuple[l
     return keys, False
 
 
-def free_ports(count: int, host: str = constants.ENGINE_HOST, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """Ports free right now on loopback (the OS picks them), one per engine, none of `exclude` (the gateway's)."""
+# Engines listen below the range the kernel hands out as outgoing connections' source ports: a port it picked for a
+# bind and that was let go is free for the next outgoing connection too (a client's, the gateway's own), and one of
+# those took an engine's port before the engine bound it (`[Errno 98] address already in use`). Below that range
+# only an explicit bind takes a port. This many ports below it are tried, in a random order.
+ENGINE_PORT_SPAN = 12_000
+DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The source ports the kernel hands out to outgoing connections (Linux's setting; its default elsewhere)."""
+    try:
+        low, high = (int(v) for v in Path(path).read_text().split()[:2])
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL
+    return low, high
+
+
+def free_ports(count: int, host: str = constants.ENGINE_HOST, exclude: frozenset[int] = frozenset(), *,
+               ephemeral: tuple[int, int] | None = None) -> list[int]:
+    """Ports free right now on `host`, one per engine, none of `exclude` (the gateway's): below the ephemeral range
+    (`ENGINE_PORT_SPAN` ports, in a random order), else, where that range leaves no room, as the OS picks them."""
+    low, _ = ephemeral or ephemeral_range()
+    candidates = list(range(max(1024, low - ENGINE_PORT_SPAN), low))
+    random.SystemRandom().shuffle(candidates)
     sockets, ports = [], []
     try:
+        for port in candidates:
+            if len(ports) == count:
+                break
+            if port in exclude:
+                continue
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            ports.append(port)
         while len(ports) < count:
             s = socket.socket()
             s.bind((host, 0))

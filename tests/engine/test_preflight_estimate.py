@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from app.demo.tiny_model import make_tiny_models  # noqa: E402
 from app.preflight.estimate import kv_bytes_per_token, weights_bytes  # noqa: E402
 from app.preflight.files import read_local  # noqa: E402
 from app.serving.models import describe  # noqa: E402
+from app.serving.network import free_ports  # noqa: E402
 from app.sglang.command import Launch, build_engine_command  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -38,9 +38,8 @@ KV = re.compile(r"KV Cache is allocated\..*#tokens: (\d+), K size: ([\d.]+) GB, 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for the app under test, below the range outgoing connections take theirs from (`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def sglang_figures(raw: dict, deadline_s: float = 600) -> tuple[float | None, int, float]:

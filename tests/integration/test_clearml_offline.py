@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import psutil
 import pytest
 import requests
 
+from app.serving.network import free_ports
 from tests.conftest import ROOT
 
 TOKEN = "offline-test-token-" + "k" * 16
@@ -37,9 +37,8 @@ LOCAL_RUN_SETTINGS = ("idle.time_limit_hours=0.0014", "idle.report_interval_seco
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for the app under test, below the range outgoing connections take theirs from (`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def start(cache: Path, *overrides: str, env: dict[str, str] | None = None,

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.serving.network import free_ports
 from tests.conftest import ROOT
 from tests.fakes.ledger import events as ledger_events
 from tests.fakes.ledger import peak_gib, read_ledger, reclaim_dead, resident_ports
@@ -36,9 +36,8 @@ HTTP_TIMEOUT_S = 10.0
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for the app under test, below the range outgoing connections take theirs from (`free_ports`)."""
+    return free_ports(1)[0]
 
 
 @dataclass

@@ -34,3 +34,31 @@ def test_elsewhere_a_placeholder_names_the_token_to_put_in():
     generated = token_reference(load_config(overrides=[MODEL]), {})
     assert (several, in_config, generated) == ("YOUR_TOKEN", "YOUR_TOKEN", "YOUR_GENERATED_TOKEN")
     assert "Authorization: Bearer YOUR_TOKEN" in argv_of(curl_command("http://h:8000", "m", several), {})
+
+
+
+def test_engine_ports_are_free_and_below_the_range_outgoing_connections_take_ports_from():
+    """A port the OS picks for a bind is free for the next outgoing connection's source port too (one took an engine's
+    port before it bound it): engines' ports come from below that range."""
+    import socket
+
+    from app.serving.network import ENGINE_PORT_SPAN, ephemeral_range, free_ports
+
+    low, _ = ephemeral_range()
+    ports = free_ports(8, exclude=frozenset({low - 1}))
+    assert len(set(ports)) == 8 and all(low - ENGINE_PORT_SPAN <= p < low - 1 for p in ports), ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # (free: each one binds)
+
+
+def test_a_port_taken_or_excluded_is_never_given_and_the_os_picks_where_the_range_has_no_room():
+    import socket
+
+    from app.serving.network import ephemeral_range, free_ports
+
+    with socket.socket() as held:  # (ports 1024-1029 are below a range starting at 1030)
+        held.bind(("127.0.0.1", 1026))
+        ports = free_ports(6, exclude=frozenset({1027}), ephemeral=(1030, 60999))
+    assert sorted(p for p in ports if p < 1030) == [1024, 1025, 1028, 1029]
+    assert len(set(ports)) == 6 and all(p >= ephemeral_range()[0] for p in ports if p >= 1030)

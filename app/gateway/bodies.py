@@ -157,10 +157,6 @@ class UsageStripper:
         return rest
 
 
-# A usage block with counts (a stream's chunks carry `"usage":null` until the last one).
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-
-
 def _usage_from_json(data: bytes) -> dict[str, int] | None:
     """The token counts of a usage block."""
     at = data.find(b'"usage"')
@@ -185,10 +181,9 @@ class UsageScanner:
             self._body.append(chunk)
             return
         text = self._partial + chunk if self._partial else chunk
-        if not _USAGE_OBJECT.search(text):  # (every piece of a stream but the last) only the event it ends inside
-            # is kept
+        if not _USAGE.search(text):  # no usage block with counts (a stream's `"usage":null` until its last event):
             end = text.rfind(b"\n\n")
-            self._partial = text[end + 2:] if end >= 0 else text
+            self._partial = text[end + 2:] if end >= 0 else text  # (only the event the piece ends inside is kept)
             if len(self._partial) > MAX_COUNTED_RESPONSE_BYTES:
                 self._partial = b""
             return

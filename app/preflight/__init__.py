@@ -108,13 +108,12 @@ def _clearml_model(field: str, model_id: str, registry: ModelNames | None,
             return registry.name_of(model_id), ""
         except ModelNotFound as exc:
             return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - the SDK's own errors (the server unreachable): not verified
+            return "", f"the ClearML server could not be asked ({type(exc).__name__})"
 
-    answer = bounded(ask, timeout_s, None)
-    if answer is None:
-        return "ClearML model, not verified", [Finding(
-            field, f"not verified: the ClearML server did not answer in {timeout_s:g} s; {later}", "",
-            problem=False)]
-    name, why = answer
+    name, why = bounded(ask, timeout_s, ("", f"the ClearML server did not answer in {timeout_s:g} s"))
+    if name == "":
+        return "ClearML model, not verified", [Finding(field, f"not verified: {why}; {later}", "", problem=False)]
     if name is None:
         return "not found", [Finding(field, f"no ClearML model {model_id} ({why})",
                                      "copy the ID from the model's page in the ClearML web app (Models)")]

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from app.serving.models import json_object
+
 logger = logging.getLogger(__name__)
 
 # Longest safetensors header read (a header names tensors, it holds no data: a 70B model's is under 100 KiB).
@@ -56,10 +58,11 @@ def read_local(folder: Path, config_name: str = "config.json") -> Lookup:
         return Lookup(INVALID, detail=f"{folder} does not exist")
     if not folder.is_dir():
         return Lookup(INVALID, detail=f"{folder} is a file, not a model's folder")
-    config = _json(folder / config_name)
+    config = json_object(folder / config_name)
     if config is None:
         return Lookup(INVALID, detail=f"{folder} holds no readable {config_name}")
-    return Lookup(FOUND, "local folder", config, safetensors_tensors(folder), _json(folder / "tokenizer_config.json"))
+    return Lookup(FOUND, "local folder", config, safetensors_tensors(folder),
+                  json_object(folder / "tokenizer_config.json"))
 
 
 def safetensors_tensors(folder: Path) -> Tensors | None:
@@ -84,18 +87,18 @@ def read_header(path: Path) -> Tensors | None:
             if length > MAX_HEADER_BYTES:
                 return None
             header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, RecursionError, struct.error):
         return None
-    return {name: (entry["dtype"], list(entry["shape"])) for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "dtype" in entry and "shape" in entry}
+    if not isinstance(header, dict):
+        return None
+    tensors = {name: (entry.get("dtype"), entry.get("shape")) for name, entry in header.items()
+               if name != "__metadata__" and isinstance(entry, dict)}
+    if not all(isinstance(dtype, str) and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+               for dtype, shape in tensors.values()):
+        return None  # (not a header safetensors writes: its weights are "not estimated")
+    return tensors
 
 
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class HubFiles:
@@ -118,16 +121,12 @@ class HubFiles:
             if found.outcome == FOUND:
                 tensors = found.tensors
                 if tensors is None and not constants.HF_HUB_OFFLINE:
-                    tensors = self._bounded(lambda: self._remote_tensors(name), None)
+                    tensors = bounded(lambda: self._remote_tensors(name), self.timeout_s * 2, None)
                 return Lookup(FOUND, "local cache", found.config, tensors, found.tokenizer_config)
         if constants.HF_HUB_OFFLINE:
             return self._unreachable(name, "HF_HUB_OFFLINE is set")
-        return self._bounded(lambda: self._fetch(name, files), None) or self._unreachable(
+        return bounded(lambda: self._fetch(name, files), self.timeout_s * 2, None) or self._unreachable(
             name, f"no answer in {self.timeout_s * 2:g} s")
-
-    def _bounded(self, ask, otherwise):
-        """`ask()`, or `otherwise` when it has no answer in twice the timeout (`bounded`)."""
-        return bounded(ask, self.timeout_s * 2, otherwise)
 
     def _fetch(self, name: str, files: tuple[str, ...]) -> Lookup:
         from huggingface_hub import hf_hub_url

@@ -19,10 +19,11 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from app.gateway.adapters import AdapterRefused, Refusal
-from app.serving.models import ModelNotFound, ModelRegistry
+from app.serving.models import ModelNotFound, ModelRegistry, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +195,7 @@ def base_config(model_path: str) -> dict[str, Any] | None:
     """The base model's config.json, where it is on this machine: its directory, or the HF cache for a repo name
     (SGLang has downloaded it by the time an adapter is asked for); None when neither holds it."""
     path = os.path.join(model_path, "config.json") if os.path.isdir(model_path) else _hf_cached(model_path)
-    try:
-        if path is None or os.path.getsize(path) > MAX_CONFIG_BYTES * 16:
-            return None
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, ValueError, RecursionError):
-        return None
-    return config if isinstance(config, dict) else None
+    return json_object(Path(path), MAX_CONFIG_BYTES * 16) if path is not None else None
 
 
 def _hf_cached(repo: str) -> str | None:

@@ -98,9 +98,10 @@ def _resolve_all(config: DeploymentConfig, registry: ModelRegistry | None) -> li
                     modules.append(LoraModule(module.name, module_path))
         if path is not None:
             folder = local_folder(path)
+            files = json_object(folder / "config.json") if folder else None
             resolved.append(ResolvedModel(model.endpoint, path, classify(model.model), tuple(modules),
-                                          model_parsers(folder, model.model), _json(folder / "config.json")
-                                          if folder else None, _weights_on_disk(folder) if folder else 0))
+                                          model_parsers(folder, files, model.model), files,
+                                          _weights_on_disk(folder) if folder else 0))
     if problems:
         raise ModelResolutionError(problems)
     return resolved
@@ -120,16 +121,15 @@ def local_folder(path: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def model_parsers(folder: Path | None, reference: str) -> Parsers:
-    """The parsers its family gets (`app.sglang.parsers`), read from its files here (`local_folder`): its config.json,
-    its chat template."""
-    config = _json(folder / "config.json") if folder else None
-    if config is None:
+def model_parsers(folder: Path | None, config: dict[str, Any] | None, reference: str) -> Parsers:
+    """The parsers its family gets (`app.sglang.parsers`), from its config.json and its chat template, read from its
+    files here (`local_folder`)."""
+    if folder is None or config is None:
         return NONE
-    tokenizer = _json(folder / "tokenizer_config.json")
+    tokenizer = json_object(folder / "tokenizer_config.json")
     template = folder / "chat_template.jinja"
     table = FlagTable.load()
-    return choose_parsers(config, chat_template_of(tokenizer, template.read_text() if template.is_file() else None),
+    return choose_parsers(config, chat_template_of(tokenizer, _text(template)),
                           reference, tool_choices=frozenset(table.lookup_key("tool-call-parser").choices or ()),
                           reasoning_choices=frozenset(table.lookup_key("reasoning-parser").choices or ()))
 
@@ -145,10 +145,29 @@ def _weights_on_disk(folder: Path) -> int:
     return total
 
 
-def _json(path: Path) -> dict | None:
+# Largest model metadata file read (config.json, tokenizer_config.json: kilobytes to a few megabytes); a larger one is
+# not read, as one that is not there.
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+
+
+def _text(path: Path, max_bytes: int = MAX_METADATA_BYTES) -> str | None:
+    """A metadata text file (a chat template), or None where it cannot be read as such."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > max_bytes:
+            return None
+        return path.read_text(encoding="utf-8")
     except (OSError, ValueError):
+        return None
+
+
+def json_object(path: Path, max_bytes: int = MAX_METADATA_BYTES) -> dict[str, Any] | None:
+    """A metadata file's JSON object (None: missing, larger than `max_bytes`, not JSON, nested past the parser's
+    depth, or not an object)."""
+    try:
+        if path.stat().st_size > max_bytes:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -41,8 +41,8 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 def kv_bytes_per_token(config: dict[str, Any], *, tp: int = 1, kv_cache_dtype: str = "auto") -> KvEstimate:
     """The KV cache one token takes on one of `tp` ranks (`kv_cache_dtype`: SGLang's flag; auto: the model's)."""
     c = text_config(config)
-    layers = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
-    if not isinstance(layers, int) or layers <= 0:
+    layers = count(c, "num_hidden_layers", "n_layer", "num_layers")
+    if layers is None:
         return KvEstimate(None, "config.json does not say the number of layers (num_hidden_layers)")
     if _windowed(c):
         return KvEstimate(None, "its sliding-window or linear-attention layers keep less than a full KV cache, "
@@ -51,11 +51,15 @@ def kv_bytes_per_token(config: dict[str, Any], *, tp: int = 1, kv_cache_dtype: s
         c.get("torch_dtype") or c.get("dtype") or "bfloat16")
     size = TORCH_DTYPE_BYTES.get(dtype.replace("torch.", ""), 2)
     if c.get("kv_lora_rank"):  # multi-head latent attention: one compressed vector per token and layer, every rank
-        return KvEstimate(int(layers * (c["kv_lora_rank"] + (c.get("qk_rope_head_dim") or 0)) * size))
-    heads = c.get("num_attention_heads") or c.get("n_head")
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or (c.get("hidden_size") // heads if heads and c.get("hidden_size") else None)
-    if not (isinstance(kv_heads, int) and isinstance(head_dim, int)):
+        rank = count(c, "kv_lora_rank")
+        if rank is None:
+            return KvEstimate(None, "config.json's kv_lora_rank is not a whole number")
+        return KvEstimate(int(layers * (rank + (count(c, "qk_rope_head_dim") or 0)) * size))
+    heads = count(c, "num_attention_heads", "n_head")
+    kv_heads = count(c, "num_key_value_heads") or heads
+    hidden = count(c, "hidden_size")
+    head_dim = count(c, "head_dim") or (hidden // heads if heads and hidden else None)
+    if not (kv_heads and head_dim):
         return KvEstimate(None, "config.json does not say its attention heads (num_attention_heads, hidden_size)")
     per_rank = max(1, kv_heads // max(1, tp))
     return KvEstimate(int(layers * per_rank * head_dim * 2 * size))
@@ -66,7 +70,7 @@ def _windowed(c: dict[str, Any]) -> bool:
     if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
         return True
     if c.get("sliding_window") and c.get("use_sliding_window", True) and c.get("model_type") not in ("mistral",):
-        return bool(c.get("sliding_window_pattern") or c.get("model_type", "").startswith(("gemma2", "gemma3")))
+        return bool(c.get("sliding_window_pattern") or str(c.get("model_type") or "").startswith(("gemma2", "gemma3")))
     return bool(c.get("mamba_d_state") or c.get("linear_attn_config") or c.get("full_attention_interval"))
 
 
@@ -74,10 +78,20 @@ def context_length(config: dict[str, Any], flag: int | None) -> int | None:
     """The longest context an engine serves: `--context-length`, else the model's own (`max_position_embeddings`)."""
     if flag:
         return int(flag)
-    c = text_config(config)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if isinstance(c.get(key), int):
-            return int(c[key])
+    return count(text_config(config), "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+# Larger figures in a config.json are not a model's (a file built to hurt, or broken): "not said".
+MAX_COUNT = 2**31 - 1
+
+
+def count(c: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` that holds a whole number from 1 to MAX_COUNT (a config.json is read as it comes: a string,
+    a float, true, a negative or an absurd number says nothing)."""
+    for key in keys:
+        value = c.get(key)
+        if type(value) is int and 0 < value <= MAX_COUNT:
+            return value
     return None
 
 

@@ -7,6 +7,8 @@ import io
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.cli import main
 from app.sglang.pool import CPU_CONTEXTS, CPU_RAM_SHARE, CPU_RUNTIME_BYTES, GIB, cpu_pool
@@ -78,3 +80,47 @@ def test_the_expected_resident_memory_is_runtime_weights_and_pool():
 def test_a_model_whose_kv_cache_or_context_is_not_known_is_left_to_sglang(config):
     assert cpu_pool(config, weights_bytes=0, available_bytes=64 * GIB) is None
 
+
+
+# config.json files built to hurt (or broken): the plan, `args`, `check` and `run` read them; none may crash on them.
+HOSTILE = {
+    "nested past the parser's depth": "[" * 200_000,
+    "heads as a string": json.dumps({**SMOLLM2, "num_attention_heads": "9"}),
+    "a negative context": json.dumps({**SMOLLM2, "max_position_embeddings": -5}),
+    "an absurd context": json.dumps({**SMOLLM2, "max_position_embeddings": 10**30}),
+    "true as a count": json.dumps({**SMOLLM2, "num_hidden_layers": True}),
+    "a latent rank as a list": json.dumps({**SMOLLM2, "kv_lora_rank": [1]}),
+    "a model type as a number": json.dumps({**SMOLLM2, "model_type": 5, "sliding_window": 4096,
+                                            "layer_types": None}),
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_config_json_leaves_the_pool_to_sglang_and_check_says_it_plainly(tmp_path, text):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe not utf-8")
+    engine = args_of(f"models.0.model={folder}")
+    pool = flag(engine["argv"], "--max-total-tokens")
+    assert pool is None or 0 < int(pool) <= CPU_CONTEXTS * 2**31, pool
+    if pool is None:
+        assert "KV pool: SGLang sizes it from the available RAM" in " ".join(engine["notes"])
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        code = main(["check", "--set", f"models.0.model={folder}", "--set", "general.device=cpu"], out, err)
+    except SystemExit as exc:
+        code = exc.code
+    assert code in (0, 2) and "Traceback" not in out.getvalue() + err.getvalue()
+
+
+@given(st.dictionaries(st.sampled_from(["num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                        "head_dim", "hidden_size", "kv_lora_rank", "qk_rope_head_dim",
+                                        "max_position_embeddings", "torch_dtype", "model_type", "sliding_window",
+                                        "layer_types", "text_config"]),
+                       st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                                    lambda inner: st.lists(inner, max_size=3)
+                                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)))
+def test_any_json_values_in_a_config_size_a_whole_pool_or_none(config):
+    pool = cpu_pool(config, weights_bytes=0, available_bytes=64 * GIB)
+    assert pool is None or (pool.tokens > 0 and pool.kv_bytes_per_token > 0)

@@ -17,7 +17,7 @@ from app.config import parse_config
 from app.errors import ModelNotFound
 from app.preflight import Target, preflight, problems_of
 from app.preflight.estimate import kv_bytes_per_token
-from app.preflight.files import FOUND, NOT_FOUND, UNREACHABLE, Lookup, read_local
+from app.preflight.files import FOUND, NOT_FOUND, UNREACHABLE, Lookup, read_header, read_local
 from app.preflight.registry import entry_classes, sglang_architectures
 from app.serving.models import describe
 
@@ -360,3 +360,22 @@ def test_check_says_a_clearml_model_id_is_not_verified_where_no_server_is_config
     assert main(["check", "--set", f"models.0.model={MODEL_ID}", "--set", "models.0.endpoint_name=m",
                  "--gpu-count", "1", "--gpu-memory-gib", "80"], out, io.StringIO()) == 0
     assert "not verified: no ClearML server is configured here" in out.getvalue()
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000, b"[1, 2]", b'{"w": {"dtype": "BF16", "shape": ["8"]}}',
+                                    b'{"w": {"dtype": 7, "shape": [8]}}', b'{"w": {"dtype": "BF16", "shape": [-8]}}'])
+def test_a_safetensors_header_built_to_hurt_is_not_read_not_a_crash(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert read_header(path) is None
+
+
+def test_a_clearml_server_that_errors_is_not_verified_at_once():
+    class Failing:
+        def name_of(self, model_id: str) -> str:
+            raise RuntimeError("connection refused")
+
+    began = time.monotonic()
+    checked, findings = clearml_check(Failing())
+    assert time.monotonic() - began < 2 and problems_of([checked]) == []
+    assert findings[0].startswith("models[0].model: not verified: the ClearML server could not be asked (RuntimeError)")

@@ -25,36 +25,36 @@ from app.keys import KeyLimits
 
 # The span of `rpm` and `tpm`.
 WINDOW_SECONDS = 60.0
-# Events this close together share one entry of a window, timed at the latest of them: an event leaves its window at
-# most this much late, never early, and a window holds at most WINDOW_SECONDS / GRAIN_SECONDS entries.
+# Events less than this after the first of an entry share it, timed at the latest of them: an event leaves its window
+# at most this much late, never early, and a window holds at most WINDOW_SECONDS / GRAIN_SECONDS entries.
 GRAIN_SECONDS = 0.1
 # What a request refused for its key's requests in flight is told to wait (nothing says when one will end).
 CONCURRENT_RETRY_SECONDS = 1.0
 
 
 class Window:
-    """Amounts added over the last `span_s` seconds, and when they leave it. `first` and `last`: the times of its
-    oldest and newest entries (infinite when it is empty), for the callers' one-comparison checks."""
+    """Amounts added over the last `span_s` seconds, and when they leave it. `last`: the time of its newest entry,
+    `first` at most its oldest's (infinite when it is empty), for the callers' one-comparison checks."""
 
-    __slots__ = ("span_s", "grain_s", "_entries", "total", "first", "last")
+    __slots__ = ("span_s", "grain_s", "_entries", "total", "first", "last", "_until")
 
     def __init__(self, span_s: float = WINDOW_SECONDS, grain_s: float = GRAIN_SECONDS):
         self.span_s, self.grain_s = span_s, grain_s
         self._entries: collections.deque[list[float]] = collections.deque()  # [time, amount], oldest first
         self.total = 0
         self.first, self.last = math.inf, -math.inf
+        self._until = -math.inf  # the newest entry takes in events before this: a grain after its first
 
     def add(self, now: float, amount: int) -> None:
-        entries = self._entries
-        if now - self.last < self.grain_s:
-            entry = entries[-1]
+        if now < self._until:  # (the newest entry's grain: its bound is fixed by its first event, never moved)
+            entry = self._entries[-1]
             entry[1] += amount
             if now > entry[0]:
                 entry[0] = self.last = now
-                self.first = entries[0][0]
         else:
+            entries = self._entries
             entries.append([now, amount])
-            self.last = now
+            self.last, self._until = now, now + self.grain_s
             self.first = entries[0][0]
         self.total += amount
 
@@ -63,7 +63,10 @@ class Window:
         entries, oldest = self._entries, now - self.span_s
         while entries and entries[0][0] <= oldest:
             self.total -= int(entries.popleft()[1])
-        self.first, self.last = (entries[0][0], entries[-1][0]) if entries else (math.inf, -math.inf)
+        if entries:
+            self.first, self.last = entries[0][0], entries[-1][0]
+        else:
+            self.first, self.last, self._until = math.inf, -math.inf, -math.inf
         return self.total
 
     def wait(self, now: float, limit: int) -> float:

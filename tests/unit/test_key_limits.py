@@ -43,6 +43,23 @@ def test_a_window_counts_the_last_minute_and_says_when_room_comes():
     assert window.expire(60.0) == 5 and window.expire(70.1) == 0 and window.reset(70.1) == 0.0
 
 
+def test_steady_traffic_leaves_the_window_on_time():
+    """Requests 50 ms apart for two minutes: the window holds the last minute's, never the whole history (each event
+    leaves at most a grain late). An entry that took in every event within a grain of its newest grew forever."""
+    window = Window(span_s=60, grain_s=0.1)
+    for i in range(2400):
+        window.add(i * 0.05, 1)
+    assert 1200 <= window.expire(2399 * 0.05) <= 1202
+
+
+def test_a_key_under_its_rpm_at_a_steady_rate_is_never_refused():
+    key = KeyState("steady", KeyLimits(rpm=1500))  # 1,200 a minute: under the limit
+    for i in range(20 * 150):
+        now = i * 0.05
+        assert key.admit(now) is None, f"refused at {now:.2f} s"
+        key.release(now, 0)
+
+
 def test_rpm_admits_that_many_in_any_minute_then_429_with_openais_headers():
     key = KeyState("alice", KeyLimits(rpm=5))
     for i in range(5):

@@ -14,7 +14,8 @@ event, every event's bytes made once); the real SGLang on the CPU for tokens per
               bookkeeping is measured against `gateway` in the same runs, again side by side with it
               (alternating wrk measurements, `paired_phase`), and in one process (a key of each kind, the wrk
               measurements alternating between their tokens, `one_process_phase`): a difference of a few
-              microseconds is less than two runs, or two processes, of one configuration differ by
+              microseconds is less than two runs, or two processes, of one configuration differ by; and without
+              sockets (`bench/in_process.py`: the gateway's own objects, a key of each kind, its thread's CPU)
     shaped    the same, its key with a priority and a max_tokens: each request's body gets fields written in
     clearml   ClearML's local proxy, `Task.get_http_router()`, a route with a bearer-check callback, access log on
               as shipped (clearml[router]: fastapi, uvicorn, httpx)
@@ -29,7 +30,7 @@ generator's from getrusage). The whole set runs `--runs` times, interleaved; eve
 over the runs, ratios computed within each run. A run in which direct access is not at least 3x the best proxy
 (requests/s at 16 connections, events/s of unpaced streams) is upstream-bound: then no ratio is reported.
 `--configs` runs only some of them (direct is needed for the upstream-bound check and the added latencies);
-`--keys-only` only what keys' limits add (side by side and in one process: about 2 minutes a run).
+`--keys-only` only what keys' limits add (side by side, in one process, without sockets: about 2.5 minutes a run).
 `--baseline REV` adds `baseline`: the gateway of another revision of this repository (a git worktree, this venv),
 started by that revision's own copy of this script, measured in the same runs, interleaved with the current one;
 the summary then gives the current gateway's CPU per request and per stream event over the baseline's, per run.
@@ -258,12 +259,12 @@ http {{
 
 def serve_gateway(port: int, upstream: str, limits_of: str = "") -> None:
     import uvloop
+    from in_process import KINDS  # (this script's folder: the key kinds both measure)
 
     from app.gateway import Gateway, KeyRing, ModelRoute, RequestStats
-    from app.keys import NO_LIMITS, KeyLimits
+    from app.keys import NO_LIMITS
 
-    KIND_LIMITS = {"limits": KeyLimits(rpm=10**9, tpm=10**12, concurrent=10**6),  # (none ever reached)
-                   "shaped": KeyLimits(max_tokens=10**6, priority=1)}
+    KIND_LIMITS = {kind: limits for kind, limits in KINDS.items() if kind != "gateway"}  # (none ever reached)
 
     class Engine:
         url, state = upstream, "resident"
@@ -601,6 +602,31 @@ def one_process_phase(results: dict, run: int, workdir: Path) -> None:
         upstream.stop()
 
 
+# `in_process_phase`: rounds of `bench/in_process.py`, a run (each a block of its requests per key kind)
+IN_PROCESS_ROUNDS = 60
+
+
+def in_process_phase(results: dict, run: int) -> None:
+    """The same, without the kernel, the load generator or the upstream: `bench/in_process.py` drives one gateway's
+    own objects (a key of each kind, blocks of requests alternating) on the proxy's core; CPU of its thread only."""
+    if "gateway" not in CONFIGS or not {"limits", "shaped"} & set(CONFIGS):
+        return
+    out = subprocess.run(pinned([sys.executable, str(ROOT / "bench" / "in_process.py"), "--json",
+                                 "--rounds", str(IN_PROCESS_ROUNDS)], PROXY_CORES),
+                         capture_output=True, text=True, check=True).stdout
+    measured = results.setdefault("in_process", {})[run] = json.loads(out)
+    print(f"run {run} in process, added CPU us/request (median): " + ", ".join(
+        f"{k} {statistics.median(a - b for a, b in zip(v, measured['gateway'], strict=True)):+.2f}"
+        for k, v in measured.items() if k != "gateway"), flush=True)
+
+
+def in_process_added(results: dict, kind: str, runs: int) -> dict:
+    """What `kind`'s key adds to a request's Python path: every round's difference, every run."""
+    return quartiles([mine - base for r in range(1, runs + 1) if r in results["in_process"]
+                      for mine, base in zip(results["in_process"][r][kind], results["in_process"][r]["gateway"],
+                                            strict=True)])
+
+
 def one_process_added(results: dict, kind: str, runs: int) -> dict:
     """What `kind`'s key adds to the CPU per request of one gateway process: every round's difference, every run."""
     rounds = [results["one_process"][r] for r in range(1, runs + 1) if r in results["one_process"]]
@@ -777,6 +803,9 @@ def summarise(results: dict, runs: int) -> dict:
         # one process, its keys alternating (`one_process_phase`): the same, without two processes' difference
         "limits_added_cpu_us_per_request_one_process": lambda: one_process_added(results, "limits", runs),
         "shaped_added_cpu_us_per_request_one_process": lambda: one_process_added(results, "shaped", runs),
+        # the gateway's own objects, no socket (`in_process_phase`): the Python a key's limits add, alone
+        "limits_added_cpu_us_per_request_in_process": lambda: in_process_added(results, "limits", runs),
+        "shaped_added_cpu_us_per_request_in_process": lambda: in_process_added(results, "shaped", runs),
     }
     # ratios against nginx and ClearML's proxy only where the proxies, not the upstream, were measured
     if checked and not any(upstream_bound(results, r, ("plain",)) for r in r_):
@@ -886,6 +915,7 @@ def main() -> int:
                     plain_and_stream_phase(results, run, args.seconds, workdir)
                 paired_phase(results, run, workdir)
                 one_process_phase(results, run, workdir)
+                in_process_phase(results, run)
                 write_results(results, run, args.baseline, args.output)
             if not args.skip_tokens:
                 tokens_phase(results, args.runs, workdir)

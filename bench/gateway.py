@@ -10,6 +10,9 @@ answering `return 200` with a fixed OpenAI-shaped body; for streams `bench/sse_u
 event, every event's bytes made once); the real SGLang on the CPU for tokens per second. Four ways to reach them:
     direct    the upstream itself
     gateway   app.gateway.Gateway (uvloop, bearer check), one process
+    workers2  the same as the deployment runs it with `general.gateway_workers: 2`: two worker processes sharing
+              the port (SO_REUSEPORT) in front of the gateway as their control plane; on two cores of their own
+              where the machine has six or more, else on the proxy's one (CPU per request is then what they cost)
     limits    the same, its key with rate limits (rpm, tpm, concurrent: none ever reached), so that their
               bookkeeping is measured against `gateway` in the same runs, again side by side with it
               (alternating wrk measurements, `paired_phase`), and in one process (a key of each kind, the wrk
@@ -66,14 +69,15 @@ TOKEN = "bench-token-0123456789abcdef"
 # `one_process_phase`: one gateway, a key per configuration, each with its own token
 KIND_TOKENS = {"gateway": TOKEN, "limits": "bench-limits-0123456789abcdef", "shaped": "bench-shaped-0123456789abcdef"}
 SSE = ROOT / "bench" / "sse_upstream.py"
-ALL_CONFIGS = ("direct", "gateway", "limits", "shaped", "clearml", "nginx")
+ALL_CONFIGS = ("direct", "gateway", "workers2", "limits", "shaped", "clearml", "nginx")
 CONFIGS: tuple[str, ...] = ALL_CONFIGS  # what this run measures (--configs, --baseline)
 BASELINE_TREE: Path | None = None  # --baseline: the other revision's worktree
 # Direct access must be this much faster than the best proxy, or the proxies' figures measure the upstream.
 UPSTREAM_HEADROOM = 3.0
 CORES = sorted(os.sched_getaffinity(0))
 PROXY_CORES = CORES[-1:] if len(CORES) > 1 else CORES  # the proxy alone on the last core
-_REST = CORES[:-1] if len(CORES) > 1 else CORES
+WORKER_CORES = CORES[-2:] if len(CORES) >= 6 else PROXY_CORES  # `workers2`: a core per worker where there are many
+_REST = CORES[:-len(WORKER_CORES)] if len(CORES) > 1 else CORES
 # With four cores or more the upstream gets half of the others (a worker each) and the load generator the rest: an
 # upstream answers a request for about half of what nginx spends proxying it, so 3x headroom needs 2 cores of its own.
 UPSTREAM_CORES = _REST[:len(_REST) // 2] if len(_REST) >= 3 else _REST
@@ -219,13 +223,14 @@ def start_proxy(kind: str, upstream: str, workdir: Path) -> Proc:
                                               prefix=workdir), f"nginx-{port}", workdir, PROXY_CORES)
     else:  # the baseline's gateway is served by its own revision of this script, which imports its own app
         script, serve = ((BASELINE_TREE / "bench" / "gateway.py", "gateway") if kind == "baseline"
-                         else (__file__, f"gateway-{kind}") if kind in ("limits", "shaped", "keys")
+                         else (__file__, f"gateway-{kind}") if kind in ("limits", "shaped", "keys", "workers2")
                          else (__file__, kind))
-        argv = pinned([sys.executable, str(script), f"--serve-{serve}", str(port), upstream], PROXY_CORES)
+        argv = pinned([sys.executable, str(script), f"--serve-{serve}", str(port), upstream],
+                      WORKER_CORES if kind == "workers2" else PROXY_CORES)
         popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
                                  env={**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(workdir)})
     proc = Proc(popen, f"http://127.0.0.1:{port}")
-    own = kind in ("gateway", "limits", "shaped", "keys", "baseline")
+    own = kind in ("gateway", "workers2", "limits", "shaped", "keys", "baseline")
     wait_http(proc.url + ("/healthz" if own else "/health"))  # (nginx's and ClearML's: proxied)
     return proc
 
@@ -276,7 +281,15 @@ def serve_gateway(port: int, upstream: str, limits_of: str = "") -> None:
 
     async def main() -> None:
         gateway = Gateway([ModelRoute("m", Engine())], KeyRing(keys), RequestStats())
-        await gateway.start("127.0.0.1", port)
+        if limits_of != "workers2":
+            await gateway.start("127.0.0.1", port)
+            await asyncio.Event().wait()
+        from app.gateway.gateway import GatewayLimits
+        from app.serving.gateway_workers import Front, GatewayWorkers, worker_setup
+
+        setup = worker_setup([(n, t, v.set_values()) for n, t, v in keys], gateway, GatewayLimits(), 2, None)
+        await Front(gateway, GatewayWorkers(2, gateway, setup, stats=gateway.stats, tracker=None,
+                                            clock=time.monotonic)).start("127.0.0.1", port)
         await asyncio.Event().wait()
 
     raise_fd_limit()
@@ -749,6 +762,7 @@ def summarise(results: dict, runs: int) -> dict:
     that got no requests, is left out rather than failing the summary)."""
     r_ = range(1, runs + 1)
     g, d, n, c, b = (results.get(k, {}) for k in ("gateway", "direct", "nginx", "clearml", "baseline"))
+    w2 = results.get("workers2", {})
     lim, sha = results.get("limits", {}), results.get("shaped", {})
     checked = "direct" in results and any(k in results for k in CONFIGS if k != "direct")
     bound = [reason for r in r_ for reason in upstream_bound(results, r)] if checked else []
@@ -768,6 +782,15 @@ def summarise(results: dict, runs: int) -> dict:
         "nginx_rps_c16": lambda: each(lambda r: n[r]["c16"]["rps"]),
         "clearml_rps_c16": lambda: each(lambda r: c[r]["c16"]["rps"]),
         "gateway_cpu_us_per_request": lambda: each(lambda r: g[r]["c16"]["cpu_us_per_request"]),
+        # two worker processes in front of a control plane (`general.gateway_workers: 2`), the same runs
+        "workers2_rps_c16": lambda: each(lambda r: w2[r]["c16"]["rps"]),
+        "workers2_cpu_us_per_request": lambda: each(lambda r: w2[r]["c16"]["cpu_us_per_request"]),
+        "workers2_cpu_us_per_event": lambda: each(lambda r: w2[r]["stream_rate"]["cpu_us_per_event"]),
+        "workers2_events_per_s": lambda: each(lambda r: w2[r]["stream_rate"]["events_per_s"]),
+        "workers2_cpu_ratio_vs_nginx": lambda: each(
+            lambda r: w2[r]["c16"]["cpu_us_per_request"] / n[r]["c16"]["cpu_us_per_request"]),
+        "workers2_cpu_per_event_ratio_vs_nginx": lambda: each(
+            lambda r: w2[r]["stream_rate"]["cpu_us_per_event"] / n[r]["stream_rate"]["cpu_us_per_event"]),
         "baseline_cpu_us_per_request": lambda: each(lambda r: b[r]["c16"]["cpu_us_per_request"]),
         "nginx_cpu_us_per_request": lambda: each(lambda r: n[r]["c16"]["cpu_us_per_request"]),
         "gateway_cpu_us_per_event": lambda: each(lambda r: g[r]["stream_rate"]["cpu_us_per_event"]),
@@ -878,13 +901,14 @@ def main() -> int:
     parser.add_argument("--serve-gateway-limits", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-shaped", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway-keys", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway-workers2", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-clearml", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_gateway:
         serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1])
         return 0
     for kind, served in (("limits", args.serve_gateway_limits), ("shaped", args.serve_gateway_shaped),
-                         ("keys", args.serve_gateway_keys)):
+                         ("keys", args.serve_gateway_keys), ("workers2", args.serve_gateway_workers2)):
         if served:
             serve_gateway(int(served[0]), served[1], kind)
             return 0

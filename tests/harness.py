@@ -130,11 +130,11 @@ async def _bound(deployment: Deployment, task: asyncio.Task) -> str:
     async def check():
         if task.done():
             return True
-        return deployment.gateway is not None and deployment.gateway.port is not None
+        return deployment.built is not None and deployment.built.front.port is not None
     await _until(check, "the gateway to listen")
     if task.done() and deployment.gateway is None:
         task.result()
-    return f"http://127.0.0.1:{deployment.gateway.port}"
+    return f"http://127.0.0.1:{deployment.built.front.port}"
 
 
 async def _ready(run: Running) -> bool:

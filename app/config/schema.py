@@ -184,6 +184,11 @@ GENERAL_FIELDS = (
           "address): past it, a new one from that address closes that address's own connection longest without an "
           "authenticated request. Behind a proxy or a NAT every client shares one address: raise it, or 0 for no "
           "share per address.", INT, 1024, minimum=0, maximum=1_000_000),
+    Field("general", "gateway_workers", "Gateway Workers",
+          "Processes that serve the endpoint's port together (the kernel spreads connections over them), each relaying "
+          "on a core of its own; the deployment's process owns the counters, keys' rate limits, engine states and "
+          "adapters, and answers what needs them. 0: from the cores the engines leave (1 on a CPU deployment or a "
+          "small machine: the deployment's process serves alone).", INT, 0, minimum=0, maximum=64),
     # The form's SGLang options (the seed's General section); their defaults are SGLang's own.
     Field("general", "trust-remote-code", "Trust Remote Code",
           "Allow models with custom code from the hub.", BOOL, None, sglang_flag="--trust-remote-code"),

@@ -93,6 +93,7 @@ class GeneralConfig:
     sleep_on_idle: bool = field_default("general", "sleep_on_idle")
     max_request_body_mib: float = field_default("general", "max_request_body_mib")
     max_connections_per_address: int = field_default("general", "max_connections_per_address")
+    gateway_workers: int = field_default("general", "gateway_workers")  # 0: from the machine's cores
     flags: Flags = ()
 
     @property

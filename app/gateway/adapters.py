@@ -178,6 +178,7 @@ class LeasedTarget:
     host = property(lambda self: self.route.host)
     authorization = property(lambda self: self.route.authorization)
     api_key = property(lambda self: self.route.api_key)
+    transparent = False
 
     def leave(self, now: float) -> None:
         for lease in self.leases:

@@ -27,9 +27,10 @@ from app.keys import NO_LIMITS
 class Admission:
     """The keys of one gateway, and the models each of them sees."""
 
-    def __init__(self, keys: KeyRing, routes: dict[str, ModelRoute], clock: Callable[[], float]):
+    def __init__(self, keys: KeyRing, routes: dict[str, ModelRoute], clock: Callable[[], float],
+                 quiet_token: str | None = None):
         self.keys, self.routes, self.clock = keys, routes, clock
-        self.quiet_token = generate_token()  # the benchmark's: served, counted nowhere, no activity
+        self.quiet_token = quiet_token or generate_token()  # the benchmark's: served, counted nowhere, no activity
         self._quiet = KeyRing([("benchmark", self.quiet_token, NO_LIMITS)])
         self._prioritized = keys.prioritized  # every request gets its key's priority (0: a key without one)
         self._visible = {k.name: {e: r for e, r in routes.items() if k.sees(e)} for k in keys.keys.values()}

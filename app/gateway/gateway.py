@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from app.gateway.connections import (
     TrackedConnection,
 )
 from app.gateway.errors import Reply, error_reply
+from app.gateway.forward import ControlPlane
 from app.gateway.keys import KeyRing, KeyState
 from app.gateway.messages import (
     PENDING,
@@ -108,13 +110,17 @@ class Gateway:
 
     def __init__(self, routes: list[ModelRoute], keys: KeyRing, stats: RequestStats, *,
                  activity: Activity | None = None, clock: Callable[[], float] = time.monotonic,
-                 limits: GatewayLimits = GatewayLimits(), task_url: str | None = None):
-        """`task_url`: the ClearML task's page, which the endpoint's page links to."""
+                 limits: GatewayLimits = GatewayLimits(), task_url: str | None = None,
+                 control: ControlPlane | None = None):
+        """`task_url`: the ClearML task's page, which the endpoint's page links to; `control`: a worker's control
+        plane (`app.gateway.forward`), where the requests it cannot answer alone go (and whose benchmark token it
+        takes)."""
         self.routes = {r.endpoint: r for r in routes}
         self.task_url = task_url
         self._endpoints = frozenset(self.routes)
         self.keys = keys
-        self.admission = Admission(keys, self.routes, clock)
+        self.admission = Admission(keys, self.routes, clock, control.quiet_token if control is not None else None)
+        self.control = control
         self.quiet_token = self.admission.quiet_token  # the benchmark's: served, counted nowhere, no activity
         stats.add_keys(list(keys.keys))
         self.stats = stats
@@ -135,10 +141,13 @@ class Gateway:
 
     # ----- lifecycle -----
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
+        """Listen on `host:port`, or on `sock` (a worker's share of the endpoint's port)."""
         loop = asyncio.get_running_loop()
         for route in self.routes.values():
             route.connect(loop)
+        if self.control is not None:
+            self.control.connect(loop)
         self._relays = RelayContext(loop, self.clock, self.stats, self._flight, self.upstream_read_timeout_s)
         self.connections.fit_open_files()
 
@@ -146,9 +155,15 @@ class Gateway:
             return TrackedConnection(self.handle, loop, self.limits, screen=self.screen,
                                      on_response=self.stats.count_response, table=self.connections)
 
-        self._server = await loop.create_server(connection, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
-        self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("Gateway listening on %s:%s", host, self.port)
+        if sock is not None:
+            self._server = await loop.create_server(connection, sock=sock, backlog=LISTEN_BACKLOG)
+        else:
+            self._server = await loop.create_server(connection, host, port, reuse_address=True,
+                                                    backlog=LISTEN_BACKLOG)
+        address = self._server.sockets[0].getsockname()
+        self.port = address[1]
+        logger.log(logging.DEBUG if sock is not None else logging.INFO, "Gateway listening on %s:%s", address[0],
+                   self.port)
 
     def begin_drain(self) -> None:
         """Stop accepting proxied requests (503 + Retry-After); the ones in flight go on."""
@@ -205,11 +220,16 @@ class Gateway:
         """Answer at once, relay to an engine, or hold the request while its model wakes or restarts."""
         route = request.route
         assert route is not None  # (the screen read it)
+        control = self.control
         if route.kind != "relay":
+            if control is not None and route.kind not in ("open", "page"):  # (made of the deployment's counters)
+                return control.relay(self._relays, request, conn)  # type: ignore[arg-type]
             self.admission.stamp(request)
-            conn.reply(self._own(route, request.key))
+            conn.reply(own_answer(self, route, request.key))
             return None
         model = find_model(self.admission.visible(request.key), route, request)
+        if control is not None and isinstance(model, ModelRoute) and control.takes(request, model):
+            return control.relay(self._relays, request, conn)  # type: ignore[arg-type]
         refusal = model if isinstance(model, Reply) else (
             prompt_too_long(model, route, request) or self.admission.judge(request, model, route))
         if refusal is not None:
@@ -274,30 +294,30 @@ class Gateway:
         started = self._relay(request, conn, route, path, adapter, held_s=self.clock() - arrived)
         return started if started is None or started is PENDING else await started
 
-    # ----- answers of the gateway itself -----
-
-    def _own(self, route: paths.Route, key: KeyState | None) -> Reply:
-        if route.kind == "open":
-            return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else readyz(self.routes, self.draining)
-        if route.kind == "page":
-            return page.asset(route.path)
-        routes = self.admission.visible(key)
-        if route.kind == "page_status":
-            live = {name: self.stats.live(name) for name in routes}
-            caller = page.caller(key.name, key.limits, self.stats.key_usage().get(key.name), key.in_flight) \
-                if key is not None else None
-            return page.status(cards_for(routes, key), live, self.in_flight, self.task_url, caller)
-        if route.kind == "metrics":
-            own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
-            text = self.stats.prometheus(self.in_flight, states_of(routes),
-                                         keys={key.name} if own and key is not None else None,
-                                         endpoints=set(routes) if own else None) + self.connections.prometheus()
-            return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
-        return models_answer(cards_for(routes, key, route.endpoint), route)
-
     def states(self) -> dict[str, ModelState]:
         """Each model's state, as requests find it."""
         return states_of(self.routes)
+
+
+def own_answer(gateway: Gateway, route: paths.Route, key: KeyState | None) -> Reply:
+    """An answer of the gateway itself: health, readiness, the page and its status, /metrics, the model cards."""
+    if route.kind == "open":
+        return Reply(200, b'{"status": "ok"}') if route.path == "/healthz" else readyz(gateway.routes, gateway.draining)
+    if route.kind == "page":
+        return page.asset(route.path)
+    routes = gateway.admission.visible(key)
+    if route.kind == "page_status":
+        live = {name: gateway.stats.live(name) for name in routes}
+        caller = page.caller(key.name, key.limits, gateway.stats.key_usage().get(key.name), key.in_flight) \
+            if key is not None else None
+        return page.status(cards_for(routes, key), live, gateway.in_flight, gateway.task_url, caller)
+    if route.kind == "metrics":
+        own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
+        text = gateway.stats.prometheus(gateway.in_flight, states_of(routes),
+                                        keys={key.name} if own and key is not None else None,
+                                        endpoints=set(routes) if own else None) + gateway.connections.prometheus()
+        return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+    return models_answer(cards_for(routes, key, route.endpoint), route)
 
 
 def readyz(routes: dict[str, ModelRoute], draining: bool) -> Reply:

@@ -90,6 +90,7 @@ class ModelRoute:
     held: int = 0  # requests waiting for it to wake or come back
     host: bytes = field(default=b"", repr=False)
     authorization: bytes | None = field(default=None, repr=False)
+    transparent = False  # (an engine's errors are answered in the one shape: `app.gateway.relay`)
 
     def connect(self, loop: asyncio.AbstractEventLoop) -> None:
         parts = urlsplit(self.engine.url)

@@ -84,6 +84,7 @@ class Target(Protocol):
     host: bytes
     authorization: bytes | None
     api_key: str | None
+    transparent: bool  # its answers are the gateway's own already (`app.gateway.forward`): errors pass as they are
 
     def leave(self, now: float) -> None:
         """The request has ended (models sharing GPUs count them)."""
@@ -171,7 +172,7 @@ class Relay:
 
     def response_head(self, head: ResponseHead) -> None:
         self.status = head.status
-        if head.status >= 400:  # read the engine's error to answer it in the one shape
+        if head.status >= 400 and not self.target.transparent:  # read the engine's error to answer it in the one shape
             self.error_body = []
             return
         self.streamed = head.content_length is None or (head.header(b"content-type") or b"").startswith(

@@ -56,7 +56,6 @@ class ResponseWriter:
         self.keep_alive = True
         self._request = _NO_REQUEST  # the request being answered: its method (HEAD: no body in the answer), ...
         self._method = "GET"
-        self._counted = True  # (whether it is counted at all)
         self._private = False  # (whether it was authenticated: its answer is never cached)
         self._chunked = False
         self._pending_head: bytes | None = None
@@ -70,7 +69,7 @@ class ResponseWriter:
         self.respond(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self._on_response is not None and self._counted:
+        if self._on_response is not None and self._request.counted:
             self._on_response(status, self._request)
         head = [status_line(status)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
@@ -88,7 +87,7 @@ class ResponseWriter:
         """Send a response head built by the caller (status line and headers, without the blank line); the body
         follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
         they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
-        if self._on_response is not None and self._counted:
+        if self._on_response is not None and self._request.counted:
             self._on_response(status, self._request)
         self._chunked = content_length is None
         extra = b"transfer-encoding: chunked\r\n" if self._chunked else b"content-length: %d\r\n" % content_length
@@ -263,7 +262,7 @@ class ServerConnection(ResponseWriter, asyncio.Protocol):
     def _next(self) -> None:
         while self._pending and not self.closed:
             request = self._pending.popleft()
-            self._request, self._method, self._counted = request, request.method, request.counted
+            self._request, self._method = request, request.method
             self._private = request.authenticated
             self.keep_alive = request.keep_alive and request.refusal is None and not (
                 self.stopped and not self._pending)  # the last answer of a stopped connection closes it

@@ -37,6 +37,14 @@ class RequestRecord:
     sent_status: int = 200  # where it was cut: the status its head went out with
 
 
+def answer_of(status: int, request: Request) -> tuple[int, bool, str | None, bool]:
+    """What the counters read of a response: its status, whether the window counts it, the key of an inference
+    request, whether its key's rate limits refused it."""
+    key, route = request.key, request.route
+    counted_key = key.name if key is not None and route is not None and route.kind == "relay" else None
+    return status, request.path not in OPEN, counted_key, request.rate_limited
+
+
 class KeyCounters:
     """One key's usage so far (`app.keys.KeyUsage`), as it is counted."""
 
@@ -120,15 +128,17 @@ class RequestStats:
                 self._window[slot] = record
 
     def count_response(self, status: int, request: Request) -> None:
-        """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines; the
-        window's count leaves out the health and readiness checks (a 503 from `/readyz` is news, not an error). An
-        inference request's answer counts for its key."""
+        """Every response the endpoint sends: its own (401, 404, 503, ...) and those relayed from engines."""
+        self.count_answer(*answer_of(status, request))
+
+    def count_answer(self, status: int, windowed: bool, key: str | None, rate_limited: bool) -> None:
+        """A response (`answer_of`): the window's count leaves out the health and readiness checks (a 503 from
+        `/readyz` is news, not an error); an inference request's answer counts for its key."""
         self.answered[status] += 1
-        if request.path not in OPEN:
+        if windowed:
             self._window_answers[status] += 1
-        key, route = request.key, request.route
-        if key is not None and route is not None and route.kind == "relay":
-            self.key_answered(key.name, status, request.rate_limited)
+        if key is not None:
+            self.key_answered(key, status, rate_limited)
 
     @property
     def total_requests(self) -> int:

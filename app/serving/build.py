@@ -9,6 +9,7 @@ stops what it made.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from app.gateway import Gateway, GatewayLimits, KeyRing, ModelRoute, RequestStat
 from app.serving.adapter_files import Fetcher
 from app.serving.adapters import AdapterStats, EngineAdapters, OnRequestAdapters
 from app.serving.engine import Engine
+from app.serving.gateway_workers import Front, GatewayWorkers, worker_count, worker_setup
 from app.serving.gpus import MAX_MEMORY_FRACTION_PER_DEVICE
 from app.serving.idle import IdleTracker
 from app.serving.memory import CPU_OFFLOAD, DISK_SWAP, SGLangMemoryControl
@@ -92,6 +94,12 @@ class Built:
     residency: Residency | None = None
     adapters: dict[str, OnRequestAdapters] = field(default_factory=dict)  # endpoint -> its adapters on request
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
+    workers: GatewayWorkers | None = None  # the gateway's worker processes (`general.gateway_workers` above one)
+
+    @property
+    def front(self) -> Front:
+        """The endpoint's port: the gateway, or its workers in front of it."""
+        return Front(self.gateway, self.workers)
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,14 @@ def build(plan: DeploymentPlan, keys: list[tuple[str, str]], using: Collaborator
                          restart_hold_s=config.general.restart_hold_seconds)
               for c in plan.commands]
     ring = KeyRing((name, token, config.auth.limits_for(name)) for name, token in keys)
-    gateway = Gateway(routes, ring, stats, activity=tracker, clock=clock,
-                      limits=gateway_options.limits(config.general), task_url=gateway_options.task_url)
+    limits = gateway_options.limits(config.general)
+    gateway = Gateway(routes, ring, stats, activity=tracker, clock=clock, limits=limits,
+                      task_url=gateway_options.task_url)
+    count = worker_count(config.general.gateway_workers, len(os.sched_getaffinity(0)),
+                         [len(p.devices) for p in plan.layout.placements] if plan.layout.placements else None)
+    workers = GatewayWorkers(count, gateway, worker_setup(
+        [(name, token, config.auth.limits_for(name).set_values()) for name, token in keys], gateway, limits, count,
+        gateway_options.task_url), stats=stats, tracker=tracker, clock=clock) if count > 1 else None
     supervisor = EngineSupervisor(
         servers, startup_deadline_s=startup_deadline_s, clock=clock,
         admit=residency.admit if residency else None, on_ready=residency.started if residency else None,
@@ -147,7 +161,7 @@ def build(plan: DeploymentPlan, keys: list[tuple[str, str]], using: Collaborator
     routers = EngineSupervisor([r.router for r in routed.values()], startup_deadline_s=startup_deadline_s,
                                clock=clock)
     return Built(plan, gateway, tracker, supervisor, routers, routed, remote_workers, residency, adapters,
-                 adapter_stats)
+                 adapter_stats, workers)
 
 
 def _engines(plan: DeploymentPlan, secrets: list[str], using: Collaborators, on_phase: OnPhase | None) -> _Engines:

@@ -162,7 +162,7 @@ class Deployment(Lifecycle):
                                            options.write_timeout_s, options.task_url, options.max_connections),
             on_change=self._engine_changed, on_phase=self._engine_phase)
         try:
-            await built.gateway.start(options.host, options.port)
+            await built.front.start(options.host, options.port)
             await self.tell(self.reporter.status, Status.LOADING, "starting engines")
             await self.tell(self.reporter.states, self.states())
             try:
@@ -215,18 +215,18 @@ class Deployment(Lifecycle):
         summary = self.timeline.all_ready(built.supervisor.engines, self.clock())
         logger.info("%s", "\n".join(summary.lines()))
         await self.tell(self.reporter.startup, summary)
-        gateway = built.gateway
-        assert gateway.port is not None
+        port = built.front.port
+        assert port is not None
         host = self.options.public_host or (public_address(self.environ) if self.options.host == "0.0.0.0"
                                             else self.options.host)
-        local = f"http://{host}:{gateway.port}"
-        base = await self.tell(self.reporter.base_url, gateway.port, local) or local
-        models = {name: f"{base}/{name}/v1" for name in gateway.routes}
+        local = f"http://{host}:{port}"
+        base = await self.tell(self.reporter.base_url, port, local) or local
+        models = {name: f"{base}/{name}/v1" for name in built.gateway.routes}
         curl = curl_command(base, next(iter(models)), token_reference(self.config, self.environ))
         await self.tell(self.reporter.endpoints, base, models, curl)
         await self.tell(self.reporter.states, self.states())
         if self.config.benchmark.enable:
-            self.chores.spawn(self._benchmark(built, f"http://{_loopback(self.options.host)}:{gateway.port}"))
+            self.chores.spawn(self._benchmark(built, f"http://{_loopback(self.options.host)}:{port}"))
 
     async def _benchmark(self, built: Built, base: str) -> None:
         """SGLang's benchmark through the endpoint, reported; `bench` then stops (exit 0), whatever happened."""
@@ -281,20 +281,20 @@ class Deployment(Lifecycle):
 
     async def _shutdown(self, built: Built) -> None:
         await self.chores.wind_down(built)
-        gateway = built.gateway
-        gateway.begin_drain()
-        if gateway.in_flight:
-            logger.info("Draining %d request(s) in flight (at most %.0f s)", gateway.in_flight,
+        front = built.front
+        front.begin_drain()
+        if front.in_flight:
+            logger.info("Draining %d request(s) in flight (at most %.0f s)", front.in_flight,
                         self.options.drain_deadline_s)
-        if not await gateway.wait_drained(self.options.drain_deadline_s):
-            logger.warning("%d request(s) still in flight after the drain deadline", gateway.in_flight)
+        if not await front.wait_drained(self.options.drain_deadline_s):
+            logger.warning("%d request(s) still in flight after the drain deadline", front.in_flight)
         if self._reporting:  # the last word: what happened since the last report, drain included
             await self._report(built, built.tracker.decide(self.clock()))
         self._routing = False
         await built.routers.stop_all(self.options.engine_stop_grace_s)
         await built.supervisor.stop_all(self.options.engine_stop_grace_s)
         self.chores.cancel()
-        await gateway.close()
+        await front.close()
         logger.info("Deployment stopped")
 
 

@@ -1,12 +1,11 @@
 """One proxied request, from the gateway to an engine and back, and what is counted of it.
 
 `Relay` sends a request on a kept-alive connection to the engine (or a new one), relays the answer on the
-connections' callbacks, and records it when it ends, whichever way it ends: complete, failed (502, 504, or an SSE
-error event once a stream was under way), or abandoned by its client. It is the one bridge between the two sides: the
-engine's (`app.gateway.upstream.Exchange` hands it the response, as its `ResponseSink`) and the client's (it answers
-through the `Responder` its request came with, and resumes the engine's socket when the client can take more). An
-engine's error (any status from 400) is not relayed as it came: its message is read, cleaned and answered in the one
-error shape. `InFlight` counts the requests under way, for draining and the idle policy.
+connections' callbacks, and records it when it ends: complete, failed (502, 504, or an SSE error event once a stream
+was under way), or abandoned by its client. It is the one bridge between the engine's side (`Exchange` hands it the
+response, as its `ResponseSink`) and the client's (the `Responder` its request came with, whose room to write resumes
+the engine's socket). An engine's error (any status from 400) is answered in the one error shape, its message read and
+cleaned; a transparent target's (`app.gateway.forward`) as it is. `InFlight` counts requests under way (drain, idle).
 """
 
 from __future__ import annotations
@@ -153,6 +152,10 @@ class Relay:
                                      retry_after_s=RETRY_AFTER_SECONDS))
             return None
         except UpstreamError as exc:
+            if not self.resent:  # its engine may have died a moment ago, not yet noticed: as in `response_end`
+                self.resent = True
+                self.ctx.loop.create_task(self._resend())
+                return PENDING
             self._answer(error_reply(502, f"Model {endpoint!r} is unreachable ({exc})", "engine_unreachable"))
             return None
         except asyncio.CancelledError:
@@ -226,8 +229,7 @@ class Relay:
         self.conn.request_done()
 
     async def _resend(self) -> None:
-        """The engine failed before answering: held through its restart like a request that arrived during it
-        (`Target.after_failure`), then sent once more; or answered what the target says."""
+        """Held through its engine's restart (`Target.after_failure`), then sent once more; or answered as it says."""
         refusal = await self.target.after_failure()
         if self.started is None:
             return  # its client went away meanwhile (recorded as such)
@@ -285,9 +287,8 @@ class Relay:
         self.target.leave(ended)
 
     def _estimate(self) -> int:
-        """The tokens of a request that ended without the engine's usage (its client left, or the engine failed): a
-        token per event relayed, and one per 4 bytes of its prompt's text (a rate limit is not passed by leaving
-        a stream before its last chunk)."""
+        """The tokens of a request ended without the engine's usage (its client left, the engine failed): one per event
+        relayed and per 4 bytes of its prompt's text (leaving a stream before its last chunk passes no rate limit)."""
         return (self.events or 0) + text_bytes(self.request.body)[0] // 4 if self.events is not None else 0
 
 

@@ -137,6 +137,10 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event_then_restarts():
             assert time.monotonic() - started < 1.0
             events = [line for line in text.splitlines() if line.startswith("data: ")]
             assert json.loads(events[-1][6:])["error"]["code"] == "engine_crashed"
+            # at once, maybe before the crash is noticed: held through the restart, not refused (it was 502 when
+            # the engine's port refused the connection first)
+            after = await run.chat(max_tokens=2)
+            assert after.status == 200, await after.text()
             engine = run.deployment.supervisor.engines[0]
 
             async def restarted_and_ready() -> bool:

@@ -139,3 +139,18 @@ def test_tokens_reach_workers_by_their_channel_only():
                     errors="replace")
                 assert TOKEN not in seen and ALICE not in seen
     run_async(scenario())
+
+
+def test_an_engine_crash_ends_a_workers_stream_and_the_next_request_waits_for_the_restart():
+    async def scenario():
+        async with running(WORKERS, "env.FAKE_SGLANG_CRASH_AFTER_TOKENS=3",
+                           "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05") as run:
+            response = await run.chat(stream=True, max_tokens=50)
+            text = await asyncio.wait_for(response.text(), 5)
+            events = [line for line in text.splitlines() if line.startswith("data: ")]
+            assert json.loads(events[-1][6:])["error"]["code"] == "engine_crashed"
+            # at once, before anyone has said the engine is down: held until it serves again, not refused
+            after = await run.chat(max_tokens=2)
+            assert after.status == 200, await after.text()
+            assert run.deployment.supervisor.engines[0].restarts == 1
+    run_async(scenario())

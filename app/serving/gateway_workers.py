@@ -114,11 +114,16 @@ class GatewayWorkers:
             sock.close()  # (the worker's now: a connection queued on it is the worker's to take)
         reader, worker.writer = await asyncio.open_unix_connection(sock=mine, limit=MAX_LINE_BYTES)
         assert self.control.port is not None
-        setup = self.setup(self.control.port)
-        worker.writer.write(json.dumps({"setup": setup.to_json()}).encode() + b"\n")
-        line = await asyncio.wait_for(reader.readline(), WORKER_START_SECONDS)
-        if not line or not json.loads(line).get("ready"):
-            raise RuntimeError(f"gateway worker {worker.index} did not start")
+        worker.writer.write(json.dumps({"setup": self.setup(self.control.port).to_json()}).encode() + b"\n")
+        try:
+            line = await asyncio.wait_for(reader.readline(), WORKER_START_SECONDS)
+            if not line or not json.loads(line).get("ready"):
+                raise RuntimeError(f"gateway worker {worker.index} did not start")
+        except BaseException:
+            if worker.process.returncode is None:  # (nothing left running)
+                worker.process.kill()
+            worker.writer = None
+            raise
         worker.started_at, worker.seq, worker.in_flight = self.clock(), -1, 0
         self._send(worker, self._news())
         worker.task = asyncio.create_task(self._listen(worker, reader))
@@ -148,8 +153,13 @@ class GatewayWorkers:
     # ----- what the workers report -----
 
     async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            self._count(worker, Report(**json.loads(line)))
+        try:
+            while line := await reader.readline():
+                self._count(worker, Report(**json.loads(line)))
+        except (ValueError, TypeError, RuntimeError, asyncio.LimitOverrunError) as exc:  # (not one of its reports)
+            logger.error("Gateway worker %d sent what is not a report (%s): stopping it", worker.index, exc)
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.kill()
         await self._exited(worker)
 
     def _count(self, worker: _Worker, report: Report) -> None:
@@ -178,12 +188,14 @@ class GatewayWorkers:
         pause = min(MAX_RESTART_PAUSE_SECONDS, RESTART_PAUSE_SECONDS * 2 ** worker.restarts)
         logger.warning("Gateway worker %d exited (%s): its requests in flight are lost; starting it again in %.1f s",
                        worker.index, code, pause)
-        await asyncio.sleep(pause)
-        if not self.stopping:
+        while not self.stopping:
+            await asyncio.sleep(pause)
             try:
-                await self._start(worker)
-            except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
-                logger.error("Gateway worker %d could not start again: %s", worker.index, exc)
+                return await self._start(worker) if not self.stopping else None
+            except (OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
+                pause = min(MAX_RESTART_PAUSE_SECONDS, pause * 2)
+                logger.error("Gateway worker %d could not start again (%s): trying again in %.1f s", worker.index,
+                             exc, pause)
 
     def _forget(self, worker: _Worker) -> None:
         """A worker that exited: what it had in flight ended with it, for the idle clock and the drain."""

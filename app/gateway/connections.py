@@ -158,18 +158,24 @@ class ConnectionTable:
         capacity shrinks to what fits."""
         self.capacity = raise_open_file_limit(self.capacity)
 
-    def prometheus(self) -> str:
-        """The table in Prometheus text: what an operator watches while a flood goes on."""
+    def counts(self) -> tuple[int, int, int]:
+        """Connections open now, closed to make room so far, refused so far."""
+        return len(self), self.closed_to_make_room, self.refused
+
+    def prometheus(self, counts: tuple[int, int, int] | None = None) -> str:
+        """The table in Prometheus text (or `counts`: the gateway workers' tables together): what an operator watches
+        while a flood goes on."""
+        open_now, closed, refused = counts or self.counts()
         return "\n".join((
             "# HELP clearml_sglang_connections_open Client connections open now.",
-            "# TYPE clearml_sglang_connections_open gauge", f"clearml_sglang_connections_open {len(self)}",
+            "# TYPE clearml_sglang_connections_open gauge", f"clearml_sglang_connections_open {open_now}",
             "# HELP clearml_sglang_connections_closed_to_make_room_total Connections closed for a new one: the table "
             "(or the address's share of it) was full.",
             "# TYPE clearml_sglang_connections_closed_to_make_room_total counter",
-            f"clearml_sglang_connections_closed_to_make_room_total {self.closed_to_make_room}",
+            f"clearml_sglang_connections_closed_to_make_room_total {closed}",
             "# HELP clearml_sglang_connections_refused_total New connections answered 503: every candidate was busy.",
             "# TYPE clearml_sglang_connections_refused_total counter",
-            f"clearml_sglang_connections_refused_total {self.refused}")) + "\n"
+            f"clearml_sglang_connections_refused_total {refused}")) + "\n"
 
     def _make_room(self, order: _Order, where: str) -> bool:
         victim = order.victim()

@@ -133,6 +133,7 @@ class Gateway:
         self._relays: RelayContext | None = None
         self._server: asyncio.base_events.Server | None = None
         self.connections = ConnectionTable(limits.max_connections, limits.max_connections_per_address)
+        self.client_tables: Callable[[], tuple[int, int, int]] | None = None  # (workers': clients are theirs)
         self.port: int | None = None
 
     @property
@@ -315,7 +316,8 @@ def own_answer(gateway: Gateway, route: paths.Route, key: KeyState | None) -> Re
         own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
         text = gateway.stats.prometheus(gateway.in_flight, states_of(routes),
                                         keys={key.name} if own and key is not None else None,
-                                        endpoints=set(routes) if own else None) + gateway.connections.prometheus()
+                                        endpoints=set(routes) if own else None) + gateway.connections.prometheus(
+            gateway.client_tables() if gateway.client_tables is not None else None)
         return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
     return models_answer(cards_for(routes, key, route.endpoint), route)
 

@@ -143,6 +143,7 @@ class Report:
     at: float = 0.0
     records: list[list[Any]] = field(default_factory=list)
     answers: list[list[Any]] = field(default_factory=list)
+    connections: list[int] = field(default_factory=list)  # its table: open now, closed to make room, refused
 
     @property
     def empty(self) -> bool:
@@ -187,7 +188,8 @@ class Worker:
         """What happened since the previous report (and starts the next)."""
         stats, activity = self.stats, self.activity
         report = Report(self.seq, self.gateway.in_flight, activity.started, activity.finished, activity.at,
-                        [list(dataclasses.astuple(r)) for r in stats.records], [list(a) for a in stats.answers])
+                        [list(dataclasses.astuple(r)) for r in stats.records], [list(a) for a in stats.answers],
+                        list(self.gateway.connections.counts()))
         stats.records, stats.answers = [], []
         activity.started = activity.finished = 0
         return report

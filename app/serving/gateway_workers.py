@@ -66,6 +66,7 @@ class _Worker:
     seq: int = -1  # the latest news it has applied
     started_at: float = 0.0
     restarts: int = 0
+    table: tuple[int, ...] = (0, 0, 0)  # its connection table, as it last reported it
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -80,8 +81,8 @@ class GatewayWorkers:
         self.host, self.port = "", None  # (the port, once every worker listens on it)
         self.workers = [_Worker(i) for i in range(count)]
         self._bound = 0
-        self.draining = False
-        self.stopping = False
+        self._gone = [0, 0]  # connections closed to make room and refused by workers that have exited
+        self.draining = self.stopping = False
         self._seq = 0
         self._told: tuple[object, ...] = ()
         self._changed = asyncio.Event()
@@ -99,6 +100,7 @@ class GatewayWorkers:
         await asyncio.gather(*(self._start(w, s) for w, s in zip(self.workers, sockets, strict=True)))
         self.port = bound
         self._news_task = asyncio.create_task(self._tell_news())
+        self.control.client_tables = self.tables  # (the clients' connections are the workers')
         logger.info("Gateway: %d worker processes on port %d (the control plane on %d)", self.count, self.port,
                     self.control.port)
 
@@ -175,6 +177,8 @@ class GatewayWorkers:
                 tracker.request_finished(report.at)
         worker.outstanding += report.started - report.finished
         worker.in_flight, worker.seq = report.in_flight, report.seq
+        if report.connections:
+            worker.table = tuple(report.connections)
         self._changed.set()
 
     async def _exited(self, worker: _Worker) -> None:
@@ -203,8 +207,15 @@ class GatewayWorkers:
             for _ in range(worker.outstanding):
                 self.tracker.request_finished(self.clock())
         worker.outstanding = worker.in_flight = 0
+        self._gone = [a + b for a, b in zip(self._gone, worker.table[1:], strict=True)]  # (its counts so far)
+        worker.table = (0, 0, 0)
         worker.writer = None
         self._changed.set()
+
+    def tables(self) -> tuple[int, int, int]:
+        """The workers' connection tables together: open now (as last reported), closed to make room, refused."""
+        return (sum(w.table[0] for w in self.workers), self._gone[0] + sum(w.table[1] for w in self.workers),
+                self._gone[1] + sum(w.table[2] for w in self.workers))
 
     # ----- what the workers are told -----
 

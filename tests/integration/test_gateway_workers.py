@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 
 import aiohttp
@@ -43,6 +44,7 @@ def test_two_workers_share_the_port_and_the_counters_add_up():
                 held = {p.pid: [c for c in p.net_connections() if c.status == psutil.CONN_ESTABLISHED
                                 and c.laddr.port == int(run.base.rsplit(":", 1)[1])] for p in workers(run)}
                 assert all(held.values()), f"connections per worker: {held}"
+                await _until(lambda: _open_at_least(run, 16), "the workers' tables on /metrics")
             async with run.session.post(run.url("/m/v1/completions"), headers=AUTH,
                                         json={"model": "m:sql", "prompt": "x", "max_tokens": 3}) as r:
                 assert r.status == 200  # (an adapter: served by a worker)
@@ -89,6 +91,14 @@ def test_a_worker_that_dies_is_started_again_and_the_endpoint_serves_on(caplog):
             await _until(lambda: counted(run, "m", 8), "the workers' reports")
         assert "Gateway worker" in caplog.text and "starting it again" in caplog.text
     run_async(scenario())
+
+
+async def _open_at_least(run, count: int) -> bool:
+    """The endpoint's /metrics says at least `count` client connections are open (the workers' tables, not the
+    control plane's, whose connections are the workers')."""
+    async with run.session.get(run.url("/metrics"), headers=AUTH) as r:
+        text = await r.text()
+    return int(re.search(r"^clearml_sglang_connections_open (\d+)$", text, re.M).group(1)) >= count
 
 
 async def _replaced(run, pid: int) -> bool:

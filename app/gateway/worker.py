@@ -102,15 +102,16 @@ class SyncedEngine:
 
 
 class WorkerStats(RequestStats):
-    """A worker's counters: what it recorded since its last report, for the control plane to count."""
+    """A worker's counters: what it recorded since its last report, for the control plane to count, each record as
+    its fields' values (`dataclasses.astuple` copies deep: ten times the cost)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[RequestRecord] = []
+        self.records: list[list[Any]] = []
         self.answers: list[tuple[int, bool, str | None, bool]] = []
 
     def record(self, record: RequestRecord) -> None:
-        self.records.append(record)
+        self.records.append(list(vars(record).values()))
 
     def count_response(self, status: int, request: Request) -> None:
         self.answers.append(answer_of(status, request))
@@ -152,6 +153,10 @@ class Report:
     def request_records(self) -> list[RequestRecord]:
         return [RequestRecord(*values) for values in self.records]
 
+    def line(self) -> bytes:
+        """As the channel carries it (its fields as they are: `dataclasses.asdict` would copy every record)."""
+        return json.dumps(vars(self)).encode() + b"\n"
+
 
 @dataclass
 class News:
@@ -188,8 +193,7 @@ class Worker:
         """What happened since the previous report (and starts the next)."""
         stats, activity = self.stats, self.activity
         report = Report(self.seq, self.gateway.in_flight, activity.started, activity.finished, activity.at,
-                        [list(dataclasses.astuple(r)) for r in stats.records], [list(a) for a in stats.answers],
-                        list(self.gateway.connections.counts()))
+                        stats.records, stats.answers, list(self.gateway.connections.counts()))  # type: ignore[arg-type]
         stats.records, stats.answers = [], []
         activity.started = activity.finished = 0
         return report
@@ -222,7 +226,7 @@ async def serve(channel: socket.socket, listening: socket.socket) -> None:
             if report.empty and (report.seq, report.in_flight) == told and quiet < HEARTBEAT_SECONDS:
                 continue
             told, quiet = (report.seq, report.in_flight), 0.0
-            writer.write(json.dumps(dataclasses.asdict(report)).encode() + b"\n")
+            writer.write(report.line())
             await writer.drain()
 
     tasks = [asyncio.create_task(listen()), asyncio.create_task(tell())]
@@ -233,7 +237,7 @@ async def serve(channel: socket.socket, listening: socket.socket) -> None:
             task.cancel()
         await worker.gateway.close()
         with contextlib.suppress(OSError):
-            writer.write(json.dumps(dataclasses.asdict(worker.report())).encode() + b"\n")
+            writer.write(worker.report().line())
             await writer.drain()
         writer.close()
 

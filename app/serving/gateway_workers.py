@@ -169,12 +169,8 @@ class GatewayWorkers:
             self.stats.record(record)
         for answer in report.answers:
             self.stats.count_answer(*answer)
-        tracker = self.tracker
-        if tracker is not None:
-            for _ in range(report.started):
-                tracker.request_started(report.at)
-            for _ in range(report.finished):
-                tracker.request_finished(report.at)
+        if self.tracker is not None:
+            self.tracker.reported(report.started, report.finished, report.at)
         worker.outstanding += report.started - report.finished
         worker.in_flight, worker.seq = report.in_flight, report.seq
         if report.connections:
@@ -204,8 +200,7 @@ class GatewayWorkers:
     def _forget(self, worker: _Worker) -> None:
         """A worker that exited: what it had in flight ended with it, for the idle clock and the drain."""
         if self.tracker is not None:
-            for _ in range(worker.outstanding):
-                self.tracker.request_finished(self.clock())
+            self.tracker.reported(0, worker.outstanding, self.clock())
         worker.outstanding = worker.in_flight = 0
         self._gone = [a + b for a, b in zip(self._gone, worker.table[1:], strict=True)]  # (its counts so far)
         worker.table = (0, 0, 0)

@@ -60,6 +60,15 @@ class IdleTracker:
         self._served_any = True
         self._last_activity = max(self._last_activity, now)
 
+    def reported(self, started: int, finished: int, now: float) -> None:
+        """Requests another process began and ended (a gateway worker's report), the latest of them at `now`."""
+        if finished > self._in_flight + started:
+            raise RuntimeError("more requests finished than started")
+        self._in_flight += started - finished
+        self._served_any = self._served_any or bool(finished)
+        if started or finished:
+            self._last_activity = max(self._last_activity, now)
+
     def decide(self, now: float) -> IdleDecision:
         if self._in_flight:
             return IdleDecision(False, 0.0, self._in_flight, ACTIVE, self._last_activity)

@@ -4,7 +4,6 @@ control plane, and a worker's counts landing in the deployment's counters as the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 
 import pytest
@@ -18,6 +17,7 @@ from app.gateway.stats import RequestRecord, RequestStats, answer_of
 from app.gateway.worker import News, Report, Worker, WorkerSetup, limits_of
 from app.keys import NO_LIMITS, KeyLimits
 from app.serving.gateway_workers import worker_count
+from app.serving.idle import IdleTracker
 from app.states import EngineState
 
 
@@ -83,7 +83,7 @@ def test_a_worker_applies_news_and_reports_what_happened_since_its_last_report()
         worker.stats.record(RequestRecord("m", 200, 0.5, prompt_tokens=3, completion_tokens=4, key="alice"))
         worker.activity.request_started(1.0)
         worker.activity.request_finished(2.0)
-        report = Report(**json.loads(json.dumps(dataclasses.asdict(worker.report()))))
+        report = Report(**json.loads(worker.report().line()))
         assert (report.seq, report.started, report.finished, report.at) == (3, 1, 1, 2.0)
         assert report.request_records() == [RequestRecord("m", 200, 0.5, prompt_tokens=3, completion_tokens=4,
                                                           key="alice")]
@@ -94,3 +94,20 @@ def test_a_worker_applies_news_and_reports_what_happened_since_its_last_report()
 def test_limits_come_back_as_the_config_writes_them():
     limits = KeyLimits(rpm=5, tpm=100, concurrent=2, max_tokens=64, priority=3, models=("m", "m:sql"))
     assert limits_of(json.loads(json.dumps(limits.set_values()))) == limits
+
+
+def test_a_workers_reported_requests_move_the_idle_clock_as_its_own_would():
+    mine, reported = IdleTracker(60, 30, now=0.0), IdleTracker(60, 30, now=0.0)
+    for tracker in (mine, reported):
+        assert tracker.decide(59.0).idle_for_s == 59.0
+    for _ in range(3):
+        mine.request_started(10.0)
+    mine.request_finished(12.0)
+    reported.reported(3, 1, 12.0)  # (one report: three began, one ended, the latest at 12)
+    assert mine.decide(100.0) == reported.decide(100.0)  # two in flight: never idle
+    mine.request_finished(20.0)
+    mine.request_finished(20.0)
+    reported.reported(0, 2, 20.0)
+    assert mine.decide(50.0) == reported.decide(50.0) and mine.decide(81.0).stop and reported.decide(81.0).stop
+    with pytest.raises(RuntimeError):
+        reported.reported(0, 1, 90.0)  # (more ended than began)

@@ -37,7 +37,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from app.gateway import page
 from app.gateway import routes as paths
@@ -92,6 +92,17 @@ MAX_HELD_REQUESTS = 4096
 LISTEN_BACKLOG = 511
 
 
+class Workers(Protocol):
+    """A control plane's gateway workers (`app.serving.gateway_workers.GatewayWorkers`), as its answers count them."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def tables(self) -> tuple[int, int, int]:
+        """Their connection tables together: open, closed to make room, refused."""
+        ...
+
+
 @dataclass(frozen=True)
 class GatewayLimits:
     """What the gateway allows: a request body's size, how long an engine, a request's arrival and a client's reading
@@ -133,8 +144,13 @@ class Gateway:
         self._relays: RelayContext | None = None
         self._server: asyncio.base_events.Server | None = None
         self.connections = ConnectionTable(limits.max_connections, limits.max_connections_per_address)
-        self.client_tables: Callable[[], tuple[int, int, int]] | None = None  # (workers': clients are theirs)
+        self.workers: Workers | None = None  # a control plane's workers: the clients' connections and requests
         self.port: int | None = None
+
+    @property
+    def served(self) -> int:
+        """Requests under way at the endpoint: its workers' (what they sent on here among them), or its own."""
+        return self.workers.in_flight if self.workers is not None else self._flight.count
 
     @property
     def in_flight(self) -> int:
@@ -311,13 +327,13 @@ def own_answer(gateway: Gateway, route: paths.Route, key: KeyState | None) -> Re
         live = {name: gateway.stats.live(name) for name in routes}
         caller = page.caller(key.name, key.limits, gateway.stats.key_usage().get(key.name), key.in_flight) \
             if key is not None else None
-        return page.status(cards_for(routes, key), live, gateway.in_flight, gateway.task_url, caller)
+        return page.status(cards_for(routes, key), live, gateway.served, gateway.task_url, caller)
     if route.kind == "metrics":
         own = key is not None and key.limits != NO_LIMITS  # a key with limits sees its own usage and models
-        text = gateway.stats.prometheus(gateway.in_flight, states_of(routes),
+        text = gateway.stats.prometheus(gateway.served, states_of(routes),
                                         keys={key.name} if own and key is not None else None,
                                         endpoints=set(routes) if own else None) + gateway.connections.prometheus(
-            gateway.client_tables() if gateway.client_tables is not None else None)
+            gateway.workers.tables() if gateway.workers is not None else None)
         return Reply(200, text.encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
     return models_answer(cards_for(routes, key, route.endpoint), route)
 

@@ -100,7 +100,7 @@ class GatewayWorkers:
         await asyncio.gather(*(self._start(w, s) for w, s in zip(self.workers, sockets, strict=True)))
         self.port = bound
         self._news_task = asyncio.create_task(self._tell_news())
-        self.control.client_tables = self.tables  # (the clients' connections are the workers')
+        self.control.workers = self  # (the clients' connections and requests are the workers')
         logger.info("Gateway: %d worker processes on port %d (the control plane on %d)", self.count, self.port,
                     self.control.port)
 
@@ -300,8 +300,8 @@ class Front:
 
     @property
     def in_flight(self) -> int:
-        """Requests under way (one a worker sent on to the control plane counts in both)."""
-        return self.gateway.in_flight + (self.workers.in_flight if self.workers is not None else 0)
+        """Requests under way (a worker's count includes what it sent on to the control plane)."""
+        return self.gateway.served
 
     def begin_drain(self) -> None:
         if self.workers is not None:

@@ -44,7 +44,8 @@ def test_two_workers_share_the_port_and_the_counters_add_up():
                 held = {p.pid: [c for c in p.net_connections() if c.status == psutil.CONN_ESTABLISHED
                                 and c.laddr.port == int(run.base.rsplit(":", 1)[1])] for p in workers(run)}
                 assert all(held.values()), f"connections per worker: {held}"
-                await _until(lambda: _open_at_least(run, 16), "the workers' tables on /metrics")
+                # (the workers' tables, not the control plane's, whose connections are the workers')
+                await _until(lambda: _metric_at_least(run, "connections_open", 16), "the workers' tables on /metrics")
             async with run.session.post(run.url("/m/v1/completions"), headers=AUTH,
                                         json={"model": "m:sql", "prompt": "x", "max_tokens": 3}) as r:
                 assert r.status == 200  # (an adapter: served by a worker)
@@ -93,12 +94,10 @@ def test_a_worker_that_dies_is_started_again_and_the_endpoint_serves_on(caplog):
     run_async(scenario())
 
 
-async def _open_at_least(run, count: int) -> bool:
-    """The endpoint's /metrics says at least `count` client connections are open (the workers' tables, not the
-    control plane's, whose connections are the workers')."""
+async def _metric_at_least(run, name: str, count: int) -> bool:
     async with run.session.get(run.url("/metrics"), headers=AUTH) as r:
         text = await r.text()
-    return int(re.search(r"^clearml_sglang_connections_open (\d+)$", text, re.M).group(1)) >= count
+    return int(re.search(rf"^clearml_sglang_{name} (\d+)$", text, re.M).group(1)) >= count
 
 
 async def _replaced(run, pid: int) -> bool:
@@ -123,6 +122,7 @@ def test_sigterm_drains_the_workers_streams_then_stops():
     async def scenario():
         async with running(WORKERS, "env.FAKE_SGLANG_TOKEN_DELAY_SECONDS=0.05") as run:
             streams = [await run.chat(stream=True, max_tokens=20) for _ in range(4)]
+            await _until(lambda: _metric_at_least(run, "requests_in_flight", 4), "/metrics to count the workers'")
             run.deployment.request_stop(15)
             await _until(lambda: _draining(run), "the drain to begin", 5)
             async with aiohttp.ClientSession() as session:  # (a new connection: whichever worker takes it)

@@ -1,13 +1,14 @@
 """What a gateway worker sends on to the control plane: every request whose answer needs state that one process owns.
 
 A deployment with more than one gateway worker (`app.gateway.worker`) has its workers answer the requests they can
-answer alone (the page's files, health, an inference request of a key without rate limits to a model that serves)
+answer alone (the page's files, /healthz, an inference request of a key without rate limits to a model that serves)
 and send every other to the deployment's own gateway, the control plane, on its loopback port (`ControlPlane`):
 a key with rate limits (its windows and requests in flight have one owner), a model that is not serving (held
 through its restart or wake-up there), a model that shares GPUs or loads adapters on request (the residency and the
-adapters' leases), and the answers made of the deployment's counters (the page's status, /metrics, /v1/models). The
-request goes as it came, its client's own token with it: the control plane authenticates, limits, counts and answers
-it as it would a request of its own, and the worker passes the answer back unchanged, counting it nowhere.
+adapters' leases), and the answers made of the deployment's counters and states (the page's status, /metrics,
+/v1/models, /readyz: a model asleep is `sleeping` there, where a worker knows only its engine). The request goes as it
+came, its client's own token with it: the control plane authenticates, limits, counts and answers it as it would a
+request of its own, and the worker passes the answer back unchanged, counting it nowhere.
 """
 
 from __future__ import annotations

@@ -130,3 +130,31 @@ async def _released(tmp_path) -> bool:
 
 async def _state_is(run: Running, model: str, state: str) -> bool:
     return (await readyz(run))["models"][model] == state
+
+
+def test_models_sharing_a_gpu_behind_gateway_workers_wake_once_for_a_burst(tmp_path):
+    """With two gateway workers the control plane owns the residency: a burst through both workers for a sleeping
+    model wakes it once, and /readyz (answered there) says which model sleeps."""
+    async def scenario():
+        async with running(*sharing(tmp_path, "env.FAKE_SGLANG_RESUME_SECONDS=0.5"), "general.gateway_workers=2",
+                           models=3) as run:
+            assert run.deployment.built.workers is not None
+            sleeping = next(name for name, state in (await readyz(run))["models"].items() if state == "sleeping")
+            bodies = await asyncio.gather(*(_fresh_answer(run, sleeping) for _ in range(12)))
+            assert len(bodies) == 12
+            assert admin_calls(tmp_path, "resume") == 1
+            assert (await readyz(run))["residency"][sleeping]["wakeups"] == 1
+            assert peak_gib(tmp_path) <= DEVICE_GIB * 0.88 + 0.01
+    run_async(scenario())
+
+
+async def _fresh_answer(run: Running, model: str) -> str:
+    """On a connection of its own: whichever worker takes it."""
+    import aiohttp
+
+    from tests.harness import AUTH
+    async with aiohttp.ClientSession() as session:
+        async with session.post(run.url("/v1/chat/completions"), headers=AUTH, json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) as r:
+            assert r.status == 200, await r.text()
+            return await r.text()

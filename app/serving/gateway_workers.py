@@ -274,8 +274,8 @@ def _listening(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
-    sock.set_inheritable(True)
+    sock.listen(LISTEN_BACKLOG)  # (not inheritable: `pass_fds` gives it to its worker alone; uvloop's spawn passes
+    # every inheritable descriptor to every child, whatever `pass_fds` says)
     os.set_blocking(sock.fileno(), False)
     return sock
 

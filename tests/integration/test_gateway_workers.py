@@ -5,6 +5,7 @@ clock, a worker's crash and the drain behave as with one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -19,7 +20,13 @@ ALICE = "alice-token-" + "a" * 20
 
 
 def workers(run) -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "app.gateway.worker" in " ".join(p.cmdline())]
+    """The worker processes alive (a killed one may linger a moment as a zombie, not yet reaped)."""
+    alive = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE and "app.gateway.worker" in " ".join(process.cmdline()):
+                alive.append(process)
+    return alive
 
 
 async def counted(run, endpoint: str, count: int) -> bool:
@@ -164,3 +171,32 @@ def test_an_engine_crash_ends_a_workers_stream_and_the_next_request_waits_for_th
             assert after.status == 200, await after.text()
             assert run.deployment.supervisor.engines[0].restarts == 1
     run_async(scenario())
+
+
+def test_each_worker_holds_its_own_socket_only_and_a_restarted_one_serves_every_connection():
+    """Under uvloop, as `clearml-sglang run` serves: a child inherits every inheritable descriptor whatever
+    `pass_fds` says, so a worker once held its sibling's listening socket too. When the sibling died, that copy
+    stayed in the port's group unaccepted, and a third of new connections hung."""
+    import uvloop
+
+    async def scenario():
+        async with running(WORKERS) as run:
+            port = int(run.base.rsplit(":", 1)[1])
+
+            def listening() -> dict[int, int]:
+                return {p.pid: sum(1 for c in p.net_connections() if c.status == psutil.CONN_LISTEN
+                                   and c.laddr.port == port) for p in [psutil.Process(), *workers(run)]}
+            assert sorted(listening().values()) == [0, 1, 1]  # (the control plane listens on its own port only)
+            victim = workers(run)[0]
+            victim.send_signal(signal.SIGKILL)
+            await _until(lambda: _replaced(run, victim.pid), "the worker to be started again")
+
+            async def one_each() -> bool:  # (the new socket is the new worker's once its spawn has returned)
+                return sorted(listening().values()) == [0, 1, 1]
+            await _until(one_each, "one listening socket in each worker, none in the control plane")
+            for _ in range(12):  # fresh connections: each lands on one of the port's sockets
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                    async with session.post(run.url("/v1/chat/completions"), headers=AUTH, json={
+                            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) as r:
+                        assert r.status == 200
+    uvloop.run(scenario())

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.gateway.errors import Reply, error_reply, invalid_json
 
@@ -41,12 +40,12 @@ LENGTH_FIELDS = {"/v1/chat/completions": (b"max_tokens", b"max_completion_tokens
 MAX_COUNTED_RESPONSE_BYTES = 4 * 1024 * 1024
 
 _USAGE_RE = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+_COUNT_NAMES = {name.encode(): name for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
-@dataclass(frozen=True)
-class Shaped:
+class Shaped(NamedTuple):
     body: bytes
     strip_usage: bool = False  # the client did not ask for the stream's usage chunk: take it out
 
@@ -55,6 +54,8 @@ def shape(path: str, body: bytes, *, priority: int | None, max_tokens: int | Non
     """The body for `path` with `priority` set (None: left alone), a completion's length capped at `max_tokens`,
     and a stream's usage asked for; or the 400 for a request asking more than `max_tokens`, or asking it otherwise
     than as a whole number."""
+    if priority is None and max_tokens is None and b'"stream' not in body:
+        return Shaped(body)  # (nothing to write: most requests of a key without limits)
     tail: list[bytes] = []  # members appended: the last of a name is the one SGLang reads
     strip = False
     if path in GOVERNED:
@@ -162,7 +163,7 @@ def _usage_from_json(data: bytes) -> dict[str, int] | None:
     at = data.find(b'"usage"')
     if at < 0 or data.startswith(b"null", at + 8) or data.startswith(b" null", at + 8):
         return None
-    found = {k.decode(): int(v) for k, v in _USAGE_RE.findall(data, at)}
+    found = {_COUNT_NAMES[name]: int(count) for name, count in _USAGE_RE.findall(data, at)}
     return found or None
 
 

@@ -49,7 +49,7 @@ def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     method: str
     path: str

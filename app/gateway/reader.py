@@ -85,6 +85,16 @@ def _framing(fields: list[tuple[bytes, bytes]], version: str) -> _Framing | Repl
     return _Framing(length, bool(codings), expect)
 
 
+def _target(url: bytes) -> tuple[str, bytes]:
+    """A request target's path and query: split at once in the usual form (`/path?query`, RFC 9112 3.2.1), else by
+    httptools' URL parser (an absolute URL, a fragment)."""
+    if url[:1] == b"/" and b"#" not in url:
+        path, _, query = url.partition(b"?")
+        return path.decode("utf-8", "replace"), query
+    parsed = httptools.parse_url(url)
+    return (parsed.path.decode("utf-8", "replace") if parsed.path else "/"), parsed.query or b""
+
+
 def _head_too_large() -> Reply:
     return error_reply(431, f"Request header fields too large (at most {MAX_HEAD_BYTES} bytes and "
                        f"{MAX_HEADER_FIELDS} fields)", "request_header_fields_too_large")
@@ -239,14 +249,9 @@ class RequestReader:
         self._fields = 0
         parser = self._parser
         assert parser is not None
-        parsed = httptools.parse_url(self._url)
-        request = self.request = Request(
-            method=parser.get_method().decode("ascii", "replace"),
-            path=parsed.path.decode("utf-8", "replace") if parsed.path else "/",
-            query=parsed.query or b"",
-            headers=self._headers,
-            keep_alive=parser.should_keep_alive(),
-        )
+        path, query = _target(self._url)
+        request = self.request = Request(parser.get_method().decode("ascii", "replace"), path, query, self._headers,
+                                         keep_alive=parser.should_keep_alive())
         framing = _framing(self._framing_fields, parser.get_http_version())
         refusal = framing if isinstance(framing, Reply) else None
         if refusal is None and self._screen is not None:
@@ -332,10 +337,12 @@ class Deadlines:
         return deadline is not None and self._loop.time() >= deadline
 
     def schedule(self) -> None:
-        deadlines = [d for d in (self.receive_by, self.idle_by, self.write_by) if d is not None]
-        if not deadlines:
+        when = None
+        for deadline in (self.receive_by, self.idle_by, self.write_by):
+            if deadline is not None and (when is None or deadline < when):
+                when = deadline
+        if when is None:
             return
-        when = min(deadlines)
         if self._timer is None or self._timer.when() > when:
             if self._timer is not None:
                 self._timer.cancel()

@@ -85,8 +85,8 @@ class ResponseWriter:
 
     def start(self, status: int, head: bytes, content_length: int | None) -> None:
         """Send a response head built by the caller (status line and headers, without the blank line); the body
-        follows with `write`, chunked unless its length is known. The head goes out with the first body bytes when
-        they arrive in the same turn of the event loop (one send instead of two), else at the end of that turn."""
+        follows with `write`, chunked unless its length is known. The head goes out with the first `write` (one send
+        for the head and the body's first bytes; an empty write sends the head alone)."""
         if self._on_response is not None and self._request.counted:
             self._on_response(status, self._request)
         self._chunked = content_length is None
@@ -96,19 +96,19 @@ class ResponseWriter:
         if not self.keep_alive:
             extra += b"connection: close\r\n"
         self._pending_head = head + extra + b"\r\n"
-        self._loop.call_soon(self._flush_head)
-
-    def _flush_head(self) -> None:
-        if self._pending_head is not None:
-            head, self._pending_head = self._pending_head, None
-            self._write(head)
 
     def write(self, data: bytes) -> None:
-        if data and not self.closed:  # (`_write`, inline: this runs for every piece of a stream)
+        if self.closed:  # (`_write`, inline: this runs for every piece of a stream)
+            return
+        if data:
             framed = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
-            if self._pending_head is not None:
-                framed, self._pending_head = self._pending_head + framed, None
-            self.transport.write(framed)  # type: ignore[union-attr]
+        elif self._pending_head is None:
+            return
+        else:
+            framed = b""
+        if self._pending_head is not None:
+            framed, self._pending_head = self._pending_head + framed, None
+        self.transport.write(framed)  # type: ignore[union-attr]
 
     def end(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked else b""

@@ -45,6 +45,9 @@ _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", 
 
 
 
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
 class UpstreamError(Exception):
     """The engine could not be reached, or failed before its response began."""
 
@@ -80,7 +83,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.used = False  # has carried an exchange: an idle connection the engine may have closed meanwhile
         self._headers: list[tuple[bytes, bytes]] = []
+        self._framing: list[tuple[bytes, bytes]] = []  # (those of them that frame the body)
         self._body: list[bytes] = []  # the body pieces of the read being parsed
+        self._head: ResponseHead | None = None  # the response's head, parsed in that read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -94,7 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._body = []
+            self._body, self._head = [], None
             if self.exchange is not None:
                 self.exchange.failed(UpstreamError(f"malformed response: {exc}"))
             self.close()
@@ -102,9 +107,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._relay_body()
 
     def _relay_body(self) -> None:
+        """What the read brought: the response's head (once) with its first body bytes, or body bytes."""
         pieces, self._body = self._body, []
-        if pieces and self.exchange is not None:
-            self.exchange.body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        exchange = self.exchange
+        if exchange is None:
+            return
+        head, self._head = self._head, None
+        if head is not None:
+            exchange.headers(head)
+        elif not pieces:
+            return
+        exchange.body(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # (empty: the head goes out alone)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -113,18 +126,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.failed(UpstreamError("the engine closed the connection"))
 
     def on_message_begin(self) -> None:
-        self._headers = []
+        self._headers, self._framing = [], []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name in _FRAMING:
+            self._framing.append((name, value))
 
     def on_headers_complete(self) -> None:
-        length = next((v for k, v in self._headers if k == b"content-length"), None)
-        chunked = any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in self._headers)
-        head = ResponseHead(self.parser.get_status_code(), b"", self._headers, chunked,
-                            int(length) if length is not None and length.isdigit() else None)
-        if self.exchange is not None:
-            self.exchange.headers(head)
+        length, chunked = None, False
+        for name, value in self._framing:
+            if name == b"content-length":
+                length = int(value) if length is None and value.isdigit() else length
+            else:
+                chunked = chunked or b"chunked" in value.lower()
+        # handed on with the read's body bytes (`_relay_body`): the client gets both in one write
+        self._head = ResponseHead(self.parser.get_status_code(), b"", self._headers, chunked, length)
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)  # (relayed once the read is parsed, or when the message ends within it)
@@ -227,11 +245,11 @@ class ResponseSink(Protocol):
     """Where an exchange hands what the engine answers (`app.gateway.relay.Relay`)."""
 
     def response_head(self, head: ResponseHead) -> None:
-        """The engine's status and headers."""
+        """The engine's status and headers; `response_body` follows at once, with what the same read held."""
 
     def response_body(self, data: bytes) -> bool:
-        """A piece of the body, as it arrived; False when the client is full: the engine's socket pauses until
-        `Exchange.resume`."""
+        """A piece of the body, as it arrived (empty: a read held only the head); False when the client is full: the
+        engine's socket pauses until `Exchange.resume`."""
         ...
 
     def response_end(self, exchange: Exchange) -> None:
@@ -281,12 +299,13 @@ class Exchange:
     def headers(self, head: ResponseHead) -> None:
         self._last = self.loop.time()
         self.head = head
-        self.sink.response_head(head)  # the client's response head goes out now
+        self.sink.response_head(head)  # (the client's goes out with the body's first bytes: `body` follows)
 
     def body(self, data: bytes) -> None:
+        """Body bytes (none: the head came alone)."""
         now = self.loop.time()
         self._last = now
-        if self.first_byte_at is None:
+        if self.first_byte_at is None and data:
             self.first_byte_at = now
         if not self._body(data) and self.connection is not None:
             self.connection.pause()  # the client is slow: stop reading from the engine until it catches up

@@ -353,3 +353,38 @@ def test_the_reader_returns_each_request_and_stops_after_it():
     found, rest = reader.feed(b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n" + _get())
     assert found[1].refusal.status == 401 and reader.stopped and rest == b""  # nothing read after a refusal
     assert reader.feed(_get()) == ([], b"")
+
+
+@pytest.mark.parametrize("target, path, query", [
+    (b"/v1/models", "/v1/models", b""),
+    (b"/v1/models?limit=2&x=%20", "/v1/models", b"limit=2&x=%20"),
+    (b"/v1/a%2Fb?", "/v1/a%2Fb", b""),
+    (b"http://gateway:8000/v1/models?limit=2", "/v1/models", b"limit=2"),  # the absolute form (RFC 9112 3.2.2)
+    (b"/v1/models?limit=2#part", "/v1/models", b"limit=2"),  # (a fragment is no part of a request's target)
+])
+def test_a_request_target_is_split_into_its_path_and_query(target, path, query):
+    def test(client: _Client) -> None:
+        client.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.transport.statuses() == [200]
+        assert (client.requests[0].path, client.requests[0].query) == (path, query)
+    _with_client(test)
+
+
+def test_a_streamed_answers_head_goes_out_with_its_first_bytes_in_one_write_or_alone_on_an_empty_one():
+    writes: list[bytes] = []
+
+    def test(client: _Client) -> None:
+        client.transport.write = writes.append  # type: ignore[method-assign]
+        conn = client.conn
+        conn.start(200, b"HTTP/1.1 200 OK\r\n", None)
+        assert writes == []  # (held for the body's first bytes)
+        conn.write(b"hello")
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(
+            b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        conn.start(200, b"HTTP/1.1 200 OK\r\n", 3)
+        conn.write(b"")
+        assert len(writes) == 2 and writes[1].endswith(b"content-length: 3\r\n\r\n")
+        conn.write(b"")  # (nothing held: nothing written)
+        conn.write(b"abc")
+        assert writes[2:] == [b"abc"]
+    _with_client(test)

@@ -113,3 +113,18 @@ def test_json_bodies_are_checked_except_where_the_route_takes_another_kind():
     audio = classify("POST", "/tiny/v1/audio/transcriptions", ENDPOINTS)
     tags = classify("GET", "/tiny/api/tags", ENDPOINTS)
     assert chat.takes_json("POST") and not audio.takes_json("POST") and not tags.takes_json("GET")
+
+
+def test_a_short_path_is_judged_once_and_what_is_remembered_is_bounded():
+    """Traffic asks a few routes again and again: their judgement is remembered (the same Route, not one built per
+    request); a long path, anyone's to choose before a token is checked, is judged afresh (remembered whole, 4,096
+    paths of 32 KiB held 128 MiB), and at most MAX_REMEMBERED_ROUTES are kept."""
+    endpoints = frozenset({"m"})
+    assert classify("POST", "/v1/chat/completions", endpoints) is classify("POST", "/v1/chat/completions", endpoints)
+    long_path = "/m/v1/models/" + "x" * routes.MAX_REMEMBERED_PATH
+    first, again = classify("GET", long_path, endpoints), classify("GET", long_path, endpoints)
+    assert first == again and first is not again and first.kind == "models"
+    for n in range(routes.MAX_REMEMBERED_ROUTES + 10):
+        classify("POST", f"/m/v1/no-such-route-{n}", endpoints)
+    assert routes._judged.cache_info().currsize <= routes.MAX_REMEMBERED_ROUTES
+    assert classify("POST", "/m/v1/chat/completions", endpoints).endpoint == "m"

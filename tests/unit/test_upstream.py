@@ -87,3 +87,61 @@ def test_what_one_read_brings_is_relayed_as_one_piece_not_a_piece_a_chunk():
         await engine.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_a_head_is_handed_on_with_the_bodys_first_bytes_or_alone_when_they_come_later():
+    """The relay writes the client's head with the first body bytes (one send): the exchange hands it the head and,
+    at once, what the same read held of the body; a head that came alone is handed on with an empty piece (the client
+    gets it now, not when the engine's next bytes come), and the time to the first byte is the body's."""
+    body = b'{"usage":{"prompt_tokens":2}}'
+
+    async def scenario() -> None:
+        later = asyncio.Event()
+
+        async def engine_(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")  # the first request: head and body in one write
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await reader.readuntil(b"\r\n\r\n")  # the second: the head, and the body only when told
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await later.wait()
+            writer.write(b"5\r\ndata:\r\n0\r\n\r\n")
+            await writer.drain()
+
+        engine = await asyncio.start_server(engine_, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        upstream = Upstream("127.0.0.1", engine.sockets[0].getsockname()[1], connect_timeout_s=5, loop=loop)
+        calls: list[object] = []
+
+        class Recording(_Sink):
+            def response_head(self, head) -> None:
+                calls.append(head.status)
+
+            def response_body(self, data: bytes) -> bool:
+                calls.append(data)
+                return True
+
+        done: asyncio.Future[Exchange] = loop.create_future()
+        connection = await upstream.acquire()
+        Exchange(Recording(done), loop, 600.0).send(connection, b"GET / HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.wait_for(done, ANSWER_WITHIN_S)
+        assert calls == [200, body]
+
+        calls.clear()
+        done = loop.create_future()
+        exchange = Exchange(Recording(done), loop, 600.0)
+        exchange.send(await upstream.acquire(), b"GET / HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: _has(calls, 2), "the head to be handed on alone", ANSWER_WITHIN_S)
+        assert calls == [200, b""] and exchange.first_byte_at is None
+        later.set()
+        await asyncio.wait_for(done, ANSWER_WITHIN_S)
+        assert calls == [200, b"", b"data:"] and exchange.first_byte_at is not None
+        upstream.close()
+        engine.close()
+        await engine.wait_closed()
+
+    asyncio.run(scenario())
+
+
+async def _has(calls: list, count: int) -> bool:
+    return len(calls) >= count

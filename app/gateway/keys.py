@@ -222,11 +222,19 @@ class KeyState:
             self.tokens.add(now, tokens)
 
 
+# `Authorization` values verified already, kept to find their key again without hashing the token (most clients send
+# one value on every request): only values that named a key, of at most `MAX_VERIFIED_BYTES` (a token holder may
+# spell the header many ways), at most `MAX_VERIFIED` of them.
+MAX_VERIFIED = 1024
+MAX_VERIFIED_BYTES = 256
+
+
 class KeyRing:
     """Every key, found by its token."""
 
     def __init__(self, keys: Iterable[tuple[str, str, KeyLimits]]):
         self._by_digest: dict[bytes, tuple[bytes, KeyState]] = {}
+        self._verified: dict[bytes, KeyState] = {}
         self.keys: dict[str, KeyState] = {}
         for name, token, limits in keys:
             state = self.keys[name] = KeyState(name, limits)
@@ -238,6 +246,9 @@ class KeyRing:
         """The key of `Authorization: Bearer <token>` (the scheme in any case), or None."""
         if not authorization:
             return None
+        known = self._verified.get(authorization)  # (a dict's lookup compares no bytes unless their keyed hashes match)
+        if known is not None:
+            return known
         scheme, _, credentials = authorization.partition(b" ")
         if scheme.lower() != b"bearer":  # (an authentication scheme is case-insensitive: RFC 9110 11.1)
             return None
@@ -245,6 +256,8 @@ class KeyRing:
         found = self._by_digest.get(hashlib.sha256(offered).digest())
         if found is None or not hmac.compare_digest(found[0], offered):
             return None
+        if len(authorization) <= MAX_VERIFIED_BYTES and len(self._verified) < MAX_VERIFIED:
+            self._verified[authorization] = found[1]
         return found[1]
 
     @property

@@ -15,9 +15,10 @@ import enum
 from collections.abc import Callable, Collection
 from typing import Protocol
 
+from app.gateway.bodies import lora_paths, with_model
 from app.gateway.errors import Reply, error_reply
 from app.gateway.messages import Request
-from app.gateway.relay import RETRY_AFTER_SECONDS, Target, failed_before_answering, lora_paths, with_model
+from app.gateway.relay import RETRY_AFTER_SECONDS, Target, failed_before_answering
 from app.states import AdapterState
 
 

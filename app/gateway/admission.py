@@ -15,12 +15,11 @@ from collections.abc import Callable
 
 from app.gateway import routes as paths
 from app.gateway.auth import generate_token
-from app.gateway.bodies import TOKEN_BOUNDED, Shaped, shape
+from app.gateway.bodies import TOKEN_BOUNDED, Shaped, model_field, shape
 from app.gateway.errors import Reply, error_reply
 from app.gateway.keys import KeyRing, KeyState
 from app.gateway.messages import Request
 from app.gateway.model_routes import ModelRoute, named_adapters, no_model
-from app.gateway.relay import model_field
 from app.keys import NO_LIMITS
 
 

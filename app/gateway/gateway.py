@@ -43,6 +43,7 @@ from app.gateway import page
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterRefused, LeasedTarget, lease_adapters, requested_adapter
 from app.gateway.admission import Admission
+from app.gateway.bodies import model_field
 from app.gateway.connections import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
@@ -71,7 +72,7 @@ from app.gateway.model_routes import (
     prompt_too_long,
     unavailable,
 )
-from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext, model_field
+from app.gateway.relay import RETRY_AFTER_SECONDS, Activity, InFlight, Relay, RelayContext
 from app.gateway.stats import RequestStats
 from app.keys import NO_LIMITS
 from app.states import ModelState

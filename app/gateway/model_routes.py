@@ -13,17 +13,11 @@ from urllib.parse import urlsplit
 
 from app.gateway import routes as paths
 from app.gateway.adapters import AdapterLoader
+from app.gateway.bodies import json_object, lora_paths, model_field, text_bytes
 from app.gateway.errors import Reply, error_reply
 from app.gateway.keys import KeyState
 from app.gateway.messages import Request
-from app.gateway.relay import (
-    RETRY_AFTER_SECONDS,
-    failed_before_answering,
-    json_object,
-    lora_paths,
-    model_field,
-    text_bytes,
-)
+from app.gateway.relay import RETRY_AFTER_SECONDS, failed_before_answering
 from app.gateway.upstream import Upstream
 from app.states import ASLEEP, AdapterState, EngineState, ModelState, model_state
 

@@ -11,14 +11,12 @@ cleaned; a transparent target's (`app.gateway.forward`) as it is. `InFlight` cou
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.gateway.bodies import MAX_COUNTED_RESPONSE_BYTES, UsageScanner, UsageStripper
+from app.gateway.bodies import MAX_COUNTED_RESPONSE_BYTES, UsageScanner, UsageStripper, text_bytes
 from app.gateway.errors import Reply, clean_message, engine_error_message, error_reply, invalid_json, sse_error_event
 from app.gateway.messages import PENDING, Handled, Request, Responder
 from app.gateway.stats import RequestRecord, RequestStats
@@ -334,67 +332,3 @@ def failed(conn: Responder, exchange: Exchange, endpoint: str) -> int:
     else:
         conn.abort()  # a body cut short: the client must not take it for a whole one
     return code
-
-
-# ----------------------------------------------------------------------------------------------------------
-# what is read of bodies (by pattern: parsing whole bodies costs more than proxying them)
-
-
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
-
-
-def model_field(body: bytes) -> str | None:
-    """The `model` a JSON request body names."""
-    if not body or b'"model"' not in body:
-        return None
-    match = _MODEL_RE.search(body)
-    if match is not None and body.count(b'"model"') == 1:  # the common case, without parsing the whole body
-        return match.group(1).decode("utf-8", "replace")
-    try:
-        value = json.loads(body).get("model")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def with_model(body: bytes, model: str) -> bytes:
-    """The body with its `model` set to `model` (an adapter asked for under another spelling of its name)."""
-    match = _MODEL_RE.search(body)
-    if match is not None and body.count(b'"model"') == 1:
-        return body[:match.start(1)] + json.dumps(model)[1:-1].encode() + body[match.end(1):]
-    data = json.loads(body)
-    data["model"] = model
-    return json.dumps(data).encode()
-
-
-def lora_paths(body: bytes) -> list[str] | None:
-    """The adapters a body's `lora_path` names (SGLang's own field: a name, or one per prompt of a batch), None when it
-    names none; ValueError when it holds something else."""
-    if b'"lora_path"' not in body:
-        return None
-    try:
-        value = json.loads(body).get("lora_path")
-    except (ValueError, AttributeError, RecursionError):  # (not a JSON object: the engine's to refuse)
-        return None
-    if value is None or isinstance(value, str):
-        return [value] if value else None
-    if isinstance(value, list) and all(name is None or isinstance(name, str) for name in value):
-        return [name for name in value if name] or None
-    raise ValueError("lora_path is neither an adapter's name nor a list of them")
-
-
-def json_object(body: bytes) -> bool:
-    """Whether a body is (at least at its start) one JSON object; arrays, strings and empty bodies are not. The
-    engine parses it whole; this only keeps what no inference route takes from reaching it."""
-    return body.lstrip(b" \t\r\n")[:1] == b"{"
-
-
-def text_bytes(body: bytes) -> tuple[int, int]:
-    """The bytes of a JSON body's strings, all of them together and the longest, without inline data (a `data:`
-    URI: an image or a sound, which the engine does not tokenize as text). Read by splitting at quotes once escaped
-    ones are gone, in a few passes of C: a body of megabytes takes milliseconds, not a parse."""
-    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    strings = plain.split(b'"')[1::2]
-    if b'"data:' in plain:
-        strings = [text for text in strings if not text.startswith(b"data:")]
-    return sum(map(len, strings)), max(map(len, strings), default=0)

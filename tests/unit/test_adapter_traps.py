@@ -14,7 +14,7 @@ import pytest
 
 from app.config.types import LoraConfig
 from app.gateway.adapters import AdapterRefused, hold_named
-from app.gateway.relay import lora_paths, model_field, with_model
+from app.gateway.bodies import lora_paths, model_field, with_model
 from app.serving.adapter_files import (
     MAX_SAFETENSORS_HEADER_BYTES,
     Fetcher,

@@ -11,11 +11,11 @@ import pytest
 from app.gateway.adapters import AdapterRefused, Refusal
 from app.gateway.auth import generate_token
 from app.gateway.bodies import UsageScanner as _UsageScanner
+from app.gateway.bodies import model_field, text_bytes
 from app.gateway.errors import clean_message, engine_error_message, error_reply, error_type, sse_error_event
 from app.gateway.keys import KeyRing
 from app.gateway.messages import Request
 from app.gateway.model_routes import MAX_PROMPT_BYTES_PER_TOKEN, ModelRoute, prompt_too_long
-from app.gateway.relay import text_bytes
 from app.gateway.routes import classify
 from app.gateway.stats import RequestRecord, RequestStats, percentile
 from app.keys import NO_LIMITS
@@ -34,6 +34,29 @@ def test_a_token_is_found_as_its_key():
     for bad in (None, "", "Bearer", "Bearer " + "c" * 20, "Basic " + "a" * 20, "a" * 20, "Bearer " + "a" * 19,
                 "Bearer" + "a" * 20, "Bearerx " + "a" * 20, "Bearer alice"):
         assert name(bad) is None
+
+
+def test_a_verified_authorization_finds_its_key_again_and_what_is_kept_of_them_is_bounded():
+    """A token holder's header is verified once (then its key is found without hashing the token); only values that
+    named a key are kept, no longer than MAX_VERIFIED_BYTES and no more than MAX_VERIFIED of them: a stranger's
+    guesses keep nothing, and a token holder spelling the header 5,000 ways keeps at most the bound."""
+    from app.gateway import keys
+
+    ring = KeyRing([("alice", "a" * 20, NO_LIMITS)])
+    header = b"Bearer " + b"a" * 20
+    assert ring.find(header) is ring.find(bytes(header)) is ring.keys["alice"]
+    assert list(ring._verified) == [header]
+    for n in range(5000):
+        assert ring.find(b"Bearer %020d" % n) is None  # guesses
+    assert len(ring._verified) == 1
+    for n in range(5000):  # (long spellings: found, not kept)
+        assert ring.find(b"Bearer " + b" " * keys.MAX_VERIFIED_BYTES + b"a" * 20 + b" " * n) is ring.keys["alice"]
+    assert len(ring._verified) == 1
+    for before in range(50):
+        for after in range(50):
+            assert ring.find(b"Bearer " + b" " * before + b"a" * 20 + b" " * after) is ring.keys["alice"]
+    assert len(ring._verified) == keys.MAX_VERIFIED
+    assert ring.find(b"Bearer " + b"a" * 19 + b"b") is None and ring.find(header) is ring.keys["alice"]
 
 
 def test_text_bytes_counts_a_bodys_strings_without_inline_data():
@@ -205,3 +228,16 @@ def test_every_reason_an_adapter_is_refused_is_answered_in_the_one_shape():
         assert error["param"] == ("lora_path" if "lora_path" in reason.value else "model")
         assert (dict(reply.headers).get(b"retry-after") is not None) == (reply.status == 503 and reason is not
                                                                           Refusal.ENGINE_RESTARTED)
+
+
+@pytest.mark.parametrize("body, model", [
+    (b'{"model": "m", "messages": []}', "m"),
+    (b'{"messages": [], "model" :\t"m:adapter"}', "m:adapter"),
+    (b'{"messages": [{"role": "user", "content": "which \\"model\\"?"}], "model": "m"}', "m"),  # (named twice)
+    (b'{"messages": [{"role": "model", "content": "hi"}], "model": "m"}', "m"),  # (a value, not the field)
+    (b'{"extra": {"model": "x"}, "model": "m"}', "m"),  # (nested: the request's own field is the one read)
+    (b'{"model": "caf\\u00e9"}', "caf\u00e9"),  # (escaped: read by parsing)
+    (b'{"model": 5}', None), (b'{"messages": []}', None), (b"", None), (b'{"model": ', None),
+])
+def test_the_model_a_body_names(body, model):
+    assert model_field(body) == model

@@ -18,7 +18,7 @@ from app.errors import ModelNotFound
 from app.preflight import Target, preflight, problems_of
 from app.preflight.estimate import kv_bytes_per_token
 from app.preflight.files import FOUND, NOT_FOUND, UNREACHABLE, Lookup, read_header, read_local
-from app.preflight.registry import entry_classes, sglang_architectures
+from app.preflight.registry import entry_classes, module_entry_classes, sglang_architectures
 from app.serving.models import describe
 
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
@@ -197,6 +197,36 @@ def test_registry_names_follow_aliases_and_lists():
 
     tree = ast.parse("from x import Real as Alias\nclass A: pass\nB = A\nEntryClass = [Alias, B]\n")
     assert entry_classes(tree) == ["Real", "A"]
+
+
+@pytest.mark.parametrize("source, names", [
+    ("class A: pass\nEntryClass = A\n", ["A"]),
+    ("class A: pass\nclass B: pass\nEntryClass = [\n    A,\n    B,\n]\n", ["A", "B"]),
+    ("class A: pass\nEntryClass = (A,)  # the one\n", ["A"]),
+    ("from x import Real as A\nEntryClass = A\n", ["Real"]),  # (imported under another name: parsed)
+    ("class A: pass\nB = A\nEntryClass = [A, B]\n", ["A", "A"]),
+    ("class A: pass\nEntryClass = [A,  # the first\n    Other]\n", ["A", "Other"]),  # (a comment in the list)
+    ("if True:\n    class A: pass\nEntryClass = A\n", ["A"]),  # (not at the top level: parsed)
+    ("class A: pass\n", []),
+])
+def test_a_modules_entry_classes_read_by_pattern_are_what_parsing_it_finds(source, names):
+    import ast
+
+    assert module_entry_classes(source) == entry_classes(ast.parse(source)) == names
+
+
+def test_the_installed_sglang_registry_read_by_pattern_is_what_parsing_it_finds():
+    pytest.importorskip("sglang")
+    import ast
+
+    from app.preflight.registry import models_dir
+
+    parsed, read = set(), set()
+    for module in models_dir().glob("*.py"):
+        source = module.read_text(encoding="utf-8")
+        parsed.update(entry_classes(ast.parse(source)))
+        read.update(module_entry_classes(source))
+    assert read == parsed and len(read) > 200
 
 
 def test_the_installed_sglang_registry_is_read_in_seconds_without_importing_it():

@@ -216,15 +216,22 @@ class UsageScanner:
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
 
+def _named_once(body: bytes) -> re.Match[bytes] | None:
+    """The `"model": "<name>"` of a body that names `"model"` once, read where it is (the common case: no parse);
+    None where the body must be parsed to know (named twice, escaped, not a string) or names none."""
+    at = body.find(b'"model"')
+    if at < 0 or body.find(b'"model"', at + 7) >= 0:
+        return None
+    return _MODEL_RE.match(body, at)
+
+
 def model_field(body: bytes) -> str | None:
     """The `model` a JSON request body names."""
-    at = body.find(b'"model"')
-    if at < 0:
+    match = _named_once(body)
+    if match is not None:
+        return match.group(1).decode("utf-8", "replace")
+    if b'"model"' not in body:
         return None
-    if body.find(b'"model"', at + 7) < 0:  # named once: the common case, read where it is, without parsing the body
-        match = _MODEL_RE.match(body, at)
-        if match is not None:
-            return match.group(1).decode("utf-8", "replace")
     try:
         value = json.loads(body).get("model")
     except (ValueError, AttributeError):
@@ -234,8 +241,8 @@ def model_field(body: bytes) -> str | None:
 
 def with_model(body: bytes, model: str) -> bytes:
     """The body with its `model` set to `model` (an adapter asked for under another spelling of its name)."""
-    match = _MODEL_RE.search(body)
-    if match is not None and body.count(b'"model"') == 1:
+    match = _named_once(body)
+    if match is not None:
         return body[:match.start(1)] + json.dumps(model)[1:-1].encode() + body[match.end(1):]
     data = json.loads(body)
     data["model"] = model
